@@ -1,0 +1,1 @@
+"""Pure-functional quantizer primitives: no Flax, no Pallas."""
