@@ -1,0 +1,84 @@
+"""Helpers shared by every KV cache: validation, token writes, masks.
+
+Shapes: B batch, K KV heads, S capacity, T new tokens, D head dim, W window.
+"""
+
+import jax
+import jax.numpy as jnp
+
+
+def check_kv(name: str, x, batch: int, heads: int, head_dim: int) -> None:
+  """Trace-time check that x is a float [B, K, T, D] matching the cache."""
+  shape = getattr(x, "shape", None)
+  dtype = getattr(x, "dtype", None)
+  if shape is None or len(shape) != 4:
+    raise ValueError(f"{name} must be [batch, kv_heads, tokens, head_dim], "
+                     f"got shape {shape}")
+  if not jnp.issubdtype(dtype, jnp.floating):
+    raise ValueError(f"{name}.dtype={dtype} must be floating")
+  b, k, _, d = shape
+  if (b, k, d) != (batch, heads, head_dim):
+    raise ValueError(f"{name}.shape={tuple(shape)}: expected "
+                     f"[{batch}, {heads}, T, {head_dim}] (batch, kv_heads, "
+                     "tokens, head_dim of the cache)")
+
+
+def check_lengths(lengths, batch: int, capacity: int, what: str) -> None:
+  """Checks i32[B] lengths; raises eagerly when they exceed the capacity."""
+  shape = getattr(lengths, "shape", None)
+  if shape != (batch,):
+    raise ValueError(f"lengths.shape={shape}: expected ({batch},)")
+  if not jnp.issubdtype(lengths.dtype, jnp.integer):
+    raise ValueError(f"lengths.dtype={lengths.dtype} must be an integer type")
+  if isinstance(lengths, jax.core.Tracer):
+    return
+  worst = int(jnp.max(lengths)) if batch else 0
+  if worst > capacity or (batch and int(jnp.min(lengths)) < 0):
+    raise ValueError(f"{what}: lengths reach {worst} but the cache capacity "
+                     f"is {capacity} (cache full), or a length is negative")
+
+
+def write_tokens(buf: jax.Array, new: jax.Array,
+                 positions: jax.Array) -> jax.Array:
+  """Writes new[b, :, t] into buf[b, :, positions[b, t]].
+
+  buf: [B, K, S, ...]; new: [B, K, T, ...]; positions: i32[B, T].
+  Positions outside [0, S) are dropped: a sequence past its capacity loses
+  its own excess tokens and never touches another sequence's slots.
+  """
+  b = jnp.arange(buf.shape[0])[:, None]
+  return buf.at[b, :, positions].set(
+      jnp.swapaxes(new, 1, 2).astype(buf.dtype), mode="drop")
+
+
+def write_tree(buf, new, positions: jax.Array):
+  """write_tokens over matching pytrees (e.g. two QuantizedTensors)."""
+  return jax.tree.map(lambda a, b: write_tokens(a, b, positions), buf, new)
+
+
+def append_positions(lengths: jax.Array, tokens: int) -> jax.Array:
+  """i32[B, T]: where T appended tokens go."""
+  return lengths[:, None] + jnp.arange(tokens, dtype=lengths.dtype)[None, :]
+
+
+def window_slots(positions: jax.Array, window: int,
+                 capacity: int) -> jax.Array:
+  """Ring slot p % W of each position; out of range (dropped) past capacity."""
+  return jnp.where(positions < capacity, positions % window, window)
+
+
+def window_positions(lengths: jax.Array, window: int) -> jax.Array:
+  """i32[B, W]: the token position held by each ring slot (-1 if none).
+
+  Slot w holds the latest position p < length with p % W == w.
+  """
+  w = jnp.arange(window)[None, :]
+  last = lengths[:, None] - 1
+  p = last - jnp.mod(last - w, window)
+  return jnp.where(p >= 0, p, -1)
+
+
+def nbytes(tree) -> int:
+  """Total bytes of all array leaves."""
+  return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree)
+             if hasattr(x, "dtype"))

@@ -1,0 +1,64 @@
+"""Configuration of a compressed KV cache (a frozen, validated dataclass)."""
+
+import dataclasses
+import math
+
+_KINDS = ("full", "turboquant", "kivi")
+
+
+def _check_bits(name: str, bits: float) -> None:
+  if isinstance(bits, bool) or not isinstance(bits, (int, float)):
+    raise ValueError(f"{name}={bits!r} must be a number in [1, 8]")
+  if not (math.isfinite(bits) and 1 <= bits <= 8):
+    raise ValueError(f"{name}={bits!r} must be in [1, 8]")
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheConfig:
+  """What a KV cache stores and how.
+
+  Attributes:
+    kind: "full" (bf16/f32, no compression), "turboquant" or "kivi".
+    key_bits, value_bits: bits per coordinate; integers 1..8, or fractional
+      (2.5, 3.5, ...) through the outlier split (turboquant only).
+    key_method: "mse" (default) or "prod" (QJL-corrected, unbiased scores).
+    norm_correction: rescale dequantized vectors to their stored norm.
+    window: most recent tokens also kept in full precision (0: every token,
+      generated ones too, is read quantized, as in the paper).
+    norm_dtype: dtype of stored norms ("float16" as in the paper).
+    rotation: "haar" or "hadamard".
+    group_size: KIVI's quantization group (tokens for keys, channels for
+      values).
+    dtype: storage dtype of full-precision tensors (full cache, window).
+  """
+  kind: str = "turboquant"
+  key_bits: float = 4
+  value_bits: float = 4
+  key_method: str = "mse"
+  norm_correction: bool = True
+  window: int = 0
+  norm_dtype: str = "float16"
+  rotation: str = "haar"
+  group_size: int = 32
+  dtype: str = "bfloat16"
+
+  def __post_init__(self):
+    if self.kind not in _KINDS:
+      raise ValueError(f"kind={self.kind!r} must be one of {_KINDS}")
+    _check_bits("key_bits", self.key_bits)
+    _check_bits("value_bits", self.value_bits)
+    if self.kind == "kivi":
+      for name in ("key_bits", "value_bits"):
+        if not float(getattr(self, name)).is_integer():
+          raise ValueError(f"{name}={getattr(self, name)} must be an integer "
+                           "for kind='kivi'")
+    if self.key_method not in ("mse", "prod"):
+      raise ValueError(f"key_method={self.key_method!r} must be 'mse' or "
+                       "'prod'")
+    if self.key_method == "prod" and self.key_bits < 2:
+      raise ValueError(f"key_method='prod' needs key_bits >= 2, got "
+                       f"{self.key_bits}")
+    if not isinstance(self.window, int) or self.window < 0:
+      raise ValueError(f"window={self.window!r} must be an integer >= 0")
+    if not isinstance(self.group_size, int) or self.group_size < 1:
+      raise ValueError(f"group_size={self.group_size!r} must be >= 1")

@@ -1,0 +1,1 @@
+"""Attention over compressed KV caches: a jnp reference and Pallas kernels."""

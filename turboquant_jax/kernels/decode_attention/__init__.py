@@ -1,0 +1,82 @@
+"""decode_attention / chunk_attention over any KV cache, with impl dispatch.
+
+impl=None picks the best implementation for the backend (a Pallas kernel
+where one supports the cache and shapes) and falls back to "xla"; a named
+impl raises if it cannot run. "reference" is the dequantize-then-attend
+specification.
+"""
+
+from typing import Literal
+
+import jax
+
+from turboquant_jax.kernels.decode_attention import reference
+from turboquant_jax.kernels.decode_attention import xla
+
+Impl = Literal["xla", "reference", "pallas_gpu", "pallas_tpu"]
+
+
+def _impls():
+  table = {"xla": xla.attention, "reference": reference.attention_reference}
+  try:
+    from turboquant_jax.kernels.decode_attention import pallas_tpu
+    table["pallas_tpu"] = pallas_tpu.attention
+  except ImportError:
+    pass
+  try:
+    from turboquant_jax.kernels.decode_attention import pallas_gpu
+    table["pallas_gpu"] = pallas_gpu.attention
+  except ImportError:
+    pass
+  return table
+
+
+def _preferred() -> list[str]:
+  backend = jax.default_backend()
+  return {"gpu": ["pallas_gpu", "xla"], "tpu": ["pallas_tpu", "xla"]}.get(
+      backend, ["xla"])
+
+
+def chunk_attention(q: jax.Array, cache, lengths: jax.Array, *,
+                    impl: Impl | None = None, scale: float | None = None,
+                    **kwargs) -> jax.Array:
+  """Attention of T new tokens q [B, T, H, D] over the cache (causal).
+
+  The T tokens must already be in the cache: query t of sequence b sits at
+  position lengths[b] - T + t. Returns f32[B, T, H, D].
+  """
+  reference.validate(q, cache, lengths)
+  table = _impls()
+  if impl is not None:
+    if impl not in table:
+      raise ValueError(f"{impl=!r} is not available here; have {list(table)}")
+    return table[impl](q, cache, lengths, scale=scale, **kwargs)
+  errors = []
+  for name in _preferred():
+    if name not in table:
+      continue
+    try:
+      return table[name](q, cache, lengths, scale=scale, **kwargs)
+    except NotImplementedError as e:
+      errors.append(e)
+  raise ExceptionGroup("all attention implementations failed", errors)
+
+
+def decode_attention(q: jax.Array, cache, lengths: jax.Array, *,
+                     impl: Impl | None = None, scale: float | None = None,
+                     **kwargs) -> jax.Array:
+  """One new token per sequence: q [B, H, D] -> f32[B, H, D].
+
+  Args:
+    q: queries of the token at position lengths[b] - 1 (already appended).
+    cache: any cache of turboquant_jax.cache.
+    lengths: i32[B] tokens to attend to per sequence.
+    impl: None (best available), "xla", "reference", "pallas_gpu",
+      "pallas_tpu".
+    scale: softmax scale, default 1/sqrt(D).
+  """
+  shape = getattr(q, "shape", None)
+  if shape is None or len(shape) != 3:
+    raise ValueError(f"q must be [batch, q_heads, head_dim], got {shape}")
+  return chunk_attention(q[:, None], cache, lengths, impl=impl, scale=scale,
+                         **kwargs)[:, 0]
