@@ -1,0 +1,233 @@
+"""What a fused kernel reads, prepared by XLA, and how its output is finished.
+
+A TurboQuant cache is cut into "parts": one per quantizer (two for the
+outlier split). Before a kernel runs, XLA rotates each key part's queries
+once (and folds in the softmax scale); the kernel then streams packed codes
+and norms, keeps an online softmax, and accumulates each value part in its
+rotation's domain. After it, XLA rotates each value part back once, puts
+split channels in place, and merges the full-precision window (if any) by
+log-sum-exp. Kernels never see a full-precision key or value.
+
+Shapes: B batch, K KV heads, M = T·G queries per KV head, S capacity,
+P packed words, Dp a part's dimension, NS sequence splits.
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from turboquant_jax.cache import common
+from turboquant_jax.cache import turboquant_cache
+from turboquant_jax.quant import codebook
+from turboquant_jax.quant import packing
+from turboquant_jax.quant import rotation
+from turboquant_jax.quant import split
+from turboquant_jax.quant import turboquant
+
+_HI = jax.lax.Precision.HIGHEST
+
+
+@dataclasses.dataclass(frozen=True)
+class PartSpec:
+  """Static description of one quantized part."""
+  dim: int                      # Dp
+  bits: int                     # codebook bits (0: none, prod at 1 bit)
+  centroids: tuple[float, ...]  # 2**bits values (f32-rounded)
+  prod: bool = False            # keys with a QJL residual stage
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelInputs:
+  """Arrays a kernel reads; specs are static.
+
+  q: per key part f32[B, K, M, Dp], rotated and scaled.
+  sq: per key part f32[B, K, M, Dp] = S·(rotated q)·scale (prod) or None.
+  key_codes / value_codes: u8[B, K, S, P] per part.
+  key_norms / value_norms: f32[B, K, S] per part (scale; 0 for prod at 1 bit).
+  key_signs: u8[B, K, S, Dp/8] (prod) or None; key_coef: f32[B, K, S] the
+    QJL weight √(π/2)/Dp·γ (prod) or None.
+  qlen: i32[B] quantized positions to read (length minus the window).
+  qpos_end: i32[B] the first query's position + 1 (causal limit of query 0
+    is qpos_end - 1; query m's is that + m // G).
+  """
+  q: list[jax.Array]
+  sq: list[jax.Array | None]
+  key_codes: list[jax.Array]
+  key_norms: list[jax.Array]
+  key_signs: list[jax.Array | None]
+  key_coef: list[jax.Array | None]
+  value_codes: list[jax.Array]
+  value_norms: list[jax.Array]
+  qlen: jax.Array
+  qpos_end: jax.Array
+  key_specs: tuple[PartSpec, ...]
+  value_specs: tuple[PartSpec, ...]
+  groups: int                   # G
+  tokens: int                   # T
+
+
+def _spec(q: turboquant.Quantizer) -> PartSpec:
+  c = (codebook.codebook(q.dim, q.mse_bits).astype(np.float32)
+       if q.mse_bits else np.zeros((0,), np.float32))
+  return PartSpec(dim=q.dim, bits=q.mse_bits,
+                  centroids=tuple(float(x) for x in c),
+                  prod=q.method == turboquant.Method.PROD)
+
+
+def _parts(q, qt):
+  """[(quantizer, tensor, channels or None)] of a plain or split pair."""
+  if isinstance(q, split.SplitQuantizer):
+    return [(q.outlier, qt.outlier, q.outlier_channels),
+            (q.regular, qt.regular, q.regular_channels)]
+  return [(q, qt, None)]
+
+
+def supported(cache) -> str | None:
+  """None if kernels can read this cache, else the reason they cannot."""
+  if not isinstance(cache, turboquant_cache.TurboQuantCache):
+    return f"{type(cache).__name__} is not a TurboQuantCache"
+  for q, _, _ in _parts(cache.key_quantizer, cache.keys) + _parts(
+      cache.value_quantizer, cache.values):
+    if q.dim % 8:
+      raise NotImplementedError(f"part dim {q.dim} must be a multiple of 8")
+  return None
+
+
+def prepare(q: jax.Array, cache, lengths: jax.Array,
+            scale: float) -> KernelInputs:
+  """q [B, T, H, D] and a TurboQuantCache -> KernelInputs."""
+  b, t, h, d = q.shape
+  kv, cap, w = cache.kv_heads, cache.capacity, cache.config.window
+  g = h // kv
+  qh = jnp.moveaxis(q.astype(jnp.float32).reshape(b, t, kv, g, d), 1, 2)
+  qh = qh.reshape(b, kv, t * g, d)                            # [B, K, M, D]
+  lengths = jnp.minimum(lengths.astype(jnp.int32), cap)
+  qs, sqs, kcodes, knorms, ksigns, kcoefs, kspecs = [], [], [], [], [], [], []
+  stacked = isinstance(cache.key_quantizer, split.SplitQuantizer)
+  for kq, kqt, ch in _parts(cache.key_quantizer, cache.keys):
+    def rotate(quant, y, ch=ch):
+      if ch is not None:
+        y = jnp.take(y, ch, axis=-1)
+      return rotation.apply(quant.rotation, y) * scale
+    y_rot = (jax.vmap(rotate, in_axes=(0, 1, 0), out_axes=1)(kq, qh, ch)
+             if stacked else rotate(kq, qh))
+    spec = _spec(kq)
+    qs.append(y_rot)
+    kcodes.append(kqt.codes)
+    knorms.append(kqt.norms.astype(jnp.float32) if kqt.norms is not None
+                  else jnp.zeros(kqt.shape, jnp.float32))
+    if spec.prod:
+      sk = kq.sketch
+      sqs.append(jnp.einsum("bkmd,kjd->bkmj" if stacked else "bkmd,jd->bkmj",
+                            y_rot, sk, precision=_HI))
+      ksigns.append(kqt.signs)
+      kcoefs.append(np.sqrt(np.pi / 2) / spec.dim
+                    * kqt.residual_norms.astype(jnp.float32))
+    else:
+      sqs.append(None)
+      ksigns.append(None)
+      kcoefs.append(None)
+    kspecs.append(spec)
+  vcodes, vnorms, vspecs = [], [], []
+  for vq, vqt, _ in _parts(cache.value_quantizer, cache.values):
+    vcodes.append(vqt.codes)
+    vnorms.append(vqt.norms.astype(jnp.float32))
+    vspecs.append(_spec(vq))
+  return KernelInputs(
+      q=qs, sq=sqs, key_codes=kcodes, key_norms=knorms, key_signs=ksigns,
+      key_coef=kcoefs, value_codes=vcodes, value_norms=vnorms,
+      qlen=jnp.maximum(lengths - w, 0), qpos_end=lengths - t + 1,
+      key_specs=tuple(kspecs), value_specs=tuple(vspecs), groups=g, tokens=t)
+
+
+def finish(acc: list[jax.Array], m: jax.Array, l: jax.Array, q: jax.Array,
+           cache, lengths: jax.Array, scale: float) -> jax.Array:
+  """Merges a kernel's partial softmax state into f32[B, T, H, D].
+
+  acc: per value part f32[B, K, NS, M, Dp] (unnormalized, rotated domain);
+  m, l: f32[B, K, NS, M] running max and sum of each sequence split.
+  """
+  b, t, h, d = q.shape
+  kv, cap, w = cache.kv_heads, cache.capacity, cache.config.window
+  g = h // kv
+  m_all = jnp.max(m, axis=2)                                  # [B, K, M]
+  if w:
+    qh = jnp.moveaxis(q.astype(jnp.float32).reshape(b, t, kv, g, d), 1, 2)
+    qh = qh.reshape(b, kv, t * g, d)
+    lens = jnp.minimum(lengths, cap)
+    wpos = common.window_positions(lens, w)                   # [B, W]
+    qpos = jnp.repeat(lens[:, None] - t + jnp.arange(t)[None, :], g, axis=1)
+    valid = (wpos[:, None, None, :] >= 0) & (
+        wpos[:, None, None, :] <= qpos[:, None, :, None])
+    sw = jnp.einsum("bkmd,bkwd->bkmw", qh,
+                    cache.window_keys.astype(jnp.float32),
+                    precision=_HI) * scale
+    sw = jnp.where(valid, sw, -jnp.inf)
+    m_all = jnp.maximum(m_all, jnp.max(sw, axis=-1))
+  m_safe = jnp.where(jnp.isfinite(m_all), m_all, 0.0)
+  factor = jnp.where(jnp.isfinite(m), jnp.exp(m - m_safe[:, :, None]), 0.0)
+  denom = jnp.sum(l * factor, axis=2)                          # [B, K, M]
+  out = jnp.zeros((b, kv, t * g, d), jnp.float32)
+  vq_all = cache.value_quantizer
+  stacked = isinstance(vq_all, split.SplitQuantizer)
+  for a, (vq, _, ch) in zip(acc, _parts(vq_all, cache.values)):
+    a = jnp.sum(a * factor[..., None], axis=2)                # [B, K, M, Dp]
+    if stacked:
+      a = jax.vmap(lambda qq, y: rotation.invert(qq.rotation, y),
+                   in_axes=(0, 1), out_axes=1)(vq, a)
+      out = jax.vmap(lambda o, y, c: o.at[..., c].set(y), in_axes=(1, 1, 0),
+                     out_axes=1)(out, a, ch)
+    else:
+      out = out + rotation.invert(vq.rotation, a)
+  if w:
+    pw = jnp.where(valid, jnp.exp(sw - m_safe[..., None]), 0.0)
+    denom = denom + jnp.sum(pw, axis=-1)
+    out = out + jnp.einsum("bkmw,bkwd->bkmd", pw,
+                           cache.window_values.astype(jnp.float32),
+                           precision=_HI)
+  out = out / jnp.maximum(denom, 1e-30)[..., None]
+  out = out.reshape(b, kv, t, g, d)
+  return jnp.moveaxis(out, 2, 1).reshape(b, t, h, d)
+
+
+# ------------------------------------------------- in-kernel code unpacking
+
+
+def chunk_count(bits: int) -> int:
+  """Contiguous coordinate chunks a row of uint8 words unpacks into."""
+  return 8 // min(packing.plane_widths(bits))
+
+
+def unpack_chunks(words: jax.Array, bits: int, dim: int) -> list[jax.Array]:
+  """Packed u8/i32 rows [N, P] -> chunk_count(bits) code arrays i32[N, Dc].
+
+  Chunk j holds coordinates [j·Dc, (j+1)·Dc), Dc = dim / chunk_count: every
+  plane's field for those coordinates is one static slice of words, one
+  shift and one mask (see packing's layout), so this lowers to plain vector
+  ops in any kernel language.
+  """
+  n = chunk_count(bits)
+  dc = dim // n
+  words = words.astype(jnp.int32)
+  chunks = []
+  for j in range(n):
+    code = None
+    for w, shift, offset, n_words in packing.plane_layout(dim, bits):
+      per_slot = n_words                        # coordinates per slot
+      slot, start = divmod(j * dc, per_slot)
+      field = (words[:, offset + start:offset + start + dc]
+               >> (slot * w)) & ((1 << w) - 1)
+      field = field << shift if shift else field
+      code = field if code is None else code | field
+    chunks.append(code)
+  return chunks
+
+
+def lookup(code: jax.Array, centroids: tuple[float, ...]) -> jax.Array:
+  """centroids[code] without a gather: a chain of selects (f32)."""
+  out = jnp.full(code.shape, centroids[0], jnp.float32)
+  for k in range(1, len(centroids)):
+    out = jnp.where(code == k, jnp.float32(centroids[k]), out)
+  return out
