@@ -1,0 +1,48 @@
+"""Decode-attention benchmark sweep (issue: fused kernels vs cuDNN bf16).
+
+    python -m experiments.kernel_bench --config=configs/kernel_bench.py
+    python -m experiments.kernel_bench --config=configs/kernel_bench.py:scale=quick
+"""
+
+import ml_collections
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  args = dict(a.split("=", 1) for a in (arg or "").split(",") if a)
+  scale = args.get("scale", "full")
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.q_heads = 32
+  c.kv_heads = 8
+  c.head_dim = 128
+  c.batches = (1, 8, 32)
+  c.seq_lens = (4096, 16384, 32768, 65536, 131072)
+  c.bits = (2, 3, 4, 2.5, 3.5)          # keys and values alike
+  c.impls = ("pallas_gpu", "xla")       # ours; cudnn/xla bf16 always run
+  c.max_xla_bytes = 8 * 2**30           # skip impl="xla" (it materializes
+                                        # f32 K/V) when that would exceed this
+  c.warmup = 3
+  c.reps = 20
+  c.check = True                        # compare against the reference on
+                                        # a small cache first
+  c.bandwidth_tb_s = 4.6                # practical HBM ceiling for the floor
+  if scale == "quick":
+    c.batches = (8,)
+    c.seq_lens = (16384, 131072)
+    c.bits = (4, 3)
+    c.reps = 10
+  elif scale == "cpu":                  # a smoke run on the CPU
+    c.batches = (1,)
+    c.seq_lens = (512,)
+    c.bits = (4,)
+    c.q_heads, c.kv_heads = 4, 2
+    c.impls = ("xla",)
+    c.reps = 2
+    c.warmup = 1
+  elif scale == "check":                # correctness only, no timing
+    c.batches = ()
+    c.bits = (4, 3, 2, 2.5, 3.5)
+    c.impls = ("pallas_gpu",)
+  elif scale != "full":
+    raise ValueError(f"scale={scale!r} must be full, quick, check or cpu")
+  return c

@@ -1,0 +1,164 @@
+"""Times decode attention over compressed caches against bf16 attention.
+
+For each (batch, seq_len, bits) it builds a TurboQuant cache holding random
+codes and norms (timing does not depend on the values; correctness is
+checked separately on real quantized data), then times each of our impls
+and, on the same shapes in the same run, cuDNN bf16 and XLA bf16 attention
+(jax.nn.dot_product_attention). One row per (impl, shape) in results.jsonl.
+
+    python -m experiments.kernel_bench --config=configs/kernel_bench.py \
+        --workdir=results/kernel_bench/h200
+"""
+
+import statistics
+import time
+
+from absl import app
+from absl import flags
+import jax
+import jax.numpy as jnp
+from ml_collections import config_flags
+import numpy as np
+
+from turboquant_jax import cache as cache_lib
+from turboquant_jax import results
+from turboquant_jax.kernels import decode_attention as da
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/kernel_bench.py")
+_WORKDIR = flags.DEFINE_string("workdir", "runs/kernel_bench", "output dir")
+
+
+def time_ms(fn, *args, warmup: int, reps: int) -> float:
+  """Median wall time of fn(*args) in ms (each call blocked until ready)."""
+  for _ in range(warmup):
+    jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(reps):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append((time.perf_counter() - t0) * 1e3)
+  return statistics.median(times)
+
+
+def random_cache(key, cfg, batch, kv_heads, seq_len, head_dim):
+  """A full TurboQuant cache with random codes and norms in [0.5, 1.5)."""
+  cache = cache_lib.init(cfg, batch, kv_heads, seq_len, head_dim, key=key)
+  leaves, tree = jax.tree.flatten((cache.keys, cache.values))
+  keys = jax.random.split(key, len(leaves))
+  new = []
+  for k, leaf in zip(keys, leaves):
+    if jnp.issubdtype(leaf.dtype, jnp.integer):
+      new.append(jax.random.randint(k, leaf.shape, 0, 256, jnp.int32)
+                 .astype(leaf.dtype))
+    else:
+      new.append(jax.random.uniform(k, leaf.shape, jnp.float32, 0.5, 1.5)
+                 .astype(leaf.dtype))
+  keys_, values_ = jax.tree.unflatten(tree, new)
+  lengths = jnp.full((batch,), seq_len, jnp.int32)
+  return cache.__class__(**{**cache.__dict__, "keys": keys_,
+                            "values": values_, "lengths": lengths})
+
+
+def check_correctness(impl: str, bits: float, head_dim: int) -> float:
+  """Max |impl - reference| on a small cache of real quantized data."""
+  b, kvh, g, s = 2, 2, 4, 1024
+  key = jax.random.key(1)
+  k = jax.random.normal(key, (b, kvh, s, head_dim))
+  v = jax.random.normal(jax.random.key(2), (b, kvh, s, head_dim))
+  cfg = cache_lib.CacheConfig(key_bits=bits, value_bits=bits)
+  c = cache_lib.prefill(cache_lib.init(cfg, b, kvh, s, head_dim, key=key),
+                        k, v, jnp.array([s, 700], jnp.int32))
+  q = jax.random.normal(jax.random.key(3), (b, kvh * g, head_dim))
+  ref = da.decode_attention(q, c, c.lengths, impl="reference")
+  out = da.decode_attention(q, c, c.lengths, impl=impl)
+  return float(jnp.max(jnp.abs(out - ref)) / jnp.max(jnp.abs(ref)))
+
+
+def main(argv):
+  del argv
+  config = _CONFIG.value
+  writer = results.Writer(_WORKDIR.value, config)
+  done = writer.done_keys(("op", "impl", "batch", "seq_len", "key_bits"))
+  device = jax.devices()[0].device_kind
+  hq, hkv, d = config.q_heads, config.kv_heads, config.head_dim
+  print(f"device: {device}  backend: {jax.default_backend()}")
+  if config.check:
+    for impl in config.impls:
+      for bits in config.bits:
+        try:
+          err = check_correctness(impl, bits, d)
+          print(f"check {impl:>10} bits={bits}: rel max err {err:.2e}")
+        except Exception as e:   # report and go on: a row says it failed
+          print(f"check {impl:>10} bits={bits}: FAILED {type(e).__name__}: "
+                f"{str(e)[:2000]}")
+  key = jax.random.key(config.seed)
+  for batch in config.batches:
+    for seq_len in config.seq_lens:
+      kq, kk, kv_ = jax.random.split(jax.random.fold_in(key, seq_len), 3)
+      q = jax.random.normal(kq, (batch, 1, hq, d), jnp.bfloat16)
+      kb = jax.random.normal(kk, (batch, seq_len, hkv, d), jnp.bfloat16)
+      vb = jax.random.normal(kv_, (batch, seq_len, hkv, d), jnp.bfloat16)
+      bf16_bytes = 2 * kb.size * 2
+      base = {}
+      for impl in ("cudnn", "xla"):
+        fn = jax.jit(lambda q, k, v, impl=impl: jax.nn.dot_product_attention(
+            q, k, v, implementation=impl))
+        try:
+          base[impl] = time_ms(fn, q, kb, vb, warmup=config.warmup,
+                               reps=config.reps)
+        except Exception as e:
+          print(f"bf16 {impl} failed: {type(e).__name__}: {str(e)[:300]}")
+          base[impl] = None
+      del kb, vb
+      for impl in ("cudnn", "xla"):
+        row = dict(op="decode_attention", impl=f"{impl}_bf16", batch=batch,
+                   seq_len=seq_len, q_heads=hq, kv_heads=hkv, head_dim=d,
+                   key_bits=16, value_bits=16, time_ms=base[impl],
+                   cudnn_bf16_ms=base["cudnn"], compressed_bytes=bf16_bytes,
+                   floor_ms=bf16_bytes / (config.bandwidth_tb_s * 1e9),
+                   device=device)
+        if (row["op"], row["impl"], batch, seq_len, 16) not in done:
+          writer.write(row)
+        print(f"B={batch:<3} S={seq_len:<7} {impl+'_bf16':>12}: "
+              f"{base[impl]} ms")
+      for bits in config.bits:
+        cfg = cache_lib.CacheConfig(key_bits=bits, value_bits=bits)
+        cache = random_cache(jax.random.fold_in(key, int(bits * 10)), cfg,
+                             batch, hkv, seq_len, d)
+        mem = cache_lib.memory(cache)
+        nbytes = mem["nbytes"] - mem["fixed_nbytes"]
+        q3 = q[:, 0]
+        for impl in config.impls:
+          if (("decode_attention", impl, batch, seq_len, bits) in done):
+            continue
+          if impl == "xla" and batch * seq_len * hkv * d * 8 > \
+              config.max_xla_bytes:
+            continue
+          fn = jax.jit(lambda q, c, impl=impl: da.decode_attention(
+              q, c, c.lengths, impl=impl))
+          try:
+            t = time_ms(fn, q3, cache, warmup=config.warmup,
+                        reps=config.reps)
+            err = None
+          except Exception as e:
+            t, err = None, f"{type(e).__name__}: {str(e)[:300]}"
+          floor = nbytes / (config.bandwidth_tb_s * 1e9)
+          row = dict(op="decode_attention", impl=impl, batch=batch,
+                     seq_len=seq_len, q_heads=hq, kv_heads=hkv, head_dim=d,
+                     key_bits=bits, value_bits=bits, time_ms=t,
+                     cudnn_bf16_ms=base["cudnn"], compressed_bytes=nbytes,
+                     floor_ms=floor,
+                     read_tb_s=(nbytes / t / 1e9) if t else None,
+                     speedup_vs_cudnn=(base["cudnn"] / t)
+                     if t and base["cudnn"] else None,
+                     bits_per_coordinate=mem["bits_per_coordinate"],
+                     device=device, error=err)
+          writer.write(row)
+          print(f"B={batch:<3} S={seq_len:<7} {impl:>12} bits={bits}: "
+                f"{t if t is None else round(t, 3)} ms (floor "
+                f"{floor:.3f}, cudnn {base['cudnn']}) {err or ''}")
+        del cache
+
+
+if __name__ == "__main__":
+  app.run(main)
