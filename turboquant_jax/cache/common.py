@@ -61,10 +61,19 @@ def append_positions(lengths: jax.Array, tokens: int) -> jax.Array:
   return lengths[:, None] + jnp.arange(tokens, dtype=lengths.dtype)[None, :]
 
 
-def window_slots(positions: jax.Array, window: int,
-                 capacity: int) -> jax.Array:
-  """Ring slot p % W of each position; out of range (dropped) past capacity."""
-  return jnp.where(positions < capacity, positions % window, window)
+def window_slots(positions: jax.Array, window: int, capacity: int,
+                 ends: jax.Array) -> jax.Array:
+  """Ring slot p % W of each position among the last W of its sequence.
+
+  positions: i32[B, T]; ends: i32[B] the sequence lengths after the write.
+  Every other position gets W (dropped): padding past a prompt's length
+  (which would otherwise overwrite live ring slots), tokens past capacity,
+  and tokens that a later token of the same write replaces (so no slot is
+  scattered twice, whose winner XLA leaves unspecified).
+  """
+  keep = ((positions < ends[:, None]) & (positions >= ends[:, None] - window)
+          & (positions < capacity))
+  return jnp.where(keep, positions % window, window)
 
 
 def window_positions(lengths: jax.Array, window: int) -> jax.Array:

@@ -132,7 +132,8 @@ def _select_outliers(q, x: jax.Array, lengths: jax.Array):
   return jax.vmap(split.with_outlier_channels)(q, channels)
 
 
-def _write(cache: TurboQuantCache, k, v, positions) -> TurboQuantCache:
+def _write(cache: TurboQuantCache, k, v, positions,
+           ends) -> TurboQuantCache:
   keys = common.write_tree(cache.keys, _quantize(cache.key_quantizer, k),
                            positions)
   values = common.write_tree(cache.values,
@@ -140,7 +141,7 @@ def _write(cache: TurboQuantCache, k, v, positions) -> TurboQuantCache:
   wk, wv = cache.window_keys, cache.window_values
   if cache.config.window:
     slots = common.window_slots(positions, cache.config.window,
-                                cache.capacity)
+                                cache.capacity, ends)
     wk = common.write_tokens(wk, k, slots)
     wv = common.write_tokens(wv, v, slots)
   return dataclasses.replace(cache, keys=keys, values=values, window_keys=wk,
@@ -156,7 +157,7 @@ def _prefill(cache, k, v, lengths):
                                                         k.shape[2]))
   # Padding tokens past a sequence's length are never read (masked), and a
   # later append overwrites them.
-  cache = _write(cache, k, v, positions)
+  cache = _write(cache, k, v, positions, lengths)
   return dataclasses.replace(cache, lengths=lengths.astype(jnp.int32))
 
 
@@ -183,9 +184,9 @@ def prefill(cache: TurboQuantCache, k: jax.Array, v: jax.Array,
 @jax.jit
 def _append(cache, k, v):
   positions = common.append_positions(cache.lengths, k.shape[2])
-  cache = _write(cache, k, v, positions)
-  return dataclasses.replace(
-      cache, lengths=jnp.minimum(cache.lengths + k.shape[2], cache.capacity))
+  ends = jnp.minimum(cache.lengths + k.shape[2], cache.capacity)
+  cache = _write(cache, k, v, positions, ends)
+  return dataclasses.replace(cache, lengths=ends)
 
 
 def append(cache: TurboQuantCache, k: jax.Array,

@@ -1,0 +1,292 @@
+"""Tests of decode/chunk attention: the reference, then every impl against it.
+
+Notation: B batch, T query tokens, H query heads, K KV heads, G = H / K query
+heads per KV head, S capacity, D head dim.
+"""
+
+import zlib
+
+from absl.testing import absltest
+from absl.testing import parameterized
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from turboquant_jax import cache as cache_lib
+from turboquant_jax.cache import CacheConfig
+from turboquant_jax.kernels import decode_attention as attn
+from turboquant_jax.kernels.decode_attention import reference
+
+LN3 = float(np.log(3.0))
+
+
+def _full_cache(k, v, lengths):
+  """A float32 full cache holding k, v [B, K, S, D] (capacity S)."""
+  k, v = np.asarray(k, np.float32), np.asarray(v, np.float32)
+  b, kv, s, d = k.shape
+  cache = cache_lib.init(CacheConfig(kind="full", dtype="float32"), b, kv, s,
+                         d)
+  return cache_lib.prefill(cache, jnp.asarray(k, jnp.float32),
+                           jnp.asarray(v, jnp.float32),
+                           jnp.asarray(lengths, jnp.int32))
+
+
+def _numpy_attention(q, k, v, lengths, scale=None):
+  """Plain loops: q [B, T, H, D], k, v [B, K, S, D] -> [B, T, H, D]."""
+  q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
+  b, t, h, d = q.shape
+  g = h // k.shape[1]
+  scale = d ** -0.5 if scale is None else scale
+  out = np.zeros((b, t, h, d))
+  for i in range(b):
+    for j in range(t):
+      pos = int(lengths[i]) - t + j                  # the query's position
+      if pos < 0:
+        continue
+      for n in range(h):
+        s = k[i, n // g, :pos + 1] @ q[i, j, n] * scale
+        p = np.exp(s - s.max())
+        out[i, j, n] = (p / p.sum()) @ v[i, n // g, :pos + 1]
+  return out
+
+
+class ReferenceTest(parameterized.TestCase):
+
+  def test_hand_computed_decode(self):
+    # One sequence, one KV head, D = 2, two live tokens and one junk slot:
+    #   k0 = [1, 0], k1 = [0, 1], v0 = [1, 2], v1 = [3, 4].
+    # Query head 0: q = [√2·ln3, 0]; with scale 1/√2 the scores are
+    #   [ln3, 0] -> softmax [3/4, 1/4] -> 3/4·[1, 2] + 1/4·[3, 4] = [1.5, 2.5].
+    # Query head 1 (same KV head, GQA): q = [0, √2·ln3] -> scores [0, ln3]
+    #   -> [1/4, 3/4] -> [2.5, 3.5].
+    k = [[[[1, 0], [0, 1], [100, 100]]]]
+    v = [[[[1, 2], [3, 4], [-50, -50]]]]
+    cache = _full_cache(k, v, [2])
+    r2 = np.sqrt(2.0) * LN3
+    q = jnp.array([[[r2, 0.0], [0.0, r2]]])                   # [B, H, D]
+    out = attn.decode_attention(q, cache, jnp.array([2]), impl="reference")
+    np.testing.assert_allclose(out, [[[1.5, 2.5], [2.5, 3.5]]], rtol=1e-6)
+    # An explicit scale = 1 with q = [ln3, 0] gives the same scores.
+    out = attn.decode_attention(jnp.array([[[LN3, 0.0]]]), cache,
+                                jnp.array([2]), impl="reference", scale=1.0)
+    np.testing.assert_allclose(out, [[[1.5, 2.5]]], rtol=1e-6)
+
+  def test_hand_computed_chunk_is_causal(self):
+    # The same cache; T = 2 queries at positions 0 and 1 (length 2).
+    # Query 0 sees only k0: softmax of one score is 1 -> v0 = [1, 2].
+    # Query 1 sees k0, k1: [1.5, 2.5] as above.
+    k = [[[[1, 0], [0, 1], [100, 100]]]]
+    v = [[[[1, 2], [3, 4], [-50, -50]]]]
+    cache = _full_cache(k, v, [2])
+    r2 = np.sqrt(2.0) * LN3
+    q = jnp.array([[[[r2, 0.0]], [[r2, 0.0]]]])               # [B, T, H, D]
+    out = attn.chunk_attention(q, cache, jnp.array([2]), impl="reference")
+    np.testing.assert_allclose(out, [[[[1.0, 2.0]], [[1.5, 2.5]]]],
+                               rtol=1e-6)
+    # Length 0: nothing is visible, the output is zero (not NaN).
+    out = attn.decode_attention(q[:, 0], cache, jnp.array([0]),
+                                impl="reference")
+    np.testing.assert_array_equal(out, [[[0.0, 0.0]]])
+
+  @parameterized.named_parameters(
+      dict(testcase_name="decode_mha", t=1, g=1),
+      dict(testcase_name="chunk_gqa3", t=3, g=3),
+  )
+  def test_against_numpy(self, t, g):
+    # Random full-precision cache, ragged lengths [7, 11] of S = 11.
+    rng = np.random.default_rng(t * 10 + g)
+    b, kv, s, d = 2, 2, 11, 16
+    k = rng.normal(size=(b, kv, s, d)) * 2.0
+    v = rng.normal(size=(b, kv, s, d))
+    q = rng.normal(size=(b, t, kv * g, d))
+    lengths = np.array([7, 11])
+    cache = _full_cache(k, v, lengths)
+    out = attn.chunk_attention(jnp.asarray(q, jnp.float32), cache,
+                               jnp.asarray(lengths), impl="reference")
+    np.testing.assert_allclose(out, _numpy_attention(q, k, v, lengths),
+                               rtol=1e-5, atol=1e-6)
+
+  def test_kivi_reads_its_dequantized_cache(self):
+    # KIVI has no fused impl: every impl must equal attention over what
+    # kivi dequantize returns (full precision where KIVI keeps it).
+    cfg = CacheConfig(kind="kivi", key_bits=2, value_bits=2, group_size=4,
+                      window=3)
+    rng = np.random.default_rng(5)
+    b, kv, s, d, g = 2, 2, 16, 32, 2
+    k = jnp.asarray(rng.normal(size=(b, kv, 12, d)), jnp.float32)
+    v = jnp.asarray(rng.normal(size=(b, kv, 12, d)), jnp.float32)
+    lengths = jnp.array([9, 12])
+    cache = cache_lib.prefill(cache_lib.init(cfg, b, kv, s, d), k, v,
+                              lengths)
+    q = jnp.asarray(rng.normal(size=(b, 3, kv * g, d)), jnp.float32)
+    dk, dv = cache_lib.dequantize(cache)
+    want = _numpy_attention(q, dk, dv, lengths)
+    for impl in ("reference", "xla", None):
+      out = attn.chunk_attention(q, cache, lengths, impl=impl)
+      np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-6,
+                                 err_msg=f"{impl=}")
+    # And it is a real approximation at 2 bits: not the exact attention.
+    exact = _numpy_attention(q, k, v, lengths)
+    self.assertGreater(np.abs(want - exact).max(), 1e-3)
+
+  def test_errors(self):
+    cache = _full_cache(np.zeros((2, 2, 8, 16)), np.zeros((2, 2, 8, 16)),
+                        [3, 8])
+    lengths = jnp.array([3, 8])
+    with self.assertRaisesRegex(ValueError, "head_dim 32"):
+      attn.decode_attention(jnp.zeros((2, 4, 32)), cache, lengths)
+    with self.assertRaisesRegex(ValueError, "q_heads=3 must be a multiple"):
+      attn.decode_attention(jnp.zeros((2, 3, 16)), cache, lengths)
+    with self.assertRaisesRegex(ValueError, "batch 1"):
+      attn.decode_attention(jnp.zeros((1, 4, 16)), cache, lengths[:1])
+    with self.assertRaisesRegex(ValueError, "capacity is 8"):
+      attn.decode_attention(jnp.zeros((2, 4, 16)), cache, jnp.array([3, 9]))
+    with self.assertRaisesRegex(ValueError, "capacity"):
+      attn.chunk_attention(jnp.zeros((2, 1, 4, 16)), cache,
+                           jnp.array([-1, 2]), impl="reference")
+    with self.assertRaisesRegex(ValueError, r"q must be \[batch, q_heads"):
+      attn.decode_attention(jnp.zeros((2, 1, 4, 16)), cache, lengths)
+    with self.assertRaisesRegex(ValueError, "tokens, q_heads"):
+      attn.chunk_attention(jnp.zeros((2, 4, 16)), cache, lengths)
+    with self.assertRaisesRegex(ValueError, "not available"):
+      attn.decode_attention(jnp.zeros((2, 4, 16)), cache, lengths,
+                            impl="cuda")
+
+
+# Base: D = 128, G = 4 query heads per KV head, 3-bit mse keys and values,
+# no window, decode (T = 1), lengths [5, 13] in S = 16. Each case changes a
+# few of these.
+_BASE = dict(dim=128, groups=4, key_bits=3, value_bits=3, method="mse",
+             window=0, tokens=1, lengths=(5, 13))
+
+
+def _case(name, **changes):
+  return dict(testcase_name=name, **{**_BASE, **changes})
+
+
+_CASES = [
+    _case("base"),
+    _case("dim64_mha", dim=64, groups=1),
+    _case("dim256_gqa8_bits4_2", dim=256, groups=8, key_bits=4,
+          value_bits=2),
+    _case("gqa3_bits2", groups=3, key_bits=2, value_bits=2),
+    _case("bits2.5", key_bits=2.5, value_bits=2.5),
+    _case("bits3.5_chunk", key_bits=3.5, value_bits=3.5, tokens=3),
+    _case("prod", method="prod"),
+    _case("window_chunk", window=4, tokens=3),
+    _case("length1_and_full", lengths=(1, 16)),
+    # Everything at once: split prod keys, a window, a chunk, GQA 3, D 64.
+    _case("all", dim=64, groups=3, key_bits=2.5, value_bits=3.5,
+          method="prod", window=5, tokens=3, lengths=(3, 14)),
+]
+
+_SLOW_CASES = [
+    _case(f"d{d}_g{g}_b{bits}_{m}_w{w}_t{t}", dim=d, groups=g, key_bits=bits,
+          value_bits=bits, method=m, window=w, tokens=t, lengths=(t, 11))
+    for d, g in ((64, 1), (128, 4), (256, 8), (128, 3))
+    for bits in (2, 3, 4, 2.5, 3.5)
+    for m in ("mse", "prod")
+    for w in (0, 4)
+    for t in (1, 3)
+]
+
+
+class ImplTest(parameterized.TestCase):
+  """An impl against the reference on the same TurboQuant caches.
+
+  Subclass with IMPL (and IMPL_KWARGS, e.g. interpret mode) for a kernel.
+  Both sides compute in f32; the impl reorders sums (rotated domain, online
+  softmax), so they agree to about 1e-5 relative.
+  """
+  IMPL = "xla"
+  IMPL_KWARGS = {}
+  RTOL = 1e-5
+
+  def _compare(self, dim, groups, key_bits, value_bits, method, window,
+               tokens, lengths):
+    # Fresh inputs per test, seeded by the test's name (reproducible).
+    key = jax.random.key(zlib.crc32(self.id().encode()))
+    k_init, k_k, k_v, k_q = jax.random.split(key, 4)
+    b, kv, s = 2, 2, 16
+    cfg = CacheConfig(kind="turboquant", key_bits=key_bits,
+                      value_bits=value_bits, key_method=method,
+                      window=window)
+    k = jax.random.normal(k_k, (b, kv, s, dim)) * 2.0
+    v = jax.random.normal(k_v, (b, kv, s, dim))
+    lengths = jnp.array(lengths)
+    cache = cache_lib.prefill(
+        cache_lib.init(cfg, b, kv, s, dim, key=k_init), k, v, lengths)
+    q = jax.random.normal(k_q, (b, tokens, kv * groups, dim))
+    if tokens == 1:
+      want = attn.decode_attention(q[:, 0], cache, lengths, impl="reference")
+      got = attn.decode_attention(q[:, 0], cache, lengths, impl=self.IMPL,
+                                  **self.IMPL_KWARGS)
+    else:
+      want = attn.chunk_attention(q, cache, lengths, impl="reference")
+      got = attn.chunk_attention(q, cache, lengths, impl=self.IMPL,
+                                 **self.IMPL_KWARGS)
+    self.assertEqual(got.shape, want.shape)
+    self.assertEqual(got.dtype, jnp.float32)
+    # Outputs are softmax averages of values of size ~1: an absolute floor
+    # of RTOL covers entries that happen to be near 0.
+    np.testing.assert_allclose(got, want, rtol=self.RTOL, atol=self.RTOL)
+
+  @parameterized.named_parameters(*_CASES)
+  def test_matches_reference(self, **case):
+    self._compare(**case)
+
+  def test_8bit_is_close_to_full_precision(self):
+    # 8-bit keys have relative error ‖k̃ - k‖/‖k‖ ≈ √(4.2e-5) ≈ 6.5e-3
+    # (PAPER.md §2) in a random direction, so a score q·k/√D moves by about
+    # 6.5e-3·‖q‖‖k‖/D ≈ 6.5e-3 (unit-variance q, k); probabilities move by
+    # that relatively, and values carry the same 6.5e-3 error: the output
+    # is off by ~1e-2 of its norm (measured 8.7e-3; 2 bits: 0.47).
+    key = jax.random.key(7)
+    k_k, k_v, k_q = jax.random.split(key, 3)
+    b, kv, s, d = 2, 2, 16, 128
+    k = jax.random.normal(k_k, (b, kv, s, d))
+    v = jax.random.normal(k_v, (b, kv, s, d))
+    q = jax.random.normal(k_q, (b, kv * 2, d))
+    lengths = jnp.array([9, 16])
+    exact = attn.decode_attention(q, _full_cache(k, v, lengths), lengths,
+                                  impl="reference")
+    cfg = CacheConfig(kind="turboquant", key_bits=8, value_bits=8)
+    cache = cache_lib.prefill(cache_lib.init(cfg, b, kv, s, d), k, v, lengths)
+    out = attn.decode_attention(q, cache, lengths, impl=self.IMPL,
+                                **self.IMPL_KWARGS)
+    err = float(jnp.linalg.norm(out - exact) / jnp.linalg.norm(exact))
+    self.assertLess(err, 2e-2)
+
+  def test_errors(self):
+    # Lengths beyond the capacity (eager), head dim and GQA mismatches.
+    cfg = CacheConfig(kind="turboquant", key_bits=3, value_bits=3)
+    cache = cache_lib.init(cfg, 2, 2, 8, 64)
+    with self.assertRaisesRegex(ValueError, "capacity is 8"):
+      attn.decode_attention(jnp.zeros((2, 4, 64)), cache,
+                            jnp.array([1, 9]), impl=self.IMPL,
+                            **self.IMPL_KWARGS)
+    with self.assertRaisesRegex(ValueError, "head_dim 32"):
+      attn.decode_attention(jnp.zeros((2, 4, 32)), cache,
+                            jnp.array([1, 1]), impl=self.IMPL,
+                            **self.IMPL_KWARGS)
+    with self.assertRaisesRegex(ValueError, "q_heads=5"):
+      attn.decode_attention(jnp.zeros((2, 5, 64)), cache,
+                            jnp.array([1, 1]), impl=self.IMPL,
+                            **self.IMPL_KWARGS)
+
+
+@pytest.mark.slow
+class ImplSweepTest(parameterized.TestCase):
+  """The larger product of head dims, GQA, bits, methods, window, T."""
+  IMPL = "xla"
+  IMPL_KWARGS = {}
+  RTOL = 1e-5
+
+  @parameterized.named_parameters(*_SLOW_CASES)
+  def test_matches_reference(self, **case):
+    ImplTest._compare(self, **case)
+
+
+if __name__ == "__main__":
+  absltest.main()

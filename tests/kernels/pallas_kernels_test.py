@@ -1,0 +1,117 @@
+"""The Pallas kernels against the reference, in interpret mode on the CPU.
+
+Notation: B batch, T query tokens, H query heads, K KV heads, G = H / K,
+S capacity, D head dim. On a TPU/GPU the same classes run compiled
+(INTERPRET = False) when the backend matches.
+"""
+
+import zlib
+
+from absl.testing import absltest
+from absl.testing import parameterized
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from turboquant_jax import cache as cache_lib
+from turboquant_jax.cache import CacheConfig
+from turboquant_jax.kernels import decode_attention as attn
+from turboquant_jax.kernels.decode_attention import parts
+
+import decode_attention_test as base
+
+
+class PallasTpuInterpretTest(base.ImplTest):
+  """Every ImplTest case (split bits, prod keys, window, chunks, D 64-256,
+  GQA 1-8, length 1) through the TPU kernel in TPU interpret mode."""
+  IMPL = "pallas_tpu"
+  # A small block so that caches of 16 tokens still take several blocks
+  # (and the clamped, skipped blocks past a length are exercised).
+  IMPL_KWARGS = dict(interpret=True, block=8)
+  RTOL = 2e-5
+
+
+@pytest.mark.slow
+class PallasTpuInterpretSweepTest(base.ImplSweepTest):
+  IMPL = "pallas_tpu"
+  IMPL_KWARGS = dict(interpret=True, block=8)
+  RTOL = 2e-5
+
+
+_GPU_CASES = [
+    dict(testcase_name="d128_g4_b4", dim=128, groups=4, key_bits=4,
+         value_bits=4, window=0, tokens=1, lengths=(100, 37)),
+    dict(testcase_name="d128_g3_b3_chunk", dim=128, groups=3, key_bits=3,
+         value_bits=3, window=0, tokens=3, lengths=(128, 5)),
+    dict(testcase_name="d64_g1_b2_window", dim=64, groups=1, key_bits=2,
+         value_bits=4, window=6, tokens=1, lengths=(1, 77)),
+]
+
+
+class PallasGpuInterpretTest(parameterized.TestCase):
+  """The Mosaic GPU kernel in GPU interpret mode (S = 128, two splits)."""
+
+  def _cache(self, dim, key_bits, value_bits, window, lengths, seed):
+    key = jax.random.key(seed)
+    k_init, k_k, k_v = jax.random.split(key, 3)
+    b, kv, s = 2, 2, 128
+    cfg = CacheConfig(kind="turboquant", key_bits=key_bits,
+                      value_bits=value_bits, window=window)
+    k = jax.random.normal(k_k, (b, kv, s, dim)) * 2.0
+    v = jax.random.normal(k_v, (b, kv, s, dim))
+    return cache_lib.prefill(cache_lib.init(cfg, b, kv, s, dim, key=k_init),
+                             k, v, jnp.array(lengths))
+
+  @parameterized.named_parameters(*_GPU_CASES)
+  def test_matches_reference(self, dim, groups, key_bits, value_bits, window,
+                             tokens, lengths):
+    seed = zlib.crc32(self.id().encode())
+    cache = self._cache(dim, key_bits, value_bits, window, lengths, seed)
+    q = jax.random.normal(jax.random.key(seed + 1),
+                          (2, tokens, 2 * groups, dim))
+    lengths = jnp.array(lengths)
+    want = attn.chunk_attention(q, cache, lengths, impl="reference")
+    got = attn.chunk_attention(q, cache, lengths, impl="pallas_gpu",
+                               interpret=True, splits=2)
+    np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
+
+  def test_unsupported_raises_not_implemented(self):
+    # Prod keys and 24-byte rows (D = 64 at 3 bits) are not in v1: the
+    # kernel says so with NotImplementedError, which lets impl=None fall
+    # back to "xla".
+    q = jnp.ones((2, 4, 64))
+    for cfg in (dict(key_bits=3, key_method="prod"), dict(key_bits=3)):
+      cache = cache_lib.init(CacheConfig(**cfg), 2, 2, 128, 64)
+      with self.assertRaises(NotImplementedError):
+        attn.decode_attention(q, cache, jnp.array([3, 4]),
+                              impl="pallas_gpu", interpret=True)
+    cache = cache_lib.init(CacheConfig(kind="full"), 2, 2, 128, 64)
+    with self.assertRaisesRegex(NotImplementedError, "not a TurboQuantCache"):
+      attn.decode_attention(q, cache, jnp.array([3, 4]), impl="pallas_gpu",
+                            interpret=True)
+
+
+class UnpackChunksTest(parameterized.TestCase):
+  """The in-kernel unpacking equals packing.unpack, chunk by chunk."""
+
+  @parameterized.parameters(*[(b, d) for b in range(1, 9)
+                              for d in (8, 64, 128)])
+  def test_chunks_equal_unpack(self, bits, dim):
+    from turboquant_jax.quant import packing
+    codes = jax.random.randint(jax.random.key(bits * 1000 + dim), (5, dim),
+                               0, 2 ** bits)
+    words = packing.pack(codes, bits)
+    chunks = parts.unpack_chunks(words, bits, dim)
+    self.assertLen(chunks, parts.chunk_count(bits))
+    np.testing.assert_array_equal(np.concatenate(chunks, axis=1), codes)
+
+  def test_lookup_is_the_table(self):
+    table = (-1.5, -0.25, 0.25, 1.5)
+    code = jnp.array([[0, 1, 2, 3, 3, 0]])
+    np.testing.assert_array_equal(parts.lookup(code, table),
+                                  np.array(table)[np.asarray(code)])
+
+
+if __name__ == "__main__":
+  absltest.main()
