@@ -26,11 +26,20 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.check = True                        # compare against the reference on
                                         # a small cache first
   c.bandwidth_tb_s = 4.6                # practical HBM ceiling for the floor
+  # Quantize-and-append (rotate, quantize, pack, write) into a cache of
+  # append_capacity tokens: decode (1 token) and a prefill chunk.
+  c.append_batches = (1, 8, 32)
+  c.append_capacity = 32768
+  c.append_tokens = (1, 4096)
+  # The paper's Table 2: quantize 100k vectors at 4 bits.
+  c.quantize_dims = (200, 1536, 3072)
+  c.quantize_n = 100_000
   if scale == "quick":
     c.batches = (8,)
     c.seq_lens = (16384, 131072)
     c.bits = (4, 3)
     c.reps = 10
+    c.append_batches = (8,)
   elif scale == "cpu":                  # a smoke run on the CPU
     c.batches = (1,)
     c.seq_lens = (512,)
@@ -39,10 +48,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.impls = ("xla",)
     c.reps = 2
     c.warmup = 1
+    c.append_batches = (1,)
+    c.append_capacity = 256
+    c.append_tokens = (1, 16)
+    c.quantize_dims = (64,)
+    c.quantize_n = 1000
   elif scale == "check":                # correctness only, no timing
     c.batches = ()
     c.bits = (4, 3, 2, 2.5, 3.5)
     c.impls = ("pallas_gpu",)
+    c.append_batches = ()
+    c.quantize_dims = ()
   elif scale != "full":
     raise ValueError(f"scale={scale!r} must be full, quick, check or cpu")
   return c

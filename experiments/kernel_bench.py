@@ -74,6 +74,49 @@ def check_correctness(impl: str, bits: float, head_dim: int) -> float:
   return float(jnp.max(jnp.abs(out - ref)) / jnp.max(jnp.abs(ref)))
 
 
+def bench_append(config, writer, done, device):
+  """Quantize-and-append throughput of the XLA path (rows op=quantize_append)."""
+  hkv, d = config.kv_heads, config.head_dim
+  for batch in config.append_batches:
+    for bits in config.bits:
+      cfg = cache_lib.CacheConfig(key_bits=bits, value_bits=bits)
+      cache = cache_lib.init(cfg, batch, hkv, config.append_capacity, d,
+                             key=jax.random.key(0))
+      for tokens in config.append_tokens:
+        if ("quantize_append", "xla", batch, tokens, bits) in done:
+          continue
+        k = jax.random.normal(jax.random.key(tokens), (batch, hkv, tokens, d),
+                              jnp.bfloat16)
+        # Append at a fixed position (lengths reset each call) so every call
+        # does the same work; jit so the whole write is one program.
+        fn = jax.jit(lambda c, k: cache_lib.turboquant_cache._append(c, k, k))
+        t = time_ms(fn, cache, k, warmup=config.warmup, reps=config.reps)
+        writer.write(dict(op="quantize_append", impl="xla", batch=batch,
+                          seq_len=tokens, tokens=tokens,
+                          capacity=config.append_capacity, kv_heads=hkv,
+                          head_dim=d, key_bits=bits, value_bits=bits,
+                          time_ms=t, tokens_per_s=batch * tokens / t * 1e3,
+                          device=device))
+        print(f"append B={batch:<3} T={tokens:<5} bits={bits}: {t:.3f} ms "
+              f"({batch * tokens / t * 1e3:,.0f} tokens/s)")
+
+
+def bench_quantize(config, writer, done, device):
+  """The paper's Table 2 shapes: quantize N vectors at 4 bits (mse)."""
+  import turboquant_jax as tq
+  for dim in config.quantize_dims:
+    if ("quantize_vectors", "xla", config.quantize_n, dim, 4) in done:
+      continue
+    q = tq.make_quantizer(jax.random.key(0), dim, 4)
+    x = jax.random.normal(jax.random.key(1), (config.quantize_n, dim))
+    fn = jax.jit(lambda x: tq.quantize(q, x))
+    t = time_ms(fn, x, warmup=config.warmup, reps=config.reps)
+    writer.write(dict(op="quantize_vectors", impl="xla", batch=config.quantize_n,
+                      seq_len=dim, dim=dim, n=config.quantize_n, key_bits=4,
+                      time_ms=t, seconds=t / 1e3, device=device))
+    print(f"quantize {config.quantize_n} x {dim} at 4 bits: {t:.3f} ms")
+
+
 def main(argv):
   del argv
   config = _CONFIG.value
@@ -91,6 +134,8 @@ def main(argv):
         except Exception as e:   # report and go on: a row says it failed
           print(f"check {impl:>10} bits={bits}: FAILED {type(e).__name__}: "
                 f"{str(e)[:2000]}")
+  bench_quantize(config, writer, done, device)
+  bench_append(config, writer, done, device)
   key = jax.random.key(config.seed)
   for batch in config.batches:
     for seq_len in config.seq_lens:
