@@ -95,8 +95,39 @@ def acc_axis0_max():
   qtj = jnp.asarray(qt, jnp.float32)
   def body(x, y):
     a = plgpu.load(x, layout=L.MMA_ACC(jnp.bfloat16), optimized=False)
-    return jnp.broadcast_to(jnp.max(a, axis=0)[None, :], (8, 16))
-  return run_kernel(body, qtj, (8, 16), jnp.float32)
+    m = jnp.max(a, axis=0)                                    # [16]
+    return a - jax.lax.broadcast_in_dim(m, a.shape, [1])
+  return run_kernel(body, qtj, (64, 16), jnp.float32)
+
+
+def acc_row_vector_load():
+  # A [64] vector loaded in the layout of an MMA acc's rows, broadcast along
+  # the columns (per-token norms scaling a [64 tok, 16 q] score tile).
+  qtj = jnp.asarray(qt, jnp.float32)
+  def body(x, y):
+    a = plgpu.load(x, layout=L.MMA_ACC(jnp.bfloat16), optimized=False)
+    n = plgpu.load(y.at[0, pl.ds(0, 64)],
+                   layout=L.MMA_ACC(jnp.bfloat16).reduce(1), optimized=False)
+    return a * jax.lax.broadcast_in_dim(n, a.shape, [0])
+  y = jnp.asarray(np.tile(np.arange(128, dtype=np.float32), (8, 1)))
+  return run_kernel(body, qtj, (64, 16), jnp.float32, y)
+
+
+def store_transposed_view():
+  # Writes an MMA acc [64, 16] into a transposed SMEM view, reads [16, 64].
+  def kernel(x_gmem, o_gmem, x_smem, t_smem, bar):
+    plgpu.copy_gmem_to_smem(x_gmem, x_smem, bar)
+    plgpu.barrier_wait(bar)
+    a = plgpu.load(x_smem, layout=L.MMA_ACC(jnp.bfloat16), optimized=False)
+    t_smem.transpose((1, 0))[...] = a
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(t_smem, o_gmem)
+    plgpu.wait_smem_to_gmem(0)
+  f = plgpu.kernel(kernel, out_type=jax.ShapeDtypeStruct((16, 64), jnp.float32),
+                   scratch_types=[plgpu.SMEM((64, 16), jnp.float32),
+                                  plgpu.SMEM((16, 64), jnp.float32),
+                                  plgpu.Barrier()], interpret=INTERPRET)
+  return np.asarray(f(jnp.asarray(qt)))
 
 
 def row_store_then_lhs_load():
@@ -132,8 +163,11 @@ def main():
         table[codes & 15] @ qt)
   probe("transposed SMEM view load (lhs)", transposed_load,
         (codes.T & 15).astype(np.float32))
-  probe("max over axis 0 of an MMA acc", acc_axis0_max,
-        np.broadcast_to(qt.max(0), (8, 16)))
+  probe("max over axis 0 of an MMA acc", acc_axis0_max, qt - qt.max(0))
+  probe("[64] row vector in MMA acc rows layout", acc_row_vector_load,
+        qt * np.arange(64, dtype=np.float32)[:, None])
+  probe("store MMA acc into a transposed SMEM view", store_transposed_view,
+        qt.T)
   try:
     got, want = row_store_then_lhs_load()
     err = float(np.max(np.abs(got - want)) / np.max(np.abs(want)))
