@@ -23,6 +23,8 @@ def make_quantizer(key: jax.Array, dim: int, bits: float, method: str = "mse",
   `outlier_channels` if given, else 0..O-1 until set from data with
   `with_outlier_channels(q, select_outliers(x, O))`.
   """
+  if isinstance(bits, (float, np.floating)) and not math.isfinite(bits):
+    raise ValueError(f"{bits=} must be a finite number in [1, 8]")
   if isinstance(bits, (float, np.floating)) and not float(bits).is_integer():
     num, hi, lo = split.split_for_bits(dim, float(bits))
     channels = num if outlier_channels is None else outlier_channels

@@ -116,8 +116,7 @@ def make_split_quantizer(key: jax.Array, dim: int, outlier_bits: int,
     raise ValueError(f"number of outlier channels {num} must be in "
                      f"(0, {dim=})")
   k_out, k_reg = jax.random.split(key)
-  if not isinstance(channels, jax.core.Tracer):
-    channels = jnp.sort(channels)
+  channels = jnp.sort(channels)             # ascending, as documented
   return SplitQuantizer(
       outlier=turboquant.make_quantizer(k_out, num, outlier_bits, method,
                                         **kwargs),
@@ -130,11 +129,12 @@ def make_split_quantizer(key: jax.Array, dim: int, outlier_bits: int,
 def with_outlier_channels(sq: SplitQuantizer,
                           channels: jax.Array) -> SplitQuantizer:
   """The same quantizer with a new outlier channel set (same count)."""
+  channels = jnp.asarray(channels)
   if channels.shape != sq.outlier_channels.shape:
     raise ValueError(f"{channels.shape=} must equal "
                      f"{sq.outlier_channels.shape} (the outlier count)")
   _check_channels(channels, sq.dim)
-  channels = jnp.asarray(channels, jnp.int32)
+  channels = jnp.sort(jnp.asarray(channels, jnp.int32))
   return dataclasses.replace(sq, outlier_channels=channels,
                              regular_channels=complement(channels, sq.dim))
 
@@ -191,6 +191,8 @@ def inner_product(sq: SplitQuantizer, sqt: SplitQuantizedTensor,
 def split_for_bits(dim: int, bits: float) -> tuple[int, int, int]:
   """(outlier count, outlier bits, regular bits) with exactly `bits` code bits
   per coordinate on average, e.g. (64, 3, 2) for dim=128, bits=2.5."""
+  if not math.isfinite(bits):
+    raise ValueError(f"{bits=} must be a finite number in [1, 8]")
   lo = math.floor(bits)
   num = round((bits - lo) * dim)
   if not 0 < num < dim or not 1 <= lo < 8:

@@ -1,0 +1,42 @@
+"""Shared test helpers; test modules import them as `import conftest`.
+
+jax_numpy_rank_promotion='raise' is deliberately not set: the library relies
+on implicit rank promotion (packing's `field << slot_shift`, the Hadamard
+rotation's `x * signs`), so every test with a leading batch axis would fail.
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def random_unit_vectors(key: jax.Array, shape: tuple[int, ...],
+                        dim: int) -> jax.Array:
+  """f32[*shape, dim] uniform on the unit sphere (normalized Gaussians)."""
+  g = jax.random.normal(key, (*shape, dim), jnp.float32)
+  return g / jnp.linalg.norm(g, axis=-1, keepdims=True)
+
+
+def correlated_pairs(key: jax.Array, shape: tuple[int, ...], dim: int,
+                     rho) -> tuple[jax.Array, jax.Array]:
+  """Unit vectors x, y of f32[*shape, dim] with <x, y> = rho exactly.
+
+  y = rho·x + sqrt(1 - rho²)·z with z a uniform unit vector orthogonal to x;
+  rho is a scalar or broadcasts against `shape`.
+  """
+  kx, kz = jax.random.split(key)
+  x = random_unit_vectors(kx, shape, dim)
+  z = jax.random.normal(kz, (*shape, dim), jnp.float32)
+  z = z - jnp.sum(z * x, axis=-1, keepdims=True) * x
+  z = z / jnp.linalg.norm(z, axis=-1, keepdims=True)
+  rho = jnp.asarray(rho, jnp.float32)
+  rho = jnp.broadcast_to(rho, shape)[..., None]
+  return x, rho * x + jnp.sqrt(1 - rho * rho) * z
+
+
+def mean_and_standard_error(per_cluster_means) -> tuple[float, float]:
+  """Mean and its standard error from independent cluster means."""
+  m = np.asarray(per_cluster_means, np.float64).ravel()
+  return float(m.mean()), float(m.std(ddof=1) / math.sqrt(m.size))
