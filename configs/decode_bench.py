@@ -1,0 +1,32 @@
+"""Decode tokens/s of a SmolLM2-shaped model over full vs compressed caches.
+
+    python -m experiments.decode_bench --config=configs/decode_bench.py
+"""
+
+import ml_collections
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  args = dict(a.split("=", 1) for a in (arg or "").split(",") if a)
+  scale = args.get("scale", "full")
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.batches = (1, 32)
+  c.context = 8192                      # tokens already cached
+  c.capacity = 9216                     # a multiple of 64 * 16 splits
+  # (name, kind, key_bits, value_bits, impl); impl None = best available.
+  c.caches = (("full-bf16", "full", 16, 16, "xla"),
+              ("tq4", "turboquant", 4, 4, None),
+              ("tq4-xla", "turboquant", 4, 4, "xla"),
+              ("tq3", "turboquant", 3, 3, None))
+  c.warmup = 2
+  c.reps = 10
+  if scale == "cpu":
+    c.batches = (1,)
+    c.context = 192
+    c.capacity = 256
+    c.reps = 2
+    c.warmup = 1
+  elif scale != "full":
+    raise ValueError(f"scale={scale!r} must be full or cpu")
+  return c

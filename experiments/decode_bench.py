@@ -1,0 +1,113 @@
+"""Decode speed of a SmolLM2-135M-shaped model: full cache vs TurboQuant.
+
+The weights are random (speed does not depend on their values; the real
+weights are 94 MiB, over what one device call carries) and the caches are
+filled with random contents at `context` tokens (building them by prefill
+would only cost time). Each row: one jitted decode step (1 token per
+sequence through all 30 layers, appending to every cache) timed as the
+median of `reps` calls; tokens_per_s = batch / step time.
+
+    python -m experiments.decode_bench --config=configs/decode_bench.py \
+        --workdir=results/decode_bench/h200
+"""
+
+import dataclasses
+import statistics
+import time
+
+from absl import app
+from absl import flags
+from flax import nnx
+import jax
+import jax.numpy as jnp
+from ml_collections import config_flags
+
+from turboquant_jax import cache as cache_lib
+from turboquant_jax import results
+from turboquant_jax import model as model_lib
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/decode_bench.py")
+_WORKDIR = flags.DEFINE_string("workdir", "runs/decode_bench", "output dir")
+
+# SmolLM2-135M-Instruct (DATA.md; read from its GGUF metadata).
+SMOLLM2 = model_lib.ModelConfig(
+    vocab_size=49152, d_model=576, n_layers=30, n_heads=9, n_kv_heads=3,
+    head_dim=64, ffn_dim=1536, rms_eps=1e-5, rope_theta=100000.0,
+    tie_embeddings=True, max_seq_len=16384, dtype="bfloat16")
+
+
+def _randomize(tree, key, length):
+  """Random contents for every cache leaf; lengths set to `length`."""
+  leaves, treedef = jax.tree.flatten(tree)
+  keys = jax.random.split(key, len(leaves))
+  out = []
+  for k, leaf in zip(keys, leaves):
+    if jnp.issubdtype(leaf.dtype, jnp.integer):
+      out.append(jax.random.randint(k, leaf.shape, 0, 256, jnp.int32)
+                 .astype(leaf.dtype))
+    else:
+      out.append(jax.random.uniform(k, leaf.shape, jnp.float32, 0.5, 1.5)
+                 .astype(leaf.dtype))
+  return jax.tree.unflatten(treedef, out)
+
+
+def _filled(cache, key, length):
+  batch = cache.lengths.shape[0]
+  lengths = jnp.full((batch,), length, jnp.int32)
+  fields = {}
+  for f in dataclasses.fields(cache):
+    if f.name in ("keys", "values", "window_keys", "window_values"):
+      v = getattr(cache, f.name)
+      fields[f.name] = None if v is None else _randomize(v, key, length)
+  return dataclasses.replace(cache, lengths=lengths, **fields)
+
+
+def main(argv):
+  del argv
+  config = _CONFIG.value
+  writer = results.Writer(_WORKDIR.value, config)
+  done = writer.done_keys(("batch", "cache"))
+  device = jax.devices()[0].device_kind
+  model = model_lib.Transformer(SMOLLM2, rngs=nnx.Rngs(config.seed))
+  for batch in config.batches:
+    for name, kind, kb, vb, impl in config.caches:
+      if (batch, name) in done:
+        continue
+      cfg = (cache_lib.CacheConfig(kind="full", dtype="bfloat16")
+             if kind == "full" else
+             cache_lib.CacheConfig(kind=kind, key_bits=kb, value_bits=vb))
+      caches = model.init_caches(batch, config.capacity, cfg,
+                                 jax.random.key(1))
+      caches = tuple(_filled(c, jax.random.fold_in(jax.random.key(2), i),
+                             config.context) for i, c in enumerate(caches))
+      mem = cache_lib.memory(caches[0])
+      lengths = caches[0].lengths
+      tokens = jax.random.randint(jax.random.key(3), (batch, 1), 0,
+                                  SMOLLM2.vocab_size)
+      step = lambda m, t, c, l, impl=impl: model_lib.forward(m, t, c, l,
+                                                             impl=impl)
+      try:
+        for _ in range(config.warmup):
+          jax.block_until_ready(step(model, tokens, caches, lengths))
+        times = []
+        for _ in range(config.reps):
+          t0 = time.perf_counter()
+          jax.block_until_ready(step(model, tokens, caches, lengths))
+          times.append((time.perf_counter() - t0) * 1e3)
+        ms, err = statistics.median(times), None
+      except Exception as e:   # a row records the failure
+        ms, err = None, f"{type(e).__name__}: {str(e)[:300]}"
+      row = dict(model="SmolLM2-135M (random weights)", cache=name,
+                 kind=kind, key_bits=kb, value_bits=vb, impl=impl,
+                 batch=batch, context=config.context,
+                 step_ms=ms, tokens_per_s=batch / ms * 1e3 if ms else None,
+                 bytes_per_token=mem["bytes_per_token"] * SMOLLM2.n_layers,
+                 device=device, error=err)
+      writer.write(row)
+      print(f"B={batch:<3} {name:>10}: {ms} ms/step, "
+            f"{row['tokens_per_s']} tok/s {err or ''}")
+      del caches
+
+
+if __name__ == "__main__":
+  app.run(main)
