@@ -30,3 +30,4 @@ from turboquant_jax.model.transformer import Transformer
 from turboquant_jax.model.transformer import forward
 from turboquant_jax.model.transformer import forward_no_cache_jit
 from turboquant_jax.model.transformer import forward_prefill
+from turboquant_jax.model.sampling import generate

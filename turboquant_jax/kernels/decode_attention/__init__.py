@@ -16,7 +16,11 @@ from turboquant_jax.kernels.decode_attention import xla
 Impl = Literal["xla", "reference", "pallas_gpu", "pallas_tpu"]
 
 
-def _impls():
+def _load_impls():
+  """The available implementations. Imported eagerly, at module load: the
+  Pallas backends register JAX config options, which are part of jit's
+  cache key, so importing them lazily would make the first jitted call
+  after the import compile twice."""
   table = {"xla": xla.attention, "reference": reference.attention_reference}
   try:
     from turboquant_jax.kernels.decode_attention import pallas_tpu
@@ -29,6 +33,13 @@ def _impls():
   except ImportError:
     pass
   return table
+
+
+_IMPLS = _load_impls()
+
+
+def _impls():
+  return _IMPLS
 
 
 def _preferred() -> list[str]:
