@@ -26,8 +26,13 @@ from turboquant_jax import cache as cache_lib
 from turboquant_jax import results
 from turboquant_jax import model as model_lib
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/decode_bench.py")
-_WORKDIR = flags.DEFINE_string("workdir", "runs/decode_bench", "output dir")
+
+def define_flags() -> None:
+  """Defines the flags; called only when run as a program (flags defined
+  at import would clash with other experiment modules in one process)."""
+  config_flags.DEFINE_config_file("config", "configs/decode_bench.py")
+  flags.DEFINE_string("workdir", "runs/decode_bench", "output dir")
+
 
 # SmolLM2-135M-Instruct (DATA.md; read from its GGUF metadata).
 SMOLLM2 = model_lib.ModelConfig(
@@ -64,8 +69,8 @@ def _filled(cache, key, length):
 
 def main(argv):
   del argv
-  config = _CONFIG.value
-  writer = results.Writer(_WORKDIR.value, config)
+  config = flags.FLAGS.config
+  writer = results.Writer(flags.FLAGS.workdir, config)
   done = writer.done_keys(("batch", "cache"))
   device = jax.devices()[0].device_kind
   model = model_lib.Transformer(SMOLLM2, rngs=nnx.Rngs(config.seed))
@@ -110,4 +115,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

@@ -40,15 +40,18 @@ from turboquant_jax.model import sampling
 
 _DEFAULT_CONFIG = pathlib.Path(__file__).resolve().parents[1] / "configs" / (
     "generate.py")
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", str(_DEFAULT_CONFIG), "Generation config file.",
-    lock_config=True)
-_PROMPT = flags.DEFINE_string("prompt", None, "The user message.")
-_INTERACTIVE = flags.DEFINE_bool(
-    "interactive", False, "Multi-turn chat: read user messages from stdin "
-    "until EOF or an empty line.")
-_WORKDIR = flags.DEFINE_string(
-    "workdir", None, "If set, write config.json and results.jsonl here.")
+def define_flags() -> None:
+  """Defines the flags; called only when run as a program (flags defined
+  at import would clash with other experiment modules in one process)."""
+  config_flags.DEFINE_config_file(
+      "config", str(_DEFAULT_CONFIG), "Generation config file.",
+      lock_config=True)
+  flags.DEFINE_string("prompt", None, "The user message.")
+  flags.DEFINE_bool(
+      "interactive", False, "Multi-turn chat: read user messages from stdin "
+      "until EOF or an empty line.")
+  flags.DEFINE_string(
+      "workdir", None, "If set, write config.json and results.jsonl here.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -237,15 +240,16 @@ def interactive(config: ml_collections.ConfigDict, *,
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
-  config = _CONFIG.value
-  if _INTERACTIVE.value:
+  config = flags.FLAGS.config
+  if flags.FLAGS.interactive:
     interactive(config)
     return
-  if not _PROMPT.value:
+  if not flags.FLAGS.prompt:
     raise app.UsageError("pass --prompt \"...\" or --interactive")
-  run(config, _PROMPT.value, _WORKDIR.value)
+  run(config, flags.FLAGS.prompt, flags.FLAGS.workdir)
   sys.stdout.flush()
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

@@ -24,8 +24,14 @@ from turboquant_jax import cache as cache_lib
 from turboquant_jax import results
 from turboquant_jax.kernels import decode_attention as da
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/kernel_bench.py")
-_WORKDIR = flags.DEFINE_string("workdir", "runs/kernel_bench", "output dir")
+def define_flags() -> None:
+  """Defines the flags; called only when run as a program (flags defined
+  at import would clash with other experiment modules in one process)."""
+  config_flags.DEFINE_config_file("config", "configs/kernel_bench.py")
+  flags.DEFINE_string("workdir", "runs/kernel_bench", "output dir")
+
+
+
 
 
 def time_ms(fn, *args, warmup: int, reps: int) -> float:
@@ -119,8 +125,8 @@ def bench_quantize(config, writer, done, device):
 
 def main(argv):
   del argv
-  config = _CONFIG.value
-  writer = results.Writer(_WORKDIR.value, config)
+  config = flags.FLAGS.config
+  writer = results.Writer(flags.FLAGS.workdir, config)
   done = writer.done_keys(("op", "impl", "batch", "seq_len", "key_bits"))
   device = jax.devices()[0].device_kind
   hq, hkv, d = config.q_heads, config.kv_heads, config.head_dim
@@ -206,4 +212,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

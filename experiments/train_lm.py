@@ -67,10 +67,16 @@ from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
 
 _DEFAULT_CONFIG = pathlib.Path(__file__).resolve().parents[1] / "configs" / (
     "train_lm.py")
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", str(_DEFAULT_CONFIG), "Experiment config file.",
-    lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Where to write results.")
+
+
+def define_flags() -> None:
+  """Defines the flags; called only when run as a program (flags defined
+  at import would clash with other experiment modules in one process)."""
+  config_flags.DEFINE_config_file(
+      "config", str(_DEFAULT_CONFIG), "Experiment config file.",
+      lock_config=True)
+  flags.DEFINE_string("workdir", None, "Where to write results.")
+
 
 CHECKPOINT_DIR = "checkpoints"
 PLOT_FILE = "loss_curve.png"
@@ -513,13 +519,14 @@ def run(config, workdir: str | os.PathLike, *,
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if not _WORKDIR.value:
+  if not flags.FLAGS.workdir:
     raise app.UsageError("--workdir is required")
-  row = run(_CONFIG.value, _WORKDIR.value)
+  row = run(flags.FLAGS.config, flags.FLAGS.workdir)
   print(f"step {row['step']}: val loss {row['val_loss']:.4f} nats/token, "
         f"val ppl {row['val_ppl']:.3f} (unigram {row['unigram_ppl']:.3f}), "
         f"{row['val_bits_per_byte']:.3f} bits/byte")
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)
