@@ -30,6 +30,12 @@ class CacheConfig:
     group_size: KIVI's quantization group (tokens for keys, channels for
       values).
     dtype: storage dtype of full-precision tensors (full cache, window).
+    center_keys: (turboquant only) subtract a per-(sequence, KV head) mean
+      of the prefill keys from every key before it is stored (codes and
+      window alike); the mean is stored in the cache (dtype) and counted.
+      Attention is unchanged, since softmax ignores the per-query constant
+      q·mean, but the quantized vectors are smaller. Without a prefill the
+      mean stays zero.
   """
   kind: str = "turboquant"
   key_bits: float = 4
@@ -41,6 +47,7 @@ class CacheConfig:
   rotation: str = "haar"
   group_size: int = 32
   dtype: str = "bfloat16"
+  center_keys: bool = False
 
   def __post_init__(self):
     if self.kind not in _KINDS:
@@ -62,3 +69,8 @@ class CacheConfig:
       raise ValueError(f"window={self.window!r} must be an integer >= 0")
     if not isinstance(self.group_size, int) or self.group_size < 1:
       raise ValueError(f"group_size={self.group_size!r} must be >= 1")
+    if not isinstance(self.center_keys, bool):
+      raise ValueError(f"center_keys={self.center_keys!r} must be a bool")
+    if self.center_keys and self.kind != "turboquant":
+      raise ValueError(f"center_keys=True needs kind='turboquant', got "
+                       f"kind={self.kind!r}")

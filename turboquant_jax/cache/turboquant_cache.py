@@ -7,7 +7,9 @@ heads; fractional widths use the outlier split with one SplitQuantizer per KV
 head (leaves stacked on a leading K axis), whose outlier channels are the
 top-O channels by L2 norm of that head's prefill keys (values: prefill
 values), fixed afterwards. An optional ring of the last W tokens is also kept
-in full precision; attention reads those positions from the ring.
+in full precision; attention reads those positions from the ring. With
+config.center_keys, every key is stored minus a per-(sequence, head) mean of
+the prefill keys (kept in `key_mean`): softmax ignores q·mean.
 """
 
 import dataclasses
@@ -34,6 +36,8 @@ class TurboQuantCache:
     window_keys, window_values: [B, K, W, D] full-precision ring, or None.
     lengths: i32[B] tokens stored per sequence.
     config: the CacheConfig (static).
+    key_mean: [B, K, D] (config.dtype) subtracted from every key before it
+      is stored, set by prefill (config.center_keys), else None.
   """
   keys: api.AnyQuantized
   values: api.AnyQuantized
@@ -43,6 +47,7 @@ class TurboQuantCache:
   window_values: jax.Array | None
   lengths: jax.Array
   config: CacheConfig = dataclasses.field(metadata=dict(static=True))
+  key_mean: jax.Array | None = None
 
   @property
   def batch(self) -> int:
@@ -113,11 +118,14 @@ def init(config: CacheConfig, batch: int, kv_heads: int, capacity: int,
   if config.window:
     window = jnp.zeros((batch, kv_heads, config.window, head_dim),
                        jnp.dtype(config.dtype))
+  key_mean = None
+  if config.center_keys:
+    key_mean = jnp.zeros((batch, kv_heads, head_dim), jnp.dtype(config.dtype))
   return TurboQuantCache(
       keys=jax.tree.map(empty, keys), values=jax.tree.map(empty, values),
       key_quantizer=kq, value_quantizer=vq, window_keys=window,
       window_values=window, lengths=jnp.zeros((batch,), jnp.int32),
-      config=config)
+      config=config, key_mean=key_mean)
 
 
 def _select_outliers(q, x: jax.Array, lengths: jax.Array):
@@ -130,6 +138,23 @@ def _select_outliers(q, x: jax.Array, lengths: jax.Array):
   num = q.outlier_channels.shape[-1]
   channels = split.select_outliers(per_head, num)                  # [K, O]
   return jax.vmap(split.with_outlier_channels)(q, channels)
+
+
+def _center(cache: TurboQuantCache, k: jax.Array) -> jax.Array:
+  """Keys [B, K, T, D] minus the stored mean (unchanged without one)."""
+  if cache.key_mean is None:
+    return k
+  return k.astype(jnp.float32) - cache.key_mean.astype(
+      jnp.float32)[:, :, None, :]
+
+
+def _prefill_mean(k: jax.Array, lengths: jax.Array, dtype) -> jax.Array:
+  """[B, K, D] mean of the valid prefill keys (zero for an empty prompt)."""
+  valid = jnp.arange(k.shape[2])[None, :] < lengths[:, None]       # [B, T]
+  total = jnp.sum(jnp.where(valid[:, None, :, None], k.astype(jnp.float32),
+                            0.0), axis=2)
+  count = jnp.maximum(lengths, 1).astype(jnp.float32)[:, None, None]
+  return (total / count).astype(dtype)
 
 
 def _write(cache: TurboQuantCache, k, v, positions,
@@ -150,6 +175,10 @@ def _write(cache: TurboQuantCache, k, v, positions,
 
 @jax.jit
 def _prefill(cache, k, v, lengths):
+  if cache.key_mean is not None:
+    cache = dataclasses.replace(cache, key_mean=_prefill_mean(
+        k, lengths, cache.key_mean.dtype))
+    k = _center(cache, k)
   cache = dataclasses.replace(
       cache, key_quantizer=_select_outliers(cache.key_quantizer, k, lengths),
       value_quantizer=_select_outliers(cache.value_quantizer, v, lengths))
@@ -185,7 +214,7 @@ def prefill(cache: TurboQuantCache, k: jax.Array, v: jax.Array,
 def _append(cache, k, v):
   positions = common.append_positions(cache.lengths, k.shape[2])
   ends = jnp.minimum(cache.lengths + k.shape[2], cache.capacity)
-  cache = _write(cache, k, v, positions, ends)
+  cache = _write(cache, _center(cache, k), v, positions, ends)
   return dataclasses.replace(cache, lengths=ends)
 
 
@@ -211,7 +240,8 @@ def append(cache: TurboQuantCache, k: jax.Array,
 def dequantize(cache: TurboQuantCache) -> tuple[jax.Array, jax.Array]:
   """f32[B, K, S, D] keys and values as attention sees them.
 
-  Positions held by the full-precision window come from the window.
+  Positions held by the full-precision window come from the window. With
+  config.center_keys the keys are the centered ones (minus key_mean).
   """
   k = _dequantize(cache.key_quantizer, cache.keys)
   v = _dequantize(cache.value_quantizer, cache.values)

@@ -1,0 +1,191 @@
+r"""Perplexity through the compressed KV cache (issue #4).
+
+The default run (SmolLM2-135M-Instruct, 4 sequences of 1024 tokens of Emma,
+every cache configuration below):
+
+  python -m turboquant_jax.data.fetch
+  python -m experiments.perplexity --config=configs/perplexity.py \
+      --workdir=results/perplexity/cpu
+
+`:scale=quick` is a tiny random model on synthetic tokens (seconds, for the
+tests). Fields can be overridden, e.g. `--config.num_sequences=8` or
+`--config.only=full,tq3,kivi2_w32` (a comma-separated subset of cache
+names).
+"""
+
+import ml_collections
+
+_SCALES = ("default", "quick")
+
+
+def _parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
+  """big_vision's `parse_arg`: "a=1,b" -> ConfigDict(a=1, b=True), typed."""
+  out = ml_collections.ConfigDict(defaults)
+  for item in filter(None, (arg or "").split(",")):
+    key, _, value = item.partition("=")
+    if key not in defaults:
+      raise ValueError(f"unknown config arg {key!r}; known: {sorted(defaults)}")
+    kind = type(defaults[key])
+    if kind is bool:
+      out[key] = value.lower() in ("", "1", "true", "yes")
+    else:
+      out[key] = kind(value)
+  return out
+
+
+def cache(name: str, group: str, kind: str = "turboquant", *,
+          key_bits: float = 16, value_bits: float = 16,
+          key_method: str = "mse", norm_correction: bool = True,
+          window: int = 0, center_keys: bool = False,
+          dtype: str = "bfloat16", edge_layers: int = 0,
+          edge: dict | None = None) -> dict:
+  """One cache configuration (every field spelled out, for config.json).
+
+  Args:
+    name: unique id (the resume key).
+    group: "baseline", "paper" (the paper's setting: TurboQuant_mse without
+      norm correction, keys and values at the same bits, no window, every
+      token quantized), "ablation" (keys-only / values-only), "lever"
+      (levers on top of the paper's quantizer) or "kivi".
+    kind: "full", "turboquant" or "kivi".
+    key_bits, value_bits: bits per coordinate (16: not quantized, for
+      "full"); fractional TurboQuant widths use the outlier split.
+    key_method: "mse" or "prod" (QJL-corrected keys).
+    norm_correction: rescale decoded vectors to their stored norm.
+    window: most recent tokens also kept in full precision (relative to
+      the current length, as at generation).
+    center_keys: subtract a per-(sequence, head) mean of the prefill keys
+      before quantizing (softmax ignores q·mean); stored and counted.
+    dtype: storage dtype of full-precision tensors (full cache, windows).
+    edge_layers: the first and last `edge_layers` layers use `edge`.
+    edge: a dict of the same fields (kind, key_bits, ...) for edge layers.
+  """
+  return dict(name=name, group=group, kind=kind, key_bits=key_bits,
+              value_bits=value_bits, key_method=key_method,
+              norm_correction=norm_correction, window=window,
+              center_keys=center_keys, dtype=dtype, edge_layers=edge_layers,
+              edge=edge or {})
+
+
+def _paper(bits: float) -> dict:
+  return cache(f"tq{bits:g}", "paper", key_bits=bits, value_bits=bits,
+               norm_correction=False)
+
+
+def default_caches() -> tuple[dict, ...]:
+  """The default sweep: baselines, the paper's setting, ablations, levers.
+
+  The lever configurations were picked on a development text (Persuasion,
+  same protocol), not on Emma.
+  """
+  caches = [
+      cache("full", "baseline", "full"),
+      cache("full_f32", "baseline", "full", key_bits=32, value_bits=32,
+            dtype="float32"),
+  ]
+  caches += [_paper(b) for b in (2, 2.5, 3, 3.5, 4)]
+  # Keys-only / values-only: the other side at 8 bits (near lossless).
+  for b in (3, 4):
+    caches.append(cache(f"keys_only{b}", "ablation", key_bits=b,
+                        value_bits=8, norm_correction=False))
+    caches.append(cache(f"values_only{b}", "ablation", key_bits=8,
+                        value_bits=b, norm_correction=False))
+  # Levers on top of the paper's quantizer ("nc": norm correction, "c":
+  # centered keys, "e1": first and last layer in full precision, "w32": a
+  # 32-token full-precision window, "prod": QJL-corrected keys).
+  for b in (3, 4):
+    caches += [
+        cache(f"tq{b}_prod", "lever", key_bits=b, value_bits=b,
+              key_method="prod", norm_correction=False),
+        cache(f"tq{b}_nc", "lever", key_bits=b, value_bits=b),
+        cache(f"tq{b}_c", "lever", key_bits=b, value_bits=b,
+              norm_correction=False, center_keys=True),
+        cache(f"tq{b}_nc_c", "lever", key_bits=b, value_bits=b,
+              center_keys=True),
+    ]
+  caches += [
+      cache("k4v2_nc_c", "lever", key_bits=4, value_bits=2,
+            center_keys=True),
+      cache("k3.5v3_nc_c", "lever", key_bits=3.5, value_bits=3,
+            center_keys=True),
+      cache("k4v3_nc_c", "lever", key_bits=4, value_bits=3,
+            center_keys=True),
+      cache("k5v4_nc_c", "lever", key_bits=5, value_bits=4,
+            center_keys=True),
+      cache("k4v3_nc_c_e1", "lever", key_bits=4, value_bits=3,
+            center_keys=True, edge_layers=1, edge=dict(kind="full")),
+      # Windows decode token by token (slow).
+      cache("tq3_w32", "lever", key_bits=3, value_bits=3,
+            norm_correction=False, window=32),
+      cache("tq3_nc_c_w32", "lever", key_bits=3, value_bits=3,
+            center_keys=True, window=32),
+      cache("k4v3_nc_c_w32", "lever", key_bits=4, value_bits=3,
+            center_keys=True, window=32),
+      cache("k5v4_nc_c_w32", "lever", key_bits=5, value_bits=4,
+            center_keys=True, window=32),
+  ]
+  caches += [
+      cache("kivi2_w32", "kivi", "kivi", key_bits=2, value_bits=2,
+            window=32),
+      cache("kivi4_w32", "kivi", "kivi", key_bits=4, value_bits=4,
+            window=32),
+  ]
+  return tuple(caches)
+
+
+def quick_caches() -> tuple[dict, ...]:
+  """One of each code path, for the tests."""
+  return (
+      cache("full", "baseline", "full"),
+      _paper(3),
+      _paper(2.5),
+      cache("k4v2_c_w8", "lever", key_bits=4, value_bits=2, center_keys=True,
+            window=8),
+      cache("k3v2_edge1", "lever", key_bits=3, value_bits=2,
+            edge_layers=1, edge=dict(kind="full")),
+      cache("kivi2_w8", "kivi", "kivi", key_bits=2, value_bits=2, window=8),
+  )
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  """The experiment config; arg "scale=default" or "scale=quick"."""
+  arg = _parse_arg(arg, scale="default")
+  if arg.scale not in _SCALES:
+    raise ValueError(f"{arg.scale=!r} must be one of {_SCALES}")
+  quick = arg.scale == "quick"
+
+  config = ml_collections.ConfigDict()
+  config.scale = arg.scale
+  config.seed = 0                    # draws every layer's rotations
+  # "smollm2": SmolLM2-135M-Instruct (Q4_1 GGUF weights, dequantized) on an
+  # Austen novel. "tiny": a random tiny model on random tokens (tests).
+  config.model = "tiny" if quick else "smollm2"
+  config.text = "emma"
+  # The first num_sequences * sequence_length tokens of the text (no BOS),
+  # cut into consecutive sequences, all run as one batch.
+  config.num_sequences = 2 if quick else 4
+  config.sequence_length = 64 if quick else 1024
+  # The first `prefill` tokens of each sequence enter through the cache's
+  # prefill (this fixes the outlier channels of fractional widths and the
+  # key mean); every later token is appended as at generation.
+  config.prefill = 16 if quick else 32
+  # Decode loop: steps per jitted scan call (the compiled scan is reused).
+  config.decode_segment = 16 if quick else 32
+  # Tokens per chunk on the exact chunked path (0: all after the prefill).
+  config.chunk = 0
+  # "auto": chunked where exactly equal to decoding, else decode;
+  # "decode": token by token everywhere (the ground truth, slow).
+  config.path = "auto"
+  config.caches = quick_caches() if quick else default_caches()
+  config.only = ""                   # comma-separated cache names, or all
+  config.reference = "full"          # rel_to_full is against this cache
+  # Noise checks (extra rows, outside the main tables): these caches again
+  # with other rotation seeds, and these token by token (path "decode")
+  # although the chunked path is exact for them in exact arithmetic.
+  config.seed_checks = ("tq3",) if quick else ("tq4", "tq4_nc_c",
+                                               "k4v3_nc_c")
+  config.extra_seeds = (1,) if quick else (1, 2)
+  config.decode_checks = ("tq3",) if quick else ("tq4_nc_c",)
+  # Budgets (bits per coordinate) for the best-per-budget table.
+  config.budgets = (3.0, 3.5, 4.0, 4.5, 4.7, 5.0, 5.5)
+  return config
