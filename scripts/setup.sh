@@ -1,8 +1,6 @@
 #!/usr/bin/env bash
 # Creates .venv (Python >= 3.12), installs the project, fetches the data cache.
-# Idempotent: a second run only checks.
-# Usage: bash scripts/setup.sh [--tests]   (--tests adds torch + transformers
-# for the logit-parity tests: PyPI's torch for Python 3.12 is ~3 GB)
+# Idempotent: a second run only checks. Usage: bash scripts/setup.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -24,9 +22,7 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 .venv/bin/python -m pip install -q --upgrade pip 2>&1 | { grep -v '^WARNING: Location' || true; }
-REQS=requirements.txt
-[ "${1:-}" = "--tests" ] && REQS=requirements-test.txt
-.venv/bin/python -m pip install -q -r "$REQS" 2>&1 | { grep -v '^WARNING: Location' || true; }
+.venv/bin/python -m pip install -q -r requirements.txt 2>&1 | { grep -v '^WARNING: Location' || true; }
 .venv/bin/python -m pip install -q --no-deps -e . 2>&1 | { grep -v -e '^WARNING: Location' -e 'BuildBackendWarning' || true; }
 .venv/bin/python -c 'import jax, turboquant_jax; print("jax", jax.__version__, "on", jax.default_backend())'
 .venv/bin/python -m turboquant_jax.data.fetch
