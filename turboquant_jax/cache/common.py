@@ -91,3 +91,33 @@ def nbytes(tree) -> int:
   """Total bytes of all array leaves."""
   return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree)
              if hasattr(x, "dtype"))
+
+
+def check_dims(**dims: int) -> None:
+  """init arguments: each must be a positive integer (named in the error)."""
+  for name, val in dims.items():
+    if not isinstance(val, int) or val < 1:
+      raise ValueError(f"{name}={val!r} must be a positive integer")
+
+
+def check_prefill(cache, k, v, lengths) -> None:
+  """Checks prefill(cache, k, v, lengths) arguments (any cache kind)."""
+  check_kv("k", k, cache.batch, cache.kv_heads, cache.head_dim)
+  check_kv("v", v, cache.batch, cache.kv_heads, cache.head_dim)
+  if k.shape != v.shape:
+    raise ValueError(f"{k.shape=} != {v.shape=}")
+  if k.shape[2] > cache.capacity:
+    raise ValueError(f"prefill of {k.shape[2]} tokens exceeds the cache "
+                     f"capacity {cache.capacity} (cache full)")
+  check_lengths(lengths, cache.batch, k.shape[2], "prefill")
+
+
+def check_append(cache, k, v) -> None:
+  """Checks append(cache, k, v); eagerly, appending past capacity raises."""
+  check_kv("k", k, cache.batch, cache.kv_heads, cache.head_dim)
+  check_kv("v", v, cache.batch, cache.kv_heads, cache.head_dim)
+  if k.shape != v.shape:
+    raise ValueError(f"{k.shape=} != {v.shape=}")
+  if not isinstance(cache.lengths, jax.core.Tracer):
+    check_lengths(cache.lengths + k.shape[2], cache.batch, cache.capacity,
+                  f"append of {k.shape[2]} tokens")

@@ -41,10 +41,8 @@ def init(config: CacheConfig, batch: int, kv_heads: int, capacity: int,
   del key
   if config.kind != "full":
     raise ValueError(f"config.kind={config.kind!r}: expected 'full'")
-  for name, val in dict(batch=batch, kv_heads=kv_heads, capacity=capacity,
-                        head_dim=head_dim).items():
-    if not isinstance(val, int) or val < 1:
-      raise ValueError(f"{name}={val!r} must be a positive integer")
+  common.check_dims(batch=batch, kv_heads=kv_heads, capacity=capacity,
+                    head_dim=head_dim)
   z = jnp.zeros((batch, kv_heads, capacity, head_dim), jnp.dtype(config.dtype))
   return FullCache(keys=z, values=z, lengths=jnp.zeros((batch,), jnp.int32),
                    config=config)
@@ -61,14 +59,7 @@ def _prefill(cache, k, v, lengths):
 
 def prefill(cache: FullCache, k, v, lengths) -> FullCache:
   """Stores prompts k, v: [B, K, T, D] with valid lengths i32[B]."""
-  common.check_kv("k", k, cache.batch, cache.kv_heads, cache.head_dim)
-  common.check_kv("v", v, cache.batch, cache.kv_heads, cache.head_dim)
-  if k.shape != v.shape:
-    raise ValueError(f"{k.shape=} != {v.shape=}")
-  if k.shape[2] > cache.capacity:
-    raise ValueError(f"prefill of {k.shape[2]} tokens exceeds the cache "
-                     f"capacity {cache.capacity} (cache full)")
-  common.check_lengths(lengths, cache.batch, k.shape[2], "prefill")
+  common.check_prefill(cache, k, v, lengths)
   return _prefill(cache, k, v, lengths)
 
 
@@ -84,13 +75,7 @@ def _append(cache, k, v):
 def append(cache: FullCache, k, v) -> FullCache:
   """Appends k, v: [B, K, T, D]; past capacity: ValueError eagerly, dropped
   under jit."""
-  common.check_kv("k", k, cache.batch, cache.kv_heads, cache.head_dim)
-  common.check_kv("v", v, cache.batch, cache.kv_heads, cache.head_dim)
-  if k.shape != v.shape:
-    raise ValueError(f"{k.shape=} != {v.shape=}")
-  if not isinstance(cache.lengths, jax.core.Tracer):
-    common.check_lengths(cache.lengths + k.shape[2], cache.batch,
-                         cache.capacity, f"append of {k.shape[2]} tokens")
+  common.check_append(cache, k, v)
   return _append(cache, k, v)
 
 

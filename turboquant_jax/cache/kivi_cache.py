@@ -99,10 +99,8 @@ def init(config: CacheConfig, batch: int, kv_heads: int, capacity: int,
   del key
   if config.kind != "kivi":
     raise ValueError(f"config.kind={config.kind!r}: expected 'kivi'")
-  for name, val in dict(batch=batch, kv_heads=kv_heads, capacity=capacity,
-                        head_dim=head_dim).items():
-    if not isinstance(val, int) or val < 1:
-      raise ValueError(f"{name}={val!r} must be a positive integer")
+  common.check_dims(batch=batch, kv_heads=kv_heads, capacity=capacity,
+                    head_dim=head_dim)
   g = config.group_size
   kb, vb = int(config.key_bits), int(config.value_bits)
   meta = jnp.dtype(config.norm_dtype)
@@ -256,13 +254,6 @@ def _write(cache: KiviCache, k: jax.Array, v: jax.Array, old: jax.Array,
       residual_values=rvalues, lengths=new.astype(jnp.int32))
 
 
-def _check_kv(cache: KiviCache, k, v) -> None:
-  common.check_kv("k", k, cache.batch, cache.kv_heads, cache.head_dim)
-  common.check_kv("v", v, cache.batch, cache.kv_heads, cache.head_dim)
-  if k.shape != v.shape:
-    raise ValueError(f"{k.shape=} != {v.shape=}")
-
-
 @jax.jit
 def _prefill(cache, k, v, lengths):
   empty = jax.tree.map(jnp.zeros_like, cache)
@@ -280,11 +271,7 @@ def prefill(cache: KiviCache, k: jax.Array, v: jax.Array,
       padding and are never stored (they would skew group ranges).
     lengths: i32[B] valid tokens per sequence.
   """
-  _check_kv(cache, k, v)
-  if k.shape[2] > cache.capacity:
-    raise ValueError(f"prefill of {k.shape[2]} tokens exceeds the cache "
-                     f"capacity {cache.capacity} (cache full)")
-  common.check_lengths(lengths, cache.batch, k.shape[2], "prefill")
+  common.check_prefill(cache, k, v, lengths)
   return _prefill(cache, k, v, lengths)
 
 
@@ -301,10 +288,7 @@ def append(cache: KiviCache, k: jax.Array, v: jax.Array) -> KiviCache:
   tokens that do not fit are dropped and that sequence's length stays at the
   capacity; other sequences are never affected.
   """
-  _check_kv(cache, k, v)
-  if not isinstance(cache.lengths, jax.core.Tracer):
-    common.check_lengths(cache.lengths + k.shape[2], cache.batch,
-                         cache.capacity, f"append of {k.shape[2]} tokens")
+  common.check_append(cache, k, v)
   return _append(cache, k, v)
 
 

@@ -100,10 +100,8 @@ def init(config: CacheConfig, batch: int, kv_heads: int, capacity: int,
   """An empty cache with static capacity; `key` draws the rotations."""
   if config.kind != "turboquant":
     raise ValueError(f"config.kind={config.kind!r}: expected 'turboquant'")
-  for name, val in dict(batch=batch, kv_heads=kv_heads, capacity=capacity,
-                        head_dim=head_dim).items():
-    if not isinstance(val, int) or val < 1:
-      raise ValueError(f"{name}={val!r} must be a positive integer")
+  common.check_dims(batch=batch, kv_heads=kv_heads, capacity=capacity,
+                    head_dim=head_dim)
   key = jax.random.key(0) if key is None else key
   k_key, v_key = jax.random.split(key)
   kq = _make_quantizer(k_key, kv_heads, head_dim, config.key_bits,
@@ -199,14 +197,7 @@ def prefill(cache: TurboQuantCache, k: jax.Array, v: jax.Array,
     k, v: [B, K, T, D] (T <= capacity); tokens at t >= lengths[b] are padding.
     lengths: i32[B] valid tokens per sequence.
   """
-  common.check_kv("k", k, cache.batch, cache.kv_heads, cache.head_dim)
-  common.check_kv("v", v, cache.batch, cache.kv_heads, cache.head_dim)
-  if k.shape != v.shape:
-    raise ValueError(f"{k.shape=} != {v.shape=}")
-  if k.shape[2] > cache.capacity:
-    raise ValueError(f"prefill of {k.shape[2]} tokens exceeds the cache "
-                     f"capacity {cache.capacity} (cache full)")
-  common.check_lengths(lengths, cache.batch, k.shape[2], "prefill")
+  common.check_prefill(cache, k, v, lengths)
   return _prefill(cache, k, v, lengths)
 
 
@@ -226,13 +217,7 @@ def append(cache: TurboQuantCache, k: jax.Array,
   tokens that do not fit are dropped and that sequence's length stays at the
   capacity; other sequences are never affected.
   """
-  common.check_kv("k", k, cache.batch, cache.kv_heads, cache.head_dim)
-  common.check_kv("v", v, cache.batch, cache.kv_heads, cache.head_dim)
-  if k.shape != v.shape:
-    raise ValueError(f"{k.shape=} != {v.shape=}")
-  if not isinstance(cache.lengths, jax.core.Tracer):
-    common.check_lengths(cache.lengths + k.shape[2], cache.batch,
-                         cache.capacity, f"append of {k.shape[2]} tokens")
+  common.check_append(cache, k, v)
   return _append(cache, k, v)
 
 
