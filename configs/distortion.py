@@ -17,6 +17,8 @@ Any field can be overridden, e.g. `--config.datasets=random,` or
 
 import ml_collections
 
+from configs import common
+
 # n_base, n_queries, timing repeats per scale.
 _SCALES = {
     "quick": dict(n_base=10_000, n_queries=500, timing_repeats=3),
@@ -24,24 +26,9 @@ _SCALES = {
 }
 
 
-def _parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
-  """big_vision's `parse_arg`: "a=1,b" -> ConfigDict(a=1, b=True), typed."""
-  out = ml_collections.ConfigDict(defaults)
-  for item in filter(None, (arg or "").split(",")):
-    key, _, value = item.partition("=")
-    if key not in defaults:
-      raise ValueError(f"unknown config arg {key!r}; known: {sorted(defaults)}")
-    kind = type(defaults[key])
-    if kind is bool:
-      out[key] = value.lower() in ("", "1", "true", "yes")
-    else:
-      out[key] = kind(value)
-  return out
-
-
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """The experiment config; arg "scale=quick" (default) or "scale=full"."""
-  arg = _parse_arg(arg, scale="quick")
+  arg = common.parse_arg(arg, scale="quick")
   if arg.scale not in _SCALES:
     raise ValueError(f"{arg.scale=!r} must be one of {sorted(_SCALES)}")
   scale = _SCALES[arg.scale]

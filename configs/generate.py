@@ -12,28 +12,15 @@ overridden as a flag after --config, e.g. `--config.temperature=0.7
 
 import ml_collections
 
+from configs import common
+
 _ARGS = dict(cache="turboquant", key_bits=4.0, value_bits=4.0,
              key_method="mse", window=0, edge_layers=0)
 
 
-def _parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
-  """big_vision's `parse_arg`: "a=1,b" -> ConfigDict(a=1, b=True), typed."""
-  out = ml_collections.ConfigDict(defaults)
-  for item in filter(None, (arg or "").split(",")):
-    key, _, value = item.partition("=")
-    if key not in defaults:
-      raise ValueError(f"unknown config arg {key!r}; known: {sorted(defaults)}")
-    kind = type(defaults[key])
-    if kind is bool:
-      out[key] = value.lower() in ("", "1", "true", "yes")
-    else:
-      out[key] = kind(value)
-  return out
-
-
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """The generation config; `arg` sets the cache fields of _ARGS."""
-  arg = _parse_arg(arg, **_ARGS)
+  arg = common.parse_arg(arg, **_ARGS)
   config = ml_collections.ConfigDict()
 
   # The cache of the middle layers: "full" (uncompressed, cache_dtype),

@@ -18,6 +18,8 @@ checkpoint, another config is refused.
 
 import ml_collections
 
+from configs import common
+
 BOOKS = ("emma", "mansfieldpark", "northangerabbey", "persuasion",
          "prideprejudice", "sensesensibility")
 
@@ -41,24 +43,9 @@ _SCALES = {
 }
 
 
-def _parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
-  """big_vision's `parse_arg`: "a=1,b" -> ConfigDict(a=1, b=True), typed."""
-  out = ml_collections.ConfigDict(defaults)
-  for item in filter(None, (arg or "").split(",")):
-    key, _, value = item.partition("=")
-    if key not in defaults:
-      raise ValueError(f"unknown config arg {key!r}; known: {sorted(defaults)}")
-    kind = type(defaults[key])
-    if kind is bool:
-      out[key] = value.lower() in ("", "1", "true", "yes")
-    else:
-      out[key] = kind(value)
-  return out
-
-
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """The training config; arg "scale=quick" (default) or "scale=base"."""
-  arg = _parse_arg(arg, scale="quick")
+  arg = common.parse_arg(arg, scale="quick")
   if arg.scale not in _SCALES:
     raise ValueError(f"{arg.scale=!r} must be one of {sorted(_SCALES)}")
   s = _SCALES[arg.scale]
