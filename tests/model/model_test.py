@@ -320,6 +320,18 @@ class CachedDecodingTest(parameterized.TestCase):
       np.testing.assert_allclose(logits[b, :n], want[0, :n], atol=1e-5)
       np.testing.assert_allclose(step[b, 0], want[0, n], atol=1e-5)
 
+  def test_prefill_last_only_is_the_last_prompt_position(self):
+    model = _model(_config())
+    tokens = _tokens(7)
+    lengths = jnp.array([7, 4])
+    caches = model.init_caches(B, 16, FULL32)
+    full, _ = model.prefill(tokens, caches, lengths)
+    last, caches = model.prefill(tokens, caches, lengths, last_only=True)
+    self.assertEqual(last.shape, (B, 1, full.shape[-1]))
+    np.testing.assert_allclose(last[:, 0], full[jnp.arange(B), lengths - 1],
+                               atol=1e-6)
+    np.testing.assert_array_equal(caches[0].lengths, [7, 4])
+
   def test_tree_mode(self):
     with nnx.set_graph_mode(False):
       model = _model(_config(attn_bias=True))

@@ -484,6 +484,8 @@ class FirstTokenBias(nnx.Module):
 
   def prefill(self, tokens, caches, lengths, **kwargs):
     logits, caches = self.model.prefill(tokens, caches, lengths, **kwargs)
+    if kwargs.get("last_only"):
+      return logits.at[:, 0].add(self.bias[...]), caches
     rows = jnp.arange(tokens.shape[0])
     logits = logits.at[rows, lengths - 1].add(self.bias[...])
     return logits, caches

@@ -94,8 +94,9 @@ def _generate(model, tokens, lengths, caches, key, temperature, top_p,
       top_p=top_p if use_top_p else None, greedy=greedy)
   is_stop = lambda t: jnp.any(t[:, None] == stop_tokens[None, :], axis=-1)
 
-  logits, caches = model.prefill(tokens, caches, lengths, impl=impl)
-  last = logits[jnp.arange(b), lengths - 1]                       # [B, V]
+  logits, caches = model.prefill(tokens, caches, lengths, impl=impl,
+                                 last_only=True)
+  last = logits[:, 0]                                             # [B, V]
   key, sub = jax.random.split(key)
   first = sample(last, sub)
   out = jnp.full((b, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(first)

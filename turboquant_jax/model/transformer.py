@@ -116,7 +116,8 @@ class Transformer(nnx.Module):
       return self.embed.attend(x).astype(jnp.float32)
     return self.lm_head(x).astype(jnp.float32)
 
-  def _run(self, tokens, caches, lengths_before, prefill_lengths, impl):
+  def _run(self, tokens, caches, lengths_before, prefill_lengths, impl,
+           logits_at=None):
     _check_tokens(tokens)
     caches = tuple(caches)
     if len(caches) != self.config.n_layers:
@@ -139,6 +140,8 @@ class Transformer(nnx.Module):
       x, cache = block(x, cache, lengths_before,
                        prefill_lengths=prefill_lengths, impl=impl)
       new.append(cache)
+    if logits_at is not None:                 # one position per sequence
+      x = x[jnp.arange(x.shape[0]), logits_at][:, None]
     return self._logits(x), tuple(new)
 
   def __call__(self, tokens: jax.Array, caches: Sequence,
@@ -160,7 +163,8 @@ class Transformer(nnx.Module):
     return self._run(tokens, caches, lengths_before, None, impl)
 
   def prefill(self, tokens: jax.Array, caches: Sequence, lengths: jax.Array,
-              *, impl: decode_attention.Impl | None = None):
+              *, impl: decode_attention.Impl | None = None,
+              last_only: bool = False):
     """Runs right-padded prompts into the caches, replacing their contents.
 
     Goes through cache.prefill, so fractional-bit TurboQuant caches pick
@@ -172,15 +176,20 @@ class Transformer(nnx.Module):
       caches: per-layer caches (their old contents are dropped).
       lengths: i32[B] valid tokens per prompt (<= T).
       impl: chunk_attention implementation.
+      last_only: compute logits only at each prompt's last token (what
+        generation needs: at 128k tokens and a 128k vocabulary the full
+        logits would take 64 GB).
 
     Returns:
-      (logits f32[B, T, V] (those at t >= lengths[b] are meaningless),
-      caches holding lengths[b] tokens each).
+      (logits f32[B, T, V] (those at t >= lengths[b] are meaningless), or
+      f32[B, 1, V] at position lengths[b] - 1 if last_only; caches holding
+      lengths[b] tokens each).
     """
     _check_tokens(tokens)
     lengths = jnp.asarray(lengths, jnp.int32)
     zeros = jnp.zeros(tokens.shape[:1], jnp.int32)
-    return self._run(tokens, caches, zeros, lengths, impl)
+    return self._run(tokens, caches, zeros, lengths, impl,
+                     logits_at=lengths - 1 if last_only else None)
 
   def forward_no_cache(self, tokens: jax.Array) -> jax.Array:
     """Logits f32[B, T, V] of tokens i32[B, T] at positions 0..T-1, with
