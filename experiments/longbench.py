@@ -31,17 +31,16 @@ import pathlib
 import time
 
 from absl import app
-from absl import flags
 from absl import logging
 from flax import nnx
 import jax
-from ml_collections import config_flags
 import tokenizers
 from tokenizers import decoders
 from tokenizers import models
 from tokenizers import pre_tokenizers
 import tqdm
 
+from experiments import common
 from turboquant_jax import cache as cache_lib
 from turboquant_jax import results
 from turboquant_jax.cache import CacheConfig
@@ -51,23 +50,12 @@ from turboquant_jax.model import hf
 from turboquant_jax.model import sampling
 from turboquant_jax.model import transformer
 
-_DEFAULT_CONFIG = pathlib.Path(__file__).resolve().parents[1] / "configs" / (
-    "longbench.py")
 ROW_KEY = ("cache", "dataset", "id")
 TABLE_FILE = "table.md"
 SCORES_FILE = "scores.json"
 _CACHE_FIELDS = ("kind", "key_bits", "value_bits", "key_method",
                  "norm_correction", "window", "center_keys", "dtype",
                  "edge_layers")
-
-
-def define_flags() -> None:
-  """Defines the flags; called only when run as a program (flags defined
-  at import would clash with other experiment modules in one process)."""
-  config_flags.DEFINE_config_file(
-      "config", str(_DEFAULT_CONFIG), "Experiment config file.",
-      lock_config=True)
-  flags.DEFINE_string("workdir", None, "Where to write results.")
 
 
 # ------------------------------------------------------------------ models
@@ -376,15 +364,6 @@ def make_outputs(workdir: pathlib.Path, rows: list[dict],
           scores, table]
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if not flags.FLAGS.workdir:
-    raise app.UsageError("--workdir is required")
-  for path in run(flags.FLAGS.config, flags.FLAGS.workdir):
-    print(path)
-
-
 if __name__ == "__main__":
-  define_flags()
-  app.run(main)
+  common.define_flags("longbench.py")
+  app.run(common.main_for(run))

@@ -36,7 +36,6 @@ uninterrupted run's bit for bit (tests/experiments/train_lm_test.py).
 """
 
 import dataclasses
-import functools
 import json
 import math
 import os
@@ -46,17 +45,16 @@ import shutil
 import time
 
 from absl import app
-from absl import flags
 from absl import logging
 from flax import nnx
 import jax
 import jax.numpy as jnp
 import matplotlib
-from ml_collections import config_flags
 import numpy as np
 import optax
 import tqdm
 
+from experiments import common
 from turboquant_jax import checkpoint
 from turboquant_jax import model as model_lib
 from turboquant_jax import results
@@ -65,17 +63,6 @@ from turboquant_jax.data import austen
 matplotlib.use("Agg")
 from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
 
-_DEFAULT_CONFIG = pathlib.Path(__file__).resolve().parents[1] / "configs" / (
-    "train_lm.py")
-
-
-def define_flags() -> None:
-  """Defines the flags; called only when run as a program (flags defined
-  at import would clash with other experiment modules in one process)."""
-  config_flags.DEFINE_config_file(
-      "config", str(_DEFAULT_CONFIG), "Experiment config file.",
-      lock_config=True)
-  flags.DEFINE_string("workdir", None, "Where to write results.")
 
 
 CHECKPOINT_DIR = "checkpoints"
@@ -516,17 +503,12 @@ def run(config, workdir: str | os.PathLike, *,
   return last_eval
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if not flags.FLAGS.workdir:
-    raise app.UsageError("--workdir is required")
-  row = run(flags.FLAGS.config, flags.FLAGS.workdir)
+def _report(row) -> None:
   print(f"step {row['step']}: val loss {row['val_loss']:.4f} nats/token, "
         f"val ppl {row['val_ppl']:.3f} (unigram {row['unigram_ppl']:.3f}), "
         f"{row['val_bits_per_byte']:.3f} bits/byte")
 
 
 if __name__ == "__main__":
-  define_flags()
-  app.run(main)
+  common.define_flags("train_lm.py")
+  app.run(common.main_for(run, _report))

@@ -127,7 +127,7 @@ class Writer:
             f"{', '.join(diff) or 'the top level'}); use a new --workdir, "
             "or delete the old one to start over")
     else:
-      _atomic_write(self.config_path,
+      atomic_write(self.config_path,
                     _dumps(config, indent=2, sort_keys=True) + "\n")
     self._repair_tail()
 
@@ -197,7 +197,8 @@ def _diff(a: Any, b: Any, prefix: str = "") -> Iterable[str]:
     yield prefix
 
 
-def _atomic_write(path: pathlib.Path, text: str) -> None:
+def atomic_write(path: pathlib.Path, text: str) -> None:
+  """Writes text to path all at once (temp file, fsync, rename)."""
   tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
   with open(tmp, "w", encoding="utf-8") as f:
     f.write(text)
