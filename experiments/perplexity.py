@@ -64,15 +64,14 @@ import pathlib
 import time
 
 from absl import app
-from absl import flags
 from absl import logging
 from flax import nnx
 import jax
 import jax.numpy as jnp
 import matplotlib
-from ml_collections import config_flags
 import numpy as np
 
+from experiments import common
 from turboquant_jax import cache as cache_lib
 from turboquant_jax import model as model_lib
 from turboquant_jax import results
@@ -80,13 +79,6 @@ from turboquant_jax.cache import CacheConfig
 
 matplotlib.use("Agg")
 from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
-
-_DEFAULT_CONFIG = pathlib.Path(__file__).resolve().parents[1] / "configs" / (
-    "perplexity.py")
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", str(_DEFAULT_CONFIG), "Experiment config file.",
-    lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Where to write results.")
 
 SMOLLM2_NAME = "SmolLM2-135M-Instruct (Q4_1 weights dequantized)"
 TINY_NAME = "tiny random model (tests)"
@@ -97,7 +89,8 @@ PLOT_FILE = "ppl_vs_bits.png"
 # add 0.0024 bits per coordinate to every cache (SmolLM2, L = 1024).
 BITS_TOLERANCE = 0.005
 _CACHE_FIELDS = ("kind", "key_bits", "value_bits", "key_method",
-                 "norm_correction", "window", "center_keys", "dtype")
+                 "norm_correction", "window", "center_keys", "center_skip",
+                 "dtype")
 
 
 # ------------------------------------------------------------------ inputs
@@ -151,7 +144,7 @@ def _cache_config(fields) -> CacheConfig:
               norm_correction=fields.get("norm_correction", True),
               window=fields.get("window", 0))
   if fields.get("center_keys", False):
-    kw["center_keys"] = True
+    kw.update(center_keys=True, center_skip=fields.get("center_skip", 0))
   return CacheConfig(**kw)
 
 
@@ -191,6 +184,8 @@ def describe(spec) -> str:
                else ", no norm corr.")
       if f.get("center_keys"):
         text += ", centered keys"
+        if f.get("center_skip"):
+          text += f" (mean without the first {f['center_skip']})"
     if f.get("window"):
       text += f", {f['window']}-token fp window"
     return text
@@ -210,21 +205,21 @@ def _nll(logits: jax.Array, targets: jax.Array) -> jax.Array:
   return -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
 
 
-@jax.jit
-def _prefill_nll(model, tokens, targets, caches):
+@jax.jit(static_argnames=("impl",))
+def _prefill_nll(model, tokens, targets, caches, impl=None):
   lengths = jnp.full(tokens.shape[:1], tokens.shape[1], jnp.int32)
-  logits, caches = model.prefill(tokens, caches, lengths)
+  logits, caches = model.prefill(tokens, caches, lengths, impl=impl)
   return _nll(logits, targets), caches
 
 
-@jax.jit
-def _chunk_nll(model, tokens, targets, caches, lengths_before):
-  logits, caches = model(tokens, caches, lengths_before)
+@jax.jit(static_argnames=("impl",))
+def _chunk_nll(model, tokens, targets, caches, lengths_before, impl=None):
+  logits, caches = model(tokens, caches, lengths_before, impl=impl)
   return _nll(logits, targets), caches
 
 
-@jax.jit(static_argnames=("steps",))
-def _decode_nll(model, tokens, targets, caches, start, steps):
+@jax.jit(static_argnames=("steps", "impl"))
+def _decode_nll(model, tokens, targets, caches, start, steps, impl=None):
   """`steps` decode steps from position `start`: f32[B, steps] NLL."""
   batch = tokens.shape[0]
 
@@ -232,7 +227,8 @@ def _decode_nll(model, tokens, targets, caches, start, steps):
     t = start + i
     token = jax.lax.dynamic_slice_in_dim(tokens, t, 1, axis=1)
     target = jax.lax.dynamic_slice_in_dim(targets, t, 1, axis=1)
-    logits, caches = model(token, caches, jnp.full((batch,), t, jnp.int32))
+    logits, caches = model(token, caches, jnp.full((batch,), t, jnp.int32),
+                           impl=impl)
     return caches, _nll(logits, target)[:, 0]
 
   caches, nll = jax.lax.scan(step, caches, jnp.arange(steps))
@@ -241,7 +237,7 @@ def _decode_nll(model, tokens, targets, caches, start, steps):
 
 def evaluate(model, tokens, configs, *, prefill: int, path: str = "auto",
              chunk: int = 0, decode_segment: int = 32,
-             key: jax.Array | None = None):
+             key: jax.Array | None = None, impl: str | None = None):
   """Per-token NLL of tokens [N, L] read through caches of `configs`.
 
   Args:
@@ -254,6 +250,7 @@ def evaluate(model, tokens, configs, *, prefill: int, path: str = "auto",
     chunk: tokens per chunk on the chunked path (0: all at once).
     decode_segment: decode steps per jitted scan call.
     key: the rotations' key (init_caches).
+    impl: the attention implementation (None: the best for the backend).
 
   Returns:
     (nll f32[N, L-1] (nll[:, t] scores token t+1 from the logits at t), the
@@ -271,7 +268,7 @@ def evaluate(model, tokens, configs, *, prefill: int, path: str = "auto",
   targets = jnp.concatenate([tokens[:, 1:], tokens[:, :1]], axis=1)
   caches = model.init_caches(n, length, configs, key)
   nll, caches = _prefill_nll(model, tokens[:, :prefill],
-                             targets[:, :prefill], caches)
+                             targets[:, :prefill], caches, impl=impl)
   parts = [nll]
   start = prefill
   while start < length:
@@ -279,11 +276,12 @@ def evaluate(model, tokens, configs, *, prefill: int, path: str = "auto",
       stop = length if chunk <= 0 else min(start + chunk, length)
       nll, caches = _chunk_nll(model, tokens[:, start:stop],
                                targets[:, start:stop], caches,
-                               jnp.full((n,), start, jnp.int32))
+                               jnp.full((n,), start, jnp.int32), impl=impl)
     else:
       stop = min(start + decode_segment, length)
       nll, caches = _decode_nll(model, tokens, targets, caches,
-                                jnp.int32(start), steps=stop - start)
+                                jnp.int32(start), steps=stop - start,
+                                impl=impl)
     parts.append(nll)
     start = stop
   nll = np.asarray(jax.device_get(jnp.concatenate(parts, axis=1)),
@@ -362,7 +360,7 @@ def measure(model, tokens, spec, config, model_name: str, text: str, *,
   nll, caches, taken = evaluate(
       model, tokens, configs, prefill=config.prefill, path=path,
       chunk=config.chunk, decode_segment=config.decode_segment,
-      key=jax.random.key(seed))
+      key=jax.random.key(seed), impl=config.attention_impl or None)
   seconds = time.perf_counter() - start
   mem = cache_memory(caches, model.config)
   mean = float(nll.mean())
@@ -371,7 +369,7 @@ def measure(model, tokens, spec, config, model_name: str, text: str, *,
       id=item_id(spec["name"], seed, path, config),
       main=seed == config.seed and path == config.path,
       group=spec["group"], description=describe(spec),
-      **{f: spec[f] for f in _CACHE_FIELDS},
+      **{f: spec.get(f, 0) for f in _CACHE_FIELDS},
       edge_layers=spec["edge_layers"],
       edge=describe(dict(spec["edge"], edge_layers=0))
       if spec["edge_layers"] else None,
@@ -642,14 +640,6 @@ def make_outputs(workdir: pathlib.Path, config) -> list[pathlib.Path]:
           table, plot]
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if not _WORKDIR.value:
-    raise app.UsageError("--workdir is required")
-  for path in run(_CONFIG.value, _WORKDIR.value):
-    print(path)
-
-
 if __name__ == "__main__":
-  app.run(main)
+  common.define_flags("perplexity.py")
+  app.run(common.main_for(run))

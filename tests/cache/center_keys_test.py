@@ -89,6 +89,35 @@ class CenterKeysTest(parameterized.TestCase):
       got = _attend(_filled(cfg, k, v), q, impl)
       np.testing.assert_allclose(got, want, atol=0.02)
 
+  def test_center_skip_validation(self):
+    for bad in (-1, True, 1.0):
+      with self.assertRaisesRegex(ValueError, "center_skip"):
+        CacheConfig(center_keys=True, center_skip=bad)
+    with self.assertRaisesRegex(ValueError, "center_skip=2 needs"):
+      CacheConfig(center_skip=2)
+
+  def test_center_skip_leaves_the_first_tokens_out_of_the_mean(self):
+    # Sequence 0 has a full prefill, sequence 1 one token past the skip,
+    # and a prefill of <= center_skip tokens leaves the mean at zero.
+    k, v = _kv(6, T0)
+    k = k.at[:, :, 0].add(50.0)          # an atypical first (sink) key
+    cfg = CacheConfig(kind="turboquant", key_bits=8, value_bits=8,
+                      center_keys=True, center_skip=2, dtype="float32")
+    cache = cache_lib.init(cfg, B, K, S, D, key=jax.random.key(7))
+    cache = cache_lib.prefill(cache, k, v, jnp.array([T0, 3], jnp.int32))
+    np.testing.assert_allclose(np.asarray(cache.key_mean[0]),
+                               np.asarray(k[0, :, 2:].mean(axis=1)),
+                               atol=1e-5)
+    np.testing.assert_allclose(np.asarray(cache.key_mean[1]),
+                               np.asarray(k[1, :, 2]), atol=1e-5)
+    keys, _ = cache_lib.dequantize(cache)      # every key centered, 8-bit
+    want = np.asarray(k[0] - cache.key_mean[0][:, None])
+    err = np.linalg.norm(np.asarray(keys[0, :, :T0]) - want, axis=-1)
+    self.assertLess(float(np.max(err / np.linalg.norm(want, axis=-1))), 0.02)
+    short = cache_lib.prefill(cache_lib.init(cfg, B, K, S, D), k, v,
+                              jnp.array([2, 1], jnp.int32))
+    np.testing.assert_array_equal(np.asarray(short.key_mean), 0.0)
+
   def test_centering_reduces_attention_error(self):
     # With a large common offset, 3-bit codes of the centered keys spend
     # their resolution on what softmax sees.

@@ -125,6 +125,38 @@ class FastPathTest(parameterized.TestCase):
                      "TurboQuant K4/V2-bit, norm corr., centered keys; "
                      "first/last 1 layer(s): full precision (bfloat16)")
 
+  def test_center_skip_reaches_the_cache_config(self):
+    spec = perplexity_config.cache("x", "lever", key_bits=4, value_bits=4,
+                                   center_keys=True, center_skip=1)
+    configs = perplexity.layer_configs(self.model.config, spec)
+    self.assertEqual({(c.center_keys, c.center_skip) for c in configs},
+                     {(True, 1)})
+    self.assertIn("mean without the first 1", perplexity.describe(spec))
+
+
+class DefaultConfigTest(absltest.TestCase):
+
+  def test_default_sweep_is_valid(self):
+    # Every entry builds valid CacheConfigs; the noise checks name entries.
+    config = perplexity_config.get_config()
+    items = perplexity.work_items(config)
+    self.assertEqual(items[0][0]["name"], config.reference)
+    self.assertLen(items, len(config.caches) + len(config.seed_checks)
+                   * len(config.extra_seeds) + len(config.decode_checks))
+    mc = perplexity.tiny_model_config()
+    for spec, _, _ in items:
+      self.assertLen(perplexity.layer_configs(mc, spec), mc.n_layers)
+    self.assertTrue({"paper", "lever", "kivi", "baseline"}
+                    <= {s["group"] for s in config.caches})
+
+  def test_other_sweeps(self):
+    config = perplexity_config.get_config("sweep=k5v4_windows")
+    items = perplexity.work_items(config)
+    self.assertEqual(items[0][0]["name"], config.reference)
+    self.assertTrue(all(s["window"] for s in config.caches[1:]))
+    with self.assertRaisesRegex(ValueError, "sweep"):
+      perplexity_config.get_config("sweep=nope")
+
 
 def tiny_config():
   config = perplexity_config.get_config("scale=quick")

@@ -15,7 +15,11 @@ from turboquant_jax.cache.config import CacheConfig
 
 _MODULES = {"full": "turboquant_jax.cache.full_cache",
             "turboquant": "turboquant_jax.cache.turboquant_cache",
-            "kivi": "turboquant_jax.cache.kivi_cache"}
+            "kivi": "turboquant_jax.cache.kivi_cache",
+            "snapkv": "turboquant_jax.cache.snapkv_cache"}
+# Kinds whose prefill selects tokens from the prompt's attention and so
+# takes the prompt's queries.
+_NEEDS_QUERIES = ("snapkv",)
 
 
 def _module(kind: str):
@@ -31,9 +35,18 @@ def init(config: CacheConfig, batch: int, kv_heads: int, capacity: int,
                                    head_dim, key=key)
 
 
-def prefill(cache, k: jax.Array, v: jax.Array, lengths: jax.Array):
-  """Stores prompts k, v: [B, K, T, D] with lengths i32[B] (replaces)."""
-  return _module(cache.config.kind).prefill(cache, k, v, lengths)
+def prefill(cache, k: jax.Array, v: jax.Array, lengths: jax.Array, *,
+            queries: jax.Array | None = None):
+  """Stores prompts k, v: [B, K, T, D] with lengths i32[B] (replaces).
+
+  queries: [B, N, T, D], the prompts' queries after RoPE; used only by the
+  kinds that select tokens by attention (snapkv, where they are required),
+  ignored by the others.
+  """
+  kind = cache.config.kind
+  if kind in _NEEDS_QUERIES:
+    return _module(kind).prefill(cache, k, v, lengths, queries=queries)
+  return _module(kind).prefill(cache, k, v, lengths)
 
 
 def append(cache, k: jax.Array, v: jax.Array):

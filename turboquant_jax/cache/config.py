@@ -3,7 +3,7 @@
 import dataclasses
 import math
 
-_KINDS = ("full", "turboquant", "kivi")
+_KINDS = ("full", "turboquant", "kivi", "snapkv")
 
 
 def _check_bits(name: str, bits: float) -> None:
@@ -13,18 +13,41 @@ def _check_bits(name: str, bits: float) -> None:
     raise ValueError(f"{name}={bits!r} must be in [1, 8]")
 
 
+def _check_snapkv(c) -> None:
+  """The snapkv fields: validated for every kind, used by snapkv only."""
+  if (isinstance(c.budget, bool) or not isinstance(c.budget, (int, float))
+      or not (math.isfinite(c.budget) and 0 < c.budget <= 1)):
+    raise ValueError(f"budget={c.budget!r} must be a number in (0, 1]")
+  if c.budget != 1 and c.kind != "snapkv":
+    raise ValueError(f"budget={c.budget} needs kind='snapkv', got "
+                     f"kind={c.kind!r}")
+  if c.pool not in ("max", "avg"):
+    raise ValueError(f"pool={c.pool!r} must be 'max' or 'avg'")
+  if (isinstance(c.pool_kernel, bool) or not isinstance(c.pool_kernel, int)
+      or c.pool_kernel < 1 or c.pool_kernel % 2 == 0):
+    raise ValueError(f"pool_kernel={c.pool_kernel!r} must be an odd integer "
+                     ">= 1")
+  if c.kind == "snapkv" and (not isinstance(c.window, int) or c.window < 1):
+    raise ValueError(f"window={c.window!r}: kind='snapkv' needs an "
+                     "observation window >= 1")
+
+
 @dataclasses.dataclass(frozen=True)
 class CacheConfig:
   """What a KV cache stores and how.
 
   Attributes:
-    kind: "full" (bf16/f32, no compression), "turboquant" or "kivi".
+    kind: "full" (bf16/f32, no compression), "turboquant", "kivi" or
+      "snapkv" (token eviction: keeps a `budget` fraction of each prompt,
+      full precision; cache/snapkv_cache.py).
     key_bits, value_bits: bits per coordinate; integers 1..8, or fractional
       (2.5, 3.5, ...) through the outlier split (turboquant only).
     key_method: "mse" (default) or "prod" (QJL-corrected, unbiased scores).
     norm_correction: rescale dequantized vectors to their stored norm.
     window: most recent tokens also kept in full precision (0: every token,
-      generated ones too, is read quantized, as in the paper).
+      generated ones too, is read quantized, as in the paper). For snapkv:
+      the observation window, the last prompt tokens whose queries vote
+      for the kept tokens (always kept themselves; >= 1).
     norm_dtype: dtype of stored norms ("float16" as in the paper).
     rotation: "haar" or "hadamard".
     group_size: KIVI's quantization group (tokens for keys, channels for
@@ -36,6 +59,15 @@ class CacheConfig:
       Attention is unchanged, since softmax ignores the per-query constant
       q·mean, but the quantized vectors are smaller. Without a prefill the
       mean stays zero.
+    center_skip: (center_keys only) the first `center_skip` tokens of each
+      prefill are left out of the key mean (they are still centered and
+      stored): the first token is usually an attention sink whose key is
+      unlike the others. With a prefill of at most center_skip tokens the
+      mean stays zero.
+    budget: (snapkv only) fraction of each prompt's tokens kept, in (0, 1]
+      (the observation window included; at least `window` tokens).
+    pool, pool_kernel: (snapkv only) "max" or "avg" pooling of the votes
+      along the tokens, over an odd width.
   """
   kind: str = "turboquant"
   key_bits: float = 4
@@ -48,12 +80,17 @@ class CacheConfig:
   group_size: int = 32
   dtype: str = "bfloat16"
   center_keys: bool = False
+  budget: float = 1.0
+  pool: str = "max"
+  pool_kernel: int = 7
+  center_skip: int = 0
 
   def __post_init__(self):
     if self.kind not in _KINDS:
       raise ValueError(f"kind={self.kind!r} must be one of {_KINDS}")
     _check_bits("key_bits", self.key_bits)
     _check_bits("value_bits", self.value_bits)
+    _check_snapkv(self)
     if self.kind == "kivi":
       for name in ("key_bits", "value_bits"):
         if not float(getattr(self, name)).is_integer():
@@ -74,3 +111,10 @@ class CacheConfig:
     if self.center_keys and self.kind != "turboquant":
       raise ValueError(f"center_keys=True needs kind='turboquant', got "
                        f"kind={self.kind!r}")
+    if (isinstance(self.center_skip, bool)
+        or not isinstance(self.center_skip, int) or self.center_skip < 0):
+      raise ValueError(f"center_skip={self.center_skip!r} must be an integer "
+                       ">= 0")
+    if self.center_skip and not self.center_keys:
+      raise ValueError(f"center_skip={self.center_skip} needs "
+                       "center_keys=True")

@@ -9,7 +9,8 @@ top-O channels by L2 norm of that head's prefill keys (values: prefill
 values), fixed afterwards. An optional ring of the last W tokens is also kept
 in full precision; attention reads those positions from the ring. With
 config.center_keys, every key is stored minus a per-(sequence, head) mean of
-the prefill keys (kept in `key_mean`): softmax ignores q·mean.
+the prefill keys (kept in `key_mean`; the first config.center_skip tokens
+left out of it): softmax ignores q·mean.
 """
 
 import dataclasses
@@ -146,12 +147,15 @@ def _center(cache: TurboQuantCache, k: jax.Array) -> jax.Array:
       jnp.float32)[:, :, None, :]
 
 
-def _prefill_mean(k: jax.Array, lengths: jax.Array, dtype) -> jax.Array:
-  """[B, K, D] mean of the valid prefill keys (zero for an empty prompt)."""
-  valid = jnp.arange(k.shape[2])[None, :] < lengths[:, None]       # [B, T]
+def _prefill_mean(k: jax.Array, lengths: jax.Array, dtype,
+                  skip: int = 0) -> jax.Array:
+  """[B, K, D] mean of the valid prefill keys at positions >= skip (zero
+  where there are none)."""
+  pos = jnp.arange(k.shape[2])[None, :]
+  valid = (pos >= skip) & (pos < lengths[:, None])                 # [B, T]
   total = jnp.sum(jnp.where(valid[:, None, :, None], k.astype(jnp.float32),
                             0.0), axis=2)
-  count = jnp.maximum(lengths, 1).astype(jnp.float32)[:, None, None]
+  count = jnp.maximum(lengths - skip, 1).astype(jnp.float32)[:, None, None]
   return (total / count).astype(dtype)
 
 
@@ -175,7 +179,7 @@ def _write(cache: TurboQuantCache, k, v, positions,
 def _prefill(cache, k, v, lengths):
   if cache.key_mean is not None:
     cache = dataclasses.replace(cache, key_mean=_prefill_mean(
-        k, lengths, cache.key_mean.dtype))
+        k, lengths, cache.key_mean.dtype, cache.config.center_skip))
     k = _center(cache, k)
   cache = dataclasses.replace(
       cache, key_quantizer=_select_outliers(cache.key_quantizer, k, lengths),

@@ -6,6 +6,13 @@ D model dim, S cache capacity.
 The T new keys and values are written into the layer's cache first (any
 kind of turboquant_jax.cache), then every query attends over the cache with
 `chunk_attention`, so the prompt's own tokens are also read back compressed.
+
+Token eviction (a snapkv cache) differs in two ways: its prefill gets the
+prompt's queries (to choose the tokens it keeps) and the prompt attends to
+itself in full (in the cache's dtype), as SnapKV computes the prefill
+before it evicts; afterwards queries attend to the cache's `slots` (the
+kept and appended tokens), while RoPE positions still count every token
+seen (`lengths_before`), so a kept token keeps its original position.
 """
 
 from flax import nnx
@@ -13,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from turboquant_jax import cache as cache_lib
+from turboquant_jax.cache import snapkv_cache
 from turboquant_jax.kernels import decode_attention
 from turboquant_jax.model import config as config_lib
 from turboquant_jax.model import layers
@@ -96,11 +104,19 @@ class Attention(nnx.Module):
                  + jnp.arange(t, dtype=lengths_before.dtype)[None, :])
     q, k, v = self._qkv(x, positions)
     k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)       # [B, K, T, H]
+    evicts = isinstance(cache, snapkv_cache.SnapKVCache)
     if prefill_lengths is None:
       cache = cache_lib.append(cache, k, v)
-      lengths = lengths_before + t
+      # An evicting cache holds fewer slots than tokens seen.
+      lengths = cache.slots if evicts else lengths_before + t
     else:
-      cache = cache_lib.prefill(cache, k, v, prefill_lengths)
+      cache = cache_lib.prefill(cache, k, v, prefill_lengths,
+                                queries=jnp.swapaxes(q, 1, 2))
+      if evicts:   # the prompt attends to all of itself, then is evicted
+        dt = cache.keys.dtype
+        o = causal_attention(q, jnp.swapaxes(k, 1, 2).astype(dt),
+                             jnp.swapaxes(v, 1, 2).astype(dt))
+        return self._out(o), cache
       # Query t sits at position t (padding comes after the valid tokens).
       lengths = jnp.full_like(prefill_lengths, t)
     o = decode_attention.chunk_attention(q, cache, lengths.astype(jnp.int32),
