@@ -28,23 +28,10 @@ Fields can be overridden, e.g. `--config.only=full,snapkv25`,
 
 import ml_collections
 
+from configs import common
+
 _SCALES = ("default", "quick")
 _MODELS = ("smollm2", "hf", "tiny")
-
-
-def _parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
-  """big_vision's `parse_arg`: "a=1,b" -> ConfigDict(a=1, b=True), typed."""
-  out = ml_collections.ConfigDict(defaults)
-  for item in filter(None, (arg or "").split(",")):
-    key, _, value = item.partition("=")
-    if key not in defaults:
-      raise ValueError(f"unknown config arg {key!r}; known: {sorted(defaults)}")
-    kind = type(defaults[key])
-    if kind is bool:
-      out[key] = value.lower() in ("", "1", "true", "yes")
-    else:
-      out[key] = kind(value)
-  return out
 
 
 def cache(name: str, label: str, kind: str = "turboquant", *,
@@ -103,7 +90,7 @@ def default_caches(quick_window: bool = False) -> tuple[dict, ...]:
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """The experiment config; arg "scale=default|quick,model=smollm2|hf|tiny".
   """
-  arg = _parse_arg(arg, scale="default", model="")
+  arg = common.parse_arg(arg, scale="default", model="")
   if arg.scale not in _SCALES:
     raise ValueError(f"{arg.scale=!r} must be one of {_SCALES}")
   model = arg.model or "smollm2"

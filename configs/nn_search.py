@@ -19,22 +19,9 @@ glove-200-angular.hdf5 from ann-benchmarks:
 
 import ml_collections
 
+from configs import common
+
 _SCALES = ("default", "quick")
-
-
-def _parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
-  """big_vision's `parse_arg`: "a=1,b" -> ConfigDict(a=1, b=True), typed."""
-  out = ml_collections.ConfigDict(defaults)
-  for item in filter(None, (arg or "").split(",")):
-    key, _, value = item.partition("=")
-    if key not in defaults:
-      raise ValueError(f"unknown config arg {key!r}; known: {sorted(defaults)}")
-    kind = type(defaults[key])
-    if kind is bool:
-      out[key] = value.lower() in ("", "1", "true", "yes")
-    else:
-      out[key] = kind(value)
-  return out
 
 
 def dataset(name: str, kind: str, *, n_base: int, n_queries: int,
@@ -125,7 +112,7 @@ def default_methods(extra_bits: tuple[int, ...] = (1, 3, 5)
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """The experiment config; arg "scale=default" or "scale=quick"."""
-  arg = _parse_arg(arg, scale="default")
+  arg = common.parse_arg(arg, scale="default")
   if arg.scale not in _SCALES:
     raise ValueError(f"{arg.scale=!r} must be one of {_SCALES}")
   quick = arg.scale == "quick"

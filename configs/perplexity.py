@@ -15,22 +15,9 @@ names).
 
 import ml_collections
 
+from configs import common
+
 _SCALES = ("default", "quick")
-
-
-def _parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
-  """big_vision's `parse_arg`: "a=1,b" -> ConfigDict(a=1, b=True), typed."""
-  out = ml_collections.ConfigDict(defaults)
-  for item in filter(None, (arg or "").split(",")):
-    key, _, value = item.partition("=")
-    if key not in defaults:
-      raise ValueError(f"unknown config arg {key!r}; known: {sorted(defaults)}")
-    kind = type(defaults[key])
-    if kind is bool:
-      out[key] = value.lower() in ("", "1", "true", "yes")
-    else:
-      out[key] = kind(value)
-  return out
 
 
 def cache(name: str, group: str, kind: str = "turboquant", *,
@@ -150,7 +137,7 @@ def quick_caches() -> tuple[dict, ...]:
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """The experiment config; arg "scale=default" or "scale=quick", and
   "sweep=<name>" (default: the default sweep) for another cache list."""
-  arg = _parse_arg(arg, scale="default", sweep="default")
+  arg = common.parse_arg(arg, scale="default", sweep="default")
   if arg.scale not in _SCALES:
     raise ValueError(f"{arg.scale=!r} must be one of {_SCALES}")
   if arg.sweep not in _SWEEPS:

@@ -7,6 +7,9 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from turboquant_jax.cache import CacheConfig
+from turboquant_jax.model import config as model_config_lib
+
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
 
 
@@ -40,3 +43,26 @@ def main_for(run: Callable, report: Callable = print) -> Callable:
     else:
       report(out)
   return main
+
+
+def cache_config(fields) -> CacheConfig:
+  """A CacheConfig from a config.caches entry (or its `edge` entry), the
+  dicts that configs/perplexity.py's `cache()` spells out."""
+  kind = fields["kind"]
+  kw = dict(kind=kind, dtype=fields.get("dtype", "bfloat16"))
+  if kind != "full":
+    kw.update(key_bits=fields["key_bits"], value_bits=fields["value_bits"],
+              key_method=fields.get("key_method", "mse"),
+              norm_correction=fields.get("norm_correction", True),
+              window=fields.get("window", 0))
+  if fields.get("center_keys", False):
+    kw.update(center_keys=True, center_skip=fields.get("center_skip", 0))
+  return CacheConfig(**kw)
+
+
+def layer_configs(model_config, spec) -> tuple[CacheConfig, ...]:
+  """One CacheConfig per layer for a config.caches entry."""
+  edge = cache_config(spec["edge"]) if spec["edge_layers"] else None
+  return model_config_lib.layer_cache_configs(
+      model_config, cache_config(spec), edge_layers=spec["edge_layers"],
+      edge=edge)

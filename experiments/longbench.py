@@ -169,26 +169,7 @@ def load_lm(config) -> longbench.LanguageModel:
 # ------------------------------------------------------------------ caches
 
 
-def _cache_config(fields) -> CacheConfig:
-  """A CacheConfig from a config.caches entry (or its `edge` entry)."""
-  kind = fields["kind"]
-  kw = dict(kind=kind, dtype=fields.get("dtype", "bfloat16"))
-  if kind != "full":
-    kw.update(key_bits=fields["key_bits"], value_bits=fields["value_bits"],
-              key_method=fields.get("key_method", "mse"),
-              norm_correction=fields.get("norm_correction", True),
-              window=fields.get("window", 0))
-  if fields.get("center_keys", False):
-    kw["center_keys"] = True
-  return CacheConfig(**kw)
-
-
-def layer_configs(model_config, spec) -> tuple[CacheConfig, ...]:
-  """One CacheConfig per layer for a config.caches entry."""
-  edge = _cache_config(spec["edge"]) if spec["edge_layers"] else None
-  return config_lib.layer_cache_configs(model_config, _cache_config(spec),
-                                        edge_layers=spec["edge_layers"],
-                                        edge=edge)
+layer_configs = common.layer_configs
 
 
 def kv_bits(model, configs: tuple[CacheConfig, ...], capacity: int) -> float:

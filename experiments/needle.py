@@ -36,15 +36,14 @@ import pathlib
 import time
 
 from absl import app
-from absl import flags
 from absl import logging
 import jax
 import jax.numpy as jnp
 import matplotlib
-from ml_collections import config_flags
 import numpy as np
 import tqdm
 
+from experiments import common
 from turboquant_jax import cache as cache_lib
 from turboquant_jax import results
 from turboquant_jax.cache import CacheConfig
@@ -54,20 +53,9 @@ from turboquant_jax.model import sampling
 matplotlib.use("Agg")
 from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
 
-_DEFAULT_CONFIG = pathlib.Path(__file__).resolve().parents[1] / "configs" / (
-    "needle.py")
 ROW_KEY = ("cache", "length", "depth")
 TABLE_FILE = "table.md"
 FIGURE_FILE = "heatmaps.png"
-
-
-def define_flags() -> None:
-  """Defines the flags; called only when run as a program (flags defined
-  at import would clash with other experiment modules in one process)."""
-  config_flags.DEFINE_config_file(
-      "config", str(_DEFAULT_CONFIG), "Experiment config file.",
-      lock_config=True)
-  flags.DEFINE_string("workdir", None, "Where to write results.")
 
 
 # ----------------------------------------------------------- model, text
@@ -360,15 +348,6 @@ def make_outputs(workdir: pathlib.Path, rows: Sequence[dict],
   return paths
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if not flags.FLAGS.workdir:
-    raise app.UsageError("--workdir is required")
-  for path in run(flags.FLAGS.config, flags.FLAGS.workdir):
-    print(path)
-
-
 if __name__ == "__main__":
-  define_flags()
-  app.run(main)
+  common.define_flags("needle.py")
+  app.run(common.main_for(run))

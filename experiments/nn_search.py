@@ -43,14 +43,13 @@ import time
 import zlib
 
 from absl import app
-from absl import flags
 from absl import logging
 import jax
 import matplotlib
-from ml_collections import config_flags
 import numpy as np
 import tqdm
 
+from experiments import common
 from turboquant_jax import results
 from turboquant_jax import search
 from turboquant_jax.data import vectors
@@ -60,8 +59,6 @@ matplotlib.use("Agg")
 from matplotlib import pyplot as plt
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
-_DEFAULT_CONFIG = pathlib.Path(__file__).resolve().parents[1] / "configs" / (
-    "nn_search.py")
 INDEX_KEY = ("dataset", "method", "bits")
 RECALL_KEY = ("dataset", "method", "bits", "k")
 TIMING_KEY = ("dim", "n", "method", "bits")
@@ -637,23 +634,6 @@ def run(config, workdir: str | os.PathLike) -> list[pathlib.Path]:
   return make_outputs(workdir, env, tuple(config.bits))
 
 
-def define_flags() -> None:
-  """Defines --config and --workdir (only when run as a program)."""
-  config_flags.DEFINE_config_file(
-      "config", str(_DEFAULT_CONFIG), "Experiment config file.",
-      lock_config=True)
-  flags.DEFINE_string("workdir", None, "Where to write results.")
-
-
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if not flags.FLAGS.workdir:
-    raise app.UsageError("--workdir is required")
-  for path in run(flags.FLAGS.config, flags.FLAGS.workdir):
-    print(path)
-
-
 if __name__ == "__main__":
-  define_flags()
-  app.run(main)
+  common.define_flags("nn_search.py")
+  app.run(common.main_for(run))

@@ -75,7 +75,6 @@ from experiments import common
 from turboquant_jax import cache as cache_lib
 from turboquant_jax import model as model_lib
 from turboquant_jax import results
-from turboquant_jax.cache import CacheConfig
 
 matplotlib.use("Agg")
 from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
@@ -134,28 +133,7 @@ def load_model_and_tokens(config):
 # ------------------------------------------------------- cache configuration
 
 
-def _cache_config(fields) -> CacheConfig:
-  """A CacheConfig from a config entry (or its `edge` entry)."""
-  kind = fields["kind"]
-  kw = dict(kind=kind, dtype=fields.get("dtype", "bfloat16"))
-  if kind != "full":
-    kw.update(key_bits=fields["key_bits"], value_bits=fields["value_bits"],
-              key_method=fields.get("key_method", "mse"),
-              norm_correction=fields.get("norm_correction", True),
-              window=fields.get("window", 0))
-  if fields.get("center_keys", False):
-    kw.update(center_keys=True, center_skip=fields.get("center_skip", 0))
-  return CacheConfig(**kw)
-
-
-def layer_configs(model_config, spec) -> tuple[CacheConfig, ...]:
-  """One CacheConfig per layer for a config.caches entry."""
-  edge = None
-  if spec["edge_layers"]:
-    edge = _cache_config(spec["edge"])
-  return model_lib.layer_cache_configs(model_config, _cache_config(spec),
-                                       edge_layers=spec["edge_layers"],
-                                       edge=edge)
+layer_configs = common.layer_configs
 
 
 def exact_chunks(configs) -> bool:
