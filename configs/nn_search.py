@@ -62,7 +62,7 @@ def dataset(name: str, kind: str, *, n_base: int, n_queries: int,
 def method(name: str, family: str, *, tq_method: str = "mse",
            norm_correction: bool = False, center: bool = False,
            rotations: int = 1, norm_dtype: str = "float16",
-           rotation: str = "haar",
+           scale_bits: int = 0, rotation: str = "haar",
            code_bits: int = 8, extra_bits: tuple[int, ...] = (),
            group: str = "baseline") -> dict:
   """One method (every field spelled out).
@@ -71,9 +71,10 @@ def method(name: str, family: str, *, tq_method: str = "mse",
     name: unique id.
     family: "tq" (our index), "pq" (faiss IndexPQ) or "rabitq" (faiss
       RaBitQ with nb_bits = the budget, behind a random rotation).
-    tq_method, norm_correction, center, rotations, norm_dtype, rotation:
-      the TurboQuant index (search.IndexConfig); unit-normalized data store
-      no per-vector scale unless center.
+    tq_method, norm_correction, center, rotations, norm_dtype, scale_bits,
+      rotation: the TurboQuant index (search.IndexConfig). On "angular"
+      data (unit vectors) it stores no per-vector scale, unless center,
+      which then renormalizes the reconstruction to unit norm.
     code_bits: PQ bits per subquantizer code (8: 256-codeword tables).
     extra_bits: budgets run besides config.bits, for the recall-against-
       bits curves (equal-bits comparisons between settings that cannot
@@ -83,8 +84,8 @@ def method(name: str, family: str, *, tq_method: str = "mse",
   """
   return dict(name=name, family=family, tq_method=tq_method,
               norm_correction=norm_correction, center=center,
-              rotations=rotations, norm_dtype=norm_dtype, rotation=rotation,
-              code_bits=code_bits,
+              rotations=rotations, norm_dtype=norm_dtype,
+              scale_bits=scale_bits, rotation=rotation, code_bits=code_bits,
               extra_bits=tuple(extra_bits), group=group)
 
 
@@ -102,9 +103,12 @@ def default_methods(extra_bits: tuple[int, ...] = (1, 3, 5)
       method("tq_mse_nc", "tq", norm_correction=True, extra_bits=extra_bits,
              group="ours"),
       method("tq_mse_nc_c", "tq", norm_correction=True, center=True,
-             extra_bits=extra_bits, group="ours"),
+             scale_bits=8, extra_bits=extra_bits, group="ours"),
       method("tq_mse_nc_r4", "tq", norm_correction=True, rotations=4,
              extra_bits=extra_bits, group="ours"),
+      method("tq_mse_nc_c_r4", "tq", norm_correction=True, center=True,
+             scale_bits=8, rotations=4, extra_bits=extra_bits,
+             group="ours"),
       method("pq", "pq"),
       method("rabitq", "rabitq", extra_bits=extra_bits),
   )

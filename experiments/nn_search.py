@@ -167,9 +167,9 @@ def _tq_config(m, bits: int, metric: str) -> search.IndexConfig:
   return search.IndexConfig(
       bits=bits, method=m["tq_method"],
       norm_correction=m["norm_correction"], rotations=m["rotations"],
-      unit_norm=metric == "angular" and not m["center"],
-      center=m["center"], metric="l2" if metric == "l2" else "ip",
-      rotation=m["rotation"], norm_dtype=m["norm_dtype"])
+      unit_norm=metric == "angular", center=m["center"],
+      metric="l2" if metric == "l2" else "ip", rotation=m["rotation"],
+      norm_dtype=m["norm_dtype"], scale_bits=m["scale_bits"])
 
 
 def build_method(m, bits: int, base: np.ndarray, metric: str, key,
@@ -201,7 +201,8 @@ def build_method(m, bits: int, base: np.ndarray, metric: str, key,
         setting=dict(method=cfg.method, norm_correction=cfg.norm_correction,
                      unit_norm=cfg.unit_norm, center=cfg.center,
                      rotations=cfg.rotations, rotation=cfg.rotation,
-                     norm_dtype=cfg.norm_dtype)), warm
+                     norm_dtype=cfg.norm_dtype, scale_bits=cfg.scale_bits)
+    ), warm
   c0 = time.process_time()
   if family == "pq":
     fi = baselines.build_pq(base, bits, faiss_metric, m["code_bits"])
@@ -296,7 +297,7 @@ def time_index(dim: int, m, config, env) -> dict:
 
 _COLORS = {"tq_mse": "tab:blue", "tq_prod": "tab:orange",
            "tq_mse_nc": "tab:green", "tq_mse_nc_c": "tab:olive",
-           "tq_mse_nc_r4": "tab:cyan",
+           "tq_mse_nc_r4": "tab:cyan", "tq_mse_nc_c_r4": "tab:brown",
            "pq": "tab:red", "rabitq": "tab:purple"}
 _STYLES = {"paper": "--", "ours": "-", "baseline": ":"}
 
