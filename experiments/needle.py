@@ -61,18 +61,6 @@ FIGURE_FILE = "heatmaps.png"
 # ----------------------------------------------------------- model, text
 
 
-def load_lm(config):
-  """The model, tokenizer, chat template and stop ids (a LanguageModel).
-
-  The loaders are the LongBench experiment's: SmolLM2 from the data
-  cache, a Hugging Face directory (config.hf_path), or the tests' tiny
-  random model with a byte-level tokenizer.
-  """
-  # pylint: disable-next=g-import-not-at-top
-  from experiments import longbench
-  return longbench.load_lm(config)
-
-
 def synthetic_text(sentences: int = 400) -> str:
   """A filler haystack of numbered sentences in short paragraphs (tests)."""
   lines = [f"Line {i} of the filler text says nothing at all."
@@ -186,7 +174,7 @@ def run(config, workdir: str | os.PathLike, *,
   Args:
     config: configs/needle.py's config.
     workdir: where to write (config.json, results.jsonl, tables, plots).
-    lm: a loaded LanguageModel to use instead of load_lm(config).
+    lm: a loaded LanguageModel to use instead of common.load_lm(config).
   """
   workdir = pathlib.Path(workdir)
   writer = results.Writer(workdir, config)
@@ -201,7 +189,7 @@ def run(config, workdir: str | os.PathLike, *,
   logging.info("%d of %d grid cells to do", len(todo),
                len(specs) * len(config.lengths) * len(config.depths))
   if todo:
-    lm = lm or load_lm(config)
+    lm = lm or common.load_lm(config)
     prompts = build_prompts(lm, config)
     nd = needle_of(config)
     key = jax.random.key(config.seed)

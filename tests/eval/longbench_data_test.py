@@ -18,7 +18,7 @@ if str(_REPO) not in sys.path:
   sys.path.insert(0, str(_REPO))
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
-from experiments import longbench as longbench_exp
+from experiments import common
 from turboquant_jax.cache import CacheConfig
 from turboquant_jax.eval import longbench
 from turboquant_jax.model import sampling
@@ -140,7 +140,7 @@ class PromptTest(absltest.TestCase):
   @classmethod
   def setUpClass(cls):
     super().setUpClass()
-    cls.tok = longbench_exp.byte_tokenizer()
+    cls.tok = common.byte_tokenizer()
 
   def test_template_filled(self):
     text = longbench.prompt_text(_example("repobench-p", context="import a\n",
@@ -163,7 +163,7 @@ class PromptTest(absltest.TestCase):
       longbench.truncate_middle(self.tok, "abcd", 1)
 
   def test_chat_template_where_the_benchmark_uses_it(self):
-    template = longbench_exp.TINY_CHAT_TEMPLATE
+    template = common.TINY_CHAT_TEMPLATE
     start = self.tok.token_to_id("<|im_start|>")
     ids, info = longbench.prompt_ids(_example("qasper"), self.tok, template,
                                      10_000)
@@ -230,7 +230,7 @@ class GenerationTest(parameterized.TestCase):
   @classmethod
   def setUpClass(cls):
     super().setUpClass()
-    cls.lm = longbench_exp.tiny_lm(seed=0)
+    cls.lm = common.tiny_lm(seed=0)
     cls.cfg = CacheConfig(kind="full", dtype="float32")
     cls.prompt = jnp.asarray(np.arange(40, 104, dtype=np.int32)[None])
 

@@ -23,6 +23,7 @@ if str(_REPO) not in sys.path:
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from configs import longbench as longbench_config
+from experiments import common
 from experiments import longbench as longbench_exp
 from turboquant_jax import results
 from turboquant_jax.eval import longbench
@@ -72,7 +73,7 @@ class EndToEndTest(absltest.TestCase):
     cls.tmp = pathlib.Path(tempfile.mkdtemp())
     write_fixture(cls.tmp / "data")
     cls.config = quick_config(cls.tmp / "data")
-    cls.lm = longbench_exp.load_lm(cls.config)
+    cls.lm = common.load_lm(cls.config)
     cls.workdir = cls.tmp / "run"
     cls.paths = longbench_exp.run(cls.config, cls.workdir, lm=cls.lm)
     cls.rows = results.read_rows(cls.workdir / results.RESULTS_FILE)
@@ -188,7 +189,7 @@ class ConfigTest(absltest.TestCase):
     for fields, error, message in cases:
       bad = quick_config(self.tmp / "data")
       bad.update(fields)
-      with mock.patch.object(longbench_exp, "load_lm") as load, \
+      with mock.patch.object(common, "load_lm") as load, \
           self.assertRaisesRegex(error, message):
         longbench_exp.run(bad, self.tmp / "run")
       load.assert_not_called()
@@ -206,7 +207,7 @@ class ConfigTest(absltest.TestCase):
     self.assertEqual(list(longbench_exp.load_data(config)), ["lcc", "trec"])
 
   def test_layer_configs(self):
-    model_config = longbench_exp.tiny_lm().model.config
+    model_config = common.tiny_lm().model.config
     spec = longbench_config.cache("x", key_bits=4, value_bits=2,
                                   center_keys=True, edge_layers=1,
                                   edge=dict(kind="full"))
@@ -226,25 +227,25 @@ class HfTokenizerTest(absltest.TestCase):
   def test_reads_tokenizer_template_and_stops(self):
     with tempfile.TemporaryDirectory() as tmp:
       path = pathlib.Path(tmp)
-      longbench_exp.byte_tokenizer().save(str(path / "tokenizer.json"))
+      common.byte_tokenizer().save(str(path / "tokenizer.json"))
       (path / "tokenizer_config.json").write_text(json.dumps(dict(
           chat_template=[dict(name="tool_use", template="T"),
                          dict(name="default", template="D")])))
       (path / "generation_config.json").write_text(json.dumps(dict(
           eos_token_id=[256, 1])))
-      tok, template, stops = longbench_exp.hf_tokenizer(path)
+      tok, template, stops = common.hf_tokenizer(path)
       self.assertEqual(tok.decode(tok.encode("héllo").ids), "héllo")
       self.assertEqual(template, "D")
       # eos ids first, then the vocabulary's <|im_end|> (258).
       self.assertEqual(stops, (256, 1, 258))
       (path / "tokenizer.json").unlink()
       with self.assertRaisesRegex(FileNotFoundError, "tokenizer.json"):
-        longbench_exp.hf_tokenizer(path)
+        common.hf_tokenizer(path)
 
   def test_hf_model_needs_a_path(self):
     config = longbench_config.get_config("model=hf")
     with self.assertRaisesRegex(ValueError, "config.hf_path"):
-      longbench_exp.load_lm(config)
+      common.load_lm(config)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ if str(_REPO) not in sys.path:
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from configs import needle as needle_config
+from experiments import common
 from experiments import needle
 from turboquant_jax import results
 from turboquant_jax.cache import CacheConfig
@@ -46,7 +47,7 @@ class DriverTest(absltest.TestCase):
   @classmethod
   def setUpClass(cls):
     super().setUpClass()
-    cls.lm = needle.load_lm(_config())
+    cls.lm = common.load_lm(_config())
 
   def test_runs_writes_and_resumes(self):
     config = _config()
