@@ -25,7 +25,9 @@ def cache(name: str, group: str, kind: str = "turboquant", *,
           key_method: str = "mse", norm_correction: bool = True,
           window: int = 0, center_keys: bool = False, center_skip: int = 0,
           dtype: str = "bfloat16", edge_layers: int = 0,
-          edge: dict | None = None) -> dict:
+          edge: dict | None = None, norm_bits: int = 16,
+          key_norm_bits: int | None = None,
+          value_norm_bits: int | None = None, sink: int = 0) -> dict:
   """One cache configuration (every field spelled out, for config.json).
 
   Args:
@@ -48,12 +50,20 @@ def cache(name: str, group: str, kind: str = "turboquant", *,
     dtype: storage dtype of full-precision tensors (full cache, windows).
     edge_layers: the first and last `edge_layers` layers use `edge`.
     edge: a dict of the same fields (kind, key_bits, ...) for edge layers.
+    norm_bits: 16 (fp16 norms) or 8 (8-bit log-domain norm codes, range
+      per sequence and head from the prefill; TurboQuant only).
+    key_norm_bits, value_norm_bits: the same for keys or values alone
+      (None: norm_bits).
+    sink: the first `sink` tokens of each sequence also kept in full
+      precision (dtype), read from there (attention sinks; TurboQuant).
   """
   return dict(name=name, group=group, kind=kind, key_bits=key_bits,
               value_bits=value_bits, key_method=key_method,
               norm_correction=norm_correction, window=window,
               center_keys=center_keys, center_skip=center_skip, dtype=dtype,
-              edge_layers=edge_layers, edge=edge or {})
+              edge_layers=edge_layers, edge=edge or {},
+              key_norm_bits=key_norm_bits or norm_bits,
+              value_norm_bits=value_norm_bits or norm_bits, sink=sink)
 
 
 def _paper(bits: float) -> dict:
@@ -117,7 +127,44 @@ def k5v4_window_caches() -> tuple[dict, ...]:
             center_keys=True, window=w) for w in (32, 44))
 
 
-_SWEEPS = {"default": default_caches, "k5v4_windows": k5v4_window_caches}
+def norm8_caches() -> tuple[dict, ...]:
+  """`:sweep=norm8` (../cpu_norm8): 8-bit log-domain norms ("n8"), which
+  save 0.125 bits/coord at head dim 64. Windows fill the budgets: 4 tokens
+  the issue's 4.7 bits, 23 KIVI-3's 4.50, 38 KIVI-4-without-window's 5.24
+  and 55 KIVI-4's 5.50. `k5v4_nc_c` (fp16 norms) is repeated for a paired
+  comparison over three rotation seeds (NORM8_SEED_CHECKS)."""
+  caches = [cache("full", "baseline", "full"),
+            cache("k5v4_nc_c", "lever", key_bits=5, value_bits=4,
+                  center_keys=True)]
+  for k, v, w in ((5, 4, 0), (5, 5, 0), (5, 4, 4), (4, 4, 23), (5, 4, 38),
+                  (5, 4, 55)):
+    name = f"k{k}v{v}_nc_c" + (f"_w{w}" if w else "") + "_n8"
+    caches.append(cache(name, "lever", key_bits=k, value_bits=v,
+                        center_keys=True, window=w, norm_bits=8))
+  return tuple(caches)
+
+
+def sink_caches() -> tuple[dict, ...]:
+  """`:sweep=sink` (../cpu_sink): the first 4 tokens kept in bf16 ("s4",
+  attention sinks; 4 · 16/1024 = 0.0625 bits/coord here) with 8-bit norms.
+  Windows fill the budgets as in norm8_caches, 4 tokens fewer; `k5v4_nc_c_s4`
+  (fp16 norms) shows the sink alone."""
+  caches = [cache("full", "baseline", "full"),
+            cache("k5v4_nc_c_s4", "lever", key_bits=5, value_bits=4,
+                  center_keys=True, sink=4)]
+  for k, v, w in ((5, 4, 0), (4, 4, 0), (4, 3, 0), (4, 2, 0), (4, 4, 19),
+                  (5, 4, 34), (5, 4, 51)):
+    name = f"k{k}v{v}_nc_c_s4" + (f"_w{w}" if w else "") + "_n8"
+    caches.append(cache(name, "lever", key_bits=k, value_bits=v,
+                        center_keys=True, window=w, norm_bits=8, sink=4))
+  return tuple(caches)
+
+
+_SWEEPS = {"default": default_caches, "k5v4_windows": k5v4_window_caches,
+           "norm8": norm8_caches, "sink": sink_caches}
+# Rotation-seed repeats (config.seed_checks) per sweep.
+_SEED_CHECKS = {"norm8": ("k5v4_nc_c", "k5v4_nc_c_n8"),
+                "sink": ("k5v4_nc_c_s4_n8",)}
 
 
 def quick_caches() -> tuple[dict, ...]:
@@ -176,7 +223,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # with other rotation seeds, and these token by token (path "decode")
   # although the chunked path is exact for them in exact arithmetic.
   # (The default run has none: ../cpu_seeds is a separate seed-check run.)
-  config.seed_checks = ("tq3",) if quick else ()
+  config.seed_checks = ("tq3",) if quick else _SEED_CHECKS.get(arg.sweep,
+                                                               ())
   config.extra_seeds = (1,) if quick else (1, 2)
   config.decode_checks = ("tq3",) if quick else ()
   # Budgets (bits per coordinate) for the best-per-budget table.

@@ -61,12 +61,16 @@ def cache_config(fields) -> CacheConfig:
   """A CacheConfig from a config.caches entry (or its `edge` entry), the
   dicts that configs/perplexity.py's `cache()` spells out."""
   kind = fields["kind"]
-  kw = dict(kind=kind, dtype=fields.get("dtype", "bfloat16"))
+  kw = dict(kind=kind, dtype=fields.get("dtype", "bfloat16"),
+            key_norm_bits=fields.get("key_norm_bits", 16),
+            value_norm_bits=fields.get("value_norm_bits", 16))
   if kind != "full":
     kw.update(key_bits=fields["key_bits"], value_bits=fields["value_bits"],
               key_method=fields.get("key_method", "mse"),
               norm_correction=fields.get("norm_correction", True),
               window=fields.get("window", 0))
+  if fields.get("sink", 0):
+    kw.update(sink=fields["sink"])
   if fields.get("center_keys", False):
     kw.update(center_keys=True, center_skip=fields.get("center_skip", 0))
   return CacheConfig(**kw)

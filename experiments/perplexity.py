@@ -24,7 +24,8 @@ decode steps, `config.decode_segment` steps per call) is the ground truth.
 
 Exact fast path. Step 2 runs as chunks of many tokens through the same
 model call where that is exactly what decoding computes: every layer's
-cache is "full" or TurboQuant without a window. There each appended token
+cache is "full" or TurboQuant without a window (a sink or 8-bit norms
+are fine). There each appended token
 is quantized on its own (integer widths; fractional widths after the
 prefill fixed their outlier channels and key mean), so query t of a chunk
 sees exactly the codes it would see at decode time, in exact arithmetic
@@ -89,7 +90,7 @@ PLOT_FILE = "ppl_vs_bits.png"
 BITS_TOLERANCE = 0.005
 _CACHE_FIELDS = ("kind", "key_bits", "value_bits", "key_method",
                  "norm_correction", "window", "center_keys", "center_skip",
-                 "dtype")
+                 "dtype", "key_norm_bits", "value_norm_bits", "sink")
 
 
 # ------------------------------------------------------------------ inputs
@@ -137,7 +138,12 @@ layer_configs = common.layer_configs
 
 
 def exact_chunks(configs) -> bool:
-  """Whether chunked appends equal token-by-token decoding (module doc)."""
+  """Whether chunked appends equal token-by-token decoding (module doc).
+
+  A sink (the first tokens in full precision) keeps it exact: query t reads
+  positions < sink from there in both. So do 8-bit norms, whose code range
+  the (non-empty) prefill fixes.
+  """
   return all(c.kind == "full" or (c.kind == "turboquant" and c.window == 0)
              for c in configs)
 
@@ -164,6 +170,12 @@ def describe(spec) -> str:
         text += ", centered keys"
         if f.get("center_skip"):
           text += f" (mean without the first {f['center_skip']})"
+    eight = [t for t in ("key", "value") if f.get(f"{t}_norm_bits", 16) == 8]
+    if eight:
+      text += (", 8-bit log norms" if len(eight) == 2
+               else f", 8-bit log {eight[0]} norms")
+    if f.get("sink"):
+      text += f", first {f['sink']} tokens fp (sink)"
     if f.get("window"):
       text += f", {f['window']}-token fp window"
     return text

@@ -28,14 +28,23 @@ CONFIGS = {
     "tq_prod": CacheConfig(kind="turboquant", key_bits=3, key_method="prod"),
     "tq_window": CacheConfig(kind="turboquant", key_bits=2, value_bits=2,
                              window=4),
+    # 8-bit log norms on every norm field (scale and QJL residual norm).
+    "tq_norm8": CacheConfig(kind="turboquant", key_bits=3, value_bits=2,
+                            key_method="prod", window=4, norm_bits=8),
+    # The first 2 tokens in full precision beside a 3-token window.
+    "tq_sink": CacheConfig(kind="turboquant", key_bits=2, value_bits=2,
+                           window=3, sink=2),
     "kivi": CacheConfig(kind="kivi", key_bits=2, value_bits=2, group_size=4),
     "kivi_window": CacheConfig(kind="kivi", key_bits=4, value_bits=2,
                                group_size=4, window=3),
 }
 ALL = [dict(testcase_name=name, name=name) for name in CONFIGS]
-# Caches whose quantizer does not depend on the prefill data: the outlier
-# split (fractional bits) picks its outlier channels from the prefill.
-DATA_INDEPENDENT = [c for c in ALL if c["name"] not in ("tq2.5", "tq3.5")]
+# Caches that treat each sequence on its own: the outlier split (fractional
+# bits) picks its outlier channels from the whole batch's prefill.
+PER_SEQUENCE = [c for c in ALL if c["name"] not in ("tq2.5", "tq3.5")]
+# Caches whose quantizer does not depend on the prefill data: 8-bit norms
+# also take their code range from each sequence's prefill.
+DATA_INDEPENDENT = [c for c in PER_SEQUENCE if c["name"] != "tq_norm8"]
 
 
 def _kv(seed: int, tokens: int, batch: int = B):
@@ -146,7 +155,7 @@ class ProtocolTest(parameterized.TestCase):
     _assert_same_valid(cache_lib.append(clean, k1, v1),
                        cache_lib.append(junk, k1, v1))
 
-  @parameterized.named_parameters(*DATA_INDEPENDENT)
+  @parameterized.named_parameters(*PER_SEQUENCE)
   def test_sequences_are_independent(self, name):
     # Given two batches that share sequence 0 but differ in sequence 1
     # (data and length); fractional bits are excluded, their outlier
@@ -318,6 +327,32 @@ class MemoryTest(parameterized.TestCase):
     self._check(CacheConfig(kind="turboquant", key_bits=2.5,
                             value_bits=2.5),
                 total=34144 + 96 * 32 + 8, fixed=34144, per_token=96.25)
+
+  def test_turboquant_4bit_norm8(self):
+    # As test_turboquant_4bit with a 1-byte norm code: per vector 32 + 1 =
+    # 33 bytes, per token 2 · 2 · 33 = 132 bytes, · 32 slots = 4224. Plus
+    # the code ranges: f32 (lo, hi) per sequence, head and norm field, keys
+    # and values: 2 · B·K·1·2 · 4 bytes = 64 = 2 per token slot.
+    self._check(CacheConfig(kind="turboquant", key_bits=4, value_bits=4,
+                            norm_bits=8),
+                total=33016 + 4224 + 64 + 8, fixed=33016,
+                per_token=132 + 2 + 0.25)
+
+  def test_turboquant_prod_split_norm8(self):
+    # 2.5-bit prod keys at D = 64: each part (32 channels) stores codes, a
+    # norm code, QJL signs (32/8 = 4 bytes) and a residual norm code.
+    # Outlier part at 3 bits = 2-bit mse codes (8 bytes) + signs 4 + 2 norm
+    # codes; regular at 2 bits = 1-bit codes (4) + signs 4 + 2 codes: 24
+    # bytes per key. 2.5-bit values: 12 + 8 + 2 norm codes = 22 bytes.
+    # Per token 2 heads · (24 + 22) = 92 bytes, · 32 slots = 2944. Ranges:
+    # keys 4 fields, values 2, B·K·2 · 4 bytes each: 6 · 32 = 192 = 6 per
+    # token slot.
+    cfg = CacheConfig(kind="turboquant", key_bits=2.5, value_bits=2.5,
+                      key_method="prod", norm_bits=8)
+    cache = cache_lib.init(cfg, B, K, S, D, key=jax.random.key(0))
+    fixed = cache_lib.memory(cache)["fixed_nbytes"]
+    self._check(cfg, total=fixed + 2944 + 192 + 8, fixed=fixed,
+                per_token=92 + 6 + 0.25)
 
   def test_kivi(self):
     # G = 4, 2-bit keys and values, W = 0. Per head and sequence:

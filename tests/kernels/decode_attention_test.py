@@ -158,7 +158,7 @@ class ReferenceTest(parameterized.TestCase):
 # no window, decode (T = 1), lengths [5, 13] in S = 16. Each case changes a
 # few of these.
 _BASE = dict(dim=128, groups=4, key_bits=3, value_bits=3, method="mse",
-             window=0, tokens=1, lengths=(5, 13))
+             window=0, tokens=1, lengths=(5, 13), norm_bits=16)
 
 
 def _case(name, **changes):
@@ -179,6 +179,11 @@ _CASES = [
     # Everything at once: split prod keys, a window, a chunk, GQA 3, D 64.
     _case("all", dim=64, groups=3, key_bits=2.5, value_bits=3.5,
           method="prod", window=5, tokens=3, lengths=(3, 14)),
+    # 8-bit log norms (decoded before the kernel): plain, and split prod
+    # keys with a window and a chunk.
+    _case("norm8", norm_bits=8),
+    _case("norm8_all", dim=64, groups=3, key_bits=2.5, value_bits=3.5,
+          method="prod", window=5, tokens=3, lengths=(3, 14), norm_bits=8),
 ]
 
 _SLOW_CASES = [
@@ -204,14 +209,14 @@ class ImplTest(parameterized.TestCase):
   RTOL = 1e-5
 
   def _compare(self, dim, groups, key_bits, value_bits, method, window,
-               tokens, lengths):
+               tokens, lengths, norm_bits=16):
     # Fresh inputs per test, seeded by the test's name (reproducible).
     key = jax.random.key(zlib.crc32(self.id().encode()))
     k_init, k_k, k_v, k_q = jax.random.split(key, 4)
     b, kv, s = 2, 2, 16
     cfg = CacheConfig(kind="turboquant", key_bits=key_bits,
                       value_bits=value_bits, key_method=method,
-                      window=window)
+                      window=window, norm_bits=norm_bits)
     k = jax.random.normal(k_k, (b, kv, s, dim)) * 2.0
     v = jax.random.normal(k_v, (b, kv, s, dim))
     lengths = jnp.array(lengths)

@@ -48,7 +48,22 @@ class CacheConfig:
       generated ones too, is read quantized, as in the paper). For snapkv:
       the observation window, the last prompt tokens whose queries vote
       for the kept tokens (always kept themselves; >= 1).
-    norm_dtype: dtype of stored norms ("float16" as in the paper).
+    norm_dtype: dtype of stored norms with norm_bits=16 ("float16" as in
+      the paper).
+    norm_bits: (turboquant only) 16: every per-vector norm (the scale, and
+      the QJL residual norm of prod keys) is stored in norm_dtype; 8: as a
+      uint8 code uniform in log(norm) over a per-(sequence, KV head, norm
+      field) range fixed by the first write to the sequence (prefill, or an
+      append into an empty sequence), widened by a margin; see
+      turboquant_cache. At head dim 64 this halves the norms' 0.25
+      bits/coordinate per tensor.
+    key_norm_bits, value_norm_bits: (turboquant only) 8 or 16 for the keys'
+      or the values' norms alone; None (default): norm_bits.
+    sink: (turboquant only) the first `sink` tokens of each sequence are
+      also kept in full precision (dtype) and attention reads them from
+      there, as StreamingLLM's attention sinks; online (they are the first
+      tokens written). Kernels do not read them: impl=None falls back to
+      "xla" for such a cache.
     rotation: "haar" or "hadamard".
     group_size: KIVI's quantization group (tokens for keys, channels for
       values).
@@ -84,6 +99,10 @@ class CacheConfig:
   pool: str = "max"
   pool_kernel: int = 7
   center_skip: int = 0
+  norm_bits: int = 16
+  key_norm_bits: int | None = None
+  value_norm_bits: int | None = None
+  sink: int = 0
 
   def __post_init__(self):
     if self.kind not in _KINDS:
@@ -115,6 +134,32 @@ class CacheConfig:
         or not isinstance(self.center_skip, int) or self.center_skip < 0):
       raise ValueError(f"center_skip={self.center_skip!r} must be an integer "
                        ">= 0")
+    for name in ("norm_bits", "key_norm_bits", "value_norm_bits"):
+      bits = getattr(self, name)
+      if bits is None and name != "norm_bits":
+        continue
+      if (isinstance(bits, bool) or not isinstance(bits, int)
+          or bits not in (8, 16)):
+        raise ValueError(f"{name}={bits!r} must be 8 or 16")
+      if bits == 8 and self.kind != "turboquant":
+        raise ValueError(f"{name}=8 needs kind='turboquant', got "
+                         f"kind={self.kind!r}")
+      if bits == 8 and self.norm_dtype != "float16":
+        raise ValueError(f"norm_dtype={self.norm_dtype!r} applies to 16-bit "
+                         f"norms only; leave it at 'float16' with {name}=8")
+    if (isinstance(self.sink, bool) or not isinstance(self.sink, int)
+        or self.sink < 0):
+      raise ValueError(f"sink={self.sink!r} must be an integer >= 0")
+    if self.sink and self.kind != "turboquant":
+      raise ValueError(f"sink={self.sink} needs kind='turboquant', got "
+                       f"kind={self.kind!r}")
     if self.center_skip and not self.center_keys:
       raise ValueError(f"center_skip={self.center_skip} needs "
                        "center_keys=True")
+
+  def norm_bits_of(self, tensor: str) -> int:
+    """8 or 16: the norm bits of "keys" or "values"."""
+    if tensor not in ("keys", "values"):
+      raise ValueError(f"tensor={tensor!r} must be 'keys' or 'values'")
+    bits = self.key_norm_bits if tensor == "keys" else self.value_norm_bits
+    return self.norm_bits if bits is None else bits

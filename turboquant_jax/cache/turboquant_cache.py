@@ -11,6 +11,21 @@ in full precision; attention reads those positions from the ring. With
 config.center_keys, every key is stored minus a per-(sequence, head) mean of
 the prefill keys (kept in `key_mean`; the first config.center_skip tokens
 left out of it): softmax ignores q·mean.
+
+With 8-bit norms (config.norm_bits = 8, or per tensor key_norm_bits /
+value_norm_bits) every norm field (the scale of each part, and the
+QJL residual norm of prod keys) is stored as a u8 code uniform in log(norm)
+(common.encode_log) over a range per (sequence, KV head, field) kept in
+`key_norm_range` / `value_norm_range`. The range is set by a sequence's
+first write: the prefill's valid tokens (or, for a sequence with an empty
+prefill or none, its first appended chunk), widened by common.LOG_MARGIN on
+each side; later norms outside it clamp to its ends. Online and
+calibration-free, like the outlier channels. `tensors` decodes the norms
+for attention.
+
+With config.sink = N the first N tokens of each sequence are also kept in
+full precision (`sink_keys` / `sink_values`) and read from there; a
+position in both the sink and the window is read from the sink.
 """
 
 import dataclasses
@@ -39,6 +54,12 @@ class TurboQuantCache:
     config: the CacheConfig (static).
     key_mean: [B, K, D] (config.dtype) subtracted from every key before it
       is stored, set by prefill (config.center_keys), else None.
+    key_norm_range, value_norm_range: f32[B, K, F, 2] (lo, hi) of log(norm)
+      per norm field (F: one per part, two for prod keys) where that
+      tensor's norms are 8-bit (NaN until the sequence's first write), else
+      None.
+    sink_keys, sink_values: [B, K, N, D] (config.dtype) the first N =
+      config.sink tokens (keys centered like the codes), or None.
   """
   keys: api.AnyQuantized
   values: api.AnyQuantized
@@ -49,6 +70,10 @@ class TurboQuantCache:
   lengths: jax.Array
   config: CacheConfig = dataclasses.field(metadata=dict(static=True))
   key_mean: jax.Array | None = None
+  key_norm_range: jax.Array | None = None
+  value_norm_range: jax.Array | None = None
+  sink_keys: jax.Array | None = None
+  sink_values: jax.Array | None = None
 
   @property
   def batch(self) -> int:
@@ -72,8 +97,10 @@ class TurboQuantCache:
 
 
 def _make_quantizer(key, heads: int, dim: int, bits: float, method: str,
-                    config: CacheConfig):
-  kwargs = dict(norm_dtype=config.norm_dtype,
+                    config: CacheConfig, norm_bits: int):
+  # 8-bit norms are coded from the exact (float32) ones.
+  norm_dtype = "float32" if norm_bits == 8 else config.norm_dtype
+  kwargs = dict(norm_dtype=norm_dtype,
                 norm_correction=config.norm_correction,
                 rotation=config.rotation)
   if float(bits).is_integer():
@@ -96,6 +123,55 @@ def _dequantize(q, qt) -> jax.Array:
   return turboquant._dequantize(q, qt)
 
 
+def _norm_arrays(qt) -> list:
+  """The per-vector norm fields of a (split) quantized tensor, in a fixed
+  order: [outlier part's, regular part's]; per part scale, residual norm."""
+  if isinstance(qt, split.SplitQuantizedTensor):
+    return _norm_arrays(qt.outlier) + _norm_arrays(qt.regular)
+  return [a for a in (qt.norms, qt.residual_norms) if a is not None]
+
+
+def _with_norms(qt, arrays: list):
+  """qt with its norm fields replaced by `arrays` (order of _norm_arrays)."""
+  if isinstance(qt, split.SplitQuantizedTensor):
+    n = len(_norm_arrays(qt.outlier))
+    return dataclasses.replace(qt, outlier=_with_norms(qt.outlier,
+                                                       arrays[:n]),
+                               regular=_with_norms(qt.regular, arrays[n:]))
+  it = iter(arrays)
+  return dataclasses.replace(
+      qt, norms=None if qt.norms is None else next(it),
+      residual_norms=None if qt.residual_norms is None else next(it))
+
+
+def _encode_norms(qt, rng: jax.Array, valid: jax.Array):
+  """(qt with u8 norm codes, range) for tokens qt [B, K, T] being written.
+
+  rng: f32[B, K, F, 2]; a sequence whose range is unset (NaN) takes it
+  from this write's valid tokens (valid: bool[B, T]).
+  """
+  norms = _norm_arrays(qt)
+  new = jnp.stack([common.log_range(n, valid[:, None, :]) for n in norms],
+                  axis=2)
+  rng = jnp.where(jnp.isnan(rng), new, rng)
+  codes = [common.encode_log(n, rng[:, :, f]) for f, n in enumerate(norms)]
+  return _with_norms(qt, codes), rng
+
+
+def _decode_norms(qt, rng: jax.Array):
+  return _with_norms(qt, [common.decode_log(c, rng[:, :, f])
+                          for f, c in enumerate(_norm_arrays(qt))])
+
+
+def tensors(cache: TurboQuantCache) -> tuple[api.AnyQuantized,
+                                              api.AnyQuantized]:
+  """(keys, values) [B, K, S] as attention reads them: 8-bit norms decoded
+  to f32 (the codes unchanged); 16-bit ones as stored."""
+  return tuple(qt if rng is None else _decode_norms(qt, rng) for qt, rng in (
+      (cache.keys, cache.key_norm_range),
+      (cache.values, cache.value_norm_range)))
+
+
 def init(config: CacheConfig, batch: int, kv_heads: int, capacity: int,
          head_dim: int, *, key: jax.Array | None = None) -> TurboQuantCache:
   """An empty cache with static capacity; `key` draws the rotations."""
@@ -106,17 +182,31 @@ def init(config: CacheConfig, batch: int, kv_heads: int, capacity: int,
   key = jax.random.key(0) if key is None else key
   k_key, v_key = jax.random.split(key)
   kq = _make_quantizer(k_key, kv_heads, head_dim, config.key_bits,
-                       config.key_method, config)
+                       config.key_method, config, config.norm_bits_of("keys"))
   vq = _make_quantizer(v_key, kv_heads, head_dim, config.value_bits, "mse",
-                       config)
+                       config, config.norm_bits_of("values"))
   zeros = jnp.zeros((batch, kv_heads, capacity, head_dim), jnp.float32)
-  keys = jax.eval_shape(_quantize, kq, zeros)
-  values = jax.eval_shape(_quantize, vq, zeros)
+  stored, ranges = [], []
+  for tensor, q in (("keys", kq), ("values", vq)):
+    qt = jax.eval_shape(_quantize, q, zeros)
+    rng = None
+    if config.norm_bits_of(tensor) == 8:
+      rng = jnp.full((batch, kv_heads, len(_norm_arrays(qt)), 2), jnp.nan,
+                     jnp.float32)
+      qt = _with_norms(qt, [jax.ShapeDtypeStruct(a.shape, jnp.uint8)
+                            for a in _norm_arrays(qt)])
+    stored.append(qt)
+    ranges.append(rng)
+  keys, values = stored
   empty = lambda s: jnp.zeros(s.shape, s.dtype)
   window = None
   if config.window:
     window = jnp.zeros((batch, kv_heads, config.window, head_dim),
                        jnp.dtype(config.dtype))
+  sink = None
+  if config.sink:
+    sink = jnp.zeros((batch, kv_heads, config.sink, head_dim),
+                     jnp.dtype(config.dtype))
   key_mean = None
   if config.center_keys:
     key_mean = jnp.zeros((batch, kv_heads, head_dim), jnp.dtype(config.dtype))
@@ -124,7 +214,8 @@ def init(config: CacheConfig, batch: int, kv_heads: int, capacity: int,
       keys=jax.tree.map(empty, keys), values=jax.tree.map(empty, values),
       key_quantizer=kq, value_quantizer=vq, window_keys=window,
       window_values=window, lengths=jnp.zeros((batch,), jnp.int32),
-      config=config, key_mean=key_mean)
+      config=config, key_mean=key_mean, key_norm_range=ranges[0],
+      value_norm_range=ranges[1], sink_keys=sink, sink_values=sink)
 
 
 def _select_outliers(q, x: jax.Array, lengths: jax.Array):
@@ -161,22 +252,42 @@ def _prefill_mean(k: jax.Array, lengths: jax.Array, dtype,
 
 def _write(cache: TurboQuantCache, k, v, positions,
            ends) -> TurboQuantCache:
-  keys = common.write_tree(cache.keys, _quantize(cache.key_quantizer, k),
-                           positions)
-  values = common.write_tree(cache.values,
-                             _quantize(cache.value_quantizer, v), positions)
+  new_k = _quantize(cache.key_quantizer, k)
+  new_v = _quantize(cache.value_quantizer, v)
+  valid = positions < ends[:, None]                                # [B, T]
+  k_rng, v_rng = cache.key_norm_range, cache.value_norm_range
+  if k_rng is not None:
+    new_k, k_rng = _encode_norms(new_k, k_rng, valid)
+  if v_rng is not None:
+    new_v, v_rng = _encode_norms(new_v, v_rng, valid)
+  cache = dataclasses.replace(cache, key_norm_range=k_rng,
+                              value_norm_range=v_rng)
+  keys = common.write_tree(cache.keys, new_k, positions)
+  values = common.write_tree(cache.values, new_v, positions)
   wk, wv = cache.window_keys, cache.window_values
   if cache.config.window:
     slots = common.window_slots(positions, cache.config.window,
                                 cache.capacity, ends)
     wk = common.write_tokens(wk, k, slots)
     wv = common.write_tokens(wv, v, slots)
+  sk, sv = cache.sink_keys, cache.sink_values
+  if cache.config.sink:       # slot p for position p < N (padding dropped)
+    n = cache.config.sink
+    slots = jnp.where((positions < n) & (positions < ends[:, None]),
+                      positions, n)
+    sk = common.write_tokens(sk, k, slots)
+    sv = common.write_tokens(sv, v, slots)
   return dataclasses.replace(cache, keys=keys, values=values, window_keys=wk,
-                             window_values=wv)
+                             window_values=wv, sink_keys=sk, sink_values=sv)
 
 
 @jax.jit
 def _prefill(cache, k, v, lengths):
+  # A prefill replaces the contents: 8-bit norms take new ranges from it.
+  unset = lambda r: None if r is None else jnp.full_like(r, jnp.nan)
+  cache = dataclasses.replace(cache,
+                              key_norm_range=unset(cache.key_norm_range),
+                              value_norm_range=unset(cache.value_norm_range))
   if cache.key_mean is not None:
     cache = dataclasses.replace(cache, key_mean=_prefill_mean(
         k, lengths, cache.key_mean.dtype, cache.config.center_skip))
@@ -229,16 +340,22 @@ def append(cache: TurboQuantCache, k: jax.Array,
 def dequantize(cache: TurboQuantCache) -> tuple[jax.Array, jax.Array]:
   """f32[B, K, S, D] keys and values as attention sees them.
 
-  Positions held by the full-precision window come from the window. With
+  Positions held by the full-precision window or sink come from there. With
   config.center_keys the keys are the centered ones (minus key_mean).
   """
-  k = _dequantize(cache.key_quantizer, cache.keys)
-  v = _dequantize(cache.value_quantizer, cache.values)
+  keys, values = tensors(cache)
+  k = _dequantize(cache.key_quantizer, keys)
+  v = _dequantize(cache.value_quantizer, values)
   if cache.config.window:
     pos = common.window_positions(cache.lengths, cache.config.window)
     pos = jnp.where(pos >= 0, pos, cache.capacity)        # empty slot: drop
     k = common.write_tokens(k, cache.window_keys.astype(jnp.float32), pos)
     v = common.write_tokens(v, cache.window_values.astype(jnp.float32), pos)
+  if cache.config.sink:                       # after the window: sink wins
+    pos = common.sink_positions(cache.lengths, cache.config.sink)
+    pos = jnp.where(pos >= 0, pos, cache.capacity)
+    k = common.write_tokens(k, cache.sink_keys.astype(jnp.float32), pos)
+    v = common.write_tokens(v, cache.sink_values.astype(jnp.float32), pos)
   return k, v
 
 

@@ -45,7 +45,8 @@ class KernelInputs:
   q: per key part f32[B, K, M, Dp], rotated and scaled.
   sq: per key part f32[B, K, M, Dp] = S·(rotated q)·scale (prod) or None.
   key_codes / value_codes: u8[B, K, S, P] per part.
-  key_norms / value_norms: f32[B, K, S] per part (scale; 0 for prod at 1 bit).
+  key_norms / value_norms: f32[B, K, S] per part (scale; 0 for prod at 1
+    bit), decoded from the cache's u8 codes where its norms are 8-bit.
   key_signs: u8[B, K, S, Dp/8] (prod) or None; key_coef: f32[B, K, S] the
     QJL weight √(π/2)/Dp·γ (prod) or None.
   qlen: i32[B] quantized positions to read (length minus the window).
@@ -88,6 +89,9 @@ def supported(cache) -> str | None:
   """None if kernels can read this cache, else the reason they cannot."""
   if not isinstance(cache, turboquant_cache.TurboQuantCache):
     return f"{type(cache).__name__} is not a TurboQuantCache"
+  if cache.config.sink:
+    return (f"sink={cache.config.sink}: kernels do not read the "
+            "full-precision sink tokens")
   for q, _, _ in _parts(cache.key_quantizer, cache.keys) + _parts(
       cache.value_quantizer, cache.values):
     if q.dim % 8:
@@ -106,7 +110,10 @@ def prepare(q: jax.Array, cache, lengths: jax.Array,
   lengths = jnp.minimum(lengths.astype(jnp.int32), cap)
   qs, sqs, kcodes, knorms, ksigns, kcoefs, kspecs = [], [], [], [], [], [], []
   stacked = isinstance(cache.key_quantizer, split.SplitQuantizer)
-  for kq, kqt, ch in _parts(cache.key_quantizer, cache.keys):
+  # 8-bit norm codes are decoded here, by XLA: kernels read f32 norms
+  # either way.
+  keys, values = turboquant_cache.tensors(cache)
+  for kq, kqt, ch in _parts(cache.key_quantizer, keys):
     def rotate(quant, y, ch=ch):
       if ch is not None:
         y = jnp.take(y, ch, axis=-1)
@@ -131,7 +138,7 @@ def prepare(q: jax.Array, cache, lengths: jax.Array,
       kcoefs.append(None)
     kspecs.append(spec)
   vcodes, vnorms, vspecs = [], [], []
-  for vq, vqt, _ in _parts(cache.value_quantizer, cache.values):
+  for vq, vqt, _ in _parts(cache.value_quantizer, values):
     vcodes.append(vqt.codes)
     vnorms.append(vqt.norms.astype(jnp.float32))
     vspecs.append(_spec(vq))

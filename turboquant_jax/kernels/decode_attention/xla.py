@@ -78,42 +78,63 @@ def attention(q: jax.Array, cache, lengths: jax.Array,
   if not isinstance(cache, turboquant_cache.TurboQuantCache):
     return reference.attention_reference(q, cache, lengths, scale=scale)
   b, t, h, d = q.shape
-  kv, cap, w = cache.kv_heads, cache.capacity, cache.config.window
+  kv, cap = cache.kv_heads, cache.capacity
   g = h // kv
   scale = d ** -0.5 if scale is None else scale
   # [B, K, T·G, D]: all queries of a GQA group share each head's codes.
   qh = jnp.moveaxis(q.astype(jnp.float32).reshape(b, t, kv, g, d), 1, 2)
   qh = qh.reshape(b, kv, t * g, d)
-  s = _over_heads(_head_scores, cache.key_quantizer, cache.keys, qh)
+  keys, values = turboquant_cache.tensors(cache)     # norms decoded (8-bit)
+  s = _over_heads(_head_scores, cache.key_quantizer, keys, qh)
   mask = reference.causal_mask(lengths, t, cap)                # [B, T, S]
   mask = jnp.repeat(mask, g, axis=1)[:, None]                  # [B,1,TG,S]
-  if w:
-    wpos = common.window_positions(jnp.minimum(lengths, cap), w)   # [B, W]
-    in_window = jnp.zeros((b, cap + 1), bool).at[
-        jnp.arange(b)[:, None], jnp.where(wpos >= 0, wpos, cap)].set(True)
-    in_window = in_window[:, :cap]                             # [B, S]
-    sw = jnp.einsum("bkmd,bkwd->bkmw", qh,
-                    cache.window_keys.astype(jnp.float32), precision=_HI)
-    s_all = jnp.concatenate([s, sw], axis=-1) * scale
-    wmask = (wpos[:, None, None, :] >= 0) & (
-        wpos[:, None, None, :] <= _query_positions(lengths, t, g, cap)[
+  exact = _exact_tokens(cache, lengths)
+  if exact is not None:
+    ek, ev, epos = exact                                       # E tokens
+    in_exact = jnp.zeros((b, cap + 1), bool).at[
+        jnp.arange(b)[:, None], jnp.where(epos >= 0, epos, cap)].set(True)
+    in_exact = in_exact[:, :cap]                               # [B, S]
+    se = jnp.einsum("bkmd,bked->bkme", qh, ek, precision=_HI)
+    s_all = jnp.concatenate([s, se], axis=-1) * scale
+    emask = (epos[:, None, None, :] >= 0) & (
+        epos[:, None, None, :] <= _query_positions(lengths, t, g, cap)[
             :, None, :, None])
-    qmask = mask & ~in_window[:, None, None, :]
+    qmask = mask & ~in_exact[:, None, None, :]
     p = reference.masked_softmax(s_all, jnp.concatenate([
-        jnp.broadcast_to(qmask, s.shape), jnp.broadcast_to(wmask, sw.shape)],
+        jnp.broadcast_to(qmask, s.shape), jnp.broadcast_to(emask, se.shape)],
                                                         axis=-1))
-    p_q, p_w = p[..., :cap], p[..., cap:]
+    p_q, p_e = p[..., :cap], p[..., cap:]
     out = _over_heads(lambda vq, vqt, pp: _head_values(vq, vqt, pp, d),
-                      cache.value_quantizer, cache.values, p_q)
-    out = out + jnp.einsum("bkmw,bkwd->bkmd", p_w,
-                           cache.window_values.astype(jnp.float32),
-                           precision=_HI)
+                      cache.value_quantizer, values, p_q)
+    out = out + jnp.einsum("bkme,bked->bkmd", p_e, ev, precision=_HI)
   else:
     p = reference.masked_softmax(s * scale, mask)
     out = _over_heads(lambda vq, vqt, pp: _head_values(vq, vqt, pp, d),
-                      cache.value_quantizer, cache.values, p)
+                      cache.value_quantizer, values, p)
   out = out.reshape(b, kv, t, g, d)
   return jnp.moveaxis(out, 2, 1).reshape(b, t, h, d)
+
+
+def _exact_tokens(cache, lengths):
+  """(keys f32[B, K, E, D], values, positions i32[B, E] (-1: empty)) of the
+  full-precision tokens (window ring, then sink), or None without any. A
+  position held by both is kept once, in the sink."""
+  cap, w, n = cache.capacity, cache.config.window, cache.config.sink
+  lengths = jnp.minimum(lengths, cap)
+  ks, vs, ps = [], [], []
+  if w:
+    wpos = common.window_positions(lengths, w)                 # [B, W]
+    ps.append(jnp.where(wpos >= n, wpos, -1))
+    ks.append(cache.window_keys)
+    vs.append(cache.window_values)
+  if n:
+    ps.append(common.sink_positions(lengths, n))               # [B, N]
+    ks.append(cache.sink_keys)
+    vs.append(cache.sink_values)
+  if not ps:
+    return None
+  cat = lambda xs: jnp.concatenate([x.astype(jnp.float32) for x in xs], 2)
+  return cat(ks), cat(vs), jnp.concatenate(ps, axis=1)
 
 
 def _query_positions(lengths, t, g, cap):
