@@ -69,8 +69,12 @@ def _filled(cache, key, length):
 
 def main(argv):
   del argv
-  config = flags.FLAGS.config
-  writer = results.Writer(flags.FLAGS.workdir, config)
+  run(flags.FLAGS.config, flags.FLAGS.workdir)
+
+
+def run(config, workdir) -> list[dict]:
+  """Runs (or resumes) the sweep into workdir; returns all rows."""
+  writer = results.Writer(workdir, config)
   done = writer.done_keys(("batch", "cache"))
   device = jax.devices()[0].device_kind
   model = model_lib.Transformer(SMOLLM2, rngs=nnx.Rngs(config.seed))
@@ -112,6 +116,7 @@ def main(argv):
       print(f"B={batch:<3} {name:>10}: {ms} ms/step, "
             f"{row['tokens_per_s']} tok/s {err or ''}")
       del caches
+  return writer.rows()
 
 
 if __name__ == "__main__":

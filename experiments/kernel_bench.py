@@ -10,6 +10,7 @@ and, on the same shapes in the same run, cuDNN bf16 and XLA bf16 attention
         --workdir=results/kernel_bench/h200
 """
 
+import pathlib
 import statistics
 import time
 
@@ -18,7 +19,6 @@ from absl import flags
 import jax
 import jax.numpy as jnp
 from ml_collections import config_flags
-import numpy as np
 
 from turboquant_jax import cache as cache_lib
 from turboquant_jax import results
@@ -125,8 +125,12 @@ def bench_quantize(config, writer, done, device):
 
 def main(argv):
   del argv
-  config = flags.FLAGS.config
-  writer = results.Writer(flags.FLAGS.workdir, config)
+  run(flags.FLAGS.config, flags.FLAGS.workdir)
+
+
+def run(config, workdir) -> pathlib.Path:
+  """Runs (or resumes) the sweep into workdir; returns table.md's path."""
+  writer = results.Writer(workdir, config)
   done = writer.done_keys(("op", "impl", "batch", "seq_len", "key_bits"))
   device = jax.devices()[0].device_kind
   hq, hkv, d = config.q_heads, config.kv_heads, config.head_dim
@@ -209,6 +213,60 @@ def main(argv):
                 f"{t if t is None else round(t, 3)} ms (floor "
                 f"{floor:.3f}, cudnn {base['cudnn']}) {err or ''}")
         del cache
+  table = write_table(workdir)
+  print(f"table: {table}")
+  return table
+
+
+def write_table(workdir) -> pathlib.Path:
+  """table.md from results.jsonl: decode attention per batch, then appends.
+
+  Each cell is our time in ms and, in brackets, cuDNN bf16's time over ours
+  (above 1 = faster than cuDNN), with cuDNN measured in the same run.
+  """
+  rows = results.read_rows(pathlib.Path(workdir) / results.RESULTS_FILE)
+  attn = [r for r in rows if r["op"] == "decode_attention"]
+  bits = sorted({r["key_bits"] for r in attn if r["key_bits"] != 16})
+  device = next((r["device"] for r in rows), "?")
+  lines = [f"# Decode attention and quantize-and-append on {device}", "",
+           "ms per call (median); in brackets cuDNN bf16 ms / ours (> 1: "
+           "faster than cuDNN). floor = compressed bytes / 4.6 TB/s.", ""]
+  for batch in sorted({r["batch"] for r in attn}):
+    sub = [r for r in attn if r["batch"] == batch]
+    head = ["S", "cuDNN bf16", "XLA bf16"]
+    for b in bits:
+      head += [f"TQ {b:g}-bit pallas_gpu", f"floor {b:g}"]
+    lines += [f"## B = {batch}", "", "| " + " | ".join(head) + " |",
+              "|" + "---:|" * len(head)]
+    for seq in sorted({r["seq_len"] for r in sub}):
+      at = {(r["impl"], r["key_bits"]): r for r in sub
+            if r["seq_len"] == seq}
+      def ms(r):
+        return "-" if r is None or r["time_ms"] is None else (
+            f"{r['time_ms']:.3f}")
+      cells = [f"{seq // 1024}k", ms(at.get(("cudnn_bf16", 16))),
+               ms(at.get(("xla_bf16", 16)))]
+      for b in bits:
+        r = at.get(("pallas_gpu", b))
+        cell = ms(r)
+        if r is not None and r.get("speedup_vs_cudnn"):
+          cell += f" ({r['speedup_vs_cudnn']:.2f}x)"
+        cells += [cell, "-" if r is None else f"{r['floor_ms']:.3f}"]
+      lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+  app_rows = [r for r in rows if r["op"] == "quantize_append"]
+  if app_rows:
+    lines += ["## Quantize-and-append (XLA), into a cache of "
+              f"{app_rows[0]['capacity']} tokens, one layer", "",
+              "| B | tokens | bits | ms | tokens/s |", "|---:|---:|---:|---:|---:|"]
+    for r in sorted(app_rows, key=lambda r: (r["batch"], r["tokens"],
+                                             r["key_bits"])):
+      lines.append(f"| {r['batch']} | {r['tokens']} | {r['key_bits']:g} | "
+                   f"{r['time_ms']:.3f} | {r['tokens_per_s']:,.0f} |")
+    lines.append("")
+  path = pathlib.Path(workdir) / "table.md"
+  results.atomic_write(path, "\n".join(lines))
+  return path
 
 
 if __name__ == "__main__":

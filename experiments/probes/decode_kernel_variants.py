@@ -12,7 +12,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from experiments import kernel_bench
 from turboquant_jax import cache as cache_lib
@@ -43,10 +42,64 @@ def check(dim, groups, bits, method="mse", window=0, tokens=1, s=1024,
         f" T={tokens} {mode:<6} {msg}", flush=True)
 
 
+_REAL_LOOKUP = pallas_gpu.lookup
+_REAL_DEQUANTIZE = pallas_gpu._dequantize_into  # pylint: disable=protected-access
+
+
+def _bits_only_lookup(code, spec, mode):
+  """Timing probe only (wrong values): codes to f16 by one bit operation,
+  the floor of any centroid lookup that starts from the unpacked codes."""
+  del spec, mode
+  return jax.lax.bitcast_convert_type(code.astype(jnp.int16) | 0x6400,
+                                      jnp.float16)
+
+
+def _no_dequantize(*args, **kwargs):
+  """Timing probe only (wrong values): leaves the K/V SMEM tiles as they
+  are, so the time left is everything but unpacking and lookup."""
+  del args, kwargs
+
+
+def _time_variant(f, *args):
+  """Median ms, or the failure."""
+  try:
+    return kernel_bench.time_ms(f, *args, warmup=3, reps=20), ""
+  except Exception as e:  # noqa: BLE001 - a probe reports every failure
+    return None, f"FAIL {type(e).__name__}: {str(e)[:400]}"
+
+
+def occupancy():
+  """Programs of equal work: 128 (one per SM) against 256 and 512. Equal
+  times mean 2 or 4 programs run at once on an SM, doubled times one."""
+  s, d, kvh, splits = 131072, 128, 8, 16
+  cfg = cache_lib.CacheConfig(key_bits=4, value_bits=4)
+  for b in (1, 2, 4):
+    c = kernel_bench.random_cache(jax.random.key(4), cfg, b, kvh, s, d)
+    q = jax.random.normal(jax.random.key(0), (b, 32, d))
+    f = jax.jit(lambda q, c: da.decode_attention(
+        q, c, c.lengths, impl="pallas_gpu", splits=splits))
+    t, err = _time_variant(f, q, c)
+    print(f"occupancy B={b} programs={b * kvh * splits} "
+          f"{t if t is None else round(t, 3)} ms {err}", flush=True)
+
+
 def main():
+  if "--occupancy" in sys.argv:
+    occupancy()
+    return
   quick = "--quick" in sys.argv
   print("jax", jax.__version__, jax.devices()[0].device_kind, flush=True)
   check(128, 4, 4)
+  check(128, 4, 4, mode="poly16")
+  check(128, 4, 3, mode="poly16")
+  check(128, 4, 2, mode="poly16")
+  check(128, 1, 3, method="prod", mode="poly16")
+  check(64, 8, 4, lengths=(1, 333), mode="poly16")
+  check(256, 3, 2, window=32, mode="poly16")
+  check(64, 4, 3, mode="poly16", lengths=(1024, 77))     # 24-byte rows
+  check(64, 2, 3, method="prod", mode="poly16")          # 8-byte signs
+  check(128, 4, 2.5, mode="poly16")
+  check(128, 4, 3.5, mode="poly16", tokens=3)
   check(128, 4, 4, mode="select")
   check(128, 4, 3)
   check(128, 4, 2)
@@ -67,28 +120,38 @@ def main():
     cudnn = kernel_bench.time_ms(fn, q, kb, vb, warmup=3, reps=20)
     del kb, vb
     print(f"S={s:<7} cudnn_bf16 {cudnn:.3f} ms", flush=True)
-    for bits in (4, 3, 2):
+    for bits in (4, 3, 2, 3.5, 2.5):
       cfg = cache_lib.CacheConfig(key_bits=bits, value_bits=bits)
       c = kernel_bench.random_cache(jax.random.key(4), cfg, b, kvh, s, d)
       nbytes = sum(x.nbytes for x in jax.tree.leaves((c.keys, c.values))
                    if hasattr(x, "nbytes") and x.ndim >= 3)
       base = pallas_gpu.default_splits(c)
-      for mode in ("poly", "select"):
-        for splits in ((base, base * 2) if mode == "poly" else (base,)):
-          if s % (64 * splits):
-            continue
-          f = jax.jit(lambda q, c, mode=mode, splits=splits:
-                      da.decode_attention(q, c, c.lengths, impl="pallas_gpu",
-                                          lookup_mode=mode, splits=splits))
-          try:
-            t = kernel_bench.time_ms(f, q.astype(jnp.float32), c, warmup=3,
-                                     reps=20)
-            print(f"S={s:<7} bits={bits} {mode:<6} splits={splits:<3} "
-                  f"{t:.3f} ms  x{cudnn / t:.2f} vs cudnn  "
-                  f"{nbytes / t / 1e9:.2f} TB/s", flush=True)
-          except Exception as e:  # noqa: BLE001
-            print(f"S={s} bits={bits} {mode} splits={splits} FAIL "
-                  f"{type(e).__name__}: {str(e)[:400]}", flush=True)
+      variants = [("poly16", base)]
+      if bits == 4:
+        variants += [("poly", base), ("bits", base), ("nodeq", base),
+                     ("poly16", base * 4)]
+      for mode, splits in variants:
+        if s % (64 * splits) or splits < 1:
+          continue
+        pallas_gpu.lookup = (_bits_only_lookup if mode == "bits"
+                             else _REAL_LOOKUP)
+        pallas_gpu._dequantize_into = (  # pylint: disable=protected-access
+            _no_dequantize if mode == "nodeq" else _REAL_DEQUANTIZE)
+        f = jax.jit(lambda q, c, mode=mode, splits=splits:
+                    da.decode_attention(
+                        q, c, c.lengths, impl="pallas_gpu", splits=splits,
+                        lookup_mode=("poly16" if mode in ("bits", "nodeq")
+                                     else mode)))
+        t, err = _time_variant(f, q.astype(jnp.float32), c)
+        pallas_gpu.lookup = _REAL_LOOKUP
+        pallas_gpu._dequantize_into = _REAL_DEQUANTIZE  # pylint: disable=protected-access
+        if t is None:
+          print(f"S={s} bits={bits} {mode} splits={splits} {err}",
+                flush=True)
+          continue
+        print(f"S={s:<7} bits={bits} {mode:<6} splits={splits:<3} "
+              f"{t:.3f} ms  x{cudnn / t:.2f} vs cudnn  "
+              f"{nbytes / t / 1e9:.2f} TB/s", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,33 +1,42 @@
 """impl="pallas_gpu": fused attention over packed TurboQuant codes, Mosaic GPU.
 
-Version 2: tensor cores for both products, the FlashAttention layout.
+Version 3: tensor cores for both products, the FlashAttention layout, f16
+centroid lookup.
 
 Grid (B, K, NS) over sequences, KV heads and sequence splits; one warpgroup
 per program. A TMA pipeline streams tiles of 64 tokens of packed key and
 value codes and their norms into SMEM. Per tile, the warpgroup
 
 1. unpacks the key codes (shift + mask per contiguous coordinate chunk),
-   maps them to centroids (an odd polynomial through the codebook, or a
-   select chain) and stores them as f16 chunks [64 tokens, Dc] in swizzled
-   SMEM; the codes never exist as a full bf16/f16 K in HBM;
+   maps them to centroids (by default an odd polynomial through the
+   codebook in packed f16, see `lookup`) and stores them as f16 groups
+   [64 tokens, 64 coordinates] in swizzled SMEM; the codes never exist as a
+   full bf16/f16 K in HBM;
 2. scores all M = T·G queries of the GQA group at once on the tensor cores:
-   S[64 rows, 64 tokens] = Σ_chunks Q_chunk · K_chunkᵀ (wgmma, f32
-   accumulation; query rows past M are zero padding), scaled by the key
-   norms per token column;
+   S[64 rows, 64 tokens] = Σ_groups Q_g · K_gᵀ (wgmma, f32 accumulation;
+   query rows past M are zero padding), scaled by the key norms per token
+   column; the value codes are unpacked the same way while the wgmma runs;
 3. keeps an online softmax per query row (row reductions stay inside a
    warp, as in FlashAttention);
-4. unpacks the value codes the same way and accumulates
-   O_chunk += (P · value norms) · V_chunk (wgmma), in the rotated domain.
+4. accumulates O_g += (P · value norms) · V_g (wgmma, all groups issued
+   before the first wait), in the rotated domain.
 
 The query is rotated once before the kernel (<q, Rᵀy> = <Rq, y>) and each
 value part is rotated back once after it (parts.finish), where the splits
 are merged by log-sum-exp. QJL keys (prod) add a third kind of part: their
 sign bits are 1-bit codes with centroids ±1, the sketched query S·q as its
-query and the residual weight as its per-token norm.
+query and the residual weight as its per-token norm. Packed rows that are
+not a multiple of 16 bytes (24 for 3-bit parts of 64 channels, as in 2.5
+and 3.5 bits at D = 128 or 3 bits at D = 64; 8 for the signs of 64) travel
+as rows of 16 bytes and are viewed back in SMEM (`_tma_rows`).
 
-Limits (NotImplementedError -> impl=None falls back to "xla"): every packed
-row must be a multiple of 16 bytes (a TMA row), the capacity a multiple of
-64 · NS, at most 64 query rows (T·G), part dims with 16-column chunks.
+Limits (NotImplementedError -> impl=None falls back to "xla"): the
+capacity a multiple of 64 · NS, at most 64 query rows (T·G), part dims a
+multiple of 64 (2.5 bits at D = 64 has parts of 32), a tile of at most 256
+rows of 16 bytes.
+
+Speed (H200, results/kernel_bench/h200): 0.4-1.1x cuDNN bf16, latency-bound
+per tile, not bound by the lookup or by HBM; NOTES.md has the measurements.
 """
 
 import functools
@@ -39,6 +48,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 import numpy as np
 
 from turboquant_jax.kernels.decode_attention import parts
+from turboquant_jax.quant import packing
 
 ROWS = 64      # tokens per tile = query rows of one warpgroup's wgmma
 
@@ -56,10 +66,10 @@ def _check(inp: parts.KernelInputs, splits: int) -> None:
                               f"kernel takes at most {ROWS}")
   codes = inp.key_codes + [s for s in inp.key_signs if s is not None]
   for c in codes + inp.value_codes:
-    if c.shape[-1] % 16:
+    if c.shape[-1] % 16 and ROWS * c.shape[-1] // 16 > 256:
       raise NotImplementedError(
-          f"pallas_gpu: packed row of {c.shape[-1]} bytes is not a multiple "
-          "of 16 (a TMA row)")
+          f"pallas_gpu: a tile of {ROWS} packed rows of {c.shape[-1]} bytes "
+          "is more than 256 TMA rows of 16 bytes")
   for spec in _kernel_specs(inp)[0] + list(inp.value_specs):
     if spec.dim % GROUP:
       raise NotImplementedError(f"pallas_gpu: part dim {spec.dim} is not a "
@@ -118,7 +128,29 @@ def odd_polynomial(centroids: tuple[float, ...]) -> tuple[float, ...] | None:
 
 
 def lookup(code: jax.Array, spec: parts.PartSpec, mode: str) -> jax.Array:
-  """centroids[code] (f32) by an odd polynomial or a select chain."""
+  """centroids[code] by an odd polynomial or a select chain.
+
+  mode "poly" and "select" compute in f32; "poly16" takes int16 codes and
+  computes in f16 (packed f16x2 on the GPU, two coordinates an
+  instruction): the code becomes the f16 1024 + code by setting the
+  exponent bits (no int-to-float conversion), 1024 is subtracted exactly,
+  and Horner runs in f16. Its error is at most ~1.4e-3 of the largest
+  centroid for b <= 4 (D 64-256), against 2^-11 for rounding the table to
+  f16; the operands of the tensor-core products are f16 either way.
+  """
+  if mode == "poly16":
+    coef = odd_polynomial(spec.centroids)
+    if coef is None:
+      return parts.lookup(code, spec.centroids).astype(jnp.float16)
+    n = len(spec.centroids)
+    magic = jax.lax.bitcast_convert_type(
+        code.astype(jnp.int16) | 0x6400, jnp.float16)      # 1024 + code
+    t = (magic - 1024.0) * (2.0 / (n - 1)) + (1.0 - n) / (n - 1)
+    t2 = t * t
+    acc = jnp.full(code.shape, coef[-1], jnp.float16)
+    for a in coef[-2::-1]:
+      acc = acc * t2 + a
+    return acc * t
   coef = odd_polynomial(spec.centroids) if mode == "poly" else None
   if coef is None:
     return parts.lookup(code, spec.centroids)
@@ -133,6 +165,8 @@ def lookup(code: jax.Array, spec: parts.PartSpec, mode: str) -> jax.Array:
 
 # ------------------------------------------------------------ the kernel
 
+
+LOOKUP_MODES = ("poly16", "poly", "select")
 
 GROUP = 64     # coordinates per SMEM operand tile (128-byte swizzled f16)
 
@@ -159,18 +193,48 @@ def _in_groups(chunks: list[jax.Array]) -> list[jax.Array]:
           for g in range(0, len(chunks), per)]
 
 
-def _dequantize_into(code_ref, spec, smem, mode) -> None:
-  """Unpacks a u8[64, P] tile and stores its centroids group by group."""
-  words = plgpu.load(code_ref, layout=_L.WGMMA, optimized=False)
-  words = words.astype(jnp.int32)
+def _tma_rows(codes: jax.Array) -> jax.Array:
+  """u8[B, K, S, P] -> [B, K, S·P/16, 16] when P is not a multiple of 16.
+
+  TMA copies rows of a multiple of 16 bytes; a tile of 64 packed rows of
+  P bytes (24 for 3-bit parts of 64 channels, 8 for the sign bits of 64)
+  is the same bytes as 4·P rows of 16, and the kernel views it back as
+  [64, P] in SMEM. A free reshape, no copy.
+  """
+  b, k, s, p = codes.shape
+  return codes if p % 16 == 0 else codes.reshape(b, k, s * p // 16, 16)
+
+
+def _dequantize_into(code_ref, spec, pool, first: int, mode,
+                     interpret: bool) -> None:
+  """Unpacks a u8[64, P] tile; stores its centroids as pool[first + g]."""
+  row = _row_bytes(spec)
+  if code_ref.shape != (ROWS, row) and interpret:
+    # A _tma_rows tile. Interpret mode has no rule for reshaped refs (the
+    # device has), so it reshapes the loaded value instead.
+    words = code_ref[...].reshape(ROWS, row)
+  else:
+    if code_ref.shape != (ROWS, row):
+      code_ref = code_ref.reshape(ROWS, row)
+    words = plgpu.load(code_ref, layout=_L.WGMMA, optimized=False)
+  dtype = jnp.int16 if mode == "poly16" else jnp.int32
   chunks = [lookup(c, spec, mode)
-            for c in parts.unpack_chunks(words, spec.bits, spec.dim)]
+            for c in parts.unpack_chunks(words, spec.bits, spec.dim, dtype)]
   for g, group in enumerate(_in_groups(chunks)):
-    smem[g] = group.astype(jnp.float16)
+    pool[first + g] = group.astype(jnp.float16)
+
+
+def _row_bytes(spec: parts.PartSpec) -> int:
+  return packing.packed_size(spec.dim, spec.bits)
+
+
+def _offsets(specs) -> list[int]:
+  """First pool group of each part (parts laid out one after another)."""
+  return list(np.cumsum([0] + [_groups(s) for s in specs])[:-1])
 
 
 def _kernel(qlen_ref, qend_ref, *refs, key_specs, value_specs, groups,
-            split_len, kv_heads, splits, mode):
+            split_len, kv_heads, splits, mode, interpret):
   nk, nv = len(key_specs), len(value_specs)
   q_refs = refs[:nk]                                  # [B·K·Dp/64, 64, 64]
   kc_refs = refs[nk:2 * nk]                           # [B, K, S, P]
@@ -179,13 +243,8 @@ def _kernel(qlen_ref, qend_ref, *refs, key_specs, value_specs, groups,
   vn_refs = refs[3 * nk + nv:3 * nk + 2 * nv]
   rest = refs[3 * nk + 2 * nv:]
   o_refs, ml_ref = rest[:nv], rest[nv]    # [B·K·NS·Dp/64, 64, 64], [.., 2, 64]
-  scratch = rest[nv + 1:]
-  q_smem = scratch[:nk]
-  k_smem = scratch[nk:2 * nk]
-  v_smem = scratch[2 * nk:2 * nk + nv]
-  p_smem = scratch[2 * nk + nv:2 * nk + 2 * nv]
-  o_smem = scratch[2 * nk + 2 * nv:2 * nk + 3 * nv]
-  ml_smem, barrier = scratch[2 * nk + 3 * nv:]
+  q_smem, barrier = rest[nv + 1:nv + 1 + nk], rest[nv + 1 + nk]
+  k_first, v_first = _offsets(key_specs), _offsets(value_specs)
 
   b = jax.lax.axis_index("b")
   k = jax.lax.axis_index("k")
@@ -208,22 +267,32 @@ def _kernel(qlen_ref, qend_ref, *refs, key_specs, value_specs, groups,
   col = plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=_L.WGMMA)
   limit = qend - 1 + row // groups                    # causal limit per row
 
-  def body(idx, *tile_and_carry):
+  def body(k_pool, v_pool, p_smem, idx, *tile_and_carry):
     (i,) = idx
     *tile, carry = tile_and_carry
     kc, kn = tile[:nk], tile[nk:2 * nk]
     vc, vn = tile[2 * nk:2 * nk + nv], tile[2 * nk + nv:]
     accs, m_i, l_i = carry
-    for ref, spec, smem in zip(kc, key_specs, k_smem):
-      _dequantize_into(ref, spec, smem, mode)
+    for ref, spec, first in zip(kc, key_specs, k_first):
+      _dequantize_into(ref, spec, k_pool, first, mode, interpret)
     plgpu.commit_smem()
+
+    def scores(*acc_refs):
+      for spec, qs, first, acc_ref in zip(key_specs, q_smem, k_first,
+                                          acc_refs):
+        for j in range(_groups(spec)):
+          plgpu.wgmma(acc_ref, qs.at[j],
+                      k_pool.at[first + j].transpose((1, 0)))
+      # The values are dequantized while the tensor cores score the keys.
+      for ref, spec, first in zip(vc, value_specs, v_first):
+        _dequantize_into(ref, spec, v_pool, first, mode, interpret)
+      plgpu.commit_smem()
+      return [acc_ref[...] for acc_ref in acc_refs]
+
+    raw = pl.run_scoped(scores, *[plgpu.ACC(shape, jnp.float32)
+                                  for _ in key_specs])
     s = None
-    for spec, qs, ks, norm_ref in zip(key_specs, q_smem, k_smem, kn):
-      def qk(acc_ref, qs=qs, ks=ks, n=_groups(spec)):
-        for j in range(n):
-          plgpu.wgmma(acc_ref, qs.at[j], ks.at[j].transpose((1, 0)))
-        return acc_ref[...]
-      part = pl.run_scoped(qk, plgpu.ACC(shape, jnp.float32))
+    for part, norm_ref in zip(raw, kn):
       norm = plgpu.load(norm_ref, layout=_L.WGMMA.reduce(0),
                         optimized=False)
       part = part * jax.lax.broadcast_in_dim(norm, shape, [1])
@@ -242,21 +311,24 @@ def _kernel(qlen_ref, qend_ref, *refs, key_specs, value_specs, groups,
                         optimized=False)
       ps[0] = (p * jax.lax.broadcast_in_dim(norm, shape, [1])).astype(
           jnp.float16)
-    for ref, spec, smem in zip(vc, value_specs, v_smem):
-      _dequantize_into(ref, spec, smem, mode)
     plgpu.commit_smem()
-    new_accs = []
-    for part_accs, vs, ps in zip(accs, v_smem, p_smem):
-      outs = []
-      for j, acc in enumerate(part_accs):
-        def mma(acc_ref, ps=ps, vj=vs.at[j]):
-          plgpu.wgmma(acc_ref, ps.at[0], vj)
-          return acc_ref[...]
-        update = pl.run_scoped(mma, plgpu.ACC(acc.shape, jnp.float32))
-        outs.append(acc * jax.lax.broadcast_in_dim(alpha, acc.shape, [0])
-                    + update)
-      new_accs.append(tuple(outs))
-    return tuple(new_accs), m_new, l_new
+    # Every P·V product is issued before the first is waited for.
+    operands = [(ps, v_pool.at[first + j])
+                for part_accs, first, ps in zip(accs, v_first, p_smem)
+                for j in range(len(part_accs))]
+
+    def values(*acc_refs):
+      for acc_ref, (ps, vj) in zip(acc_refs, operands):
+        plgpu.wgmma(acc_ref, ps.at[0], vj)
+      return [acc_ref[...] for acc_ref in acc_refs]
+
+    updates = iter(pl.run_scoped(values, *[plgpu.ACC((ROWS, GROUP),
+                                                     jnp.float32)
+                                           for _ in operands]))
+    new_accs = tuple(
+        tuple(acc * jax.lax.broadcast_in_dim(alpha, acc.shape, [0])
+              + next(updates) for acc in part_accs) for part_accs in accs)
+    return new_accs, m_new, l_new
 
   def zeros(shape, layout):
     return plgpu.layout_cast(jnp.zeros(shape, jnp.float32), layout)
@@ -270,30 +342,47 @@ def _kernel(qlen_ref, qend_ref, *refs, key_specs, value_specs, groups,
   tile0 = base // ROWS
 
   def code_spec(p):
-    return plgpu.BlockSpec((ROWS, p), lambda i: (tile0 + i, 0))
+    return plgpu.BlockSpec((ROWS, p) if p % 16 == 0 else (ROWS * p // 16, 16),
+                           lambda i: (tile0 + i, 0))
 
   norm_spec = plgpu.BlockSpec((ROWS,), lambda i: (tile0 + i,))
-  in_specs = ([code_spec(r.shape[-1]) for r in kc_refs]
+  in_specs = ([code_spec(_row_bytes(s)) for s in key_specs]
               + [norm_spec] * nk
-              + [code_spec(r.shape[-1]) for r in vc_refs]
+              + [code_spec(_row_bytes(s)) for s in value_specs]
               + [norm_spec] * nv)
-  pipeline = plgpu.emit_pipeline(body, grid=(n_tiles,), in_specs=in_specs,
-                                 max_concurrent_steps=2,
-                                 init_carry=(accs, m0, l0))
-  accs, m_i, l_i = pipeline(*[r.at[b, k] for r in kc_refs + kn_refs
-                              + vc_refs + vn_refs])
-  for part_accs, smem in zip(accs, o_smem):
-    for g, acc in enumerate(part_accs):
-      smem[g] = acc
-  ml_smem[0] = m_i
-  ml_smem[1] = l_i
-  plgpu.commit_smem()
-  for smem, out in zip(o_smem, o_refs):
-    n = smem.shape[0]
-    for g in range(n):
-      plgpu.copy_smem_to_gmem(smem.at[g], out.at[program * n + g])
-  plgpu.copy_smem_to_gmem(ml_smem, ml_ref.at[program])
-  plgpu.wait_smem_to_gmem(0)
+  # SMEM is allocated in two scopes that reuse the same bytes: the tile
+  # loop's (pipeline buffers, dequantized K and V, P) and the epilogue's
+  # (f32 outputs). Less SMEM per program, more programs per SM: the loop
+  # is latency-bound, so occupancy is what hides the latency.
+  def stream(k_pool, v_pool, *p_smem):
+    pipeline = plgpu.emit_pipeline(
+        functools.partial(body, k_pool, v_pool, p_smem), grid=(n_tiles,),
+        in_specs=in_specs, max_concurrent_steps=2, init_carry=(accs, m0, l0))
+    return pipeline(*[r.at[b, k] for r in kc_refs + kn_refs + vc_refs
+                      + vn_refs])
+
+  accs, m_i, l_i = pl.run_scoped(
+      stream, _group_smem(sum(_groups(s) for s in key_specs)),
+      _group_smem(sum(_groups(s) for s in value_specs)),
+      *[_group_smem(1) for _ in range(nv)])
+
+  def epilogue(ml_smem, *o_smem):
+    for part_accs, smem in zip(accs, o_smem):
+      for g, acc in enumerate(part_accs):
+        smem[g] = acc
+    ml_smem[0] = m_i
+    ml_smem[1] = l_i
+    plgpu.commit_smem()
+    for smem, out in zip(o_smem, o_refs):
+      n = smem.shape[0]
+      for g in range(n):
+        plgpu.copy_smem_to_gmem(smem.at[g], out.at[program * n + g])
+    plgpu.copy_smem_to_gmem(ml_smem, ml_ref.at[program])
+    plgpu.wait_smem_to_gmem(0)
+
+  pl.run_scoped(epilogue, plgpu.SMEM((2, ROWS), jnp.float32),
+                *[plgpu.SMEM((_groups(s), ROWS, GROUP), jnp.float32)
+                  for s in value_specs])
 
 
 def _query_groups(q: jax.Array) -> jax.Array:
@@ -306,7 +395,7 @@ def _query_groups(q: jax.Array) -> jax.Array:
 
 
 def fused_attention(inp: parts.KernelInputs, *, splits: int = 8,
-                    lookup_mode: str = "poly", interpret=None):
+                    lookup_mode: str = "poly16", interpret=None):
   """Runs the kernel: (acc per value part [B,K,NS,M,Dp], m, l [B,K,NS,M])."""
   _check(inp, splits)
   specs, queries, codes, norms = _kernel_specs(inp)
@@ -319,22 +408,18 @@ def fused_attention(inp: parts.KernelInputs, *, splits: int = 8,
                                    jnp.float32) for s in inp.value_specs]
   out_type.append(jax.ShapeDtypeStruct((programs, 2, ROWS), jnp.float32))
   scratch = [_group_smem(_groups(s)) for s in specs]              # queries
-  scratch += [_group_smem(_groups(s)) for s in specs]             # keys
-  scratch += [_group_smem(_groups(s)) for s in inp.value_specs]   # values
-  scratch += [_group_smem(1) for _ in inp.value_specs]            # P
-  scratch += [plgpu.SMEM((_groups(s), ROWS, GROUP), jnp.float32)
-              for s in inp.value_specs]                           # outputs
-  scratch += [plgpu.SMEM((2, ROWS), jnp.float32), plgpu.Barrier()]
+  scratch += [plgpu.Barrier()]
   kernel = plgpu.kernel(
       functools.partial(_kernel, key_specs=tuple(specs),
                         value_specs=inp.value_specs, groups=inp.groups,
                         split_len=split_len, kv_heads=kv, splits=splits,
-                        mode=lookup_mode),
+                        mode=lookup_mode, interpret=interpret is not None),
       out_type=out_type, scratch_types=scratch, grid=(b, kv, splits),
       grid_names=("b", "k", "s"), interpret=interpret)
   outs = kernel(inp.qlen, inp.qpos_end,
                 *[_query_groups(q) for q in queries],
-                *codes, *norms, *inp.value_codes, *inp.value_norms)
+                *map(_tma_rows, codes), *norms,
+                *map(_tma_rows, inp.value_codes), *inp.value_norms)
   nv = len(inp.value_specs)
   accs = []
   for o in outs[:nv]:                          # [B·K·NS·Dp/64, 64, 64]
@@ -365,20 +450,21 @@ def default_splits(cache, target_programs: int = 264) -> int:
 
 def attention(q: jax.Array, cache, lengths: jax.Array, *,
               scale: float | None = None, splits: int | None = None,
-              lookup_mode: str = "poly",
+              lookup_mode: str = "poly16",
               interpret: bool | None = None) -> jax.Array:
   """q [B, T, H, D] over a TurboQuantCache -> f32[B, T, H, D].
 
   splits: sequence splits per (sequence, KV head); default picks enough
-  programs to fill the GPU. lookup_mode: "poly" (odd polynomial through
-  the codebook) or "select" (a chain of 2^b - 1 selects). interpret=None
+  programs to fill the GPU. lookup_mode: "poly16" (odd polynomial through
+  the codebook, f16; selects for b >= 5), "poly" (the same in f32) or
+  "select" (a chain of 2^b - 1 selects, f32). interpret=None
   uses Mosaic GPU interpret mode when the backend is not a GPU.
   """
   reason = parts.supported(cache)
   if reason:
     raise NotImplementedError(reason)
-  if lookup_mode not in ("poly", "select"):
-    raise ValueError(f"{lookup_mode=!r}: expected 'poly' or 'select'")
+  if lookup_mode not in LOOKUP_MODES:
+    raise ValueError(f"{lookup_mode=!r}: expected one of {LOOKUP_MODES}")
   if interpret is None:
     interpret = jax.default_backend() != "gpu"
   if interpret is True:

@@ -207,17 +207,19 @@ def chunk_count(bits: int) -> int:
   return 8 // min(packing.plane_widths(bits))
 
 
-def unpack_chunks(words: jax.Array, bits: int, dim: int) -> list[jax.Array]:
-  """Packed u8/i32 rows [N, P] -> chunk_count(bits) code arrays i32[N, Dc].
+def unpack_chunks(words: jax.Array, bits: int, dim: int,
+                  dtype=jnp.int32) -> list[jax.Array]:
+  """Packed u8/i32 rows [N, P] -> chunk_count(bits) code arrays [N, Dc].
 
   Chunk j holds coordinates [j·Dc, (j+1)·Dc), Dc = dim / chunk_count: every
   plane's field for those coordinates is one static slice of words, one
   shift and one mask (see packing's layout), so this lowers to plain vector
-  ops in any kernel language.
+  ops in any kernel language. dtype: the integer type to compute in (int16
+  lets a GPU kernel build f16 values from the codes by bit operations).
   """
   n = chunk_count(bits)
   dc = dim // n
-  words = words.astype(jnp.int32)
+  words = words.astype(dtype)
   chunks = []
   for j in range(n):
     code = None

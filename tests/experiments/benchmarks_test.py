@@ -1,0 +1,75 @@
+"""The GPU benchmark drivers at their CPU smoke scale: rows, resume, table.
+
+The H200 runs (results/kernel_bench/h200, results/decode_bench/h200) use the
+same code at full scale; here the XLA paths run on tiny shapes so that a
+broken driver is caught by CI, not on the lent GPU.
+"""
+
+import pathlib
+import sys
+import tempfile
+
+from absl.testing import absltest
+
+_REPO = pathlib.Path(__file__).resolve().parents[2]
+if str(_REPO) not in sys.path:
+  sys.path.insert(0, str(_REPO))
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
+from configs import decode_bench as decode_bench_config
+from configs import kernel_bench as kernel_bench_config
+from experiments import decode_bench
+from experiments import kernel_bench
+from turboquant_jax import results
+# pylint: enable=g-import-not-at-top,wrong-import-position
+
+
+class KernelBenchTest(absltest.TestCase):
+
+  def test_cpu_scale_rows_table_and_resume(self):
+    config = kernel_bench_config.get_config("scale=cpu")
+    with tempfile.TemporaryDirectory() as tmp:
+      table = kernel_bench.run(config, tmp)
+      rows = results.read_rows(pathlib.Path(tmp) / results.RESULTS_FILE)
+      attn = [r for r in rows if r["op"] == "decode_attention"]
+      # cuDNN is absent on the CPU: its row records None; XLA bf16 and the
+      # TurboQuant xla impl are timed.
+      impls = {r["impl"]: r for r in attn}
+      self.assertEqual(set(impls), {"cudnn_bf16", "xla_bf16", "xla"})
+      self.assertGreater(impls["xla"]["time_ms"], 0)
+      self.assertGreater(impls["xla_bf16"]["time_ms"], 0)
+      for field in ("batch", "seq_len", "q_heads", "kv_heads", "head_dim",
+                    "key_bits", "value_bits", "compressed_bytes", "device",
+                    "floor_ms"):
+        self.assertIn(field, impls["xla"])
+      self.assertLess(impls["xla"]["compressed_bytes"],
+                      impls["xla_bf16"]["compressed_bytes"] / 3)
+      ops = {r["op"] for r in rows}
+      self.assertEqual(ops, {"decode_attention", "quantize_append",
+                             "quantize_vectors"})
+      text = table.read_text()
+      self.assertIn("## B = 1", text)
+      self.assertIn("Quantize-and-append", text)
+      # A second run resumes: no row is written twice.
+      kernel_bench.run(config, tmp)
+      again = results.read_rows(pathlib.Path(tmp) / results.RESULTS_FILE)
+      self.assertLen(again, len(rows))
+
+
+class DecodeBenchTest(absltest.TestCase):
+
+  def test_cpu_scale_rows(self):
+    config = decode_bench_config.get_config("scale=cpu")
+    with tempfile.TemporaryDirectory() as tmp:
+      rows = decode_bench.run(config, tmp)
+    self.assertLen(rows, len(config.caches) * len(config.batches))
+    by_cache = {r["cache"]: r for r in rows}
+    for row in rows:
+      self.assertIsNone(row["error"])
+      self.assertGreater(row["tokens_per_s"], 0)
+    self.assertLess(by_cache["tq4"]["bytes_per_token"],
+                    by_cache["full-bf16"]["bytes_per_token"] / 3)
+
+
+if __name__ == "__main__":
+  absltest.main()
