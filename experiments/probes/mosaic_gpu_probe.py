@@ -2,7 +2,8 @@
 
 Each probe is a tiny plgpu.kernel checked against numpy; the script prints
 OK or the error, so one device call answers several design questions.
-Run: python -m experiments.probes.mosaic_gpu_probe [--interpret]
+Run: python -m experiments.probes.mosaic_gpu_probe [--interpret] [--v4]
+(--v4: only the probes of the transposed layout planned for kernel v4.)
 """
 
 import sys
@@ -155,8 +156,133 @@ def row_store_then_lhs_load():
   return np.asarray(f(x)), np.asarray(x) * 2
 
 
+# ---- The transposed decode layout (kernel v4 plan, NOTES.md): tokens as
+# the wgmma M dimension, the few queries of a GQA group as N (8 or 16).
+
+
+def _f16_tile(rows: int, cols: int = 64) -> plgpu.SMEM:
+  """f16 [rows, cols] in the tiled, swizzled form wgmma reads."""
+  swizzle = min(128, 2 * cols)
+  return plgpu.SMEM((rows, cols), jnp.float16,
+                    transforms=(plgpu.TilingTransform((8, swizzle // 2)),
+                                plgpu.SwizzleTransform(swizzle)))
+
+
+def _transposed_kernel(body, n, out_rows, *operands):
+  """Copies f16 operands (a [64, 64] tile each, then one [n, 64]) to SMEM,
+  runs body(*smem) -> f32[out_rows, n], stores and returns it."""
+  def kernel(*refs):
+    k = len(operands)
+    gmem, out, smem = refs[:k], refs[k], refs[k + 1:2 * k + 1]
+    o_smem, bar = refs[2 * k + 1:]
+    for src, dst in zip(gmem, smem):
+      plgpu.copy_gmem_to_smem(src, dst, bar)
+      plgpu.barrier_wait(bar)
+    o_smem[...] = body(*smem)
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(o_smem, out)
+    plgpu.wait_smem_to_gmem(0)
+  scratch = [_f16_tile(x.shape[0]) for x in operands]
+  f = plgpu.kernel(
+      kernel, out_type=jax.ShapeDtypeStruct((out_rows, n), jnp.float32),
+      scratch_types=scratch + [plgpu.SMEM((out_rows, n), jnp.float32),
+                               plgpu.Barrier()], interpret=INTERPRET)
+  return np.asarray(f(*[jnp.asarray(x, jnp.float16) for x in operands]))
+
+
+k_tile = rng.standard_normal((64, 64)).astype(np.float16)    # [tok, dim]
+v_tile = rng.standard_normal((64, 64)).astype(np.float16)
+
+
+def _q_tile(n):
+  return rng.standard_normal((n, 64)).astype(np.float16)    # [query, dim]
+
+
+def _softmax_t(s):
+  """Softmax over tokens (axis 0) of a [tok, query] score tile."""
+  p = np.exp(s - s.max(0))
+  return p / p.sum(0)
+
+
+def wgmma_scores_t(n, q):
+  """Sᵀ[64 tok, n] = K · Qᵀ: K from SMEM as A, Q [n, 64] transposed as B."""
+  def body(k_smem, q_smem):
+    def scores(acc):
+      plgpu.wgmma(acc, k_smem, q_smem.transpose((1, 0)))
+      return acc[...]
+    return pl.run_scoped(scores, plgpu.ACC((64, n), jnp.float32))
+  return _transposed_kernel(body, n, 64, k_tile, q)
+
+
+def wgmma_column_softmax(n, q):
+  """Sᵀ as above, then max and sum over tokens (axis 0, across warps)."""
+  def body(k_smem, q_smem):
+    def scores(acc):
+      plgpu.wgmma(acc, k_smem, q_smem.transpose((1, 0)))
+      return acc[...]
+    s = pl.run_scoped(scores, plgpu.ACC((64, n), jnp.float32))
+    m = jnp.max(s, axis=0)                                     # [n]
+    p = jnp.exp(s - jax.lax.broadcast_in_dim(m, s.shape, [1]))
+    l = jnp.sum(p, axis=0)
+    return p / jax.lax.broadcast_in_dim(l, s.shape, [1])
+  return _transposed_kernel(body, n, 64, k_tile, q)
+
+
+def wgmma_values_t(n, q):
+  """Oᵀ[64 dim, n] = Vᵀ · Pᵀ: V [tok, dim] transposed as A (from SMEM), Pᵀ
+  [64 tok, n] written by the threads to SMEM as B."""
+  def body(k_smem, v_smem, q_smem):
+    def scores(acc):
+      plgpu.wgmma(acc, k_smem, q_smem.transpose((1, 0)))
+      return acc[...]
+    s = pl.run_scoped(scores, plgpu.ACC((64, n), jnp.float32))
+    p = jnp.exp(s - jax.lax.broadcast_in_dim(jnp.max(s, axis=0), s.shape,
+                                             [1]))
+    def values(p_smem):
+      p_smem[...] = p.astype(jnp.float16)
+      plgpu.commit_smem()
+      def mma(acc):
+        plgpu.wgmma(acc, v_smem.transpose((1, 0)), p_smem)
+        return acc[...]
+      return pl.run_scoped(mma, plgpu.ACC((64, n), jnp.float32))
+    return pl.run_scoped(values, _f16_tile(64, n))
+  return _transposed_kernel(body, n, 64, k_tile, v_tile, q)
+
+
+def wgmma_register_a(n, q):
+  """Sᵀ with K as a register A operand (WGMMA layout, f16): no K SMEM
+  store per tile. Interpret mode takes A only from SMEM."""
+  def body(k_smem, q_smem):
+    a = plgpu.load(k_smem, layout=L.WGMMA, optimized=False) * 1.0
+    def scores(acc):
+      plgpu.wgmma(acc, a, q_smem.transpose((1, 0)))
+      return acc[...]
+    return pl.run_scoped(scores, plgpu.ACC((64, n), jnp.float32))
+  return _transposed_kernel(body, n, 64, k_tile, q)
+
+
+def transposed_layout_probes():
+  kf, vf = k_tile.astype(np.float32), v_tile.astype(np.float32)
+  for n in (8, 16, 64):
+    q = _q_tile(n)
+    s = kf @ q.astype(np.float32).T                            # [tok, n]
+    probe(f"v4: wgmma K·Qᵀ, N={n}", lambda: wgmma_scores_t(n, q), s,
+          tol=1e-2)
+    probe(f"v4: softmax over tokens (axis 0), N={n}",
+          lambda: wgmma_column_softmax(n, q), _softmax_t(s), tol=1e-2)
+    p = np.exp(s - s.max(0)).astype(np.float16).astype(np.float32)
+    probe(f"v4: wgmma Vᵀ·Pᵀ (A transposed), N={n}",
+          lambda: wgmma_values_t(n, q), vf.T @ p, tol=1e-2)
+    if INTERPRET is None:
+      probe(f"v4: register A operand, N={n}",
+            lambda: wgmma_register_a(n, q), s, tol=1e-2)
+
+
 def main():
   print("jax", jax.__version__, jax.devices()[0].device_kind)
+  transposed_layout_probes()
+  if "--v4" in sys.argv:
+    return
   want_mma = (codes & 15).astype(np.float32) @ qt
   probe("u8 load as MMA lhs + mask + mma", lhs_u8_mma, want_mma)
   probe("u8 load + select-chain lookup + mma", lhs_lookup_mma,
