@@ -4,7 +4,8 @@ Prints (1) the relative error against the reference on small real caches
 (several head dims, GQA groups, bits, prod keys, windows, chunks) and (2) a
 table of times at B=8, 32/8 heads, D=128 for each bit width, lookup mode
 and split count, beside cuDNN bf16 measured in the same process.
-Run: python -m experiments.probes.decode_kernel_variants [--quick]
+Run: python -m experiments.probes.decode_kernel_variants [--quick|--short]
+(--tokens: only the checks of layout="tokens")
 """
 
 import sys
@@ -20,7 +21,7 @@ from turboquant_jax.kernels.decode_attention import pallas_gpu
 
 
 def check(dim, groups, bits, method="mse", window=0, tokens=1, s=1024,
-          lengths=(1024, 700), mode="poly"):
+          lengths=(1024, 700), mode="poly", layout="queries"):
   key = jax.random.key(dim * 7 + groups)
   b, kvh = 2, 2
   k = jax.random.normal(key, (b, kvh, s, dim)) * 2
@@ -33,13 +34,13 @@ def check(dim, groups, bits, method="mse", window=0, tokens=1, s=1024,
   ref = da.chunk_attention(q, c, c.lengths, impl="reference")
   try:
     out = da.chunk_attention(q, c, c.lengths, impl="pallas_gpu",
-                             lookup_mode=mode)
+                             lookup_mode=mode, layout=layout)
     err = float(jnp.max(jnp.abs(out - ref)) / jnp.max(jnp.abs(ref)))
     msg = f"rel err {err:.2e} {'OK' if err < 5e-3 else 'WRONG'}"
   except Exception as e:  # noqa: BLE001 - a probe reports every failure
     msg = f"FAIL {type(e).__name__}: {str(e)[:300]}"
   print(f"check D={dim:<3} G={groups} bits={bits:<3} {method:<4} w={window:<2}"
-        f" T={tokens} {mode:<6} {msg}", flush=True)
+        f" T={tokens} {mode:<6} {layout:<7} {msg}", flush=True)
 
 
 _REAL_LOOKUP = pallas_gpu.lookup
@@ -89,6 +90,13 @@ def main():
     return
   quick = "--quick" in sys.argv
   print("jax", jax.__version__, jax.devices()[0].device_kind, flush=True)
+  for args in ((128, 4, 4), (128, 4, 3), (64, 8, 3), (128, 1, 3, "prod"),
+               (128, 4, 3.5), (256, 3, 2)):
+    check(*args, mode="poly16", layout="tokens")
+  check(128, 8, 4, tokens=3, mode="poly16", layout="tokens")   # N = 32
+  check(128, 4, 4, tokens=16, mode="poly16", layout="tokens")  # N = 64
+  if "--tokens" in sys.argv:
+    return
   check(128, 4, 4)
   check(128, 4, 4, mode="poly16")
   check(128, 4, 3, mode="poly16")
@@ -126,8 +134,9 @@ def main():
       nbytes = sum(x.nbytes for x in jax.tree.leaves((c.keys, c.values))
                    if hasattr(x, "nbytes") and x.ndim >= 3)
       base = pallas_gpu.default_splits(c)
-      variants = [("poly16", base)]
+      variants = [("poly16", base), ("tokens", base)]
       if bits == 4:
+        variants += [("tokens", base * 2), ("tokens", base * 4)]
         variants += [("poly", base), ("bits", base), ("nodeq", base),
                      ("poly16", base * 4)]
       for mode, splits in variants:
@@ -140,7 +149,9 @@ def main():
         f = jax.jit(lambda q, c, mode=mode, splits=splits:
                     da.decode_attention(
                         q, c, c.lengths, impl="pallas_gpu", splits=splits,
-                        lookup_mode=("poly16" if mode in ("bits", "nodeq")
+                        layout="tokens" if mode == "tokens" else "queries",
+                        lookup_mode=("poly16" if mode in ("bits", "nodeq",
+                                                          "tokens")
                                      else mode)))
         t, err = _time_variant(f, q.astype(jnp.float32), c)
         pallas_gpu.lookup = _REAL_LOOKUP

@@ -99,6 +99,22 @@ class PallasGpuInterpretTest(parameterized.TestCase):
   def test_matches_reference(self, dim, groups, key_bits, value_bits, window,
                              tokens, lengths, method="mse",
                              lookup_mode="poly"):
+    self._check(dim, groups, key_bits, value_bits, window, tokens, lengths,
+                method, lookup_mode, "queries")
+
+  @parameterized.named_parameters(*_GPU_CASES, dict(
+      testcase_name="d128_g8_b4_chunk3_32_columns", dim=128, groups=8,
+      key_bits=4, value_bits=3, window=0, tokens=3, lengths=(128, 70)))
+  def test_tokens_layout_matches_reference(
+      self, dim, groups, key_bits, value_bits, window, tokens, lengths,
+      method="mse", lookup_mode="poly"):
+    # Tokens on the wgmma rows (pallas_gpu_tokens): M = T·G queries padded
+    # to 16, 32 (the extra case: 24 queries) or 64 columns.
+    self._check(dim, groups, key_bits, value_bits, window, tokens, lengths,
+                method, lookup_mode, "tokens")
+
+  def _check(self, dim, groups, key_bits, value_bits, window, tokens,
+             lengths, method, lookup_mode, layout):
     seed = zlib.crc32(self.id().encode())
     cache = self._cache(dim, key_bits, value_bits, window, lengths, seed,
                         method)
@@ -108,7 +124,7 @@ class PallasGpuInterpretTest(parameterized.TestCase):
     want = attn.chunk_attention(q, cache, lengths, impl="reference")
     got = attn.chunk_attention(q, cache, lengths, impl="pallas_gpu",
                                interpret=True, splits=2,
-                               lookup_mode=lookup_mode)
+                               lookup_mode=lookup_mode, layout=layout)
     scale = float(jnp.max(jnp.abs(want)))
     np.testing.assert_allclose(got, want, rtol=self.TOL,
                                atol=self.TOL * scale)
@@ -130,11 +146,14 @@ class PallasGpuInterpretTest(parameterized.TestCase):
       attn.decode_attention(jnp.ones((2, 4, 64)), cache, jnp.array([3, 4]),
                             impl="pallas_gpu", interpret=True)
 
-  def test_bad_lookup_mode(self):
+  def test_bad_lookup_mode_and_layout(self):
     cache = cache_lib.init(CacheConfig(key_bits=4), 2, 2, 128, 64)
     with self.assertRaisesRegex(ValueError, "lookup_mode"):
       attn.decode_attention(jnp.ones((2, 4, 64)), cache, jnp.array([3, 4]),
                             impl="pallas_gpu", lookup_mode="gather")
+    with self.assertRaisesRegex(ValueError, "layout"):
+      attn.decode_attention(jnp.ones((2, 4, 64)), cache, jnp.array([3, 4]),
+                            impl="pallas_gpu", layout="columns")
 
 
 class CentroidLookupTest(parameterized.TestCase):

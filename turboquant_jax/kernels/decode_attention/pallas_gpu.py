@@ -430,11 +430,22 @@ def fused_attention(inp: parts.KernelInputs, *, splits: int = 8,
   return accs, ml[:, :, :, 0], ml[:, :, :, 1]
 
 
-@jax.jit(static_argnames=("scale", "splits", "lookup_mode", "interpret"))
-def _attention(q, cache, lengths, scale, splits, lookup_mode, interpret):
+LAYOUTS = ("queries", "tokens")
+
+
+@jax.jit(static_argnames=("scale", "splits", "lookup_mode", "layout",
+                          "interpret"))
+def _attention(q, cache, lengths, scale, splits, lookup_mode, layout,
+               interpret):
   inp = parts.prepare(q, cache, lengths, scale)
-  acc, m, l = fused_attention(inp, splits=splits, lookup_mode=lookup_mode,
-                              interpret=interpret)
+  if layout == "tokens":
+    # pylint: disable-next=g-import-not-at-top (it imports this module)
+    from turboquant_jax.kernels.decode_attention import pallas_gpu_tokens
+    run = pallas_gpu_tokens.fused_attention
+  else:
+    run = fused_attention
+  acc, m, l = run(inp, splits=splits, lookup_mode=lookup_mode,
+                  interpret=interpret)
   return parts.finish(acc, m, l, q, cache, lengths, scale)
 
 
@@ -450,21 +461,26 @@ def default_splits(cache, target_programs: int = 264) -> int:
 
 def attention(q: jax.Array, cache, lengths: jax.Array, *,
               scale: float | None = None, splits: int | None = None,
-              lookup_mode: str = "poly16",
+              lookup_mode: str = "poly16", layout: str = "queries",
               interpret: bool | None = None) -> jax.Array:
   """q [B, T, H, D] over a TurboQuantCache -> f32[B, T, H, D].
 
   splits: sequence splits per (sequence, KV head); default picks enough
   programs to fill the GPU. lookup_mode: "poly16" (odd polynomial through
   the codebook, f16; selects for b >= 5), "poly" (the same in f32) or
-  "select" (a chain of 2^b - 1 selects, f32). interpret=None
-  uses Mosaic GPU interpret mode when the backend is not a GPU.
+  "select" (a chain of 2^b - 1 selects, f32). layout: "queries" (this
+  module's kernel: queries on the wgmma rows) or "tokens" (tokens on the
+  rows, pallas_gpu_tokens.py; interpret-mode tested, not yet run on a GPU).
+  interpret=None uses Mosaic GPU interpret mode when the backend is not a
+  GPU.
   """
   reason = parts.supported(cache)
   if reason:
     raise NotImplementedError(reason)
   if lookup_mode not in LOOKUP_MODES:
     raise ValueError(f"{lookup_mode=!r}: expected one of {LOOKUP_MODES}")
+  if layout not in LAYOUTS:
+    raise ValueError(f"{layout=!r}: expected one of {LAYOUTS}")
   if interpret is None:
     interpret = jax.default_backend() != "gpu"
   if interpret is True:
@@ -474,4 +490,5 @@ def attention(q: jax.Array, cache, lengths: jax.Array, *,
   if splits is None:
     splits = default_splits(cache)
   scale = q.shape[-1] ** -0.5 if scale is None else scale
-  return _attention(q, cache, lengths, scale, splits, lookup_mode, interpret)
+  return _attention(q, cache, lengths, scale, splits, lookup_mode, layout,
+                    interpret)

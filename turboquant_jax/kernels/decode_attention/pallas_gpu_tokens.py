@@ -1,0 +1,250 @@
+"""pallas_gpu with layout="tokens": tokens as the wgmma M dimension (v4).
+
+The default kernel (pallas_gpu.py, layout="queries") puts the M = T·G
+queries of a GQA group on the 64 rows of every wgmma and pads them: at
+G = 4 in decode, 60 of 64 rows of the scores, the softmax and the output
+accumulators are padding, and 255 registers per thread leave 2 programs per
+SM (NOTES.md). Here the roles swap, per 64-token tile:
+
+  Sᵀ[64 tokens, N] = Σ_groups K_g · Q_gᵀ      (K dequantized into SMEM: A)
+  online softmax per query column (max over tokens across the warps; the
+    running sum kept per element and reduced once at the end)
+  Oᵀ_g[64 coords, N] += V_gᵀ · (Pᵀ · value norms)  (A = the V tile read
+    transposed from SMEM, B = Pᵀ written by the threads)
+
+with N = M rounded up to 16 (a B operand of 16-bit elements needs rows of
+at least 32 bytes). At G = 4 that is 16 columns instead of 64 rows: a
+quarter of the softmax and of the accumulator registers. Everything else
+(TMA pipeline, unpacking, centroid lookup, 24-byte rows, prod keys as sign
+parts, the XLA work before and after) is pallas_gpu's.
+
+Status: checked against the reference in Mosaic GPU interpret mode; not
+yet compiled or timed on a GPU (experiments/probes/mosaic_gpu_probe.py
+--v4 checks its building blocks there). impl=None does not pick it.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from turboquant_jax.kernels.decode_attention import pallas_gpu as base
+from turboquant_jax.kernels.decode_attention import parts
+
+ROWS, GROUP = base.ROWS, base.GROUP
+_L = plgpu.Layout
+
+
+def query_columns(m: int) -> int:
+  """N: the M query columns rounded up to a multiple of 16 (at most 64)."""
+  return max(16, -(-m // 16) * 16)
+
+
+def _columns_smem(groups: int, n: int) -> plgpu.SMEM:
+  """f16[groups, n, 64]: queries as rows of 64 coordinates (read as Qᵀ)."""
+  return plgpu.SMEM((groups, n, GROUP), jnp.float16,
+                    transforms=(plgpu.TilingTransform((8, GROUP)),
+                                plgpu.SwizzleTransform(128)))
+
+
+def _p_smem(n: int) -> plgpu.SMEM:
+  """f16[64 tokens, n]: Pᵀ, the B operand of Vᵀ·Pᵀ (rows of 2n bytes)."""
+  swizzle = min(128, 2 * n)
+  return plgpu.SMEM((ROWS, n), jnp.float16,
+                    transforms=(plgpu.TilingTransform((8, swizzle // 2)),
+                                plgpu.SwizzleTransform(swizzle)))
+
+
+def _kernel(qlen_ref, qend_ref, *refs, key_specs, value_specs, groups,
+            split_len, kv_heads, splits, mode, interpret, n):
+  nk, nv = len(key_specs), len(value_specs)
+  q_refs = refs[:nk]                                  # [B·K·Dp/64, N, 64]
+  kc_refs = refs[nk:2 * nk]                           # [B, K, S, P]
+  kn_refs = refs[2 * nk:3 * nk]                       # [B, K, S]
+  vc_refs = refs[3 * nk:3 * nk + nv]
+  vn_refs = refs[3 * nk + nv:3 * nk + 2 * nv]
+  rest = refs[3 * nk + 2 * nv:]
+  o_refs, ml_ref = rest[:nv], rest[nv]    # [B·K·NS·Dp/64, 64, N], [.., 2, N]
+  q_smem, barrier = rest[nv + 1:nv + 1 + nk], rest[nv + 1 + nk]
+  k_first, v_first = base._offsets(key_specs), base._offsets(value_specs)
+
+  b = jax.lax.axis_index("b")
+  k = jax.lax.axis_index("k")
+  sp = jax.lax.axis_index("s")
+  qlen = qlen_ref[b]
+  qend = qend_ref[b]
+  first_pos = sp * split_len
+  program = (b * kv_heads + k) * splits + sp
+  for src, dst in zip(q_refs, q_smem):
+    for g in range(dst.shape[0]):
+      plgpu.copy_gmem_to_smem(src.at[(b * kv_heads + k) * dst.shape[0] + g],
+                              dst.at[g], barrier)
+      plgpu.barrier_wait(barrier)
+
+  shape = (ROWS, n)                                   # [tokens, queries]
+  token = plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=_L.WGMMA)
+  query = plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=_L.WGMMA)
+  limit = qend - 1 + query // groups                  # causal limit per query
+
+  def per_token(norm_ref):
+    """A [64] norm tile broadcast along the query columns."""
+    norm = plgpu.load(norm_ref, layout=_L.WGMMA.reduce(1), optimized=False)
+    return jax.lax.broadcast_in_dim(norm, shape, [0])
+
+  def per_query(x, rows):
+    """An [n] vector broadcast along `rows` rows."""
+    return jax.lax.broadcast_in_dim(x, (rows, n), [1])
+
+  def body(k_pool, v_pool, p_smem, idx, *tile_and_carry):
+    (i,) = idx
+    *tile, carry = tile_and_carry
+    kc, kn = tile[:nk], tile[nk:2 * nk]
+    vc, vn = tile[2 * nk:2 * nk + nv], tile[2 * nk + nv:]
+    accs, m_i, l_i = carry
+    for ref, spec, first in zip(kc, key_specs, k_first):
+      base._dequantize_into(ref, spec, k_pool, first, mode, interpret)
+    plgpu.commit_smem()
+
+    def scores(*acc_refs):
+      for spec, qs, first, acc_ref in zip(key_specs, q_smem, k_first,
+                                          acc_refs):
+        for j in range(base._groups(spec)):
+          plgpu.wgmma(acc_ref, k_pool.at[first + j],
+                      qs.at[j].transpose((1, 0)))
+      # The values are unpacked while the tensor cores score the keys.
+      for ref, spec, first in zip(vc, value_specs, v_first):
+        base._dequantize_into(ref, spec, v_pool, first, mode, interpret)
+      plgpu.commit_smem()
+      return [acc_ref[...] for acc_ref in acc_refs]
+
+    raw = pl.run_scoped(scores, *[plgpu.ACC(shape, jnp.float32)
+                                  for _ in key_specs])
+    s = None
+    for part, norm_ref in zip(raw, kn):
+      part = part * per_token(norm_ref)
+      s = part if s is None else s + part
+    pos = first_pos + i * ROWS + token
+    s = jnp.where((pos < qlen) & (pos <= limit), s, -jnp.inf)
+    m_new = jnp.maximum(m_i, jnp.max(s, axis=0))                # [n]
+    m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+    alpha = jnp.exp(m_i - m_safe)
+    p = jnp.exp(s - per_query(m_safe, ROWS))
+    # The running sum stays per element: one cross-warp sum at the end.
+    l_new = l_i * per_query(alpha, ROWS) + p
+    for ps, norm_ref in zip(p_smem, vn):
+      ps[...] = (p * per_token(norm_ref)).astype(jnp.float16)
+    plgpu.commit_smem()
+    operands = [(v_pool.at[first + j], ps)
+                for part_accs, first, ps in zip(accs, v_first, p_smem)
+                for j in range(len(part_accs))]
+
+    def values(*acc_refs):
+      for acc_ref, (vj, ps) in zip(acc_refs, operands):
+        plgpu.wgmma(acc_ref, vj.transpose((1, 0)), ps)
+      return [acc_ref[...] for acc_ref in acc_refs]
+
+    updates = iter(pl.run_scoped(values, *[plgpu.ACC((GROUP, n), jnp.float32)
+                                           for _ in operands]))
+    new_accs = tuple(
+        tuple(acc * per_query(alpha, GROUP) + next(updates)
+              for acc in part_accs) for part_accs in accs)
+    return new_accs, m_new, l_new
+
+  def zeros(shape):
+    return plgpu.layout_cast(jnp.zeros(shape, jnp.float32), _L.WGMMA)
+
+  accs = tuple(tuple(zeros((GROUP, n)) for _ in range(base._groups(s)))
+               for s in value_specs)
+  m0 = plgpu.layout_cast(jnp.full((n,), -jnp.inf, jnp.float32),
+                         _L.WGMMA.reduce(0))
+  n_tiles = split_len // ROWS
+  tile0 = first_pos // ROWS
+
+  def code_spec(p):
+    return plgpu.BlockSpec((ROWS, p) if p % 16 == 0 else (ROWS * p // 16, 16),
+                           lambda i: (tile0 + i, 0))
+
+  norm_spec = plgpu.BlockSpec((ROWS,), lambda i: (tile0 + i,))
+  in_specs = ([code_spec(base._row_bytes(s)) for s in key_specs]
+              + [norm_spec] * nk
+              + [code_spec(base._row_bytes(s)) for s in value_specs]
+              + [norm_spec] * nv)
+
+  def stream(k_pool, v_pool, *p_smem):
+    pipeline = plgpu.emit_pipeline(
+        functools.partial(body, k_pool, v_pool, p_smem), grid=(n_tiles,),
+        in_specs=in_specs, max_concurrent_steps=2,
+        init_carry=(accs, m0, zeros(shape)))
+    return pipeline(*[r.at[b, k] for r in kc_refs + kn_refs + vc_refs
+                      + vn_refs])
+
+  accs, m_i, l_i = pl.run_scoped(
+      stream, base._group_smem(sum(base._groups(s) for s in key_specs)),
+      base._group_smem(sum(base._groups(s) for s in value_specs)),
+      *[_p_smem(n) for _ in range(nv)])
+  l_i = jnp.sum(l_i, axis=0)
+
+  def epilogue(ml_smem, *o_smem):
+    for part_accs, smem in zip(accs, o_smem):
+      for g, acc in enumerate(part_accs):
+        smem[g] = acc
+    ml_smem[0] = m_i
+    ml_smem[1] = l_i
+    plgpu.commit_smem()
+    for smem, out in zip(o_smem, o_refs):
+      for g in range(smem.shape[0]):
+        plgpu.copy_smem_to_gmem(smem.at[g],
+                                out.at[program * smem.shape[0] + g])
+    plgpu.copy_smem_to_gmem(ml_smem, ml_ref.at[program])
+    plgpu.wait_smem_to_gmem(0)
+
+  pl.run_scoped(epilogue, plgpu.SMEM((2, n), jnp.float32),
+                *[plgpu.SMEM((base._groups(s), GROUP, n), jnp.float32)
+                  for s in value_specs])
+
+
+def _query_columns(q: jax.Array, n: int) -> jax.Array:
+  """f32[B, K, M, Dp] -> f16[B·K·Dp/64, N, 64], queries past M zero."""
+  b, kv, m, d = q.shape
+  q = jnp.pad(q, ((0, 0), (0, 0), (0, n - m), (0, 0)))
+  q = q.reshape(b, kv, n, d // GROUP, GROUP)
+  q = jnp.moveaxis(q, 3, 2).reshape(b * kv * (d // GROUP), n, GROUP)
+  return q.astype(jnp.float16)
+
+
+def fused_attention(inp: parts.KernelInputs, *, splits: int = 8,
+                    lookup_mode: str = "poly16", interpret=None):
+  """Runs the kernel: (acc per value part [B,K,NS,M,Dp], m, l [B,K,NS,M])."""
+  base._check(inp, splits)
+  specs, queries, codes, norms = base._kernel_specs(inp)
+  b, kv, m, _ = inp.q[0].shape
+  n = query_columns(m)
+  cap = inp.value_codes[0].shape[2]
+  programs = b * kv * splits
+  out_type = [jax.ShapeDtypeStruct((programs * base._groups(s), GROUP, n),
+                                   jnp.float32) for s in inp.value_specs]
+  out_type.append(jax.ShapeDtypeStruct((programs, 2, n), jnp.float32))
+  scratch = [_columns_smem(base._groups(s), n) for s in specs]
+  scratch += [plgpu.Barrier()]
+  kernel = plgpu.kernel(
+      functools.partial(_kernel, key_specs=tuple(specs),
+                        value_specs=inp.value_specs, groups=inp.groups,
+                        split_len=cap // splits, kv_heads=kv, splits=splits,
+                        mode=lookup_mode, interpret=interpret is not None,
+                        n=n),
+      out_type=out_type, scratch_types=scratch, grid=(b, kv, splits),
+      grid_names=("b", "k", "s"), interpret=interpret)
+  outs = kernel(inp.qlen, inp.qpos_end,
+                *[_query_columns(q, n) for q in queries],
+                *map(base._tma_rows, codes), *norms,
+                *map(base._tma_rows, inp.value_codes), *inp.value_norms)
+  nv = len(inp.value_specs)
+  accs = []
+  for o in outs[:nv]:                          # [B·K·NS·Dp/64, 64, N]
+    o = o.reshape(programs, -1, GROUP, n)[..., :m]
+    o = jnp.moveaxis(o, 3, 1)                  # [B·K·NS, M, Dp/64, 64]
+    accs.append(o.reshape(b, kv, splits, m, -1))
+  ml = outs[nv][..., :m].reshape(b, kv, splits, 2, m)
+  return accs, ml[:, :, :, 0], ml[:, :, :, 1]
