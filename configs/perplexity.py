@@ -111,6 +111,15 @@ def default_caches() -> tuple[dict, ...]:
   for w in (15, 24, 62, 79):
     caches.append(cache(f"k4v4_nc_c_w{w}", "lever", key_bits=4,
                         value_bits=4, center_keys=True, window=w))
+  # 8-bit log norms ("n8") and the first 4 tokens in bf16 ("s4", attention
+  # sinks), picked on Emma after the runs above (../cpu_norm8, ../cpu_sink):
+  # the windows fill KIVI-2's 3.50, 4.00, KIVI-3's 4.50, the issue's 4.7,
+  # KIVI-4-without-window's 5.24 and KIVI-4's 5.50 bits/coord.
+  for k, v, w in ((4, 2, 19), (4, 3, 19), (4, 4, 19), (4, 4, 32), (5, 4, 34),
+                  (5, 4, 51)):
+    caches.append(cache(f"k{k}v{v}_nc_c_s4_w{w}_n8", "lever", key_bits=k,
+                        value_bits=v, center_keys=True, window=w,
+                        norm_bits=8, sink=4))
   caches += [
       cache(f"kivi{b}_w32", "kivi", "kivi", key_bits=b, value_bits=b,
             window=32) for b in (2, 3, 4)]
@@ -147,16 +156,25 @@ def norm8_caches() -> tuple[dict, ...]:
 def sink_caches() -> tuple[dict, ...]:
   """`:sweep=sink` (../cpu_sink): the first 4 tokens kept in bf16 ("s4",
   attention sinks; 4 · 16/1024 = 0.0625 bits/coord here) with 8-bit norms.
-  Windows fill the budgets as in norm8_caches, 4 tokens fewer; `k5v4_nc_c_s4`
-  (fp16 norms) shows the sink alone."""
+  Windows fill the budgets: 19 tokens (+ the sink) KIVI-2's 3.50 (K4/V2,
+  K3/V3), KIVI-3's 4.50 (K4/V4) and 4.00 (K4/V3); 32 the issue's 4.7; 34
+  and 51 KIVI-4's 5.24 and 5.50 (K5/V4). `k5v4_nc_c_s4` and
+  `k4v4_nc_c_s4_w19` (fp16 norms) show the sink without 8-bit norms. The
+  3-bit cache is not centered (centering hurt 3-bit windows,
+  ../cpu/README.md)."""
   caches = [cache("full", "baseline", "full"),
             cache("k5v4_nc_c_s4", "lever", key_bits=5, value_bits=4,
-                  center_keys=True, sink=4)]
+                  center_keys=True, sink=4),
+            cache("k4v4_nc_c_s4_w19", "lever", key_bits=4, value_bits=4,
+                  center_keys=True, window=19, sink=4)]
   for k, v, w in ((5, 4, 0), (4, 4, 0), (4, 3, 0), (4, 2, 0), (4, 4, 19),
-                  (5, 4, 34), (5, 4, 51)):
+                  (5, 4, 34), (5, 4, 51), (4, 4, 32), (4, 3, 19),
+                  (4, 2, 19)):
     name = f"k{k}v{v}_nc_c_s4" + (f"_w{w}" if w else "") + "_n8"
     caches.append(cache(name, "lever", key_bits=k, value_bits=v,
                         center_keys=True, window=w, norm_bits=8, sink=4))
+  caches.append(cache("k3v3_nc_s4_w19_n8", "lever", key_bits=3, value_bits=3,
+                      window=19, norm_bits=8, sink=4))
   return tuple(caches)
 
 
@@ -164,7 +182,8 @@ _SWEEPS = {"default": default_caches, "k5v4_windows": k5v4_window_caches,
            "norm8": norm8_caches, "sink": sink_caches}
 # Rotation-seed repeats (config.seed_checks) per sweep.
 _SEED_CHECKS = {"norm8": ("k5v4_nc_c", "k5v4_nc_c_n8"),
-                "sink": ("k5v4_nc_c_s4_n8",)}
+                "sink": ("k5v4_nc_c_s4_n8", "k4v4_nc_c_s4_w19_n8",
+                         "k4v4_nc_c_s4_w32_n8")}
 
 
 def quick_caches() -> tuple[dict, ...]:

@@ -74,6 +74,9 @@ class FastPathTest(parameterized.TestCase):
                                    value_bits=2, key_method="prod")),
       ("tq2.5_centered", CacheConfig(kind="turboquant", key_bits=2.5,
                                      value_bits=2.5, center_keys=True)),
+      # 8-bit norms (range fixed by the prefill) and a sink read exactly.
+      ("tq4_norm8_sink", CacheConfig(kind="turboquant", key_bits=4,
+                                     value_bits=4, norm_bits=8, sink=4)),
   )
   def test_chunked_equals_token_by_token(self, cfg):
     # Given a cache where every appended token is quantized on its own,
@@ -133,6 +136,21 @@ class FastPathTest(parameterized.TestCase):
                      {(True, 1)})
     self.assertIn("mean without the first 1", perplexity.describe(spec))
 
+  def test_norm_bits_and_sink_reach_the_cache_config(self):
+    spec = perplexity_config.cache("x", "lever", key_bits=4, value_bits=4,
+                                   norm_bits=8, sink=4, window=2)
+    configs = perplexity.layer_configs(self.model.config, spec)
+    self.assertEqual({(c.norm_bits_of("keys"), c.norm_bits_of("values"),
+                       c.sink) for c in configs}, {(8, 8, 4)})
+    self.assertEqual(perplexity.describe(spec),
+                     "TurboQuant 4-bit, norm corr., 8-bit log norms, first "
+                     "4 tokens fp (sink), 2-token fp window")
+    spec = perplexity_config.cache("x", "lever", key_bits=4, value_bits=4,
+                                   value_norm_bits=8)
+    self.assertIn("8-bit log value norms", perplexity.describe(spec))
+    self.assertEqual(perplexity.layer_configs(self.model.config, spec)[0]
+                     .norm_bits_of("keys"), 16)
+
 
 class DefaultConfigTest(absltest.TestCase):
 
@@ -154,6 +172,13 @@ class DefaultConfigTest(absltest.TestCase):
     items = perplexity.work_items(config)
     self.assertEqual(items[0][0]["name"], config.reference)
     self.assertTrue(all(s["window"] for s in config.caches[1:]))
+    for sweep in ("norm8", "sink"):
+      config = perplexity_config.get_config(f"sweep={sweep}")
+      items = perplexity.work_items(config)        # seed checks name caches
+      self.assertEqual(items[0][0]["name"], config.reference)
+      self.assertTrue(all(s["key_norm_bits"] == 8 for s in config.caches
+                          if s["name"].endswith("_n8")))
+      self.assertGreater(len(items), len(config.caches))
     with self.assertRaisesRegex(ValueError, "sweep"):
       perplexity_config.get_config("sweep=nope")
 
