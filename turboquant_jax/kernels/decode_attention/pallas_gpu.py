@@ -233,34 +233,44 @@ def _offsets(specs) -> list[int]:
   return list(np.cumsum([0] + [_groups(s) for s in specs])[:-1])
 
 
-def _kernel(qlen_ref, qend_ref, *refs, key_specs, value_specs, groups,
-            split_len, kv_heads, splits, mode, interpret):
-  nk, nv = len(key_specs), len(value_specs)
-  q_refs = refs[:nk]                                  # [B·K·Dp/64, 64, 64]
-  kc_refs = refs[nk:2 * nk]                           # [B, K, S, P]
-  kn_refs = refs[2 * nk:3 * nk]                       # [B, K, S]
-  vc_refs = refs[3 * nk:3 * nk + nv]
-  vn_refs = refs[3 * nk + nv:3 * nk + 2 * nv]
-  rest = refs[3 * nk + 2 * nv:]
-  o_refs, ml_ref = rest[:nv], rest[nv]    # [B·K·NS·Dp/64, 64, 64], [.., 2, 64]
-  q_smem, barrier = rest[nv + 1:nv + 1 + nk], rest[nv + 1 + nk]
-  k_first, v_first = _offsets(key_specs), _offsets(value_specs)
+def _program_refs(refs, nk: int, nv: int, kv_heads: int, splits: int):
+  """Splits a kernel's refs and loads this program's queries into SMEM.
 
-  b = jax.lax.axis_index("b")
-  k = jax.lax.axis_index("k")
-  sp = jax.lax.axis_index("s")
-  qlen = qlen_ref[b]
-  qend = qend_ref[b]
-  base = sp * split_len
-  # GMEM operands are flat [B·K·NS·groups, 64, 64] (or [B·K·groups, ..]):
-  # a TMA view takes at most 5 strided dims, tiling included.
-  program = (b * kv_heads + k) * splits + sp
+  refs: nk query arrays [B·K·groups, rows, 64] (GMEM operands are flat: a
+  TMA view takes at most 5 strided dims, tiling included), nk key code
+  and nk key norm arrays [B, K, S(, P)], nv value code and norm arrays, nv
+  output arrays [B·K·NS·groups, .., ..], the (m, l) output, then the
+  scratch: nk query SMEM tiles and a barrier.
+  Returns (key codes, key norms, value codes, value norms, outputs, (m, l)
+  output, the program's flat index).
+  """
+  q_refs, rest = refs[:nk], refs[nk:]
+  kc_refs, kn_refs = rest[:nk], rest[nk:2 * nk]
+  vc_refs, vn_refs = rest[2 * nk:2 * nk + nv], rest[2 * nk + nv:2 * nk + 2 * nv]
+  o_refs, ml_ref = rest[2 * nk + 2 * nv:2 * nk + 3 * nv], rest[2 * nk + 3 * nv]
+  q_smem, barrier = refs[-1 - nk:-1], refs[-1]
+  b, k = jax.lax.axis_index("b"), jax.lax.axis_index("k")
   for src, dst in zip(q_refs, q_smem):
     n = dst.shape[0]
     for g in range(n):
       plgpu.copy_gmem_to_smem(src.at[(b * kv_heads + k) * n + g], dst.at[g],
                               barrier)
       plgpu.barrier_wait(barrier)
+  program = (b * kv_heads + k) * splits + jax.lax.axis_index("s")
+  return kc_refs, kn_refs, vc_refs, vn_refs, o_refs, ml_ref, program
+
+
+def _kernel(qlen_ref, qend_ref, *refs, key_specs, value_specs, groups,
+            split_len, kv_heads, splits, mode, interpret):
+  nk, nv = len(key_specs), len(value_specs)
+  (kc_refs, kn_refs, vc_refs, vn_refs, o_refs, ml_ref,
+   program) = _program_refs(refs, nk, nv, kv_heads, splits)
+  q_smem = refs[-1 - nk:-1]
+  k_first, v_first = _offsets(key_specs), _offsets(value_specs)
+  b, k = jax.lax.axis_index("b"), jax.lax.axis_index("k")
+  qlen = qlen_ref[b]
+  qend = qend_ref[b]
+  base = jax.lax.axis_index("s") * split_len
 
   shape = (ROWS, ROWS)
   row = plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=_L.WGMMA)
@@ -341,15 +351,7 @@ def _kernel(qlen_ref, qend_ref, *refs, key_specs, value_specs, groups,
   n_tiles = split_len // ROWS
   tile0 = base // ROWS
 
-  def code_spec(p):
-    return plgpu.BlockSpec((ROWS, p) if p % 16 == 0 else (ROWS * p // 16, 16),
-                           lambda i: (tile0 + i, 0))
-
-  norm_spec = plgpu.BlockSpec((ROWS,), lambda i: (tile0 + i,))
-  in_specs = ([code_spec(_row_bytes(s)) for s in key_specs]
-              + [norm_spec] * nk
-              + [code_spec(_row_bytes(s)) for s in value_specs]
-              + [norm_spec] * nv)
+  in_specs = _tile_specs(key_specs, value_specs, tile0)
   # SMEM is allocated in two scopes that reuse the same bytes: the tile
   # loop's (pipeline buffers, dequantized K and V, P) and the epilogue's
   # (f32 outputs). Less SMEM per program, more programs per SM: the loop
@@ -366,6 +368,29 @@ def _kernel(qlen_ref, qend_ref, *refs, key_specs, value_specs, groups,
       _group_smem(sum(_groups(s) for s in value_specs)),
       *[_group_smem(1) for _ in range(nv)])
 
+  _store_outputs(accs, m_i, l_i, o_refs, ml_ref, program)
+
+
+def _tile_specs(key_specs, value_specs, tile0) -> list[plgpu.BlockSpec]:
+  """Pipeline blocks of one 64-token tile: key codes, key norms, value
+  codes, value norms (codes as 16-byte rows where `_tma_rows` cut them)."""
+  def code_spec(spec):
+    p = _row_bytes(spec)
+    return plgpu.BlockSpec((ROWS, p) if p % 16 == 0 else (ROWS * p // 16, 16),
+                           lambda i: (tile0 + i, 0))
+
+  norm_spec = plgpu.BlockSpec((ROWS,), lambda i: (tile0 + i,))
+  return ([code_spec(s) for s in key_specs] + [norm_spec] * len(key_specs)
+          + [code_spec(s) for s in value_specs]
+          + [norm_spec] * len(value_specs))
+
+
+def _store_outputs(accs, m_i, l_i, o_refs, ml_ref, program) -> None:
+  """Writes the accumulators and (m, l) of one program through SMEM.
+
+  The SMEM is scoped here, after the tile loop's scope has ended, so it
+  reuses those bytes.
+  """
   def epilogue(ml_smem, *o_smem):
     for part_accs, smem in zip(accs, o_smem):
       for g, acc in enumerate(part_accs):
@@ -380,17 +405,17 @@ def _kernel(qlen_ref, qend_ref, *refs, key_specs, value_specs, groups,
     plgpu.copy_smem_to_gmem(ml_smem, ml_ref.at[program])
     plgpu.wait_smem_to_gmem(0)
 
-  pl.run_scoped(epilogue, plgpu.SMEM((2, ROWS), jnp.float32),
-                *[plgpu.SMEM((_groups(s), ROWS, GROUP), jnp.float32)
-                  for s in value_specs])
+  pl.run_scoped(epilogue, plgpu.SMEM((2, m_i.shape[0]), jnp.float32),
+                *[plgpu.SMEM((len(part_accs), *part_accs[0].shape),
+                             jnp.float32) for part_accs in accs])
 
 
-def _query_groups(q: jax.Array) -> jax.Array:
-  """f32[B, K, M, Dp] -> f16[B·K·Dp/64, 64, 64], rows past M zero."""
+def _query_groups(q: jax.Array, rows: int = ROWS) -> jax.Array:
+  """f32[B, K, M, Dp] -> f16[B·K·Dp/64, rows, 64], queries past M zero."""
   b, kv, m, d = q.shape
-  q = jnp.pad(q, ((0, 0), (0, 0), (0, ROWS - m), (0, 0)))
-  q = q.reshape(b, kv, ROWS, d // GROUP, GROUP)
-  q = jnp.moveaxis(q, 3, 2).reshape(b * kv * (d // GROUP), ROWS, GROUP)
+  q = jnp.pad(q, ((0, 0), (0, 0), (0, rows - m), (0, 0)))
+  q = q.reshape(b, kv, rows, d // GROUP, GROUP)
+  q = jnp.moveaxis(q, 3, 2).reshape(b * kv * (d // GROUP), rows, GROUP)
   return q.astype(jnp.float16)
 
 

@@ -60,28 +60,14 @@ def _p_smem(n: int) -> plgpu.SMEM:
 def _kernel(qlen_ref, qend_ref, *refs, key_specs, value_specs, groups,
             split_len, kv_heads, splits, mode, interpret, n):
   nk, nv = len(key_specs), len(value_specs)
-  q_refs = refs[:nk]                                  # [B·K·Dp/64, N, 64]
-  kc_refs = refs[nk:2 * nk]                           # [B, K, S, P]
-  kn_refs = refs[2 * nk:3 * nk]                       # [B, K, S]
-  vc_refs = refs[3 * nk:3 * nk + nv]
-  vn_refs = refs[3 * nk + nv:3 * nk + 2 * nv]
-  rest = refs[3 * nk + 2 * nv:]
-  o_refs, ml_ref = rest[:nv], rest[nv]    # [B·K·NS·Dp/64, 64, N], [.., 2, N]
-  q_smem, barrier = rest[nv + 1:nv + 1 + nk], rest[nv + 1 + nk]
+  (kc_refs, kn_refs, vc_refs, vn_refs, o_refs, ml_ref,
+   program) = base._program_refs(refs, nk, nv, kv_heads, splits)
+  q_smem = refs[-1 - nk:-1]                          # [groups, N, 64] each
   k_first, v_first = base._offsets(key_specs), base._offsets(value_specs)
-
-  b = jax.lax.axis_index("b")
-  k = jax.lax.axis_index("k")
-  sp = jax.lax.axis_index("s")
+  b, k = jax.lax.axis_index("b"), jax.lax.axis_index("k")
   qlen = qlen_ref[b]
   qend = qend_ref[b]
-  first_pos = sp * split_len
-  program = (b * kv_heads + k) * splits + sp
-  for src, dst in zip(q_refs, q_smem):
-    for g in range(dst.shape[0]):
-      plgpu.copy_gmem_to_smem(src.at[(b * kv_heads + k) * dst.shape[0] + g],
-                              dst.at[g], barrier)
-      plgpu.barrier_wait(barrier)
+  first_pos = jax.lax.axis_index("s") * split_len
 
   shape = (ROWS, n)                                   # [tokens, queries]
   token = plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=_L.WGMMA)
@@ -162,15 +148,7 @@ def _kernel(qlen_ref, qend_ref, *refs, key_specs, value_specs, groups,
   n_tiles = split_len // ROWS
   tile0 = first_pos // ROWS
 
-  def code_spec(p):
-    return plgpu.BlockSpec((ROWS, p) if p % 16 == 0 else (ROWS * p // 16, 16),
-                           lambda i: (tile0 + i, 0))
-
-  norm_spec = plgpu.BlockSpec((ROWS,), lambda i: (tile0 + i,))
-  in_specs = ([code_spec(base._row_bytes(s)) for s in key_specs]
-              + [norm_spec] * nk
-              + [code_spec(base._row_bytes(s)) for s in value_specs]
-              + [norm_spec] * nv)
+  in_specs = base._tile_specs(key_specs, value_specs, tile0)
 
   def stream(k_pool, v_pool, *p_smem):
     pipeline = plgpu.emit_pipeline(
@@ -186,32 +164,7 @@ def _kernel(qlen_ref, qend_ref, *refs, key_specs, value_specs, groups,
       *[_p_smem(n) for _ in range(nv)])
   l_i = jnp.sum(l_i, axis=0)
 
-  def epilogue(ml_smem, *o_smem):
-    for part_accs, smem in zip(accs, o_smem):
-      for g, acc in enumerate(part_accs):
-        smem[g] = acc
-    ml_smem[0] = m_i
-    ml_smem[1] = l_i
-    plgpu.commit_smem()
-    for smem, out in zip(o_smem, o_refs):
-      for g in range(smem.shape[0]):
-        plgpu.copy_smem_to_gmem(smem.at[g],
-                                out.at[program * smem.shape[0] + g])
-    plgpu.copy_smem_to_gmem(ml_smem, ml_ref.at[program])
-    plgpu.wait_smem_to_gmem(0)
-
-  pl.run_scoped(epilogue, plgpu.SMEM((2, n), jnp.float32),
-                *[plgpu.SMEM((base._groups(s), GROUP, n), jnp.float32)
-                  for s in value_specs])
-
-
-def _query_columns(q: jax.Array, n: int) -> jax.Array:
-  """f32[B, K, M, Dp] -> f16[B·K·Dp/64, N, 64], queries past M zero."""
-  b, kv, m, d = q.shape
-  q = jnp.pad(q, ((0, 0), (0, 0), (0, n - m), (0, 0)))
-  q = q.reshape(b, kv, n, d // GROUP, GROUP)
-  q = jnp.moveaxis(q, 3, 2).reshape(b * kv * (d // GROUP), n, GROUP)
-  return q.astype(jnp.float16)
+  base._store_outputs(accs, m_i, l_i, o_refs, ml_ref, program)
 
 
 def fused_attention(inp: parts.KernelInputs, *, splits: int = 8,
@@ -237,7 +190,7 @@ def fused_attention(inp: parts.KernelInputs, *, splits: int = 8,
       out_type=out_type, scratch_types=scratch, grid=(b, kv, splits),
       grid_names=("b", "k", "s"), interpret=interpret)
   outs = kernel(inp.qlen, inp.qpos_end,
-                *[_query_columns(q, n) for q in queries],
+                *[base._query_groups(q, n) for q in queries],
                 *map(base._tma_rows, codes), *norms,
                 *map(base._tma_rows, inp.value_codes), *inp.value_norms)
   nv = len(inp.value_specs)
