@@ -181,3 +181,25 @@ def decode_log(codes: jax.Array, rng: jax.Array) -> jax.Array:
   x = jnp.exp(lo + (c - 1) * (hi - lo) / (LOG_LEVELS - 1))
   x = jnp.where(codes == LOG_CODE_ZERO, 0.0, x)
   return jnp.where(codes == LOG_CODE_NAN, jnp.nan, x)
+
+
+class DenseShape:
+  """batch, kv_heads, capacity, head_dim of a cache whose `keys` is a
+  dense [B, K, S, D] array (the full and SnapKV caches)."""
+  keys: jax.Array
+
+  @property
+  def batch(self) -> int:
+    return self.keys.shape[0]
+
+  @property
+  def kv_heads(self) -> int:
+    return self.keys.shape[1]
+
+  @property
+  def capacity(self) -> int:
+    return self.keys.shape[2]
+
+  @property
+  def head_dim(self) -> int:
+    return self.keys.shape[3]

@@ -11,28 +11,12 @@ from turboquant_jax.cache.config import CacheConfig
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class FullCache:
+class FullCache(common.DenseShape):
   """keys, values: [B, K, S, D] in config.dtype; lengths: i32[B]."""
   keys: jax.Array
   values: jax.Array
   lengths: jax.Array
   config: CacheConfig = dataclasses.field(metadata=dict(static=True))
-
-  @property
-  def batch(self) -> int:
-    return self.keys.shape[0]
-
-  @property
-  def kv_heads(self) -> int:
-    return self.keys.shape[1]
-
-  @property
-  def capacity(self) -> int:
-    return self.keys.shape[2]
-
-  @property
-  def head_dim(self) -> int:
-    return self.keys.shape[3]
 
 
 def init(config: CacheConfig, batch: int, kv_heads: int, capacity: int,

@@ -44,7 +44,7 @@ _HI = jax.lax.Precision.HIGHEST
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class SnapKVCache:
+class SnapKVCache(common.DenseShape):
   """The kept tokens of B sequences, K KV heads.
 
   Attributes:
@@ -59,22 +59,6 @@ class SnapKVCache:
   lengths: jax.Array
   slots: jax.Array
   config: CacheConfig = dataclasses.field(metadata=dict(static=True))
-
-  @property
-  def batch(self) -> int:
-    return self.keys.shape[0]
-
-  @property
-  def kv_heads(self) -> int:
-    return self.keys.shape[1]
-
-  @property
-  def capacity(self) -> int:
-    return self.keys.shape[2]
-
-  @property
-  def head_dim(self) -> int:
-    return self.keys.shape[3]
 
 
 def init(config: CacheConfig, batch: int, kv_heads: int, capacity: int,

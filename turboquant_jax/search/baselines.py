@@ -105,16 +105,6 @@ def _pad(x: np.ndarray, padded_dim: int) -> np.ndarray:
   return np.ascontiguousarray(np.pad(x, ((0, 0), (0, padded_dim - x.shape[1]))))
 
 
-def _check(name: str, x, dim: int | None = None) -> np.ndarray:
-  x = np.asarray(x)
-  if x.ndim != 2 or not np.issubdtype(x.dtype, np.floating):
-    raise ValueError(f"{name} must be a float [rows, dim] array, got "
-                     f"{x.dtype}{list(x.shape)}")
-  if dim is not None and x.shape[1] != dim:
-    raise ValueError(f"{name}.shape={x.shape}: expected dim {dim}")
-  return np.ascontiguousarray(x, np.float32)
-
-
 def _train_add(index, x: np.ndarray) -> tuple[float, float]:
   t0 = time.perf_counter()
   index.train(x)
@@ -126,7 +116,7 @@ def _train_add(index, x: np.ndarray) -> tuple[float, float]:
 def build_pq(base, bits: float, metric: str = "ip",
              code_bits: int = 8) -> FaissIndex:
   """faiss IndexPQ at >= `bits` per coordinate (see the module doc)."""
-  base = _check("base", base)
+  base = metrics.check_vectors("base", base)
   dim = base.shape[1]
   m, padded = pq_shape(dim, bits, code_bits)
   if base.shape[0] < 2**code_bits:
@@ -149,7 +139,7 @@ def build_pq(base, bits: float, metric: str = "ip",
 def build_rabitq(base, nb_bits: int, metric: str = "ip",
                  rotate: bool = True) -> FaissIndex:
   """faiss RaBitQ with nb_bits per coordinate, queries in float (qb = 0)."""
-  base = _check("base", base)
+  base = metrics.check_vectors("base", base)
   if not isinstance(nb_bits, (int, np.integer)) or not 1 <= nb_bits <= 9:
     raise ValueError(f"{nb_bits=} must be an integer in [1, 9]")
   dim = base.shape[1]
@@ -172,7 +162,7 @@ def build_rabitq(base, nb_bits: int, metric: str = "ip",
 
 def search(fi: FaissIndex, queries, k: int) -> tuple[np.ndarray, np.ndarray]:
   """(scores f32[Q, k], ids i32[Q, k]), best first (scores: higher nearer)."""
-  queries = _check("queries", queries, fi.dim)
+  queries = metrics.check_vectors("queries", queries, fi.dim)
   if not isinstance(k, (int, np.integer)) or not 1 <= k <= fi.index.ntotal:
     raise ValueError(f"{k=} must be an integer in [1, {fi.index.ntotal}]")
   dist, ids = fi.index.search(_pad(queries, fi.padded_dim), int(k))

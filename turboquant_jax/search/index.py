@@ -161,20 +161,6 @@ class Index:
                      self.size)[0]
 
 
-def _check_vectors(name: str, x, dim: int | None = None) -> np.ndarray:
-  x = np.asarray(x)
-  if x.ndim != 2 or not np.issubdtype(x.dtype, np.floating):
-    raise ValueError(f"{name} must be a float [rows, dim] array, got "
-                     f"{x.dtype}{list(x.shape)}")
-  if dim is not None and x.shape[1] != dim:
-    raise ValueError(f"{name}.shape={x.shape}: expected dim {dim}")
-  if x.shape[0] < 1:
-    raise ValueError(f"{name} is empty")
-  if not np.all(np.isfinite(x)):
-    raise ValueError(f"{name} holds non-finite values")
-  return x.astype(np.float32, copy=False)
-
-
 def _slice(tree, start: int, stop: int, size: int):
   """Rows [start, stop) of every leaf, zero-padded to `size` rows."""
   def one(a):
@@ -225,7 +211,7 @@ def build(key: jax.Array, base, config: IndexConfig, *,
     ValueError: base is not a finite float matrix, or config.unit_norm and
       some row's norm is not 1 (to 1e-3).
   """
-  base = _check_vectors("base", base)
+  base = metrics.check_vectors("base", base)
   n, dim = base.shape
   if config.unit_norm:
     norms = np.linalg.norm(base, axis=1)
@@ -423,7 +409,7 @@ def search(index: Index, queries, k: int, *, chunk: int = DEFAULT_CHUNK
   Returns:
     (scores f32[Q, k], ids i32[Q, k]), best first.
   """
-  queries = _check_vectors("queries", queries, index.dim)
+  queries = metrics.check_vectors("queries", queries, index.dim)
   n = index.size
   if not isinstance(k, (int, np.integer)) or not 1 <= k <= n:
     raise ValueError(f"{k=} must be an integer in [1, N={n}]")

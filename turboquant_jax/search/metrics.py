@@ -11,6 +11,22 @@ method returns.
 
 import numpy as np
 
+
+def check_vectors(name: str, x, dim: int | None = None) -> np.ndarray:
+  """x as f32 [rows, dim] (contiguous), or a ValueError naming `name`: not
+  a 2-D float array, the wrong dim, no rows, or non-finite values."""
+  x = np.asarray(x)
+  if x.ndim != 2 or not np.issubdtype(x.dtype, np.floating):
+    raise ValueError(f"{name} must be a float [rows, dim] array, got "
+                     f"{x.dtype}{list(x.shape)}")
+  if dim is not None and x.shape[1] != dim:
+    raise ValueError(f"{name}.shape={x.shape}: expected dim {dim}")
+  if x.shape[0] < 1:
+    raise ValueError(f"{name} is empty")
+  if not np.all(np.isfinite(x)):
+    raise ValueError(f"{name} holds non-finite values")
+  return np.ascontiguousarray(x, np.float32)
+
 METRICS = ("ip", "angular", "l2")
 
 
