@@ -20,3 +20,16 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
     else:
       out[key] = kind(value)
   return out
+
+
+def set_model(config: ml_collections.ConfigDict, model: str) -> None:
+  """The language-model fields that experiments.common.load_lm reads.
+
+  model: "smollm2" (SmolLM2-135M-Instruct, Q4_1 GGUF weights dequantized;
+  8192 context), "hf" (the Hugging Face checkpoint directory hf_path) or
+  "tiny" (a random 3-layer model with a byte-level tokenizer: the tests).
+  """
+  config.model = model
+  config.hf_path = ""
+  config.hf_cache_dir = ""        # keep the converted weights here (orbax)
+  config.dtype = "float32"        # model weights and compute

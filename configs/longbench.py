@@ -82,13 +82,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   config = ml_collections.ConfigDict()
   config.scale = arg.scale
-  # "smollm2": SmolLM2-135M-Instruct (Q4_1 GGUF weights, dequantized; 8192
-  # context). "hf": the Hugging Face checkpoint directory hf_path.
-  # "tiny": a random 3-layer model with a byte-level tokenizer (tests).
-  config.model = model
-  config.hf_path = ""
-  config.hf_cache_dir = ""       # keep the converted weights here (orbax)
-  config.dtype = "float32"       # model weights and compute
+  common.set_model(config, model)
   # The folder of <dataset>_e.jsonl files, and which datasets to run
   # (comma-separated; empty: all 13).
   config.data_dir = ""
