@@ -2,6 +2,7 @@
 
     python -m experiments.kernel_bench --config=configs/kernel_bench.py
     python -m experiments.kernel_bench --config=configs/kernel_bench.py:scale=quick
+    (scale=kernel: decode attention of impl="pallas_gpu" at B = 8 only)
 """
 
 import ml_collections
@@ -40,6 +41,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.bits = (4, 3)
     c.reps = 10
     c.append_batches = (8,)
+  elif scale == "kernel":               # the kernel at B = 8 only
+    c.batches = (8,)
+    c.impls = ("pallas_gpu",)
+    c.append_batches = ()
+    c.quantize_dims = ()
   elif scale == "cpu":                  # a smoke run on the CPU
     c.batches = (1,)
     c.seq_lens = (512,)

@@ -5,7 +5,10 @@ Prints (1) the relative error against the reference on small real caches
 table of times at B=8, 32/8 heads, D=128 for each bit width, lookup mode
 and split count, beside cuDNN bf16 measured in the same process.
 Run: python -m experiments.probes.decode_kernel_variants [--quick|--short]
-(--tokens: only the checks of layout="tokens")
+(--tokens: only the checks of layout="tokens"; --v4: those checks, then
+S=128k times of layout="tokens" with 16 and 64 query columns;
+--stages: times against the pipeline depth; --rows: checks and times
+of layout="tokens" against the tokens per pipeline step)
 """
 
 import sys
@@ -18,10 +21,11 @@ from experiments import kernel_bench
 from turboquant_jax import cache as cache_lib
 from turboquant_jax.kernels import decode_attention as da
 from turboquant_jax.kernels.decode_attention import pallas_gpu
+from turboquant_jax.kernels.decode_attention import pallas_gpu_tokens
 
 
 def check(dim, groups, bits, method="mse", window=0, tokens=1, s=1024,
-          lengths=(1024, 700), mode="poly", layout="queries"):
+          lengths=(1024, 700), mode="poly", layout="queries", splits=None):
   key = jax.random.key(dim * 7 + groups)
   b, kvh = 2, 2
   k = jax.random.normal(key, (b, kvh, s, dim)) * 2
@@ -34,7 +38,7 @@ def check(dim, groups, bits, method="mse", window=0, tokens=1, s=1024,
   ref = da.chunk_attention(q, c, c.lengths, impl="reference")
   try:
     out = da.chunk_attention(q, c, c.lengths, impl="pallas_gpu",
-                             lookup_mode=mode, layout=layout)
+                             lookup_mode=mode, layout=layout, splits=splits)
     err = float(jnp.max(jnp.abs(out - ref)) / jnp.max(jnp.abs(ref)))
     msg = f"rel err {err:.2e} {'OK' if err < 5e-3 else 'WRONG'}"
   except Exception as e:  # noqa: BLE001 - a probe reports every failure
@@ -62,7 +66,13 @@ def _no_dequantize(*args, **kwargs):
 
 
 def _time_variant(f, *args):
-  """Median ms, or the failure."""
+  """Median ms, or the failure.
+
+  pallas_gpu._attention is jitted on its static arguments only, so a
+  variant made by patching a module global must not find an earlier
+  trace: every variant starts from empty caches.
+  """
+  jax.clear_caches()
   try:
     return kernel_bench.time_ms(f, *args, warmup=3, reps=20), ""
   except Exception as e:  # noqa: BLE001 - a probe reports every failure
@@ -84,9 +94,121 @@ def occupancy():
           f"{t if t is None else round(t, 3)} ms {err}", flush=True)
 
 
+def pipeline_depth():
+  """Tiles in flight per program (STAGES) against splits and layouts, at
+  B=8, S=128k: whether the kernel waits on HBM latency, not arithmetic."""
+  b, h, kvh, d, s = 8, 32, 8, 128, 131072
+  q = jax.random.normal(jax.random.key(0), (b, h, d))
+  for bits in (4, 3):
+    c = kernel_bench.random_cache(
+        jax.random.key(4), cache_lib.CacheConfig(key_bits=bits,
+                                                 value_bits=bits),
+        b, kvh, s, d)
+    base = pallas_gpu.default_splits(c)
+    runs = [("tokens", st, base) for st in (2, 3, 4, 6, 8)]
+    runs += [("tokens", 4, base * 2), ("tokens", 4, base * 4),
+             ("queries", 4, base), ("queries", 6, base),
+             ("nodeq", 2, base), ("nodeq", 6, base)]
+    if bits == 3:
+      runs = runs[:5]
+    for layout, stages, splits in runs:
+      pallas_gpu.STAGES = stages
+      pallas_gpu._dequantize_into = (  # pylint: disable=protected-access
+          _no_dequantize if layout == "nodeq" else _REAL_DEQUANTIZE)
+      f = jax.jit(lambda q, c, layout=layout, splits=splits:
+                  da.decode_attention(
+                      q, c, c.lengths, impl="pallas_gpu", splits=splits,
+                      layout="queries" if layout == "queries" else "tokens"))
+      t, err = _time_variant(f, q, c)
+      print(f"bits={bits} {layout:<7} stages={stages} splits={splits:<3} "
+            f"{t if t is None else round(t, 3)} ms {err}", flush=True)
+    pallas_gpu.STAGES = 2
+    pallas_gpu._dequantize_into = _REAL_DEQUANTIZE  # pylint: disable=protected-access
+
+
+def tile_rows():
+  """layout="tokens" with 64, 128 and 256 tokens per pipeline step:
+  checks (2 splits of 512, so every size runs), then B=8, S=128k times."""
+  print("jax", jax.__version__, jax.devices()[0].device_kind, flush=True)
+  for rows in (128, 256):
+    pallas_gpu_tokens.TILE_ROWS = rows
+    print(f"TILE_ROWS={rows}", flush=True)
+    for args in ((128, 4, 4), (128, 4, 3), (64, 8, 3), (128, 1, 3, "prod"),
+                 (128, 4, 3.5), (256, 3, 2), (128, 4, 2.5)):
+      check(*args, mode="poly16", layout="tokens", splits=2)
+    check(128, 8, 4, tokens=3, mode="poly16", layout="tokens", splits=2)
+    check(64, 4, 4, lengths=(1, 333), mode="poly16", layout="tokens",
+          splits=2)
+  b, h, kvh, d, s = 8, 32, 8, 128, 131072
+  q = jax.random.normal(jax.random.key(0), (b, h, d), jnp.bfloat16)
+  kb = jax.random.normal(jax.random.key(1), (b, s, kvh, d), jnp.bfloat16)
+  vb = jax.random.normal(jax.random.key(2), (b, s, kvh, d), jnp.bfloat16)
+  fn = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(
+      q[:, None], k, v, implementation="cudnn"))
+  cudnn = kernel_bench.time_ms(fn, q, kb, vb, warmup=3, reps=20)
+  del kb, vb
+  print(f"S={s} cudnn_bf16 {cudnn:.3f} ms", flush=True)
+  for bits in (4, 3, 2, 3.5, 2.5):
+    cfg = cache_lib.CacheConfig(key_bits=bits, value_bits=bits)
+    c = kernel_bench.random_cache(jax.random.key(4), cfg, b, kvh, s, d)
+    base = pallas_gpu.default_splits(c)
+    runs = [(64, base), (128, base), (256, base)]
+    if bits == 4:
+      runs += [(256, base * 2), (128, base * 2), (256, base // 2)]
+    for rows, splits in runs:
+      pallas_gpu_tokens.TILE_ROWS = rows
+      f = jax.jit(lambda q, c, splits=splits: da.decode_attention(
+          q, c, c.lengths, impl="pallas_gpu", splits=splits, layout="tokens"))
+      t, err = _time_variant(f, q.astype(jnp.float32), c)
+      print(f"bits={bits:<3} rows={rows:<3} splits={splits:<3} "
+            + (err if t is None else f"{t:.3f} ms x{cudnn / t:.2f} vs cudnn"),
+            flush=True)
+
+
+def diagnose():
+  """What the time is spent on, at B=8, S=128k, 4 bits, 16 splits: each
+  layout as it is, with codes turned to f16 by one bit operation instead of
+  the centroid lookup ("bits"), and with no unpacking at all ("nodeq");
+  the tokens layout also with 64 query columns and 4 pipeline stages."""
+  b, h, kvh, d, s, splits = 8, 32, 8, 128, 131072, 16
+  q = jax.random.normal(jax.random.key(0), (b, h, d))
+  for bits in (4, 2):
+    c = kernel_bench.random_cache(
+        jax.random.key(4), cache_lib.CacheConfig(key_bits=bits,
+                                                 value_bits=bits),
+        b, kvh, s, d)
+    runs = [(layout, v) for layout in ("tokens", "queries")
+            for v in ("real", "bits", "nodeq")]
+    runs += [("tokens", "n64"), ("tokens", "stages4")]
+    for layout, variant in runs if bits == 4 else runs[:3]:
+      pallas_gpu.lookup = (_bits_only_lookup if variant == "bits"
+                           else _REAL_LOOKUP)
+      pallas_gpu._dequantize_into = (  # pylint: disable=protected-access
+          _no_dequantize if variant == "nodeq" else _REAL_DEQUANTIZE)
+      pallas_gpu_tokens.MIN_COLUMNS = 64 if variant == "n64" else 16
+      pallas_gpu.STAGES = 4 if variant == "stages4" else 2
+      f = jax.jit(lambda q, c, layout=layout: da.decode_attention(
+          q, c, c.lengths, impl="pallas_gpu", splits=splits, layout=layout))
+      t, err = _time_variant(f, q, c)
+      print(f"bits={bits} {layout:<7} {variant:<7} splits={splits} "
+            f"{t if t is None else round(t, 3)} ms {err}", flush=True)
+    pallas_gpu.lookup = _REAL_LOOKUP
+    pallas_gpu._dequantize_into = _REAL_DEQUANTIZE  # pylint: disable=protected-access
+    pallas_gpu_tokens.MIN_COLUMNS, pallas_gpu.STAGES = 16, 2
+
+
 def main():
+  if "--diagnose" in sys.argv:
+    diagnose()
+    return
+  if "--rows" in sys.argv:
+    tile_rows()
+    return
   if "--occupancy" in sys.argv:
     occupancy()
+    return
+  if "--stages" in sys.argv:
+    pipeline_depth()
     return
   quick = "--quick" in sys.argv
   print("jax", jax.__version__, jax.devices()[0].device_kind, flush=True)
@@ -97,6 +219,14 @@ def main():
   check(128, 4, 4, tokens=16, mode="poly16", layout="tokens")  # N = 64
   if "--tokens" in sys.argv:
     return
+  if "--v4" not in sys.argv:
+    _queries_checks()
+    if quick:
+      return
+  _timings()
+
+
+def _queries_checks():
   check(128, 4, 4)
   check(128, 4, 4, mode="poly16")
   check(128, 4, 3, mode="poly16")
@@ -116,10 +246,12 @@ def main():
   check(256, 3, 2, window=32)
   check(128, 4, 4, tokens=4)
   check(128, 4, 3.5)
-  if quick:
-    return
+
+
+def _timings():
   b, h, kvh, d = 8, 32, 8, 128
-  for s in ((131072,) if "--short" in sys.argv else (16384, 131072)):
+  short = "--short" in sys.argv or "--v4" in sys.argv
+  for s in ((131072,) if short else (16384, 131072)):
     q = jax.random.normal(jax.random.key(0), (b, h, d), jnp.bfloat16)
     kb = jax.random.normal(jax.random.key(1), (b, s, kvh, d), jnp.bfloat16)
     vb = jax.random.normal(jax.random.key(2), (b, s, kvh, d), jnp.bfloat16)
@@ -134,8 +266,10 @@ def main():
       nbytes = sum(x.nbytes for x in jax.tree.leaves((c.keys, c.values))
                    if hasattr(x, "nbytes") and x.ndim >= 3)
       base = pallas_gpu.default_splits(c)
-      variants = [("poly16", base), ("tokens", base)]
-      if bits == 4:
+      variants = [("poly16", base), ("tokens", base), ("tokens64", base)]
+      if "--v4" in sys.argv:
+        variants += [("tokens", base * 2)] if bits == 4 else []
+      elif bits == 4:
         variants += [("tokens", base * 2), ("tokens", base * 4)]
         variants += [("poly", base), ("bits", base), ("nodeq", base),
                      ("poly16", base * 4)]
@@ -146,12 +280,15 @@ def main():
                              else _REAL_LOOKUP)
         pallas_gpu._dequantize_into = (  # pylint: disable=protected-access
             _no_dequantize if mode == "nodeq" else _REAL_DEQUANTIZE)
+        pallas_gpu_tokens.MIN_COLUMNS = 64 if mode == "tokens64" else 16
         f = jax.jit(lambda q, c, mode=mode, splits=splits:
                     da.decode_attention(
                         q, c, c.lengths, impl="pallas_gpu", splits=splits,
-                        layout="tokens" if mode == "tokens" else "queries",
+                        layout=("tokens" if mode.startswith("tokens")
+                                else "queries"),
                         lookup_mode=("poly16" if mode in ("bits", "nodeq",
                                                           "tokens")
+                                     else "poly16" if mode == "tokens64"
                                      else mode)))
         t, err = _time_variant(f, q.astype(jnp.float32), c)
         pallas_gpu.lookup = _REAL_LOOKUP

@@ -51,6 +51,7 @@ from turboquant_jax.kernels.decode_attention import parts
 from turboquant_jax.quant import packing
 
 ROWS = 64      # tokens per tile = query rows of one warpgroup's wgmma
+STAGES = 2     # tiles in flight per program (emit_pipeline's concurrent steps)
 
 _L = plgpu.Layout
 
@@ -175,12 +176,17 @@ def _groups(spec: parts.PartSpec) -> int:
   return spec.dim // GROUP
 
 
-def _group_smem(groups: int) -> plgpu.SMEM:
-  """f16[groups, 64, 64] in the tiled, swizzled form wgmma reads."""
+def _group_smem(groups: int, swizzle: int = 128,
+                rows: int = ROWS) -> plgpu.SMEM:
+  """f16[groups, rows, 64] in the tiled, swizzled form wgmma reads.
+
+  One wgmma reads A and B with one swizzle: a tile that meets a narrower
+  operand (layout="tokens": Pᵀ of 16 or 32 columns) takes its swizzle.
+  """
   return plgpu.SMEM(
-      (groups, ROWS, GROUP), jnp.float16,
-      transforms=(plgpu.TilingTransform((8, 64)),
-                  plgpu.SwizzleTransform(128)))
+      (groups, rows, GROUP), jnp.float16,
+      transforms=(plgpu.TilingTransform((8, swizzle // 2)),
+                  plgpu.SwizzleTransform(swizzle)))
 
 
 def _in_groups(chunks: list[jax.Array]) -> list[jax.Array]:
@@ -207,15 +213,16 @@ def _tma_rows(codes: jax.Array) -> jax.Array:
 
 def _dequantize_into(code_ref, spec, pool, first: int, mode,
                      interpret: bool) -> None:
-  """Unpacks a u8[64, P] tile; stores its centroids as pool[first + g]."""
+  """Unpacks a u8[R, P] tile; stores its centroids as pool[first + g]."""
   row = _row_bytes(spec)
-  if code_ref.shape != (ROWS, row) and interpret:
+  rows = code_ref.shape[0] * code_ref.shape[1] // row
+  if code_ref.shape != (rows, row) and interpret:
     # A _tma_rows tile. Interpret mode has no rule for reshaped refs (the
     # device has), so it reshapes the loaded value instead.
-    words = code_ref[...].reshape(ROWS, row)
+    words = code_ref[...].reshape(rows, row)
   else:
-    if code_ref.shape != (ROWS, row):
-      code_ref = code_ref.reshape(ROWS, row)
+    if code_ref.shape != (rows, row):
+      code_ref = code_ref.reshape(rows, row)
     words = plgpu.load(code_ref, layout=_L.WGMMA, optimized=False)
   dtype = jnp.int16 if mode == "poly16" else jnp.int32
   chunks = [lookup(c, spec, mode)
@@ -359,7 +366,7 @@ def _kernel(qlen_ref, qend_ref, *refs, key_specs, value_specs, groups,
   def stream(k_pool, v_pool, *p_smem):
     pipeline = plgpu.emit_pipeline(
         functools.partial(body, k_pool, v_pool, p_smem), grid=(n_tiles,),
-        in_specs=in_specs, max_concurrent_steps=2, init_carry=(accs, m0, l0))
+        in_specs=in_specs, max_concurrent_steps=STAGES, init_carry=(accs, m0, l0))
     return pipeline(*[r.at[b, k] for r in kc_refs + kn_refs + vc_refs
                       + vn_refs])
 
@@ -371,15 +378,17 @@ def _kernel(qlen_ref, qend_ref, *refs, key_specs, value_specs, groups,
   _store_outputs(accs, m_i, l_i, o_refs, ml_ref, program)
 
 
-def _tile_specs(key_specs, value_specs, tile0) -> list[plgpu.BlockSpec]:
-  """Pipeline blocks of one 64-token tile: key codes, key norms, value
-  codes, value norms (codes as 16-byte rows where `_tma_rows` cut them)."""
+def _tile_specs(key_specs, value_specs, tile0,
+                rows: int = ROWS) -> list[plgpu.BlockSpec]:
+  """Pipeline blocks of one tile of `rows` tokens: key codes, key norms,
+  value codes, value norms (codes as 16-byte rows where `_tma_rows` cut
+  them); tile0 counts tiles of that size."""
   def code_spec(spec):
     p = _row_bytes(spec)
-    return plgpu.BlockSpec((ROWS, p) if p % 16 == 0 else (ROWS * p // 16, 16),
+    return plgpu.BlockSpec((rows, p) if p % 16 == 0 else (rows * p // 16, 16),
                            lambda i: (tile0 + i, 0))
 
-  norm_spec = plgpu.BlockSpec((ROWS,), lambda i: (tile0 + i,))
+  norm_spec = plgpu.BlockSpec((rows,), lambda i: (tile0 + i,))
   return ([code_spec(s) for s in key_specs] + [norm_spec] * len(key_specs)
           + [code_spec(s) for s in value_specs]
           + [norm_spec] * len(value_specs))
@@ -474,8 +483,11 @@ def _attention(q, cache, lengths, scale, splits, lookup_mode, layout,
   return parts.finish(acc, m, l, q, cache, lengths, scale)
 
 
-def default_splits(cache, target_programs: int = 264) -> int:
-  """Sequence splits so that B·K·NS programs fill the GPU (2 per SM)."""
+def default_splits(cache, layout: str = "tokens") -> int:
+  """Sequence splits so that B·K·NS programs fill the GPU's 132 SMs: 2
+  programs per SM for layout="queries" (255 registers), 4 for "tokens"
+  (145; at B=8, S=128k 16 splits took 1.68 ms against 1.84 for 8)."""
+  target_programs = 132 * (4 if layout == "tokens" else 2)
   programs = cache.batch * cache.kv_heads
   splits = 1
   while (programs * splits < target_programs
@@ -486,16 +498,16 @@ def default_splits(cache, target_programs: int = 264) -> int:
 
 def attention(q: jax.Array, cache, lengths: jax.Array, *,
               scale: float | None = None, splits: int | None = None,
-              lookup_mode: str = "poly16", layout: str = "queries",
+              lookup_mode: str = "poly16", layout: str = "tokens",
               interpret: bool | None = None) -> jax.Array:
   """q [B, T, H, D] over a TurboQuantCache -> f32[B, T, H, D].
 
   splits: sequence splits per (sequence, KV head); default picks enough
   programs to fill the GPU. lookup_mode: "poly16" (odd polynomial through
   the codebook, f16; selects for b >= 5), "poly" (the same in f32) or
-  "select" (a chain of 2^b - 1 selects, f32). layout: "queries" (this
-  module's kernel: queries on the wgmma rows) or "tokens" (tokens on the
-  rows, pallas_gpu_tokens.py; interpret-mode tested, not yet run on a GPU).
+  "select" (a chain of 2^b - 1 selects, f32). layout: "tokens" (kernel v4,
+  pallas_gpu_tokens.py: tokens on the wgmma rows; the faster on the H200)
+  or "queries" (kernel v3, this module: queries on the rows).
   interpret=None uses Mosaic GPU interpret mode when the backend is not a
   GPU.
   """
@@ -513,7 +525,7 @@ def attention(q: jax.Array, cache, lengths: jax.Array, *,
   if interpret is False:
     interpret = None
   if splits is None:
-    splits = default_splits(cache)
+    splits = default_splits(cache, layout)
   scale = q.shape[-1] ** -0.5 if scale is None else scale
   return _attention(q, cache, lengths, scale, splits, lookup_mode, layout,
                     interpret)

@@ -18,9 +18,15 @@ quarter of the softmax and of the accumulator registers. Everything else
 (TMA pipeline, unpacking, centroid lookup, 24-byte rows, prod keys as sign
 parts, the XLA work before and after) is pallas_gpu's.
 
-Status: checked against the reference in Mosaic GPU interpret mode; not
-yet compiled or timed on a GPU (experiments/probes/mosaic_gpu_probe.py
---v4 checks its building blocks there). impl=None does not pick it.
+A wgmma reads A and B with one swizzle, so the V tiles are stored with
+Pᵀ's (32 bytes for 16 columns, 64 for 32, 128 for 64).
+
+Status: the default layout. On the H200 (B=8, S=128k, 4 bits) it takes
+1.68-1.84 ms against 2.15-2.25 for layout="queries" (145 registers against
+255); with 128-token steps: 1.77 ms, without the centroid lookup 1.20 ms,
+without any unpacking 0.77 ms,
+the pipeline streaming the same bytes with no work 0.46-0.51 ms
+(experiments/probes/decode_kernel_variants.py --diagnose, pipeline_probe).
 """
 
 import functools
@@ -37,9 +43,16 @@ ROWS, GROUP = base.ROWS, base.GROUP
 _L = plgpu.Layout
 
 
+MIN_COLUMNS = 16
+# Tokens per pipeline step (wgmma M groups of 64). On the H200 (B=8,
+# S=128k, 4 bits, 16 splits) 128 took 1.77 ms, within the spread of 64
+# (1.68-1.84), and 256 2.69 ms: unpacking 256 rows at once spills registers.
+TILE_ROWS = 64
+
+
 def query_columns(m: int) -> int:
   """N: the M query columns rounded up to a multiple of 16 (at most 64)."""
-  return max(16, -(-m // 16) * 16)
+  return max(MIN_COLUMNS, -(-m // 16) * 16)
 
 
 def _columns_smem(groups: int, n: int) -> plgpu.SMEM:
@@ -49,16 +62,31 @@ def _columns_smem(groups: int, n: int) -> plgpu.SMEM:
                                 plgpu.SwizzleTransform(128)))
 
 
-def _p_smem(n: int) -> plgpu.SMEM:
-  """f16[64 tokens, n]: Pᵀ, the B operand of Vᵀ·Pᵀ (rows of 2n bytes)."""
-  swizzle = min(128, 2 * n)
-  return plgpu.SMEM((ROWS, n), jnp.float16,
-                    transforms=(plgpu.TilingTransform((8, swizzle // 2)),
-                                plgpu.SwizzleTransform(swizzle)))
+def _swizzle(n: int) -> int:
+  """The swizzle of Pᵀ's rows of 2n bytes, and so of the V tiles read with
+  it (a wgmma reads A and B with one swizzle)."""
+  return min(128, 2 * n)
+
+
+def tile_rows(split_len: int, row_bytes: list[int]) -> int:
+  """Tokens per pipeline step: TILE_ROWS, or less where the split is
+  shorter or a TMA box would pass 256 rows (codes cut into 16-byte rows)."""
+  rows = TILE_ROWS
+  while rows > ROWS and (split_len % rows or any(
+      p % 16 and rows * p // 16 > 256 for p in row_bytes)):
+    rows //= 2
+  return rows
+
+
+def _p_smem(n: int, rows: int) -> plgpu.SMEM:
+  """f16[rows tokens, n]: Pᵀ, the B operand of Vᵀ·Pᵀ (rows of 2n bytes)."""
+  return plgpu.SMEM((rows, n), jnp.float16,
+                    transforms=(plgpu.TilingTransform((8, _swizzle(n) // 2)),
+                                plgpu.SwizzleTransform(_swizzle(n))))
 
 
 def _kernel(qlen_ref, qend_ref, *refs, key_specs, value_specs, groups,
-            split_len, kv_heads, splits, mode, interpret, n):
+            split_len, kv_heads, splits, mode, interpret, n, rows):
   nk, nv = len(key_specs), len(value_specs)
   (kc_refs, kn_refs, vc_refs, vn_refs, o_refs, ml_ref,
    program) = base._program_refs(refs, nk, nv, kv_heads, splits)
@@ -69,13 +97,13 @@ def _kernel(qlen_ref, qend_ref, *refs, key_specs, value_specs, groups,
   qend = qend_ref[b]
   first_pos = jax.lax.axis_index("s") * split_len
 
-  shape = (ROWS, n)                                   # [tokens, queries]
+  shape = (rows, n)                                   # [tokens, queries]
   token = plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=_L.WGMMA)
   query = plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=_L.WGMMA)
   limit = qend - 1 + query // groups                  # causal limit per query
 
   def per_token(norm_ref):
-    """A [64] norm tile broadcast along the query columns."""
+    """A [rows] norm tile broadcast along the query columns."""
     norm = plgpu.load(norm_ref, layout=_L.WGMMA.reduce(1), optimized=False)
     return jax.lax.broadcast_in_dim(norm, shape, [0])
 
@@ -111,14 +139,14 @@ def _kernel(qlen_ref, qend_ref, *refs, key_specs, value_specs, groups,
     for part, norm_ref in zip(raw, kn):
       part = part * per_token(norm_ref)
       s = part if s is None else s + part
-    pos = first_pos + i * ROWS + token
+    pos = first_pos + i * rows + token
     s = jnp.where((pos < qlen) & (pos <= limit), s, -jnp.inf)
     m_new = jnp.maximum(m_i, jnp.max(s, axis=0))                # [n]
     m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
     alpha = jnp.exp(m_i - m_safe)
-    p = jnp.exp(s - per_query(m_safe, ROWS))
+    p = jnp.exp(s - per_query(m_safe, rows))
     # The running sum stays per element: one cross-warp sum at the end.
-    l_new = l_i * per_query(alpha, ROWS) + p
+    l_new = l_i * per_query(alpha, rows) + p
     for ps, norm_ref in zip(p_smem, vn):
       ps[...] = (p * per_token(norm_ref)).astype(jnp.float16)
     plgpu.commit_smem()
@@ -145,23 +173,25 @@ def _kernel(qlen_ref, qend_ref, *refs, key_specs, value_specs, groups,
                for s in value_specs)
   m0 = plgpu.layout_cast(jnp.full((n,), -jnp.inf, jnp.float32),
                          _L.WGMMA.reduce(0))
-  n_tiles = split_len // ROWS
-  tile0 = first_pos // ROWS
+  n_tiles = split_len // rows
+  tile0 = first_pos // rows
 
-  in_specs = base._tile_specs(key_specs, value_specs, tile0)
+  in_specs = base._tile_specs(key_specs, value_specs, tile0, rows)
 
   def stream(k_pool, v_pool, *p_smem):
     pipeline = plgpu.emit_pipeline(
         functools.partial(body, k_pool, v_pool, p_smem), grid=(n_tiles,),
-        in_specs=in_specs, max_concurrent_steps=2,
+        in_specs=in_specs, max_concurrent_steps=base.STAGES,
         init_carry=(accs, m0, zeros(shape)))
     return pipeline(*[r.at[b, k] for r in kc_refs + kn_refs + vc_refs
                       + vn_refs])
 
   accs, m_i, l_i = pl.run_scoped(
-      stream, base._group_smem(sum(base._groups(s) for s in key_specs)),
-      base._group_smem(sum(base._groups(s) for s in value_specs)),
-      *[_p_smem(n) for _ in range(nv)])
+      stream, base._group_smem(sum(base._groups(s) for s in key_specs),
+                               rows=rows),
+      base._group_smem(sum(base._groups(s) for s in value_specs),
+                       _swizzle(n), rows),
+      *[_p_smem(n, rows) for _ in range(nv)])
   l_i = jnp.sum(l_i, axis=0)
 
   base._store_outputs(accs, m_i, l_i, o_refs, ml_ref, program)
@@ -175,6 +205,8 @@ def fused_attention(inp: parts.KernelInputs, *, splits: int = 8,
   b, kv, m, _ = inp.q[0].shape
   n = query_columns(m)
   cap = inp.value_codes[0].shape[2]
+  rows = tile_rows(cap // splits, [c.shape[-1] for c in codes
+                                   + list(inp.value_codes)])
   programs = b * kv * splits
   out_type = [jax.ShapeDtypeStruct((programs * base._groups(s), GROUP, n),
                                    jnp.float32) for s in inp.value_specs]
@@ -186,7 +218,7 @@ def fused_attention(inp: parts.KernelInputs, *, splits: int = 8,
                         value_specs=inp.value_specs, groups=inp.groups,
                         split_len=cap // splits, kv_heads=kv, splits=splits,
                         mode=lookup_mode, interpret=interpret is not None,
-                        n=n),
+                        n=n, rows=rows),
       out_type=out_type, scratch_types=scratch, grid=(b, kv, splits),
       grid_names=("b", "k", "s"), interpret=interpret)
   outs = kernel(inp.qlen, inp.qpos_end,

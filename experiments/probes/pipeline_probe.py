@@ -1,0 +1,94 @@
+"""How fast can a Mosaic GPU pipeline stream a 4-bit cache, doing nothing?
+
+The decode kernels take as long with no unpacking (probe "nodeq") and at
+any pipeline depth (decode_kernel_variants --stages). This probe times the
+skeleton: the same grid (B, K, splits) and emit_pipeline over the same
+code and norm arrays, with a body that reads nothing, for several tokens
+per step and depths; beside it, XLA reading the same bytes (a sum) and
+the parts of pallas_gpu.attention outside the kernel (prepare).
+Run: python -m experiments.probes.pipeline_probe
+"""
+
+import functools
+import time
+
+import jax
+import jax.numpy as jnp
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from experiments import kernel_bench
+from turboquant_jax import cache as cache_lib
+from turboquant_jax.kernels.decode_attention import parts
+
+B, KV, S, D, H = 8, 8, 131072, 128, 32
+
+
+def _stream_kernel(*refs, rows, split_len, stages, n_in):
+  ins = refs[:n_in]
+  b, k = jax.lax.axis_index("b"), jax.lax.axis_index("k")
+  tile0 = jax.lax.axis_index("s") * split_len // rows
+
+  def spec(r):
+    shape = r.shape[2:]
+    if len(shape) == 1:
+      return plgpu.BlockSpec((rows,), lambda i: (tile0 + i,))
+    return plgpu.BlockSpec((rows, shape[1]), lambda i: (tile0 + i, 0))
+
+  def body(idx, *tiles):
+    del idx, tiles
+
+  plgpu.emit_pipeline(body, grid=(split_len // rows,),
+                      in_specs=[spec(r) for r in ins],
+                      max_concurrent_steps=stages)(
+                          *[r.at[b, k] for r in ins])
+
+
+def stream(arrays, rows, splits, stages):
+  f = plgpu.kernel(
+      functools.partial(_stream_kernel, rows=rows, split_len=S // splits,
+                        stages=stages, n_in=len(arrays)),
+      out_type=jax.ShapeDtypeStruct((128,), jnp.float32),
+      grid=(B, KV, splits), grid_names=("b", "k", "s"))
+  return jax.jit(f)
+
+
+def main():
+  print("jax", jax.__version__, jax.devices()[0].device_kind, flush=True)
+  cfg = cache_lib.CacheConfig(key_bits=4, value_bits=4)
+  c = kernel_bench.random_cache(jax.random.key(4), cfg, B, KV, S, D)
+  arrays = [c.keys.codes, c.keys.norms.astype(jnp.float32),
+            c.values.codes, c.values.norms.astype(jnp.float32)]
+  nbytes = sum(a.nbytes for a in arrays)
+  print(f"arrays {[(a.shape, str(a.dtype)) for a in arrays]} "
+        f"{nbytes / 1e9:.3f} GB", flush=True)
+
+  def report(name, fn, *args):
+    try:
+      t = kernel_bench.time_ms(fn, *args, warmup=3, reps=20)
+      print(f"{name:<44} {t:.3f} ms  {nbytes / t / 1e9:.2f} TB/s",
+            flush=True)
+    except Exception as e:  # noqa: BLE001 - a probe reports every failure
+      print(f"{name:<44} FAIL {type(e).__name__}: {str(e)[:300]}",
+            flush=True)
+
+  report("xla sum of the same bytes", jax.jit(lambda *a: sum(
+      jnp.sum(x.astype(jnp.float32)) for x in a)), *arrays)
+  for rows, splits, stages in ((64, 8, 2), (64, 8, 4), (64, 16, 4),
+                               (128, 8, 2), (128, 8, 4), (256, 8, 2),
+                               (256, 8, 3), (512, 8, 2)):
+    report(f"pipeline only rows={rows} splits={splits} stages={stages}",
+           stream(arrays, rows, splits, stages), *arrays)
+  codes_only = [arrays[0], arrays[2]]
+  report("pipeline only, codes only rows=64 stages=2",
+         stream(codes_only, 64, 8, 2), *codes_only)
+  report("pipeline only, codes only rows=256 stages=2",
+         stream(codes_only, 256, 8, 2), *codes_only)
+  q = jax.random.normal(jax.random.key(0), (B, 1, H, D))
+  report("prepare (XLA before the kernel)",
+         jax.jit(lambda q, c: parts.prepare(q, c, c.lengths, 0.1).q), q, c)
+
+
+if __name__ == "__main__":
+  t0 = time.time()
+  main()
+  print(f"done in {time.time() - t0:.0f} s")
