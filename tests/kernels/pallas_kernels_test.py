@@ -5,6 +5,7 @@ S capacity, D head dim. On a TPU/GPU the same classes run compiled
 (INTERPRET = False) when the backend matches.
 """
 
+from unittest import mock
 import zlib
 
 from absl.testing import absltest
@@ -17,6 +18,8 @@ import pytest
 from turboquant_jax import cache as cache_lib
 from turboquant_jax.cache import CacheConfig
 from turboquant_jax.kernels import decode_attention as attn
+from turboquant_jax.kernels.decode_attention import pallas_gpu
+from turboquant_jax.kernels.decode_attention import pallas_gpu_tokens
 from turboquant_jax.kernels.decode_attention import parts
 
 import decode_attention_test as base
@@ -128,6 +131,45 @@ class PallasGpuInterpretTest(parameterized.TestCase):
     scale = float(jnp.max(jnp.abs(want)))
     np.testing.assert_allclose(got, want, rtol=self.TOL,
                                atol=self.TOL * scale)
+
+  @parameterized.named_parameters(
+      dict(testcase_name="d128_b4_128_token_steps", dim=128, bits=4,
+           rows=128, lengths=(128, 77)),
+      dict(testcase_name="d64_b3_24byte_rows_128_token_steps", dim=64,
+           bits=3, rows=128, lengths=(5, 128)))
+  def test_tokens_layout_longer_steps(self, dim, bits, rows, lengths):
+    # TILE_ROWS tokens per pipeline step (one split of 128 tokens; 24-byte
+    # rows travel as 192 TMA rows of 16 bytes). The module global is read
+    # at trace time: caches cleared around it.
+    jax.clear_caches()
+    try:
+      with mock.patch.object(pallas_gpu_tokens, "TILE_ROWS", rows):
+        cache = self._cache(dim, bits, bits, 0, lengths, rows)
+        q = jax.random.normal(jax.random.key(rows), (2, 1, 8, dim))
+        want = attn.decode_attention(q[:, 0], cache, cache.lengths,
+                                     impl="reference")
+        got = attn.decode_attention(q[:, 0], cache, cache.lengths,
+                                    impl="pallas_gpu", interpret=True,
+                                    splits=1, layout="tokens")
+    finally:
+      jax.clear_caches()
+    scale = float(jnp.max(jnp.abs(want)))
+    np.testing.assert_allclose(got, want, rtol=self.TOL,
+                               atol=self.TOL * scale)
+
+  def test_tile_rows_and_default_splits(self):
+    self.assertEqual(pallas_gpu_tokens.tile_rows(128, [64, 64]), 64)
+    with mock.patch.object(pallas_gpu_tokens, "TILE_ROWS", 256):
+      self.assertEqual(pallas_gpu_tokens.tile_rows(1024, [64, 2]), 256)
+      self.assertEqual(pallas_gpu_tokens.tile_rows(384, [64]), 128)
+      self.assertEqual(pallas_gpu_tokens.tile_rows(1024, [24]), 128)
+      self.assertEqual(pallas_gpu_tokens.tile_rows(64, [64]), 64)
+    # B·K·NS programs: 4 per SM of 132 for "tokens", 2 for "queries".
+    cache = cache_lib.init(CacheConfig(key_bits=4), 8, 8, 131072, 128)
+    self.assertEqual(pallas_gpu.default_splits(cache, "tokens"), 16)
+    self.assertEqual(pallas_gpu.default_splits(cache, "queries"), 8)
+    small = cache_lib.init(CacheConfig(key_bits=4), 1, 2, 192, 64)
+    self.assertEqual(pallas_gpu.default_splits(small), 1)
 
   def test_unsupported_raises_not_implemented(self):
     # Parts of 32 channels (2.5 bits at D = 64) and more than 64 query
