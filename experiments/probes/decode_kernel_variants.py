@@ -94,16 +94,20 @@ def occupancy():
           f"{t if t is None else round(t, 3)} ms {err}", flush=True)
 
 
+def _b8_cache(bits):
+  """A random full cache at B=8, 8 KV heads, S=128k, D=128."""
+  return kernel_bench.random_cache(
+      jax.random.key(4), cache_lib.CacheConfig(key_bits=bits,
+                                               value_bits=bits),
+      8, 8, 131072, 128)
+
+
 def pipeline_depth():
   """Tiles in flight per program (STAGES) against splits and layouts, at
   B=8, S=128k: whether the kernel waits on HBM latency, not arithmetic."""
-  b, h, kvh, d, s = 8, 32, 8, 128, 131072
-  q = jax.random.normal(jax.random.key(0), (b, h, d))
+  q = jax.random.normal(jax.random.key(0), (8, 32, 128))
   for bits in (4, 3):
-    c = kernel_bench.random_cache(
-        jax.random.key(4), cache_lib.CacheConfig(key_bits=bits,
-                                                 value_bits=bits),
-        b, kvh, s, d)
+    c = _b8_cache(bits)
     base = pallas_gpu.default_splits(c)
     runs = [("tokens", st, base) for st in (2, 3, 4, 6, 8)]
     runs += [("tokens", 4, base * 2), ("tokens", 4, base * 4),
@@ -126,6 +130,18 @@ def pipeline_depth():
     pallas_gpu._dequantize_into = _REAL_DEQUANTIZE  # pylint: disable=protected-access
 
 
+def _cudnn(b, h, kvh, d, s):
+  """A bf16 decode query [B, H, D] and cuDNN's median ms over bf16 K/V."""
+  q = jax.random.normal(jax.random.key(0), (b, h, d), jnp.bfloat16)
+  kb = jax.random.normal(jax.random.key(1), (b, s, kvh, d), jnp.bfloat16)
+  vb = jax.random.normal(jax.random.key(2), (b, s, kvh, d), jnp.bfloat16)
+  fn = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(
+      q[:, None], k, v, implementation="cudnn"))
+  cudnn = kernel_bench.time_ms(fn, q, kb, vb, warmup=3, reps=20)
+  print(f"S={s:<7} cudnn_bf16 {cudnn:.3f} ms", flush=True)
+  return q, cudnn
+
+
 def tile_rows():
   """layout="tokens" with 64, 128 and 256 tokens per pipeline step:
   checks (2 splits of 512, so every size runs), then B=8, S=128k times."""
@@ -140,14 +156,7 @@ def tile_rows():
     check(64, 4, 4, lengths=(1, 333), mode="poly16", layout="tokens",
           splits=2)
   b, h, kvh, d, s = 8, 32, 8, 128, 131072
-  q = jax.random.normal(jax.random.key(0), (b, h, d), jnp.bfloat16)
-  kb = jax.random.normal(jax.random.key(1), (b, s, kvh, d), jnp.bfloat16)
-  vb = jax.random.normal(jax.random.key(2), (b, s, kvh, d), jnp.bfloat16)
-  fn = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(
-      q[:, None], k, v, implementation="cudnn"))
-  cudnn = kernel_bench.time_ms(fn, q, kb, vb, warmup=3, reps=20)
-  del kb, vb
-  print(f"S={s} cudnn_bf16 {cudnn:.3f} ms", flush=True)
+  q, cudnn = _cudnn(b, h, kvh, d, s)
   for bits in (4, 3, 2, 3.5, 2.5):
     cfg = cache_lib.CacheConfig(key_bits=bits, value_bits=bits)
     c = kernel_bench.random_cache(jax.random.key(4), cfg, b, kvh, s, d)
@@ -170,13 +179,10 @@ def diagnose():
   layout as it is, with codes turned to f16 by one bit operation instead of
   the centroid lookup ("bits"), and with no unpacking at all ("nodeq");
   the tokens layout also with 64 query columns and 4 pipeline stages."""
-  b, h, kvh, d, s, splits = 8, 32, 8, 128, 131072, 16
-  q = jax.random.normal(jax.random.key(0), (b, h, d))
+  splits = 16
+  q = jax.random.normal(jax.random.key(0), (8, 32, 128))
   for bits in (4, 2):
-    c = kernel_bench.random_cache(
-        jax.random.key(4), cache_lib.CacheConfig(key_bits=bits,
-                                                 value_bits=bits),
-        b, kvh, s, d)
+    c = _b8_cache(bits)
     runs = [(layout, v) for layout in ("tokens", "queries")
             for v in ("real", "bits", "nodeq")]
     runs += [("tokens", "n64"), ("tokens", "stages4")]
@@ -252,14 +258,7 @@ def _timings():
   b, h, kvh, d = 8, 32, 8, 128
   short = "--short" in sys.argv or "--v4" in sys.argv
   for s in ((131072,) if short else (16384, 131072)):
-    q = jax.random.normal(jax.random.key(0), (b, h, d), jnp.bfloat16)
-    kb = jax.random.normal(jax.random.key(1), (b, s, kvh, d), jnp.bfloat16)
-    vb = jax.random.normal(jax.random.key(2), (b, s, kvh, d), jnp.bfloat16)
-    fn = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(
-        q[:, None], k, v, implementation="cudnn"))
-    cudnn = kernel_bench.time_ms(fn, q, kb, vb, warmup=3, reps=20)
-    del kb, vb
-    print(f"S={s:<7} cudnn_bf16 {cudnn:.3f} ms", flush=True)
+    q, cudnn = _cudnn(b, h, kvh, d, s)
     for bits in (4, 3, 2, 3.5, 2.5):
       cfg = cache_lib.CacheConfig(key_bits=bits, value_bits=bits)
       c = kernel_bench.random_cache(jax.random.key(4), cfg, b, kvh, s, d)
