@@ -308,13 +308,21 @@ class MemoryTest(parameterized.TestCase):
                     total=33016 + 4352 + 8, fixed=33016, per_token=136.25)
     self.assertAlmostEqual(m["compression_ratio"], 3.7578, places=4)
 
-  def test_turboquant_4bit_window(self):
-    # As above, plus bf16 rings for keys and values:
-    # 2 · B·K·W·D · 2 bytes = 2 · 2·2·4·64 · 2 = 4096 = 128 per token slot.
+  @parameterized.named_parameters(
+      # As test_turboquant_4bit, plus bf16 rings for keys and values:
+      # 2 · B·K·W·D · 2 bytes = 2 · 2·2·4·64 · 2 = 4096 = 128 per token slot.
+      ("window", dict(window=4), 33016 + 4352 + 4096 + 8, 136 + 128 + 0.25),
+      # As test_turboquant_4bit with a 1-byte norm code: per vector 32 + 1 =
+      # 33 bytes, per token 2 · 2 · 33 = 132 bytes, · 32 slots = 4224. Plus
+      # the code ranges: f32 (lo, hi) per sequence, head and norm field,
+      # keys and values: 2 · B·K·1·2 · 4 bytes = 64 = 2 per token slot.
+      ("norm8", dict(norm_bits=8), 33016 + 4224 + 64 + 8, 132 + 2 + 0.25),
+  )
+  def test_turboquant_4bit_with(self, option, total, per_token):
+    # The fixed part (rotations, codebooks) is that of test_turboquant_4bit.
     self._check(CacheConfig(kind="turboquant", key_bits=4, value_bits=4,
-                            window=4),
-                total=33016 + 4352 + 4096 + 8, fixed=33016,
-                per_token=136 + 128 + 0.25)
+                            **option),
+                total=total, fixed=33016, per_token=per_token)
 
   def test_turboquant_split_2p5(self):
     # 2.5 bits at D = 64: 32 outlier channels at 3 bits + 32 at 2 bits.
@@ -327,16 +335,6 @@ class MemoryTest(parameterized.TestCase):
     self._check(CacheConfig(kind="turboquant", key_bits=2.5,
                             value_bits=2.5),
                 total=34144 + 96 * 32 + 8, fixed=34144, per_token=96.25)
-
-  def test_turboquant_4bit_norm8(self):
-    # As test_turboquant_4bit with a 1-byte norm code: per vector 32 + 1 =
-    # 33 bytes, per token 2 · 2 · 33 = 132 bytes, · 32 slots = 4224. Plus
-    # the code ranges: f32 (lo, hi) per sequence, head and norm field, keys
-    # and values: 2 · B·K·1·2 · 4 bytes = 64 = 2 per token slot.
-    self._check(CacheConfig(kind="turboquant", key_bits=4, value_bits=4,
-                            norm_bits=8),
-                total=33016 + 4224 + 64 + 8, fixed=33016,
-                per_token=132 + 2 + 0.25)
 
   def test_turboquant_prod_split_norm8(self):
     # 2.5-bit prod keys at D = 64: each part (32 channels) stores codes, a

@@ -5,13 +5,13 @@ import os
 import pathlib
 import struct
 import subprocess
-import tempfile
 from unittest import mock
 import zlib
 
 from absl.testing import absltest
 from absl.testing import parameterized
 
+import cache_testing
 from turboquant_jax.data import austen
 from turboquant_jax.data import cache
 from turboquant_jax.data import fetch
@@ -166,15 +166,11 @@ class RdbTest(absltest.TestCase):
                      "a\n\n\nb\n")
 
 
-class FetchTest(absltest.TestCase):
+class FetchTest(cache_testing.CacheTestCase):
   """fetch_austen with apt-get and dpkg-deb replaced by fakes."""
 
   def setUp(self):
     super().setUp()
-    self.cache = pathlib.Path(
-        self.enter_context(tempfile.TemporaryDirectory()))
-    self.enter_context(mock.patch.dict(os.environ,
-                                       {cache.ENV_VAR: str(self.cache)}))
     self.books = {name: [name.upper(), "", f"Text of {name} — é.", None]
                   for name in austen.BOOKS}
     self.calls = []

