@@ -7,7 +7,8 @@ and split count, beside cuDNN bf16 measured in the same process.
 Run: python -m experiments.probes.decode_kernel_variants [--quick|--short]
 (--tokens: only the checks of layout="tokens"; --v4: those checks, then
 S=128k times of layout="tokens" with 16 and 64 query columns;
---stages: times against the pipeline depth; --rows: checks and times
+--stages: times against the pipeline depth; --prmt: the byte-permute
+lookup checked and timed; --rows: checks and times
 of layout="tokens" against the tokens per pipeline step)
 """
 
@@ -203,7 +204,27 @@ def diagnose():
     pallas_gpu_tokens.MIN_COLUMNS, pallas_gpu.STAGES = 16, 2
 
 
+def prmt():
+  """lookup_mode="prmt" (byte-permute lookup of 4-bit parts) on the device:
+  checks, then B=8, S=128k times against "poly16" (16 splits)."""
+  for args in ((128, 4, 4), (64, 8, 4), (128, 4, 3.5)):
+    check(*args, mode="prmt", layout="tokens")
+  check(256, 2, 4, mode="prmt", layout="queries")
+  q = jax.random.normal(jax.random.key(0), (8, 32, 128))
+  for bits in (4, 3.5):
+    c = _b8_cache(bits)
+    for mode in ("poly16", "prmt"):
+      f = jax.jit(lambda q, c, mode=mode: da.decode_attention(
+          q, c, c.lengths, impl="pallas_gpu", splits=16, lookup_mode=mode))
+      t, err = _time_variant(f, q, c)
+      print(f"bits={bits} {mode:<7} {t if t is None else round(t, 3)} ms "
+            f"{err}", flush=True)
+
+
 def main():
+  if "--prmt" in sys.argv:
+    prmt()
+    return
   if "--diagnose" in sys.argv:
     diagnose()
     return

@@ -2,8 +2,9 @@
 
 Each probe is a tiny plgpu.kernel checked against numpy; the script prints
 OK or the error, so one device call answers several design questions.
-Run: python -m experiments.probes.mosaic_gpu_probe [--interpret] [--v4]
-(--v4: only the probes of the transposed layout planned for kernel v4.)
+Run: python -m experiments.probes.mosaic_gpu_probe [--interpret] [--v4|--prmt]
+(--v4: only the probes of the transposed layout of kernel v4; --prmt: only
+the byte-permute centroid lookup, device only.)
 """
 
 import sys
@@ -278,8 +279,41 @@ def transposed_layout_probes():
             lambda: wgmma_register_a(n, q), s, tol=1e-2)
 
 
+# ---- The 4-bit centroid lookup by byte permutes (prmt_lookup.py).
+
+
+def prmt_lookup_probe():
+  # pylint: disable=g-import-not-at-top
+  from turboquant_jax.kernels.decode_attention import prmt_lookup
+  from turboquant_jax.quant import codebook
+  cb = codebook.codebook(128, 4).astype(np.float32)
+
+  def lookup(w, c):
+    return prmt_lookup.lookup_nibbles(w, tuple(c), interpret=False)
+  def body(x, y):
+    del y
+    w = plgpu.load(x, layout=L.WGMMA, optimized=False)
+    lo, hi = lookup(w, cb)
+    return (lo.astype(jnp.float32) + 1000.0 * hi.astype(jnp.float32))
+  cb16 = cb.astype(np.float16).astype(np.float32)
+  want = cb16[codes & 15] + 1000.0 * cb16[codes >> 4]
+  probe("prmt 4-bit lookup (both nibbles)",
+        lambda: run_kernel(body, jnp.asarray(codes), (64, 64), jnp.float32),
+        want, tol=1e-5)
+  probe("prmt 4-bit lookup (low nibbles)",
+        lambda: run_kernel(
+            lambda x, y: lookup(plgpu.load(x, layout=L.WGMMA,
+                                                optimized=False),
+                                     cb)[0].astype(jnp.float32),
+            jnp.asarray(codes), (64, 64), jnp.float32),
+        cb16[codes & 15], tol=1e-6)
+
+
 def main():
   print("jax", jax.__version__, jax.devices()[0].device_kind)
+  if "--prmt" in sys.argv:
+    prmt_lookup_probe()
+    return
   transposed_layout_probes()
   if "--v4" in sys.argv:
     return

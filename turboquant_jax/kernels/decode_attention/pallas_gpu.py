@@ -35,8 +35,11 @@ capacity a multiple of 64 · NS, at most 64 query rows (T·G), part dims a
 multiple of 64 (2.5 bits at D = 64 has parts of 32), a tile of at most 256
 rows of 16 bytes.
 
-Speed (H200, results/kernel_bench/h200): 0.4-1.1x cuDNN bf16, latency-bound
-per tile, not bound by the lookup or by HBM; NOTES.md has the measurements.
+Speed (H200): this layout ("queries", v3) 0.4-1.1x cuDNN bf16
+(results/kernel_bench/h200); the default layout="tokens" (v4,
+pallas_gpu_tokens.py) 0.6-1.5x (results/kernel_bench/h200_v4). Both spend
+most of their time unpacking and looking up codes; NOTES.md has the
+measurements.
 """
 
 import functools
@@ -48,6 +51,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 import numpy as np
 
 from turboquant_jax.kernels.decode_attention import parts
+from turboquant_jax.kernels.decode_attention import prmt_lookup
 from turboquant_jax.quant import packing
 
 ROWS = 64      # tokens per tile = query rows of one warpgroup's wgmma
@@ -167,7 +171,7 @@ def lookup(code: jax.Array, spec: parts.PartSpec, mode: str) -> jax.Array:
 # ------------------------------------------------------------ the kernel
 
 
-LOOKUP_MODES = ("poly16", "poly", "select")
+LOOKUP_MODES = ("poly16", "prmt", "poly", "select")
 
 GROUP = 64     # coordinates per SMEM operand tile (128-byte swizzled f16)
 
@@ -224,9 +228,17 @@ def _dequantize_into(code_ref, spec, pool, first: int, mode,
     if code_ref.shape != (rows, row):
       code_ref = code_ref.reshape(rows, row)
     words = plgpu.load(code_ref, layout=_L.WGMMA, optimized=False)
-  dtype = jnp.int16 if mode == "poly16" else jnp.int32
-  chunks = [lookup(c, spec, mode)
-            for c in parts.unpack_chunks(words, spec.bits, spec.dim, dtype)]
+  if (mode == "prmt" and packing.plane_widths(spec.bits) == (4,)
+      and prmt_lookup.supports(spec.centroids)):
+    # One 4-bit plane: low nibbles are the first half of the coordinates,
+    # high nibbles the second, looked up without unpacking.
+    chunks = list(prmt_lookup.lookup_nibbles(words, spec.centroids,
+                                             interpret))
+  else:
+    mode = "poly16" if mode == "prmt" else mode
+    dtype = jnp.int16 if mode == "poly16" else jnp.int32
+    chunks = [lookup(c, spec, mode) for c in
+              parts.unpack_chunks(words, spec.bits, spec.dim, dtype)]
   for g, group in enumerate(_in_groups(chunks)):
     pool[first + g] = group.astype(jnp.float16)
 
@@ -504,8 +516,11 @@ def attention(q: jax.Array, cache, lengths: jax.Array, *,
 
   splits: sequence splits per (sequence, KV head); default picks enough
   programs to fill the GPU. lookup_mode: "poly16" (odd polynomial through
-  the codebook, f16; selects for b >= 5), "poly" (the same in f32) or
-  "select" (a chain of 2^b - 1 selects, f32). layout: "tokens" (kernel v4,
+  the codebook, f16; selects for b >= 5), "prmt" (4-bit parts by byte
+  permutes, exact f16 centroids, prmt_lookup.py; other widths as poly16;
+  checked bit for bit on the H200 on its own, not yet timed in the
+  kernel), "poly" (the same in f32) or "select" (a chain of 2^b - 1
+  selects, f32). layout: "tokens" (kernel v4,
   pallas_gpu_tokens.py: tokens on the wgmma rows; the faster on the H200)
   or "queries" (kernel v3, this module: queries on the rows).
   interpret=None uses Mosaic GPU interpret mode when the backend is not a
