@@ -26,7 +26,8 @@ from turboquant_jax.kernels.decode_attention import pallas_gpu_tokens
 
 
 def check(dim, groups, bits, method="mse", window=0, tokens=1, s=1024,
-          lengths=(1024, 700), mode="poly", layout="queries", splits=None):
+          lengths=(1024, 700), mode="poly", layout="queries", splits=None,
+          **kwargs):
   key = jax.random.key(dim * 7 + groups)
   b, kvh = 2, 2
   k = jax.random.normal(key, (b, kvh, s, dim)) * 2
@@ -39,7 +40,8 @@ def check(dim, groups, bits, method="mse", window=0, tokens=1, s=1024,
   ref = da.chunk_attention(q, c, c.lengths, impl="reference")
   try:
     out = da.chunk_attention(q, c, c.lengths, impl="pallas_gpu",
-                             lookup_mode=mode, layout=layout, splits=splits)
+                             lookup_mode=mode, layout=layout, splits=splits,
+                             **kwargs)
     err = float(jnp.max(jnp.abs(out - ref)) / jnp.max(jnp.abs(ref)))
     msg = f"rel err {err:.2e} {'OK' if err < 5e-3 else 'WRONG'}"
   except Exception as e:  # noqa: BLE001 - a probe reports every failure
@@ -104,7 +106,7 @@ def _b8_cache(bits):
 
 
 def pipeline_depth():
-  """Tiles in flight per program (STAGES) against splits and layouts, at
+  """Tiles in flight per program (stages) against splits and layouts, at
   B=8, S=128k: whether the kernel waits on HBM latency, not arithmetic."""
   q = jax.random.normal(jax.random.key(0), (8, 32, 128))
   for bits in (4, 3):
@@ -117,17 +119,16 @@ def pipeline_depth():
     if bits == 3:
       runs = runs[:5]
     for layout, stages, splits in runs:
-      pallas_gpu.STAGES = stages
       pallas_gpu._dequantize_into = (  # pylint: disable=protected-access
           _no_dequantize if layout == "nodeq" else _REAL_DEQUANTIZE)
-      f = jax.jit(lambda q, c, layout=layout, splits=splits:
+      f = jax.jit(lambda q, c, layout=layout, splits=splits, stages=stages:
                   da.decode_attention(
                       q, c, c.lengths, impl="pallas_gpu", splits=splits,
+                      stages=stages,
                       layout="queries" if layout == "queries" else "tokens"))
       t, err = _time_variant(f, q, c)
       print(f"bits={bits} {layout:<7} stages={stages} splits={splits:<3} "
             f"{t if t is None else round(t, 3)} ms {err}", flush=True)
-    pallas_gpu.STAGES = 2
     pallas_gpu._dequantize_into = _REAL_DEQUANTIZE  # pylint: disable=protected-access
 
 
@@ -148,14 +149,14 @@ def tile_rows():
   checks (2 splits of 512, so every size runs), then B=8, S=128k times."""
   print("jax", jax.__version__, jax.devices()[0].device_kind, flush=True)
   for rows in (128, 256):
-    pallas_gpu_tokens.TILE_ROWS = rows
-    print(f"TILE_ROWS={rows}", flush=True)
+    print(f"tile_rows={rows}", flush=True)
     for args in ((128, 4, 4), (128, 4, 3), (64, 8, 3), (128, 1, 3, "prod"),
                  (128, 4, 3.5), (256, 3, 2), (128, 4, 2.5)):
-      check(*args, mode="poly16", layout="tokens", splits=2)
-    check(128, 8, 4, tokens=3, mode="poly16", layout="tokens", splits=2)
+      check(*args, mode="poly16", layout="tokens", splits=2, tile_rows=rows)
+    check(128, 8, 4, tokens=3, mode="poly16", layout="tokens", splits=2,
+          tile_rows=rows)
     check(64, 4, 4, lengths=(1, 333), mode="poly16", layout="tokens",
-          splits=2)
+          splits=2, tile_rows=rows)
   b, h, kvh, d, s = 8, 32, 8, 128, 131072
   q, cudnn = _cudnn(b, h, kvh, d, s)
   for bits in (4, 3, 2, 3.5, 2.5):
@@ -166,9 +167,9 @@ def tile_rows():
     if bits == 4:
       runs += [(256, base * 2), (128, base * 2), (256, base // 2)]
     for rows, splits in runs:
-      pallas_gpu_tokens.TILE_ROWS = rows
-      f = jax.jit(lambda q, c, splits=splits: da.decode_attention(
-          q, c, c.lengths, impl="pallas_gpu", splits=splits, layout="tokens"))
+      f = jax.jit(lambda q, c, splits=splits, rows=rows: da.decode_attention(
+          q, c, c.lengths, impl="pallas_gpu", splits=splits, layout="tokens",
+          tile_rows=rows))
       t, err = _time_variant(f, q.astype(jnp.float32), c)
       print(f"bits={bits:<3} rows={rows:<3} splits={splits:<3} "
             + (err if t is None else f"{t:.3f} ms x{cudnn / t:.2f} vs cudnn"),
@@ -193,15 +194,17 @@ def diagnose():
       pallas_gpu._dequantize_into = (  # pylint: disable=protected-access
           _no_dequantize if variant == "nodeq" else _REAL_DEQUANTIZE)
       pallas_gpu_tokens.MIN_COLUMNS = 64 if variant == "n64" else 16
-      pallas_gpu.STAGES = 4 if variant == "stages4" else 2
-      f = jax.jit(lambda q, c, layout=layout: da.decode_attention(
-          q, c, c.lengths, impl="pallas_gpu", splits=splits, layout=layout))
+      stages = 4 if variant == "stages4" else 2
+      f = jax.jit(lambda q, c, layout=layout, stages=stages:
+                  da.decode_attention(q, c, c.lengths, impl="pallas_gpu",
+                                      splits=splits, layout=layout,
+                                      stages=stages))
       t, err = _time_variant(f, q, c)
       print(f"bits={bits} {layout:<7} {variant:<7} splits={splits} "
             f"{t if t is None else round(t, 3)} ms {err}", flush=True)
     pallas_gpu.lookup = _REAL_LOOKUP
     pallas_gpu._dequantize_into = _REAL_DEQUANTIZE  # pylint: disable=protected-access
-    pallas_gpu_tokens.MIN_COLUMNS, pallas_gpu.STAGES = 16, 2
+    pallas_gpu_tokens.MIN_COLUMNS = 16
 
 
 def prmt():

@@ -5,7 +5,6 @@ S capacity, D head dim. On a TPU/GPU the same classes run compiled
 (INTERPRET = False) when the backend matches.
 """
 
-from unittest import mock
 import zlib
 
 from absl.testing import absltest
@@ -146,32 +145,25 @@ class PallasGpuInterpretTest(parameterized.TestCase):
       dict(testcase_name="d64_b3_24byte_rows_128_token_steps", dim=64,
            bits=3, rows=128, lengths=(5, 128)))
   def test_tokens_layout_longer_steps(self, dim, bits, rows, lengths):
-    # TILE_ROWS tokens per pipeline step (one split of 128 tokens; 24-byte
-    # rows travel as 192 TMA rows of 16 bytes). The module global is read
-    # at trace time: caches cleared around it.
-    jax.clear_caches()
-    try:
-      with mock.patch.object(pallas_gpu_tokens, "TILE_ROWS", rows):
-        cache = self._cache(dim, bits, bits, 0, lengths, rows)
-        q = jax.random.normal(jax.random.key(rows), (2, 1, 8, dim))
-        want = attn.decode_attention(q[:, 0], cache, cache.lengths,
-                                     impl="reference")
-        got = attn.decode_attention(q[:, 0], cache, cache.lengths,
-                                    impl="pallas_gpu", interpret=True,
-                                    splits=1, layout="tokens")
-    finally:
-      jax.clear_caches()
+    # tile_rows tokens per pipeline step (one split of 128 tokens; 24-byte
+    # rows travel as 192 TMA rows of 16 bytes).
+    cache = self._cache(dim, bits, bits, 0, lengths, rows)
+    q = jax.random.normal(jax.random.key(rows), (2, 8, dim))
+    want = attn.decode_attention(q, cache, cache.lengths, impl="reference")
+    got = attn.decode_attention(q, cache, cache.lengths, impl="pallas_gpu",
+                                interpret=True, splits=1, layout="tokens",
+                                tile_rows=rows, stages=3)
     scale = float(jnp.max(jnp.abs(want)))
     np.testing.assert_allclose(got, want, rtol=self.TOL,
                                atol=self.TOL * scale)
 
-  def test_tile_rows_and_default_splits(self):
-    self.assertEqual(pallas_gpu_tokens.tile_rows(128, [64, 64]), 64)
-    with mock.patch.object(pallas_gpu_tokens, "TILE_ROWS", 256):
-      self.assertEqual(pallas_gpu_tokens.tile_rows(1024, [64, 2]), 256)
-      self.assertEqual(pallas_gpu_tokens.tile_rows(384, [64]), 128)
-      self.assertEqual(pallas_gpu_tokens.tile_rows(1024, [24]), 128)
-      self.assertEqual(pallas_gpu_tokens.tile_rows(64, [64]), 64)
+  def test_step_rows_and_default_splits(self):
+    step_rows = pallas_gpu_tokens.step_rows
+    self.assertEqual(step_rows(128, [64, 64]), 64)
+    self.assertEqual(step_rows(1024, [64, 2], 256), 256)
+    self.assertEqual(step_rows(384, [64], 256), 128)
+    self.assertEqual(step_rows(1024, [24], 256), 128)
+    self.assertEqual(step_rows(64, [64], 256), 64)
     # B·K·NS programs: 4 per SM of 132 for "tokens", 2 for "queries".
     cache = cache_lib.init(CacheConfig(key_bits=4), 8, 8, 131072, 128)
     self.assertEqual(pallas_gpu.default_splits(cache, "tokens"), 16)
@@ -196,8 +188,14 @@ class PallasGpuInterpretTest(parameterized.TestCase):
       attn.decode_attention(jnp.ones((2, 4, 64)), cache, jnp.array([3, 4]),
                             impl="pallas_gpu", interpret=True)
 
-  def test_bad_lookup_mode_and_layout(self):
+  def test_bad_lookup_mode_layout_stages_and_tile_rows(self):
     cache = cache_lib.init(CacheConfig(key_bits=4), 2, 2, 128, 64)
+    for kwargs, name in ((dict(stages=0), "stages"),
+                         (dict(tile_rows=96), "tile_rows"),
+                         (dict(tile_rows=128, layout="queries"), "tile_rows")):
+      with self.assertRaisesRegex(ValueError, name):
+        attn.decode_attention(jnp.ones((2, 4, 64)), cache, jnp.array([3, 4]),
+                              impl="pallas_gpu", **kwargs)
     with self.assertRaisesRegex(ValueError, "lookup_mode"):
       attn.decode_attention(jnp.ones((2, 4, 64)), cache, jnp.array([3, 4]),
                             impl="pallas_gpu", lookup_mode="gather")

@@ -55,7 +55,7 @@ from turboquant_jax.kernels.decode_attention import prmt_lookup
 from turboquant_jax.quant import packing
 
 ROWS = 64      # tokens per tile = query rows of one warpgroup's wgmma
-STAGES = 2     # tiles in flight per program (emit_pipeline's concurrent steps)
+STAGES = 2     # default tiles in flight per program (emit_pipeline steps)
 
 _L = plgpu.Layout
 
@@ -280,7 +280,7 @@ def _program_refs(refs, nk: int, nv: int, kv_heads: int, splits: int):
 
 
 def _kernel(qlen_ref, qend_ref, *refs, key_specs, value_specs, groups,
-            split_len, kv_heads, splits, mode, interpret):
+            split_len, kv_heads, splits, mode, interpret, stages):
   nk, nv = len(key_specs), len(value_specs)
   (kc_refs, kn_refs, vc_refs, vn_refs, o_refs, ml_ref,
    program) = _program_refs(refs, nk, nv, kv_heads, splits)
@@ -378,7 +378,7 @@ def _kernel(qlen_ref, qend_ref, *refs, key_specs, value_specs, groups,
   def stream(k_pool, v_pool, *p_smem):
     pipeline = plgpu.emit_pipeline(
         functools.partial(body, k_pool, v_pool, p_smem), grid=(n_tiles,),
-        in_specs=in_specs, max_concurrent_steps=STAGES, init_carry=(accs, m0, l0))
+        in_specs=in_specs, max_concurrent_steps=stages, init_carry=(accs, m0, l0))
     return pipeline(*[r.at[b, k] for r in kc_refs + kn_refs + vc_refs
                       + vn_refs])
 
@@ -441,7 +441,8 @@ def _query_groups(q: jax.Array, rows: int = ROWS) -> jax.Array:
 
 
 def fused_attention(inp: parts.KernelInputs, *, splits: int = 8,
-                    lookup_mode: str = "poly16", interpret=None):
+                    lookup_mode: str = "poly16", stages: int = STAGES,
+                    interpret=None):
   """Runs the kernel: (acc per value part [B,K,NS,M,Dp], m, l [B,K,NS,M])."""
   _check(inp, splits)
   specs, queries, codes, norms = _kernel_specs(inp)
@@ -459,7 +460,8 @@ def fused_attention(inp: parts.KernelInputs, *, splits: int = 8,
       functools.partial(_kernel, key_specs=tuple(specs),
                         value_specs=inp.value_specs, groups=inp.groups,
                         split_len=split_len, kv_heads=kv, splits=splits,
-                        mode=lookup_mode, interpret=interpret is not None),
+                        mode=lookup_mode, interpret=interpret is not None,
+                        stages=stages),
       out_type=out_type, scratch_types=scratch, grid=(b, kv, splits),
       grid_names=("b", "k", "s"), interpret=interpret)
   outs = kernel(inp.qlen, inp.qpos_end,
@@ -480,18 +482,19 @@ LAYOUTS = ("queries", "tokens")
 
 
 @jax.jit(static_argnames=("scale", "splits", "lookup_mode", "layout",
-                          "interpret"))
+                          "stages", "tile_rows", "interpret"))
 def _attention(q, cache, lengths, scale, splits, lookup_mode, layout,
-               interpret):
+               stages, tile_rows, interpret):
   inp = parts.prepare(q, cache, lengths, scale)
   if layout == "tokens":
     # pylint: disable-next=g-import-not-at-top (it imports this module)
     from turboquant_jax.kernels.decode_attention import pallas_gpu_tokens
-    run = pallas_gpu_tokens.fused_attention
+    run = functools.partial(pallas_gpu_tokens.fused_attention,
+                            tile_rows=tile_rows)
   else:
     run = fused_attention
   acc, m, l = run(inp, splits=splits, lookup_mode=lookup_mode,
-                  interpret=interpret)
+                  stages=stages, interpret=interpret)
   return parts.finish(acc, m, l, q, cache, lengths, scale)
 
 
@@ -511,6 +514,7 @@ def default_splits(cache, layout: str = "tokens") -> int:
 def attention(q: jax.Array, cache, lengths: jax.Array, *,
               scale: float | None = None, splits: int | None = None,
               lookup_mode: str = "poly16", layout: str = "tokens",
+              stages: int = STAGES, tile_rows: int = ROWS,
               interpret: bool | None = None) -> jax.Array:
   """q [B, T, H, D] over a TurboQuantCache -> f32[B, T, H, D].
 
@@ -522,8 +526,12 @@ def attention(q: jax.Array, cache, lengths: jax.Array, *,
   kernel), "poly" (the same in f32) or "select" (a chain of 2^b - 1
   selects, f32). layout: "tokens" (kernel v4,
   pallas_gpu_tokens.py: tokens on the wgmma rows; the faster on the H200)
-  or "queries" (kernel v3, this module: queries on the rows).
-  interpret=None uses Mosaic GPU interpret mode when the backend is not a
+  or "queries" (kernel v3, this module: queries on the rows). stages:
+  tiles in flight per program. tile_rows: tokens per pipeline step, 64,
+  128 or 256 (layout="tokens" only; capped by the split and by TMA's 256
+  rows). On the H200 (B=8, S=128k, 4 bits, 16 splits) 128 took 1.77 ms,
+  within the spread of 64 (1.68-1.84), 256 2.69 ms (unpacking 256 rows at
+  once spills registers). interpret=None uses Mosaic GPU interpret mode when the backend is not a
   GPU.
   """
   reason = parts.supported(cache)
@@ -533,6 +541,12 @@ def attention(q: jax.Array, cache, lengths: jax.Array, *,
     raise ValueError(f"{lookup_mode=!r}: expected one of {LOOKUP_MODES}")
   if layout not in LAYOUTS:
     raise ValueError(f"{layout=!r}: expected one of {LAYOUTS}")
+  if not isinstance(stages, int) or stages < 1:
+    raise ValueError(f"{stages=!r}: expected an int >= 1")
+  if tile_rows not in (ROWS, 2 * ROWS, 4 * ROWS) or (
+      layout == "queries" and tile_rows != ROWS):
+    raise ValueError(f"{tile_rows=!r}: expected 64, 128 or 256 (64 for "
+                     "layout='queries')")
   if interpret is None:
     interpret = jax.default_backend() != "gpu"
   if interpret is True:
@@ -543,4 +557,4 @@ def attention(q: jax.Array, cache, lengths: jax.Array, *,
     splits = default_splits(cache, layout)
   scale = q.shape[-1] ** -0.5 if scale is None else scale
   return _attention(q, cache, lengths, scale, splits, lookup_mode, layout,
-                    interpret)
+                    stages, tile_rows, interpret)

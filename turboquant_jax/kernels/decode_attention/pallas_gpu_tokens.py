@@ -43,11 +43,10 @@ ROWS, GROUP = base.ROWS, base.GROUP
 _L = plgpu.Layout
 
 
+# Query columns at the least (a probe knob: 64 took 3.77 ms where 16 took
+# 1.77). Read at trace time, under a jit keyed on static arguments only:
+# clear jax's caches after changing it.
 MIN_COLUMNS = 16
-# Tokens per pipeline step (wgmma M groups of 64). On the H200 (B=8,
-# S=128k, 4 bits, 16 splits) 128 took 1.77 ms, within the spread of 64
-# (1.68-1.84), and 256 2.69 ms: unpacking 256 rows at once spills registers.
-TILE_ROWS = 64
 
 
 def query_columns(m: int) -> int:
@@ -68,10 +67,11 @@ def _swizzle(n: int) -> int:
   return min(128, 2 * n)
 
 
-def tile_rows(split_len: int, row_bytes: list[int]) -> int:
-  """Tokens per pipeline step: TILE_ROWS, or less where the split is
+def step_rows(split_len: int, row_bytes: list[int],
+              wanted: int = ROWS) -> int:
+  """Tokens per pipeline step: `wanted`, or less where the split is
   shorter or a TMA box would pass 256 rows (codes cut into 16-byte rows)."""
-  rows = TILE_ROWS
+  rows = wanted
   while rows > ROWS and (split_len % rows or any(
       p % 16 and rows * p // 16 > 256 for p in row_bytes)):
     rows //= 2
@@ -86,7 +86,7 @@ def _p_smem(n: int, rows: int) -> plgpu.SMEM:
 
 
 def _kernel(qlen_ref, qend_ref, *refs, key_specs, value_specs, groups,
-            split_len, kv_heads, splits, mode, interpret, n, rows):
+            split_len, kv_heads, splits, mode, interpret, n, rows, stages):
   nk, nv = len(key_specs), len(value_specs)
   (kc_refs, kn_refs, vc_refs, vn_refs, o_refs, ml_ref,
    program) = base._program_refs(refs, nk, nv, kv_heads, splits)
@@ -181,7 +181,7 @@ def _kernel(qlen_ref, qend_ref, *refs, key_specs, value_specs, groups,
   def stream(k_pool, v_pool, *p_smem):
     pipeline = plgpu.emit_pipeline(
         functools.partial(body, k_pool, v_pool, p_smem), grid=(n_tiles,),
-        in_specs=in_specs, max_concurrent_steps=base.STAGES,
+        in_specs=in_specs, max_concurrent_steps=stages,
         init_carry=(accs, m0, zeros(shape)))
     return pipeline(*[r.at[b, k] for r in kc_refs + kn_refs + vc_refs
                       + vn_refs])
@@ -198,15 +198,16 @@ def _kernel(qlen_ref, qend_ref, *refs, key_specs, value_specs, groups,
 
 
 def fused_attention(inp: parts.KernelInputs, *, splits: int = 8,
-                    lookup_mode: str = "poly16", interpret=None):
+                    lookup_mode: str = "poly16", stages: int = base.STAGES,
+                    tile_rows: int = ROWS, interpret=None):
   """Runs the kernel: (acc per value part [B,K,NS,M,Dp], m, l [B,K,NS,M])."""
   base._check(inp, splits)
   specs, queries, codes, norms = base._kernel_specs(inp)
   b, kv, m, _ = inp.q[0].shape
   n = query_columns(m)
   cap = inp.value_codes[0].shape[2]
-  rows = tile_rows(cap // splits, [c.shape[-1] for c in codes
-                                   + list(inp.value_codes)])
+  rows = step_rows(cap // splits, [c.shape[-1] for c in codes
+                                   + list(inp.value_codes)], tile_rows)
   programs = b * kv * splits
   out_type = [jax.ShapeDtypeStruct((programs * base._groups(s), GROUP, n),
                                    jnp.float32) for s in inp.value_specs]
@@ -218,7 +219,7 @@ def fused_attention(inp: parts.KernelInputs, *, splits: int = 8,
                         value_specs=inp.value_specs, groups=inp.groups,
                         split_len=cap // splits, kv_heads=kv, splits=splits,
                         mode=lookup_mode, interpret=interpret is not None,
-                        n=n, rows=rows),
+                        n=n, rows=rows, stages=stages),
       out_type=out_type, scratch_types=scratch, grid=(b, kv, splits),
       grid_names=("b", "k", "s"), interpret=interpret)
   outs = kernel(inp.qlen, inp.qpos_end,
