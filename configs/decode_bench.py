@@ -19,6 +19,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
               ("tq4", "turboquant", 4, 4, None),
               ("tq4-xla", "turboquant", 4, 4, "xla"),
               ("tq3", "turboquant", 3, 3, None))
+  c.steps_per_call = 32                 # decode steps in one jitted loop
   c.warmup = 2
   c.reps = 10
   if scale == "cpu":
@@ -27,6 +28,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.capacity = 256
     c.reps = 2
     c.warmup = 1
+    c.steps_per_call = 4
   elif scale != "full":
     raise ValueError(f"scale={scale!r} must be full or cpu")
   return c

@@ -3,15 +3,21 @@
 The weights are random (speed does not depend on their values; the real
 weights are 94 MiB, over what one device call carries) and the caches are
 filled with random contents at `context` tokens (building them by prefill
-would only cost time). Each row: one jitted decode step (1 token per
-sequence through all 30 layers, appending to every cache) timed as the
-median of `reps` calls; tokens_per_s = batch / step time.
+would only cost time). Each row: `steps_per_call` greedy decode steps (1
+token per sequence through all 30 layers, appending to every cache) in one
+jitted `fori_loop` with the caches in its carry and donated, as in
+generation, so every cache is updated in place; step_ms = the median call
+over `reps` calls / steps_per_call; tokens_per_s = batch / step_ms. (A
+jitted single step without donation copies every cache each call, which
+costs the full cache ~4x what it costs a 4-bit one: the runs before
+2026-11-29 measured that way.)
 
     python -m experiments.decode_bench --config=configs/decode_bench.py \
         --workdir=results/decode_bench/h200
 """
 
 import dataclasses
+import functools
 import statistics
 import time
 
@@ -72,6 +78,19 @@ def main(argv):
   run(flags.FLAGS.config, flags.FLAGS.workdir)
 
 
+@functools.partial(jax.jit, static_argnames=("impl", "steps"),
+                   donate_argnames=("caches",))
+def decode_steps(model, tokens, caches, lengths, *, impl, steps: int):
+  """`steps` greedy decode steps from tokens i32[B, 1] at positions
+  `lengths`; returns (the last tokens [B, 1], the caches)."""
+  def step(i, carry):
+    tok, caches = carry
+    logits, caches = model(tok, caches, lengths + i, impl=impl)
+    return jnp.argmax(logits[:, -1], axis=-1)[:, None].astype(tok.dtype), \
+        caches
+  return jax.lax.fori_loop(0, steps, step, (tokens, caches))
+
+
 def run(config, workdir) -> list[dict]:
   """Runs (or resumes) the sweep into workdir; returns all rows."""
   writer = results.Writer(workdir, config)
@@ -93,22 +112,26 @@ def run(config, workdir) -> list[dict]:
       lengths = caches[0].lengths
       tokens = jax.random.randint(jax.random.key(3), (batch, 1), 0,
                                   SMOLLM2.vocab_size)
-      step = lambda m, t, c, l, impl=impl: model_lib.forward(m, t, c, l,
-                                                             impl=impl)
+      steps = config.steps_per_call
       try:
-        for _ in range(config.warmup):
-          jax.block_until_ready(step(model, tokens, caches, lengths))
         times = []
-        for _ in range(config.reps):
+        for rep in range(config.warmup + config.reps):
+          # Each call appends `steps` tokens after the same `context` ones
+          # (the lengths reset; what lies past them is overwritten), so
+          # every call does the same work.
+          caches = tuple(dataclasses.replace(c, lengths=jnp.copy(lengths))
+                         for c in caches)         # donated: one buffer each
           t0 = time.perf_counter()
-          jax.block_until_ready(step(model, tokens, caches, lengths))
-          times.append((time.perf_counter() - t0) * 1e3)
-        ms, err = statistics.median(times), None
+          tokens, caches = jax.block_until_ready(decode_steps(
+              model, tokens, caches, lengths, impl=impl, steps=steps))
+          if rep >= config.warmup:
+            times.append((time.perf_counter() - t0) * 1e3)
+        ms, err = statistics.median(times) / steps, None
       except Exception as e:   # a row records the failure
         ms, err = None, f"{type(e).__name__}: {str(e)[:300]}"
       row = dict(model="SmolLM2-135M (random weights)", cache=name,
                  kind=kind, key_bits=kb, value_bits=vb, impl=impl,
-                 batch=batch, context=config.context,
+                 batch=batch, context=config.context, steps_per_call=steps,
                  step_ms=ms, tokens_per_s=batch / ms * 1e3 if ms else None,
                  bytes_per_token=mem["bytes_per_token"] * SMOLLM2.n_layers,
                  device=device, error=err)

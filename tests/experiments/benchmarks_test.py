@@ -69,6 +69,7 @@ class DecodeBenchTest(absltest.TestCase):
     for row in rows:
       self.assertIsNone(row["error"])
       self.assertGreater(row["tokens_per_s"], 0)
+      self.assertEqual(row["steps_per_call"], config.steps_per_call)
     self.assertLess(by_cache["tq4"]["bytes_per_token"],
                     by_cache["full-bf16"]["bytes_per_token"] / 3)
 
