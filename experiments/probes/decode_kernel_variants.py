@@ -8,7 +8,7 @@ Run: python -m experiments.probes.decode_kernel_variants [--quick|--short]
 (--tokens: only the checks of layout="tokens"; --v4: those checks, then
 S=128k times of layout="tokens" with 16 and 64 query columns;
 --stages: times against the pipeline depth; --prmt: the byte-permute
-lookup checked and timed; --rows: checks and times
+lookup and register-A keys checked and timed; --rows: checks and times
 of layout="tokens" against the tokens per pipeline step)
 """
 
@@ -208,20 +208,27 @@ def diagnose():
 
 
 def prmt():
-  """lookup_mode="prmt" (byte-permute lookup of 4-bit parts) on the device:
-  checks, then B=8, S=128k times against "poly16" (16 splits)."""
-  for args in ((128, 4, 4), (64, 8, 4), (128, 4, 3.5)):
-    check(*args, mode="prmt", layout="tokens")
+  """The byte-permute lookup (lookup_mode="prmt") and keys fed to the
+  score wgmma from registers (key_registers=True), both device-only paths:
+  checks, then B=8, S=128k times of each against the default (16 splits)."""
+  print("jax", jax.__version__, jax.devices()[0].device_kind, flush=True)
+  for mode, regs in (("prmt", False), ("poly16", True), ("prmt", True)):
+    print(f"lookup_mode={mode} key_registers={regs}", flush=True)
+    for args in ((128, 4, 4), (64, 8, 4), (128, 4, 3.5), (128, 1, 3, "prod")):
+      check(*args, mode=mode, layout="tokens", key_registers=regs)
+    check(128, 8, 4, tokens=3, mode=mode, layout="tokens", key_registers=regs)
   check(256, 2, 4, mode="prmt", layout="queries")
   q = jax.random.normal(jax.random.key(0), (8, 32, 128))
-  for bits in (4, 3.5):
+  for bits in (4, 3.5, 2):
     c = _b8_cache(bits)
-    for mode in ("poly16", "prmt"):
-      f = jax.jit(lambda q, c, mode=mode: da.decode_attention(
-          q, c, c.lengths, impl="pallas_gpu", splits=16, lookup_mode=mode))
+    for mode, regs in (("poly16", False), ("prmt", False), ("poly16", True),
+                       ("prmt", True)):
+      f = jax.jit(lambda q, c, mode=mode, regs=regs: da.decode_attention(
+          q, c, c.lengths, impl="pallas_gpu", splits=16, lookup_mode=mode,
+          key_registers=regs))
       t, err = _time_variant(f, q, c)
-      print(f"bits={bits} {mode:<7} {t if t is None else round(t, 3)} ms "
-            f"{err}", flush=True)
+      print(f"bits={bits:<3} {mode:<7} key_registers={regs!s:<5} "
+            f"{t if t is None else round(t, 3)} ms {err}", flush=True)
 
 
 def main():

@@ -218,6 +218,14 @@ def _tma_rows(codes: jax.Array) -> jax.Array:
 def _dequantize_into(code_ref, spec, pool, first: int, mode,
                      interpret: bool) -> None:
   """Unpacks a u8[R, P] tile; stores its centroids as pool[first + g]."""
+  for g, group in enumerate(dequantize_groups(code_ref, spec, mode,
+                                              interpret)):
+    pool[first + g] = group
+
+
+def dequantize_groups(code_ref, spec, mode, interpret: bool) -> list:
+  """A u8[R, P] code tile -> its centroids as f16 [R, 64] column groups
+  (WGMMA layout: a wgmma A operand as they are)."""
   row = _row_bytes(spec)
   rows = code_ref.shape[0] * code_ref.shape[1] // row
   if code_ref.shape != (rows, row) and interpret:
@@ -239,8 +247,7 @@ def _dequantize_into(code_ref, spec, pool, first: int, mode,
     dtype = jnp.int16 if mode == "poly16" else jnp.int32
     chunks = [lookup(c, spec, mode) for c in
               parts.unpack_chunks(words, spec.bits, spec.dim, dtype)]
-  for g, group in enumerate(_in_groups(chunks)):
-    pool[first + g] = group.astype(jnp.float16)
+  return [g.astype(jnp.float16) for g in _in_groups(chunks)]
 
 
 def _row_bytes(spec: parts.PartSpec) -> int:
@@ -482,15 +489,16 @@ LAYOUTS = ("queries", "tokens")
 
 
 @jax.jit(static_argnames=("scale", "splits", "lookup_mode", "layout",
-                          "stages", "tile_rows", "interpret"))
+                          "stages", "tile_rows", "key_registers",
+                          "interpret"))
 def _attention(q, cache, lengths, scale, splits, lookup_mode, layout,
-               stages, tile_rows, interpret):
+               stages, tile_rows, key_registers, interpret):
   inp = parts.prepare(q, cache, lengths, scale)
   if layout == "tokens":
     # pylint: disable-next=g-import-not-at-top (it imports this module)
     from turboquant_jax.kernels.decode_attention import pallas_gpu_tokens
     run = functools.partial(pallas_gpu_tokens.fused_attention,
-                            tile_rows=tile_rows)
+                            tile_rows=tile_rows, key_registers=key_registers)
   else:
     run = fused_attention
   acc, m, l = run(inp, splits=splits, lookup_mode=lookup_mode,
@@ -515,6 +523,7 @@ def attention(q: jax.Array, cache, lengths: jax.Array, *,
               scale: float | None = None, splits: int | None = None,
               lookup_mode: str = "poly16", layout: str = "tokens",
               stages: int = STAGES, tile_rows: int = ROWS,
+              key_registers: bool = False,
               interpret: bool | None = None) -> jax.Array:
   """q [B, T, H, D] over a TurboQuantCache -> f32[B, T, H, D].
 
@@ -531,7 +540,9 @@ def attention(q: jax.Array, cache, lengths: jax.Array, *,
   128 or 256 (layout="tokens" only; capped by the split and by TMA's 256
   rows). On the H200 (B=8, S=128k, 4 bits, 16 splits) 128 took 1.77 ms,
   within the spread of 64 (1.68-1.84), 256 2.69 ms (unpacking 256 rows at
-  once spills registers). interpret=None uses Mosaic GPU interpret mode when the backend is not a
+  once spills registers). key_registers (layout="tokens", GPU only):
+  dequantized keys feed the score wgmma from registers, not through SMEM;
+  not yet run on a GPU. interpret=None uses Mosaic GPU interpret mode when the backend is not a
   GPU.
   """
   reason = parts.supported(cache)
@@ -557,4 +568,4 @@ def attention(q: jax.Array, cache, lengths: jax.Array, *,
     splits = default_splits(cache, layout)
   scale = q.shape[-1] ** -0.5 if scale is None else scale
   return _attention(q, cache, lengths, scale, splits, lookup_mode, layout,
-                    stages, tile_rows, interpret)
+                    stages, tile_rows, bool(key_registers), interpret)

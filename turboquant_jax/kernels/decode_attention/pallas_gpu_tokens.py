@@ -86,7 +86,8 @@ def _p_smem(n: int, rows: int) -> plgpu.SMEM:
 
 
 def _kernel(qlen_ref, qend_ref, *refs, key_specs, value_specs, groups,
-            split_len, kv_heads, splits, mode, interpret, n, rows, stages):
+            split_len, kv_heads, splits, mode, interpret, n, rows, stages,
+            key_registers):
   nk, nv = len(key_specs), len(value_specs)
   (kc_refs, kn_refs, vc_refs, vn_refs, o_refs, ml_ref,
    program) = base._program_refs(refs, nk, nv, kv_heads, splits)
@@ -117,16 +118,20 @@ def _kernel(qlen_ref, qend_ref, *refs, key_specs, value_specs, groups,
     kc, kn = tile[:nk], tile[nk:2 * nk]
     vc, vn = tile[2 * nk:2 * nk + nv], tile[2 * nk + nv:]
     accs, m_i, l_i = carry
-    for ref, spec, first in zip(kc, key_specs, k_first):
-      base._dequantize_into(ref, spec, k_pool, first, mode, interpret)
-    plgpu.commit_smem()
+    if key_registers:       # K stays in registers: the wgmma's A operand
+      k_tiles = [base.dequantize_groups(ref, spec, mode, interpret)
+                 for ref, spec in zip(kc, key_specs)]
+    else:
+      for ref, spec, first in zip(kc, key_specs, k_first):
+        base._dequantize_into(ref, spec, k_pool, first, mode, interpret)
+      plgpu.commit_smem()
+      k_tiles = [[k_pool.at[first + j] for j in range(base._groups(spec))]
+                 for spec, first in zip(key_specs, k_first)]
 
     def scores(*acc_refs):
-      for spec, qs, first, acc_ref in zip(key_specs, q_smem, k_first,
-                                          acc_refs):
-        for j in range(base._groups(spec)):
-          plgpu.wgmma(acc_ref, k_pool.at[first + j],
-                      qs.at[j].transpose((1, 0)))
+      for tiles, qs, acc_ref in zip(k_tiles, q_smem, acc_refs):
+        for j, k_tile in enumerate(tiles):
+          plgpu.wgmma(acc_ref, k_tile, qs.at[j].transpose((1, 0)))
       # The values are unpacked while the tensor cores score the keys.
       for ref, spec, first in zip(vc, value_specs, v_first):
         base._dequantize_into(ref, spec, v_pool, first, mode, interpret)
@@ -187,7 +192,8 @@ def _kernel(qlen_ref, qend_ref, *refs, key_specs, value_specs, groups,
                       + vn_refs])
 
   accs, m_i, l_i = pl.run_scoped(
-      stream, base._group_smem(sum(base._groups(s) for s in key_specs),
+      stream, base._group_smem(1 if key_registers else    # 1: unused
+                               sum(base._groups(s) for s in key_specs),
                                rows=rows),
       base._group_smem(sum(base._groups(s) for s in value_specs),
                        _swizzle(n), rows),
@@ -199,8 +205,15 @@ def _kernel(qlen_ref, qend_ref, *refs, key_specs, value_specs, groups,
 
 def fused_attention(inp: parts.KernelInputs, *, splits: int = 8,
                     lookup_mode: str = "poly16", stages: int = base.STAGES,
-                    tile_rows: int = ROWS, interpret=None):
-  """Runs the kernel: (acc per value part [B,K,NS,M,Dp], m, l [B,K,NS,M])."""
+                    tile_rows: int = ROWS, key_registers: bool = False,
+                    interpret=None):
+  """Runs the kernel: (acc per value part [B,K,NS,M,Dp], m, l [B,K,NS,M]).
+
+  key_registers: the dequantized key tiles feed the score wgmma from
+  registers instead of through SMEM (a store and a fence fewer per tile).
+  Device only: interpret mode's wgmma takes A from SMEM, so there it is
+  ignored.
+  """
   base._check(inp, splits)
   specs, queries, codes, norms = base._kernel_specs(inp)
   b, kv, m, _ = inp.q[0].shape
@@ -219,7 +232,8 @@ def fused_attention(inp: parts.KernelInputs, *, splits: int = 8,
                         value_specs=inp.value_specs, groups=inp.groups,
                         split_len=cap // splits, kv_heads=kv, splits=splits,
                         mode=lookup_mode, interpret=interpret is not None,
-                        n=n, rows=rows, stages=stages),
+                        n=n, rows=rows, stages=stages,
+                        key_registers=key_registers and interpret is None),
       out_type=out_type, scratch_types=scratch, grid=(b, kv, splits),
       grid_names=("b", "k", "s"), interpret=interpret)
   outs = kernel(inp.qlen, inp.qpos_end,
