@@ -7,8 +7,9 @@ and split count, beside cuDNN bf16 measured in the same process.
 Run: python -m experiments.probes.decode_kernel_variants [--quick|--short]
 (--tokens: only the checks of layout="tokens"; --v4: those checks, then
 S=128k times of layout="tokens" with 16 and 64 query columns;
---stages: times against the pipeline depth; --prmt: the byte-permute
-lookup and register-A keys checked and timed; --rows: checks and times
+--stages: times against the pipeline depth; --v5: the device-only
+options (prmt lookup, register keys, transposed Pᵀ) checked and timed;
+--rows: checks and times
 of layout="tokens" against the tokens per pipeline step)
 """
 
@@ -207,33 +208,43 @@ def diagnose():
     pallas_gpu_tokens.MIN_COLUMNS = 16
 
 
-def prmt():
-  """The byte-permute lookup (lookup_mode="prmt") and keys fed to the
-  score wgmma from registers (key_registers=True), both device-only paths:
-  checks, then B=8, S=128k times of each against the default (16 splits)."""
+_V5_VARIANTS = {
+    "v4": {},
+    "prmt": dict(lookup_mode="prmt"),
+    "key_regs": dict(key_registers=True),
+    "transpose_p": dict(transpose_p=True),
+    "all_three": dict(lookup_mode="prmt", key_registers=True,
+                      transpose_p=True),
+}
+
+
+def v5():
+  """The device-only options of layout="tokens" that lower but have not
+  run: the byte-permute lookup, keys as a register wgmma operand, Pᵀ
+  through a transposed view (V tiles with 128-byte rows). Checks each, then
+  times each at B=8, S=128k (16 splits) against v4 as it is."""
   print("jax", jax.__version__, jax.devices()[0].device_kind, flush=True)
-  for mode, regs in (("prmt", False), ("poly16", True), ("prmt", True)):
-    print(f"lookup_mode={mode} key_registers={regs}", flush=True)
+  for name, options in list(_V5_VARIANTS.items())[1:]:
+    mode = options.get("lookup_mode", "poly16")
+    extra = {k: v for k, v in options.items() if k != "lookup_mode"}
+    print(f"variant {name}", flush=True)
     for args in ((128, 4, 4), (64, 8, 4), (128, 4, 3.5), (128, 1, 3, "prod")):
-      check(*args, mode=mode, layout="tokens", key_registers=regs)
-    check(128, 8, 4, tokens=3, mode=mode, layout="tokens", key_registers=regs)
-  check(256, 2, 4, mode="prmt", layout="queries")
+      check(*args, mode=mode, layout="tokens", **extra)
+    check(128, 8, 4, tokens=3, mode=mode, layout="tokens", **extra)
   q = jax.random.normal(jax.random.key(0), (8, 32, 128))
-  for bits in (4, 3.5, 2):
+  for bits in (4, 3, 2):
     c = _b8_cache(bits)
-    for mode, regs in (("poly16", False), ("prmt", False), ("poly16", True),
-                       ("prmt", True)):
-      f = jax.jit(lambda q, c, mode=mode, regs=regs: da.decode_attention(
-          q, c, c.lengths, impl="pallas_gpu", splits=16, lookup_mode=mode,
-          key_registers=regs))
+    for name, options in _V5_VARIANTS.items():
+      f = jax.jit(lambda q, c, options=options: da.decode_attention(
+          q, c, c.lengths, impl="pallas_gpu", splits=16, **options))
       t, err = _time_variant(f, q, c)
-      print(f"bits={bits:<3} {mode:<7} key_registers={regs!s:<5} "
-            f"{t if t is None else round(t, 3)} ms {err}", flush=True)
+      print(f"bits={bits} {name:<11} {t if t is None else round(t, 3)} ms "
+            f"{err}", flush=True)
 
 
 def main():
-  if "--prmt" in sys.argv:
-    prmt()
+  if "--v5" in sys.argv:
+    v5()
     return
   if "--diagnose" in sys.argv:
     diagnose()

@@ -146,13 +146,13 @@ class PallasGpuInterpretTest(parameterized.TestCase):
            bits=3, rows=128, lengths=(5, 128)))
   def test_tokens_layout_longer_steps(self, dim, bits, rows, lengths):
     # tile_rows tokens per pipeline step (one split of 128 tokens; 24-byte
-    # rows travel as 192 TMA rows of 16 bytes).
+    # rows travel as 192 TMA rows of 16 bytes), Pᵀ through a transposed view.
     cache = self._cache(dim, bits, bits, 0, lengths, rows)
     q = jax.random.normal(jax.random.key(rows), (2, 8, dim))
     want = attn.decode_attention(q, cache, cache.lengths, impl="reference")
     got = attn.decode_attention(q, cache, cache.lengths, impl="pallas_gpu",
                                 interpret=True, splits=1, layout="tokens",
-                                tile_rows=rows, stages=3)
+                                tile_rows=rows, stages=3, transpose_p=True)
     scale = float(jnp.max(jnp.abs(want)))
     np.testing.assert_allclose(got, want, rtol=self.TOL,
                                atol=self.TOL * scale)

@@ -490,15 +490,16 @@ LAYOUTS = ("queries", "tokens")
 
 @jax.jit(static_argnames=("scale", "splits", "lookup_mode", "layout",
                           "stages", "tile_rows", "key_registers",
-                          "interpret"))
+                          "transpose_p", "interpret"))
 def _attention(q, cache, lengths, scale, splits, lookup_mode, layout,
-               stages, tile_rows, key_registers, interpret):
+               stages, tile_rows, key_registers, transpose_p, interpret):
   inp = parts.prepare(q, cache, lengths, scale)
   if layout == "tokens":
     # pylint: disable-next=g-import-not-at-top (it imports this module)
     from turboquant_jax.kernels.decode_attention import pallas_gpu_tokens
     run = functools.partial(pallas_gpu_tokens.fused_attention,
-                            tile_rows=tile_rows, key_registers=key_registers)
+                            tile_rows=tile_rows, key_registers=key_registers,
+                            transpose_p=transpose_p)
   else:
     run = fused_attention
   acc, m, l = run(inp, splits=splits, lookup_mode=lookup_mode,
@@ -523,7 +524,7 @@ def attention(q: jax.Array, cache, lengths: jax.Array, *,
               scale: float | None = None, splits: int | None = None,
               lookup_mode: str = "poly16", layout: str = "tokens",
               stages: int = STAGES, tile_rows: int = ROWS,
-              key_registers: bool = False,
+              key_registers: bool = False, transpose_p: bool = False,
               interpret: bool | None = None) -> jax.Array:
   """q [B, T, H, D] over a TurboQuantCache -> f32[B, T, H, D].
 
@@ -542,7 +543,9 @@ def attention(q: jax.Array, cache, lengths: jax.Array, *,
   within the spread of 64 (1.68-1.84), 256 2.69 ms (unpacking 256 rows at
   once spills registers). key_registers (layout="tokens", GPU only):
   dequantized keys feed the score wgmma from registers, not through SMEM;
-  not yet run on a GPU. interpret=None uses Mosaic GPU interpret mode when the backend is not a
+  not yet run on a GPU. transpose_p (layout="tokens"): the probabilities
+  stored through a transposed view, so the V tiles keep 128-byte rows; not
+  yet run on a GPU. interpret=None uses Mosaic GPU interpret mode when the backend is not a
   GPU.
   """
   reason = parts.supported(cache)
@@ -568,4 +571,5 @@ def attention(q: jax.Array, cache, lengths: jax.Array, *,
     splits = default_splits(cache, layout)
   scale = q.shape[-1] ** -0.5 if scale is None else scale
   return _attention(q, cache, lengths, scale, splits, lookup_mode, layout,
-                    stages, tile_rows, bool(key_registers), interpret)
+                    stages, tile_rows, bool(key_registers), bool(transpose_p),
+                    interpret)

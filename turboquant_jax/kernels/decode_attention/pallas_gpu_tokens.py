@@ -78,8 +78,14 @@ def step_rows(split_len: int, row_bytes: list[int],
   return rows
 
 
-def _p_smem(n: int, rows: int) -> plgpu.SMEM:
-  """f16[rows tokens, n]: Pᵀ, the B operand of Vᵀ·Pᵀ (rows of 2n bytes)."""
+def _p_smem(n: int, rows: int, transpose_p: bool) -> plgpu.SMEM:
+  """Pᵀ, the B operand of Vᵀ·Pᵀ: f16[rows tokens, n] (rows of 2n bytes),
+  or with transpose_p f16[n, rows tokens] (128-byte swizzle, written and
+  read through a transposed view)."""
+  if transpose_p:
+    return plgpu.SMEM((n, rows), jnp.float16,
+                      transforms=(plgpu.TilingTransform((8, GROUP)),
+                                  plgpu.SwizzleTransform(128)))
   return plgpu.SMEM((rows, n), jnp.float16,
                     transforms=(plgpu.TilingTransform((8, _swizzle(n) // 2)),
                                 plgpu.SwizzleTransform(_swizzle(n))))
@@ -87,7 +93,7 @@ def _p_smem(n: int, rows: int) -> plgpu.SMEM:
 
 def _kernel(qlen_ref, qend_ref, *refs, key_specs, value_specs, groups,
             split_len, kv_heads, splits, mode, interpret, n, rows, stages,
-            key_registers):
+            key_registers, transpose_p):
   nk, nv = len(key_specs), len(value_specs)
   (kc_refs, kn_refs, vc_refs, vn_refs, o_refs, ml_ref,
    program) = base._program_refs(refs, nk, nv, kv_heads, splits)
@@ -152,6 +158,8 @@ def _kernel(qlen_ref, qend_ref, *refs, key_specs, value_specs, groups,
     p = jnp.exp(s - per_query(m_safe, rows))
     # The running sum stays per element: one cross-warp sum at the end.
     l_new = l_i * per_query(alpha, rows) + p
+    if transpose_p:
+      p_smem = [ps.transpose((1, 0)) for ps in p_smem]   # [rows, n] views
     for ps, norm_ref in zip(p_smem, vn):
       ps[...] = (p * per_token(norm_ref)).astype(jnp.float16)
     plgpu.commit_smem()
@@ -196,8 +204,8 @@ def _kernel(qlen_ref, qend_ref, *refs, key_specs, value_specs, groups,
                                sum(base._groups(s) for s in key_specs),
                                rows=rows),
       base._group_smem(sum(base._groups(s) for s in value_specs),
-                       _swizzle(n), rows),
-      *[_p_smem(n, rows) for _ in range(nv)])
+                       128 if transpose_p else _swizzle(n), rows),
+      *[_p_smem(n, rows, transpose_p) for _ in range(nv)])
   l_i = jnp.sum(l_i, axis=0)
 
   base._store_outputs(accs, m_i, l_i, o_refs, ml_ref, program)
@@ -206,13 +214,15 @@ def _kernel(qlen_ref, qend_ref, *refs, key_specs, value_specs, groups,
 def fused_attention(inp: parts.KernelInputs, *, splits: int = 8,
                     lookup_mode: str = "poly16", stages: int = base.STAGES,
                     tile_rows: int = ROWS, key_registers: bool = False,
-                    interpret=None):
+                    transpose_p: bool = False, interpret=None):
   """Runs the kernel: (acc per value part [B,K,NS,M,Dp], m, l [B,K,NS,M]).
 
   key_registers: the dequantized key tiles feed the score wgmma from
   registers instead of through SMEM (a store and a fence fewer per tile).
   Device only: interpret mode's wgmma takes A from SMEM, so there it is
-  ignored.
+  ignored. transpose_p: Pᵀ written through a transposed view of P [n,
+  rows] with 128-byte rows, so the V tiles keep 128-byte rows too (instead
+  of taking Pᵀ's 2n-byte rows); lowers, not yet run on a GPU.
   """
   base._check(inp, splits)
   specs, queries, codes, norms = base._kernel_specs(inp)
@@ -233,7 +243,8 @@ def fused_attention(inp: parts.KernelInputs, *, splits: int = 8,
                         split_len=cap // splits, kv_heads=kv, splits=splits,
                         mode=lookup_mode, interpret=interpret is not None,
                         n=n, rows=rows, stages=stages,
-                        key_registers=key_registers and interpret is None),
+                        key_registers=key_registers and interpret is None,
+                        transpose_p=transpose_p),
       out_type=out_type, scratch_types=scratch, grid=(b, kv, splits),
       grid_names=("b", "k", "s"), interpret=interpret)
   outs = kernel(inp.qlen, inp.qpos_end,
