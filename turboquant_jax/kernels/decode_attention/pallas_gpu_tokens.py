@@ -19,14 +19,16 @@ quarter of the softmax and of the accumulator registers. Everything else
 parts, the XLA work before and after) is pallas_gpu's.
 
 A wgmma reads A and B with one swizzle, so the V tiles are stored with
-Pᵀ's (32 bytes for 16 columns, 64 for 32, 128 for 64).
+Pᵀ's (32 bytes for 16 columns, 64 for 32, 128 for 64), unless Pᵀ goes
+through a transposed view (transpose_p).
 
 Status: the default layout. On the H200 (B=8, S=128k, 4 bits) it takes
 1.68-1.84 ms against 2.15-2.25 for layout="queries" (145 registers against
-255); with 128-token steps: 1.77 ms, without the centroid lookup 1.20 ms,
-without any unpacking 0.77 ms,
-the pipeline streaming the same bytes with no work 0.46-0.51 ms
-(experiments/probes/decode_kernel_variants.py --diagnose, pipeline_probe).
+255); with 128-token steps 1.77 ms, without the centroid lookup 1.20 ms,
+without any unpacking 0.77 ms; the pipeline streaming the same bytes with
+no work takes 0.46-0.51 ms (experiments/probes/decode_kernel_variants.py
+--diagnose, pipeline_probe.py). The options key_registers and transpose_p
+lower for CUDA but have not run on a GPU.
 """
 
 import functools
