@@ -289,7 +289,7 @@ def prmt_lookup_probe():
   cb = codebook.codebook(128, 4).astype(np.float32)
 
   def lookup(w, c):
-    return prmt_lookup.lookup_nibbles(w, tuple(c), interpret=False)
+    return prmt_lookup.lookup_fields(w, 4, tuple(c), interpret=False)
   def body(x, y):
     del y
     w = plgpu.load(x, layout=L.WGMMA, optimized=False)
@@ -300,6 +300,18 @@ def prmt_lookup_probe():
   probe("prmt 4-bit lookup (both nibbles)",
         lambda: run_kernel(body, jnp.asarray(codes), (64, 64), jnp.float32),
         want, tol=1e-5)
+  cb2 = codebook.codebook(128, 2).astype(np.float16).astype(np.float32)
+
+  def body2(x, y):
+    del y
+    w = plgpu.load(x, layout=L.WGMMA, optimized=False)
+    f = prmt_lookup.lookup_fields(w, 2, tuple(cb2), interpret=False)
+    return jnp.concatenate([v.astype(jnp.float32) for v in f], axis=1)
+  probe("prmt 2-bit lookup (four fields)",
+        lambda: run_kernel(body2, jnp.asarray(codes), (64, 256),
+                           jnp.float32),
+        np.concatenate([cb2[(codes >> (2 * i)) & 3] for i in range(4)],
+                       axis=1), tol=1e-6)
   probe("prmt 4-bit lookup (low nibbles)",
         lambda: run_kernel(
             lambda x, y: lookup(plgpu.load(x, layout=L.WGMMA,

@@ -1,6 +1,6 @@
 """The byte-permute lookup: its PTX, run by a small emulator of the seven
 instructions it uses, and its interpret-mode stand-in equal the f16
-codebook for every 4-bit code. (The PTX itself runs only on a GPU:
+codebook for every pair of packed bytes, at 2 and 4 bits. (The PTX itself runs only on a GPU:
 experiments/probes/mosaic_gpu_probe.py --prmt checks it there.)"""
 
 import re
@@ -40,8 +40,8 @@ _OPS = {
 }
 
 
-def _run_ptx(asm: str, word: int) -> tuple[int, int]:
-  regs = {"$2": word}
+def _run_ptx(asm: str, word: int, outputs: int) -> list[int]:
+  regs = {f"${outputs}": word}
   for line in asm.splitlines():
     line = line.strip().rstrip(";")
     if not line or line in "{}" or line.startswith(".reg"):
@@ -50,39 +50,48 @@ def _run_ptx(asm: str, word: int) -> tuple[int, int]:
     dst, *srcs = [x.strip() for x in args.split(",")]
     vals = [regs[x] if x in regs else int(x, 0) for x in srcs]
     regs[dst] = _OPS[op](*vals)
-  return regs["$0"], regs["$1"]
+  return [regs[f"${i}"] for i in range(outputs)]
 
 
 class PrmtLookupTest(parameterized.TestCase):
 
-  @parameterized.parameters(64, 128, 256)
-  def test_ptx_equals_the_f16_codebook(self, dim):
-    table = codebook.codebook(dim, 4)
-    self.assertTrue(prmt_lookup.supports(tuple(table)))
+  # Every pair of packed bytes at D = 128; every 7th at D = 64 and 256
+  # (the same PTX with other constants).
+  @parameterized.parameters((128, 2, 1), (128, 4, 1), (64, 4, 7), (256, 2, 7))
+  def test_ptx_equals_the_f16_codebook(self, dim, bits, stride):
+    table = codebook.codebook(dim, bits)
+    self.assertTrue(prmt_lookup.supports(bits, tuple(table)))
     want = table.astype(np.float16)
-    asm = prmt_lookup.ptx(tuple(table))
-    self.assertEqual(set(re.findall(r"^\s*([a-z][\w.]*)\s", asm, re.M)),
-                     set(_OPS))
-    for word in range(1 << 16):        # every 4 codes of a register pair
-      lo, hi = _run_ptx(asm, word)
-      got = np.array([lo & 0xFFFF, lo >> 16, hi & 0xFFFF, hi >> 16],
-                     np.uint16).view(np.float16)
-      n = [(word >> 4 * k) & 15 for k in (0, 2, 1, 3)]
-      np.testing.assert_array_equal(got, want[n], err_msg=f"{word=:#06x}")
+    asm = prmt_lookup.ptx(bits, tuple(table))
+    self.assertLessEqual(
+        set(re.findall(r"^\s*([a-z][\w.]*)\s", asm, re.M)), set(_OPS))
+    fields, mask = 8 // bits, (1 << bits) - 1
+    for word in range(0, 1 << 16, stride):
+      out = _run_ptx(asm, word, fields)
+      for f, reg in enumerate(out):    # field f of bytes j and j + 1
+        got = np.array([reg & 0xFFFF, reg >> 16], np.uint16).view(np.float16)
+        codes = [(word >> (8 * j + bits * f)) & mask for j in (0, 1)]
+        np.testing.assert_array_equal(got, want[codes],
+                                      err_msg=f"{word=:#06x} {f=}")
 
-  def test_stand_in_equals_the_f16_codebook(self):
-    table = codebook.codebook(128, 4)
+  @parameterized.parameters(2, 4)
+  def test_stand_in_equals_the_f16_codebook(self, bits):
+    table = codebook.codebook(128, bits)
     words = jnp.arange(256, dtype=jnp.uint8).reshape(4, 64)
-    lo, hi = prmt_lookup.lookup_nibbles(words, tuple(table), interpret=True)
+    fields = prmt_lookup.lookup_fields(words, bits, tuple(table),
+                                       interpret=True)
     want = table.astype(np.float16)
-    np.testing.assert_array_equal(lo, want[np.asarray(words) & 15])
-    np.testing.assert_array_equal(hi, want[np.asarray(words) >> 4])
+    self.assertLen(fields, 8 // bits)
+    for f, got in enumerate(fields):
+      np.testing.assert_array_equal(
+          got, want[(np.asarray(words) >> (bits * f)) & ((1 << bits) - 1)])
 
-  def test_supports_only_symmetric_16_entry_codebooks(self):
-    self.assertFalse(prmt_lookup.supports(tuple(codebook.codebook(128, 3))))
+  def test_supports_2_bits_and_symmetric_4_bits(self):
+    self.assertFalse(prmt_lookup.supports(3, tuple(codebook.codebook(128, 3))))
     skewed = list(codebook.codebook(128, 4))
     skewed[0] -= 0.01
-    self.assertFalse(prmt_lookup.supports(tuple(skewed)))
+    self.assertFalse(prmt_lookup.supports(4, tuple(skewed)))
+    self.assertTrue(prmt_lookup.supports(2, (-1.0, 0.0, 0.5, 2.0)))
 
 
 if __name__ == "__main__":

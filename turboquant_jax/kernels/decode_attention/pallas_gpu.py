@@ -236,12 +236,12 @@ def dequantize_groups(code_ref, spec, mode, interpret: bool) -> list:
     if code_ref.shape != (rows, row):
       code_ref = code_ref.reshape(rows, row)
     words = plgpu.load(code_ref, layout=_L.WGMMA, optimized=False)
-  if (mode == "prmt" and packing.plane_widths(spec.bits) == (4,)
-      and prmt_lookup.supports(spec.centroids)):
-    # One 4-bit plane: low nibbles are the first half of the coordinates,
-    # high nibbles the second, looked up without unpacking.
-    chunks = list(prmt_lookup.lookup_nibbles(words, spec.centroids,
-                                             interpret))
+  if (mode == "prmt" and spec.bits in prmt_lookup.BITS
+      and prmt_lookup.supports(spec.bits, spec.centroids)):
+    # One plane of 2 or 4 bits: field f of every byte is coordinate chunk
+    # f, looked up without unpacking.
+    chunks = prmt_lookup.lookup_fields(words, spec.bits, spec.centroids,
+                                       interpret)
   else:
     mode = "poly16" if mode == "prmt" else mode
     dtype = jnp.int16 if mode == "poly16" else jnp.int32
@@ -530,10 +530,10 @@ def attention(q: jax.Array, cache, lengths: jax.Array, *,
 
   splits: sequence splits per (sequence, KV head); default picks enough
   programs to fill the GPU. lookup_mode: "poly16" (odd polynomial through
-  the codebook, f16; selects for b >= 5), "prmt" (4-bit parts by byte
-  permutes, exact f16 centroids, prmt_lookup.py; other widths as poly16;
-  checked bit for bit on the H200 on its own, not yet timed in the
-  kernel), "poly" (the same in f32) or "select" (a chain of 2^b - 1
+  the codebook, f16; selects for b >= 5), "prmt" (2- and 4-bit parts by
+  byte permutes, exact f16 centroids, prmt_lookup.py; other widths as
+  poly16; the 4-bit one checked bit for bit on the H200 on its own, not
+  yet timed in the kernel), "poly" (the same in f32) or "select" (a chain of 2^b - 1
   selects, f32). layout: "tokens" (kernel v4,
   pallas_gpu_tokens.py: tokens on the wgmma rows; the faster on the H200)
   or "queries" (kernel v3, this module: queries on the rows). stages:

@@ -1,19 +1,26 @@
-"""Centroid lookup of packed 4-bit codes by byte permutes (Mosaic GPU).
+"""Centroid lookup of packed 2- and 4-bit codes by byte permutes (Mosaic GPU).
 
-A byte of a 4-bit part holds two codes: the low nibble of coordinate j,
-the high nibble of coordinate j + P (P bytes per row; packing's layout).
-The codebook is symmetric (c[15 - n] = -c[n]), so its 8 non-negative f16
-values, split into low and high bytes, fit in four 32-bit immediates, and
-one `prmt` (a byte permute) looks up four codes at once. Per 32-bit word
-of 4 codes (two bytes of the WGMMA layout's register pair): 6 integer ops
-turn the nibbles into magnitude indices and signs, 4 prmt look up the low
-bytes, the high bytes and their negatives and merge them by sign, 2 prmt
-interleave them into two f16x2 registers: ~3 ops per code, against ~6 for
-unpacking plus the f16 polynomial, and no unpacking at all.
+A byte of a b-bit part (one plane of b bits; packing's layout) holds 8/b
+codes: field f of byte j is the code of coordinate j + f·P (P bytes per
+row), so field f of a whole [R, P] tile is coordinate chunk f. `prmt` (a
+byte permute) picks 4 bytes out of 8 held in two 32-bit operands, which
+here are immediates: f16 centroids split into low and high bytes. Per
+register pair of the WGMMA layout (2 bytes, one from each of two adjacent
+columns) the PTX reads the packed bytes as they are, with no unpacking:
 
-The PTX runs only on a GPU; in interpret mode `lookup_nibbles` computes the
-same f16 values with jnp (the device probe matched them bit for bit:
-experiments/probes/mosaic_gpu_probe.py --prmt).
+- 2 bits: the 4 centroids' low and high bytes fill the two operands; per
+  chunk, 4 integer ops build the selector (x, x+4, y, y+4) of the two
+  columns' codes x, y and one prmt gives their f16x2: ~2.5 ops per code.
+- 4 bits: the codebook is symmetric (c[15 - n] = -c[n]), so its 8
+  non-negative values, as low-byte, high-byte and negated-high-byte
+  tables, fit in six immediates; 6 integer ops turn 4 nibbles into
+  magnitude indices and signs, 4 prmt look up and merge by sign, 2 prmt
+  interleave into two f16x2: ~3 ops per code.
+
+Against ~6 ops per code for shift/mask unpacking plus the f16 polynomial.
+The PTX runs only on a GPU; in interpret mode `lookup_fields` computes the
+same f16 values with jnp (the device probe matched the 4-bit one bit for
+bit: experiments/probes/mosaic_gpu_probe.py --prmt).
 """
 
 import jax
@@ -21,25 +28,44 @@ import jax.numpy as jnp
 from jax.experimental.pallas import mosaic_gpu as plgpu
 import numpy as np
 
+BITS = (2, 4)
 
-def supports(centroids: tuple[float, ...]) -> bool:
-  """Whether `centroids` is a symmetric 16-entry codebook."""
+
+def supports(bits: int, centroids: tuple[float, ...]) -> bool:
+  """Whether a part of `bits` bits with `centroids` has a prmt lookup."""
   c = np.asarray(centroids, np.float16)
-  return c.shape == (16,) and bool(np.all(c[8:] == -c[7::-1]))
+  if bits == 2:
+    return c.shape == (4,)
+  return bits == 4 and c.shape == (16,) and bool(np.all(c[8:] == -c[7::-1]))
 
 
-def ptx(centroids: tuple[float, ...]) -> str:
-  """$2: u32 with 4 codes in its low nibbles -> $0, $1: f16x2 of nibbles
-  (0, 2) and (1, 3). Code n >= 8 is +c[n]; n < 8 is -c[15 - n], so the 8
-  magnitudes c[8:] are indexed by n & 7 or 7 - n."""
+def _words(table_bytes: list[int]) -> list[str]:
+  """Bytes as 32-bit PTX immediates, 4 a word, little-endian."""
+  return [f"0x{sum(x << (8 * i) for i, x in enumerate(table_bytes[o:o + 4])):08X}"
+          for o in range(0, len(table_bytes), 4)]
+
+
+def ptx(bits: int, centroids: tuple[float, ...]) -> str:
+  """The PTX of one register pair. Input: the last operand, a u32 whose
+  low 16 bits are two bytes (columns j, j+1). Outputs $0.. : one f16x2 a
+  chunk (field), holding columns (j, j+1)."""
+  if bits == 2:
+    h = np.asarray(centroids, np.float16).view(np.uint16).astype(int)
+    (low,), (high,) = _words([x & 0xFF for x in h]), _words([x >> 8 for x in h])
+    lines = []
+    for f in range(4):
+      # t: code x at bits 0-1, code y at bits 8-9; t·17 | 0x4040 puts
+      # x, x+4, y, y+4 in the four selector nibbles.
+      lines += [f"shr.b32 t, $4, {2 * f};", "and.b32 t, t, 0x0303;",
+                "mul.lo.u32 t, t, 17;", "or.b32 t, t, 0x4040;",
+                f"prmt.b32 ${f}, {low}, {high}, t;"]
+    return "{\n.reg .b32 t;\n" + "\n".join(lines) + "\n}"
   mags = np.asarray(centroids[8:], np.float16).view(np.uint16).astype(int)
-  low, high = [m & 0xFF for m in mags], [m >> 8 for m in mags]
-  neg = [h | 0x80 for h in high]
-
-  def words(b):
-    return tuple(f"0x{sum(x << (8 * i) for i, x in enumerate(q)):08X}"
-                 for q in (b[:4], b[4:]))
-  (l0, l1), (h0, h1), (n0, n1) = words(low), words(high), words(neg)
+  high = [m >> 8 for m in mags]
+  l0, l1 = _words([m & 0xFF for m in mags])
+  h0, h1 = _words(high)
+  n0, n1 = _words([x | 0x80 for x in high])
+  # n >= 8 is +c[n] = +mag[n & 7]; n < 8 is -c[15 - n] = -mag[7 - n].
   return f"""{{
   .reg .b32 t, u, m, lo4, hp4, hn4, hi4, sel;
   shr.b32 t, $2, 3;
@@ -59,21 +85,25 @@ def ptx(centroids: tuple[float, ...]) -> str:
   }}"""
 
 
-def lookup_nibbles(words: jax.Array, centroids: tuple[float, ...],
-                   interpret: bool) -> tuple[jax.Array, jax.Array]:
-  """u8 [R, P] in the WGMMA layout -> f16 (centroids[low nibbles],
-  centroids[high nibbles]), each [R, P] in the same layout."""
+def lookup_fields(words: jax.Array, bits: int, centroids: tuple[float, ...],
+                  interpret: bool) -> list[jax.Array]:
+  """u8 [R, P] in the WGMMA layout -> f16 centroids of field f (bits
+  [f·b, (f+1)·b) of every byte) for f < 8/b, each [R, P] in that layout."""
   if interpret:
     table = np.asarray(centroids, np.float16)
-    lut = [jnp.full(words.shape, table[0], jnp.float16)] * 2
-    codes = (words & 15, words >> 4)
-    for k in range(1, 16):
-      lut = [jnp.where(c == k, table[k], v) for c, v in zip(codes, lut)]
-    return lut[0], lut[1]
-  return _device_lookup(words, ptx(centroids))
+    mask = (1 << bits) - 1
+    out = []
+    for f in range(8 // bits):
+      code = (words >> (f * bits)) & mask
+      v = jnp.full(words.shape, table[0], jnp.float16)
+      for k in range(1, len(table)):
+        v = jnp.where(code == k, table[k], v)
+      out.append(v)
+    return out
+  return _device_lookup(words, ptx(bits, centroids), 8 // bits)
 
 
-def _device_lookup(words, asm):
+def _device_lookup(words, asm, fields):
   # pylint: disable=g-import-not-at-top (Mosaic GPU internals, device only)
   from jax._src.lib.mlir import ir
   from jax._src.lib.mlir.dialects import arith
@@ -82,18 +112,18 @@ def _device_lookup(words, asm):
   layout = plgpu.Layout.WGMMA
   out = plgpu.ShapeDtypeStruct(words.shape, jnp.float16, layout=layout)
 
-  @plgpu.inline_mgpu(arg_types=(layout,), return_type=(out, out))
+  @plgpu.inline_mgpu(arg_types=(layout,), return_type=(out,) * fields)
   def lookup(ctx, x):
     del ctx
     i16 = ir.IntegerType.get_signless(16)
     i32 = ir.IntegerType.get_signless(32)
     f16x2 = ir.VectorType.get((2,), ir.F16Type.get())
-    low, high = np.empty_like(x.registers), np.empty_like(x.registers)
-    for idx, reg in np.ndenumerate(x.registers):   # 2 bytes = 4 codes
+    regs = [np.empty_like(x.registers) for _ in range(fields)]
+    for idx, reg in np.ndenumerate(x.registers):   # 2 bytes
       w = arith.extui(i32, mgpu_utils.bitcast(reg, i16))
-      a, b = mgpu_utils.inline_ptx(asm, w, result_types=[i32, i32])
-      low[idx] = mgpu_utils.bitcast(a, f16x2)
-      high[idx] = mgpu_utils.bitcast(b, f16x2)
+      results = mgpu_utils.inline_ptx(asm, w, result_types=[i32] * fields)
+      for r, value in zip(regs, results):
+        r[idx] = mgpu_utils.bitcast(value, f16x2)
     return tuple(mgpu.FragmentedArray(_registers=r, _layout=x.layout,
-                                      _is_signed=None) for r in (low, high))
-  return lookup(words)
+                                      _is_signed=None) for r in regs)
+  return list(lookup(words))
