@@ -1,0 +1,123 @@
+"""The Pallas kernels lower for their devices, on the CPU.
+
+jax lowers a jitted function for another platform without its device
+(`lower(lowering_platforms=(...))`; for TPU inside an abstract mesh that
+names the chip). For a Mosaic GPU kernel that runs Pallas' lowering and
+Mosaic GPU's layout inference, which is where device runs failed before
+("Failed to infer a possible set of layouts"); it covers the paths
+interpret mode cannot (byte-permute lookup through inline PTX, keys as a
+register wgmma operand) and every layout option. For the Mosaic TPU kernel
+it checks the TPU block-shape rules that interpret mode does not enforce.
+What only a device checks: the backend compilers, and the numbers
+(experiments/probes).
+"""
+
+from absl.testing import absltest
+from absl.testing import parameterized
+import jax
+from jax._src import mesh as mesh_lib  # AbstractDevice: no public path yet
+import jax.numpy as jnp
+
+from turboquant_jax import cache as cache_lib
+from turboquant_jax.kernels import decode_attention as attn
+from turboquant_jax.kernels.decode_attention import pallas_gpu
+from turboquant_jax.kernels.decode_attention import pallas_gpu_tokens
+
+_SHAPES = [
+    # (head dim, key bits, value bits, GQA group, query tokens, key method)
+    (128, 4, 4, 4, 1, "mse"),
+    (64, 3, 3, 8, 1, "mse"),          # 24-byte rows
+    (256, 2, 2, 3, 1, "mse"),
+    (128, 3.5, 2.5, 4, 1, "mse"),     # outlier split: 4+3 and 3+2 bit parts
+    (128, 3, 4, 1, 2, "prod"),        # QJL sign parts
+    (64, 4, 4, 8, 3, "mse"),          # 24 query columns -> N = 32
+    (128, 4, 3, 4, 16, "mse"),        # 64 query columns
+]
+_OPTIONS = [
+    dict(),
+    dict(layout="queries"),
+    dict(lookup_mode="prmt"),
+    dict(key_registers=True),
+    dict(lookup_mode="prmt", key_registers=True, tile_rows=128),
+    dict(tile_rows=256, stages=3),
+    dict(transpose_p=True, key_registers=True, lookup_mode="prmt"),
+]
+
+
+def _inputs(dim, key_bits, value_bits, groups, tokens, method,
+            capacity=1024, window=0):
+  """(q [2, T, 2·G, D], an empty TurboQuant cache of 2 KV heads)."""
+  cfg = cache_lib.CacheConfig(key_bits=key_bits, value_bits=value_bits,
+                              key_method=method, window=window)
+  return (jnp.ones((2, tokens, 2 * groups, dim)),
+          cache_lib.init(cfg, 2, 2, capacity, dim))
+
+
+def _jitted(impl, **options):
+  return jax.jit(lambda q, c: attn.chunk_attention(
+      q, c, c.lengths, impl=impl, interpret=False, **options))
+
+
+def _lower(*shape, **options):
+  return _jitted("pallas_gpu", **options).trace(*_inputs(*shape)).lower(
+      lowering_platforms=("cuda",))
+
+
+def _lower_tpu(chip, *shape, capacity=1024, window=0, **options):
+  inputs = _inputs(*shape, capacity=capacity, window=window)
+  mesh = jax.sharding.AbstractMesh(
+      (1,), ("x",), abstract_device=mesh_lib.AbstractDevice(
+          device_kind=chip, num_cores=1, platform="tpu"))
+  with jax.sharding.use_abstract_mesh(mesh):
+    return _jitted("pallas_tpu", **options).trace(*inputs).lower(
+        lowering_platforms=("tpu",))
+
+
+class GpuLoweringTest(parameterized.TestCase):
+
+  @parameterized.parameters(*[(s, o) for s in _SHAPES for o in _OPTIONS])
+  def test_lowers_for_cuda(self, shape, options):
+    if options.get("layout") == "queries" and shape[3] * shape[4] > 64:
+      self.skipTest("more than 64 query rows")
+    text = _lower(*shape, **options).as_text()
+    self.assertIn("mosaic_gpu", text)
+
+  def test_mismatched_wgmma_swizzles_fail_to_lower(self):
+    # The check has teeth: V tiles with 128-byte rows against a 32-byte Pᵀ
+    # (the first v4 layout, which failed on the H200) do not lower.
+    group_smem = pallas_gpu._group_smem
+    jax.clear_caches()
+    try:
+      pallas_gpu._group_smem = (
+          lambda groups, swizzle=128, rows=64: group_smem(groups, 128, rows))
+      with self.assertRaisesRegex(ValueError, "infer a possible set of"):
+        _lower(128, 4, 4, 4, 1, "mse")
+    finally:
+      pallas_gpu._group_smem = group_smem
+      jax.clear_caches()
+    self.assertIs(pallas_gpu_tokens.base._group_smem, group_smem)
+
+
+class TpuLoweringTest(parameterized.TestCase):
+
+  @parameterized.parameters(*[(chip, s) for chip in ("TPU v5e", "TPU v6e")
+                              for s in _SHAPES])
+  def test_lowers_for_tpu(self, chip, shape):
+    text = _lower_tpu(chip, *shape).as_text()
+    self.assertIn("tpu_custom_call", text)
+
+  @parameterized.parameters(200, 1000, 4096)
+  def test_capacities_and_window_lower(self, capacity):
+    # The default block (256 tokens, or the whole capacity below that)
+    # keeps the last block dims TPU-legal for any capacity.
+    _lower_tpu("TPU v5e", 128, 3.5, 4, 4, 2, "prod", capacity=capacity,
+               window=5)
+
+  def test_block_not_a_multiple_of_128_is_refused(self):
+    # The interpret-mode tests use 8-token blocks; a TPU does not take them.
+    with self.assertRaisesRegex(ValueError, "block"):
+      _lower_tpu("TPU v5e", 128, 4, 4, 4, 1, "mse", block=100)
+
+
+if __name__ == "__main__":
+  absltest.main()
