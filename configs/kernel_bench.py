@@ -2,7 +2,8 @@
 
     python -m experiments.kernel_bench --config=configs/kernel_bench.py
     python -m experiments.kernel_bench --config=configs/kernel_bench.py:scale=quick
-    (scale=kernel: decode attention of impl="pallas_gpu" at B = 8 only)
+    (scale=kernel: decode attention of impl="pallas_gpu" at B = 8 only;
+    kernel options: --config.pallas_gpu.lookup_mode=prmt and the like)
 """
 
 import ml_collections
@@ -20,6 +21,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.seq_lens = (4096, 16384, 32768, 65536, 131072)
   c.bits = (2, 3, 4, 2.5, 3.5)          # keys and values alike
   c.impls = ("pallas_gpu", "xla")       # ours; cudnn/xla bf16 always run
+  # Options of impl="pallas_gpu" (pallas_gpu.attention's keywords; the
+  # defaults as they are), recorded in each row's `options`.
+  c.pallas_gpu = ml_collections.ConfigDict(dict(
+      layout="tokens", lookup_mode="poly16", key_registers=False,
+      transpose_p=False))
   c.max_xla_bytes = 8 * 2**30           # skip impl="xla" (it materializes
                                         # f32 K/V) when that would exceed this
   c.warmup = 3

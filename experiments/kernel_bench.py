@@ -66,7 +66,14 @@ def random_cache(key, cfg, batch, kv_heads, seq_len, head_dim):
                             "values": values_, "lengths": lengths})
 
 
-def check_correctness(impl: str, bits: float, head_dim: int) -> float:
+def impl_options(config, impl: str) -> dict:
+  """Keyword options for decode_attention(impl=...): the config's
+  `pallas_gpu` options (layout, lookup_mode, ...) for that kernel."""
+  return dict(config.pallas_gpu) if impl == "pallas_gpu" else {}
+
+
+def check_correctness(impl: str, bits: float, head_dim: int,
+                      **options) -> float:
   """Max |impl - reference| on a small cache of real quantized data."""
   b, kvh, g, s = 2, 2, 4, 1024
   key = jax.random.key(1)
@@ -77,7 +84,7 @@ def check_correctness(impl: str, bits: float, head_dim: int) -> float:
                         k, v, jnp.array([s, 700], jnp.int32))
   q = jax.random.normal(jax.random.key(3), (b, kvh * g, head_dim))
   ref = da.decode_attention(q, c, c.lengths, impl="reference")
-  out = da.decode_attention(q, c, c.lengths, impl=impl)
+  out = da.decode_attention(q, c, c.lengths, impl=impl, **options)
   return float(jnp.max(jnp.abs(out - ref)) / jnp.max(jnp.abs(ref)))
 
 
@@ -151,7 +158,8 @@ def run(config, workdir) -> pathlib.Path:
     for impl in config.impls:
       for bits in config.bits:
         try:
-          err = check_correctness(impl, bits, d)
+          err = check_correctness(impl, bits, d,
+                                  **impl_options(config, impl))
           print(f"check {impl:>10} bits={bits}: rel max err {err:.2e}")
         except Exception as e:   # report and go on: a row says it failed
           print(f"check {impl:>10} bits={bits}: FAILED {type(e).__name__}: "
@@ -201,8 +209,10 @@ def run(config, workdir) -> pathlib.Path:
           if impl == "xla" and batch * seq_len * hkv * d * 8 > \
               config.max_xla_bytes:
             continue
-          fn = jax.jit(lambda q, c, impl=impl: da.decode_attention(
-              q, c, c.lengths, impl=impl))
+          options = impl_options(config, impl)
+          fn = jax.jit(lambda q, c, impl=impl, options=options:
+                       da.decode_attention(q, c, c.lengths, impl=impl,
+                                           **options))
           try:
             t = time_ms(fn, q3, cache, warmup=config.warmup,
                         reps=config.reps)
@@ -219,7 +229,7 @@ def run(config, workdir) -> pathlib.Path:
                      speedup_vs_cudnn=(base["cudnn"] / t)
                      if t and base["cudnn"] else None,
                      bits_per_coordinate=mem["bits_per_coordinate"],
-                     device=device, error=err)
+                     options=options, device=device, error=err)
           writer.write(row)
           print(f"B={batch:<3} S={seq_len:<7} {impl:>12} bits={bits}: "
                 f"{t if t is None else round(t, 3)} ms (floor "

@@ -42,6 +42,7 @@ class KernelBenchTest(absltest.TestCase):
                     "key_bits", "value_bits", "compressed_bytes", "device",
                     "floor_ms"):
         self.assertIn(field, impls["xla"])
+      self.assertEqual(impls["xla"]["options"], {})   # pallas_gpu's only
       self.assertLess(impls["xla"]["compressed_bytes"],
                       impls["xla_bf16"]["compressed_bytes"] / 3)
       ops = {r["op"] for r in rows}
