@@ -195,7 +195,9 @@ class PallasGpuInterpretTest(parameterized.TestCase):
     cache = cache_lib.init(CacheConfig(key_bits=4), 2, 2, 128, 64)
     for kwargs, name in ((dict(stages=0), "stages"),
                          (dict(tile_rows=96), "tile_rows"),
-                         (dict(tile_rows=128, layout="queries"), "tile_rows")):
+                         (dict(tile_rows=128, layout="queries"), "tile_rows"),
+                         (dict(transpose_p=True, layout="queries"),
+                          "transpose_p")):
       with self.assertRaisesRegex(ValueError, name):
         attn.decode_attention(jnp.ones((2, 4, 64)), cache, jnp.array([3, 4]),
                               impl="pallas_gpu", **kwargs)

@@ -1,7 +1,8 @@
 """The byte-permute lookup: its PTX, run by a small emulator of the seven
 instructions it uses, and its interpret-mode stand-in equal the f16
-codebook for every pair of packed bytes, at 2 and 4 bits. (The PTX itself runs only on a GPU:
-experiments/probes/mosaic_gpu_probe.py --prmt checks it there.)"""
+codebook for every pair of packed bytes, at 2 and 4 bits. (The PTX itself
+runs only on a GPU: experiments/probes/mosaic_gpu_probe.py --prmt checks it
+there.)"""
 
 import re
 

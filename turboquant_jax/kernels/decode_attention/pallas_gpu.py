@@ -385,7 +385,8 @@ def _kernel(qlen_ref, qend_ref, *refs, key_specs, value_specs, groups,
   def stream(k_pool, v_pool, *p_smem):
     pipeline = plgpu.emit_pipeline(
         functools.partial(body, k_pool, v_pool, p_smem), grid=(n_tiles,),
-        in_specs=in_specs, max_concurrent_steps=stages, init_carry=(accs, m0, l0))
+        in_specs=in_specs, max_concurrent_steps=stages,
+        init_carry=(accs, m0, l0))
     return pipeline(*[r.at[b, k] for r in kc_refs + kn_refs + vc_refs
                       + vn_refs])
 
@@ -528,25 +529,33 @@ def attention(q: jax.Array, cache, lengths: jax.Array, *,
               interpret: bool | None = None) -> jax.Array:
   """q [B, T, H, D] over a TurboQuantCache -> f32[B, T, H, D].
 
-  splits: sequence splits per (sequence, KV head); default picks enough
-  programs to fill the GPU. lookup_mode: "poly16" (odd polynomial through
-  the codebook, f16; selects for b >= 5), "prmt" (2- and 4-bit parts by
-  byte permutes, exact f16 centroids, prmt_lookup.py; other widths as
-  poly16; the 4-bit one checked bit for bit on the H200 on its own, not
-  yet timed in the kernel), "poly" (the same in f32) or "select" (a chain of 2^b - 1
-  selects, f32). layout: "tokens" (kernel v4,
-  pallas_gpu_tokens.py: tokens on the wgmma rows; the faster on the H200)
-  or "queries" (kernel v3, this module: queries on the rows). stages:
-  tiles in flight per program. tile_rows: tokens per pipeline step, 64,
-  128 or 256 (layout="tokens" only; capped by the split and by TMA's 256
-  rows). On the H200 (B=8, S=128k, 4 bits, 16 splits) 128 took 1.77 ms,
-  within the spread of 64 (1.68-1.84), 256 2.69 ms (unpacking 256 rows at
-  once spills registers). key_registers (layout="tokens", GPU only):
-  dequantized keys feed the score wgmma from registers, not through SMEM;
-  not yet run on a GPU. transpose_p (layout="tokens"): the probabilities
-  stored through a transposed view, so the V tiles keep 128-byte rows; not
-  yet run on a GPU. interpret=None uses Mosaic GPU interpret mode when the backend is not a
-  GPU.
+  Args:
+    q: the queries, T new tokens per sequence.
+    cache: a TurboQuantCache (others raise NotImplementedError).
+    lengths: i32[B] tokens in the cache, the T new ones included.
+    scale: the softmax scale (default 1/sqrt(D)).
+    splits: sequence splits per (sequence, KV head); the default fills the
+      GPU.
+    lookup_mode: "poly16" (odd polynomial through the codebook, f16;
+      selects for b >= 5), "prmt" (2- and 4-bit parts by byte permutes,
+      exact f16 centroids, prmt_lookup.py; other widths as poly16; the
+      4-bit lookup checked bit for bit on the H200 on its own, not yet
+      timed in the kernel), "poly" (the polynomial in f32) or "select" (a
+      chain of 2^b - 1 selects, f32).
+    layout: "tokens" (kernel v4, pallas_gpu_tokens.py: tokens on the wgmma
+      rows; the faster on the H200) or "queries" (kernel v3, this module).
+    stages: tiles in flight per program.
+    tile_rows: tokens per pipeline step, 64, 128 or 256 (layout="tokens";
+      capped by the split and by TMA's 256 rows). On the H200 (B=8,
+      S=128k, 4 bits, 16 splits) 128 took 1.77 ms, within the spread of 64
+      (1.68-1.84), 256 2.69 ms (it spills registers).
+    key_registers: layout="tokens", GPU only: dequantized keys feed the
+      score wgmma from registers, not through SMEM. Not yet run on a GPU.
+    transpose_p: layout="tokens": the probabilities stored through a
+      transposed view, so the V tiles keep 128-byte rows. Not yet run on a
+      GPU.
+    interpret: None uses Mosaic GPU interpret mode when the backend is not
+      a GPU.
   """
   reason = parts.supported(cache)
   if reason:
@@ -561,6 +570,9 @@ def attention(q: jax.Array, cache, lengths: jax.Array, *,
       layout == "queries" and tile_rows != ROWS):
     raise ValueError(f"{tile_rows=!r}: expected 64, 128 or 256 (64 for "
                      "layout='queries')")
+  if layout == "queries" and (key_registers or transpose_p):
+    raise ValueError(f"{key_registers=}, {transpose_p=}: options of "
+                     "layout='tokens' only")
   if interpret is None:
     interpret = jax.default_backend() != "gpu"
   if interpret is True:

@@ -46,8 +46,8 @@ _L = plgpu.Layout
 
 
 # Query columns at the least (a probe knob: with 128-token steps 64 took
-# 3.77 ms where 16 took 1.77). Read at trace time, under a jit keyed on static arguments only:
-# clear jax's caches after changing it.
+# 3.77 ms where 16 took 1.77). Read at trace time, under a jit keyed on
+# static arguments only: clear jax's caches after changing it.
 MIN_COLUMNS = 16
 
 

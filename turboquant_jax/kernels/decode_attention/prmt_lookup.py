@@ -41,8 +41,9 @@ def supports(bits: int, centroids: tuple[float, ...]) -> bool:
 
 def _words(table_bytes: list[int]) -> list[str]:
   """Bytes as 32-bit PTX immediates, 4 a word, little-endian."""
-  return [f"0x{sum(x << (8 * i) for i, x in enumerate(table_bytes[o:o + 4])):08X}"
-          for o in range(0, len(table_bytes), 4)]
+  words = [sum(x << (8 * i) for i, x in enumerate(table_bytes[o:o + 4]))
+           for o in range(0, len(table_bytes), 4)]
+  return [f"0x{w:08X}" for w in words]
 
 
 def ptx(bits: int, centroids: tuple[float, ...]) -> str:
