@@ -18,8 +18,6 @@ costs the full cache ~4x what it costs a 4-bit one: the runs before
 
 import dataclasses
 import functools
-import statistics
-import time
 
 from absl import app
 from absl import flags
@@ -28,6 +26,7 @@ import jax
 import jax.numpy as jnp
 from ml_collections import config_flags
 
+from experiments import timing
 from turboquant_jax import cache as cache_lib
 from turboquant_jax import results
 from turboquant_jax import model as model_lib
@@ -113,20 +112,19 @@ def run(config, workdir) -> list[dict]:
       tokens = jax.random.randint(jax.random.key(3), (batch, 1), 0,
                                   SMOLLM2.vocab_size)
       steps = config.steps_per_call
+      # Each call appends `steps` tokens after the same `context` ones (the
+      # lengths reset; what lies past them is overwritten), so every call
+      # does the same work. Donated: one lengths buffer per cache.
+      reset = lambda state: (state[0], tuple(
+          dataclasses.replace(c, lengths=jnp.copy(lengths))
+          for c in state[1]))
+      step = lambda state, impl=impl: decode_steps(
+          model, *state, lengths, impl=impl, steps=steps)
       try:
-        times = []
-        for rep in range(config.warmup + config.reps):
-          # Each call appends `steps` tokens after the same `context` ones
-          # (the lengths reset; what lies past them is overwritten), so
-          # every call does the same work.
-          caches = tuple(dataclasses.replace(c, lengths=jnp.copy(lengths))
-                         for c in caches)         # donated: one buffer each
-          t0 = time.perf_counter()
-          tokens, caches = jax.block_until_ready(decode_steps(
-              model, tokens, caches, lengths, impl=impl, steps=steps))
-          if rep >= config.warmup:
-            times.append((time.perf_counter() - t0) * 1e3)
-        ms, err = statistics.median(times) / steps, None
+        ms, (tokens, caches) = timing.time_in_place_ms(
+            step, (tokens, caches), reset, warmup=config.warmup,
+            reps=config.reps)
+        ms, err = ms / steps, None
       except Exception as e:   # a row records the failure
         ms, err = None, f"{type(e).__name__}: {str(e)[:300]}"
       row = dict(model="SmolLM2-135M (random weights)", cache=name,

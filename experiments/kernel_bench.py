@@ -12,8 +12,6 @@ and, on the same shapes in the same run, cuDNN bf16 and XLA bf16 attention
 
 import dataclasses
 import pathlib
-import statistics
-import time
 
 from absl import app
 from absl import flags
@@ -21,6 +19,8 @@ import jax
 import jax.numpy as jnp
 from ml_collections import config_flags
 
+from experiments.timing import time_in_place_ms
+from experiments.timing import time_ms
 from turboquant_jax import cache as cache_lib
 from turboquant_jax import results
 from turboquant_jax.kernels import decode_attention as da
@@ -33,18 +33,6 @@ def define_flags() -> None:
 
 
 
-
-
-def time_ms(fn, *args, warmup: int, reps: int) -> float:
-  """Median wall time of fn(*args) in ms (each call blocked until ready)."""
-  for _ in range(warmup):
-    jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(reps):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append((time.perf_counter() - t0) * 1e3)
-  return statistics.median(times)
 
 
 def random_cache(key, cfg, batch, kv_heads, seq_len, head_dim):
@@ -108,14 +96,10 @@ def bench_append(config, writer, done, device):
         fn = jax.jit(lambda c, k: cache_lib.turboquant_cache._append(c, k, k),
                      donate_argnums=0)
         start = cache.lengths
-        times = []
-        for rep in range(config.warmup + config.reps):
-          cache = dataclasses.replace(cache, lengths=jnp.copy(start))
-          t0 = time.perf_counter()
-          cache = jax.block_until_ready(fn(cache, k))
-          if rep >= config.warmup:
-            times.append((time.perf_counter() - t0) * 1e3)
-        t = statistics.median(times)
+        t, cache = time_in_place_ms(
+            lambda c, k=k: fn(c, k), cache,
+            lambda c: dataclasses.replace(c, lengths=jnp.copy(start)),
+            warmup=config.warmup, reps=config.reps)
         writer.write(dict(op="quantize_append", impl="xla", batch=batch,
                           seq_len=tokens, tokens=tokens,
                           capacity=config.append_capacity, kv_heads=hkv,
