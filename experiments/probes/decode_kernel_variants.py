@@ -6,11 +6,10 @@ table of times at B=8, 32/8 heads, D=128 for each bit width, lookup mode
 and split count, beside cuDNN bf16 measured in the same process.
 Run: python -m experiments.probes.decode_kernel_variants [--quick|--short]
 (--tokens: only the checks of layout="tokens"; --v4: those checks, then
-S=128k times of layout="tokens" with 16 and 64 query columns;
---stages: times against the pipeline depth; --v5: the device-only
-options (prmt lookup, register keys, transposed Pᵀ) checked and timed;
---rows: checks and times
-of layout="tokens" against the tokens per pipeline step)
+S=128k times of layout="tokens"; --stages: times against the pipeline
+depth; --rows: checks and times against the tokens per pipeline step;
+--diagnose: where the time goes; --v5: the device-only options (prmt
+lookup, register keys, transposed Pᵀ) checked and timed)
 """
 
 import sys
@@ -23,7 +22,6 @@ from experiments import kernel_bench
 from turboquant_jax import cache as cache_lib
 from turboquant_jax.kernels import decode_attention as da
 from turboquant_jax.kernels.decode_attention import pallas_gpu
-from turboquant_jax.kernels.decode_attention import pallas_gpu_tokens
 
 
 def check(dim, groups, bits, method="mse", window=0, tokens=1, s=1024,
@@ -181,20 +179,20 @@ def diagnose():
   """What the time is spent on, at B=8, S=128k, 4 bits, 16 splits: each
   layout as it is, with codes turned to f16 by one bit operation instead of
   the centroid lookup ("bits"), and with no unpacking at all ("nodeq");
-  the tokens layout also with 64 query columns and 4 pipeline stages."""
+  the tokens layout also with 4 pipeline stages. (Its 64-query-column
+  variant, measured once, is in results/kernel_bench/h200_v4/probes.txt.)"""
   splits = 16
   q = jax.random.normal(jax.random.key(0), (8, 32, 128))
   for bits in (4, 2):
     c = _b8_cache(bits)
     runs = [(layout, v) for layout in ("tokens", "queries")
             for v in ("real", "bits", "nodeq")]
-    runs += [("tokens", "n64"), ("tokens", "stages4")]
+    runs += [("tokens", "stages4")]
     for layout, variant in runs if bits == 4 else runs[:3]:
       pallas_gpu.lookup = (_bits_only_lookup if variant == "bits"
                            else _REAL_LOOKUP)
       pallas_gpu._dequantize_into = (  # pylint: disable=protected-access
           _no_dequantize if variant == "nodeq" else _REAL_DEQUANTIZE)
-      pallas_gpu_tokens.MIN_COLUMNS = 64 if variant == "n64" else 16
       stages = 4 if variant == "stages4" else 2
       f = jax.jit(lambda q, c, layout=layout, stages=stages:
                   da.decode_attention(q, c, c.lengths, impl="pallas_gpu",
@@ -205,7 +203,6 @@ def diagnose():
             f"{t if t is None else round(t, 3)} ms {err}", flush=True)
     pallas_gpu.lookup = _REAL_LOOKUP
     pallas_gpu._dequantize_into = _REAL_DEQUANTIZE  # pylint: disable=protected-access
-    pallas_gpu_tokens.MIN_COLUMNS = 16
 
 
 _V5_VARIANTS = {
@@ -307,7 +304,7 @@ def _timings():
       nbytes = sum(x.nbytes for x in jax.tree.leaves((c.keys, c.values))
                    if hasattr(x, "nbytes") and x.ndim >= 3)
       base = pallas_gpu.default_splits(c)
-      variants = [("poly16", base), ("tokens", base), ("tokens64", base)]
+      variants = [("poly16", base), ("tokens", base)]
       if "--v4" in sys.argv:
         variants += [("tokens", base * 2)] if bits == 4 else []
       elif bits == 4:
@@ -321,16 +318,11 @@ def _timings():
                              else _REAL_LOOKUP)
         pallas_gpu._dequantize_into = (  # pylint: disable=protected-access
             _no_dequantize if mode == "nodeq" else _REAL_DEQUANTIZE)
-        pallas_gpu_tokens.MIN_COLUMNS = 64 if mode == "tokens64" else 16
         f = jax.jit(lambda q, c, mode=mode, splits=splits:
                     da.decode_attention(
                         q, c, c.lengths, impl="pallas_gpu", splits=splits,
-                        layout=("tokens" if mode.startswith("tokens")
-                                else "queries"),
-                        lookup_mode=("poly16" if mode in ("bits", "nodeq",
-                                                          "tokens")
-                                     else "poly16" if mode == "tokens64"
-                                     else mode)))
+                        layout="tokens" if mode == "tokens" else "queries",
+                        lookup_mode="poly" if mode == "poly" else "poly16"))
         t, err = _time_variant(f, q.astype(jnp.float32), c)
         pallas_gpu.lookup = _REAL_LOOKUP
         pallas_gpu._dequantize_into = _REAL_DEQUANTIZE  # pylint: disable=protected-access

@@ -45,15 +45,9 @@ ROWS, GROUP = base.ROWS, base.GROUP
 _L = plgpu.Layout
 
 
-# Query columns at the least (a probe knob: with 128-token steps 64 took
-# 3.77 ms where 16 took 1.77). Read at trace time, under a jit keyed on
-# static arguments only: clear jax's caches after changing it.
-MIN_COLUMNS = 16
-
-
 def query_columns(m: int) -> int:
   """N: the M query columns rounded up to a multiple of 16 (at most 64)."""
-  return max(MIN_COLUMNS, -(-m // 16) * 16)
+  return max(16, -(-m // 16) * 16)
 
 
 def _columns_smem(groups: int, n: int) -> plgpu.SMEM:
@@ -193,7 +187,10 @@ def _kernel(qlen_ref, qend_ref, *refs, key_specs, value_specs, groups,
 
   in_specs = base._tile_specs(key_specs, value_specs, tile0, rows)
 
-  def stream(k_pool, v_pool, *p_smem):
+  def stream(*smem):
+    # With key_registers the keys need no SMEM pool.
+    k_pool, (v_pool, *p_smem) = ((None, smem) if key_registers
+                                 else (smem[0], smem[1:]))
     pipeline = plgpu.emit_pipeline(
         functools.partial(body, k_pool, v_pool, p_smem), grid=(n_tiles,),
         in_specs=in_specs, max_concurrent_steps=stages,
@@ -201,10 +198,10 @@ def _kernel(qlen_ref, qend_ref, *refs, key_specs, value_specs, groups,
     return pipeline(*[r.at[b, k] for r in kc_refs + kn_refs + vc_refs
                       + vn_refs])
 
+  k_pool = [] if key_registers else [base._group_smem(
+      sum(base._groups(s) for s in key_specs), rows=rows)]
   accs, m_i, l_i = pl.run_scoped(
-      stream, base._group_smem(1 if key_registers else    # 1: unused
-                               sum(base._groups(s) for s in key_specs),
-                               rows=rows),
+      stream, *k_pool,
       base._group_smem(sum(base._groups(s) for s in value_specs),
                        128 if transpose_p else _swizzle(n), rows),
       *[_p_smem(n, rows, transpose_p) for _ in range(nv)])
