@@ -17,7 +17,8 @@ columns) the PTX reads the packed bytes as they are, with no unpacking:
   magnitude indices and signs, 4 prmt look up and merge by sign, 2 prmt
   interleave into two f16x2: ~3 ops per code.
 
-Against ~6 ops per code for shift/mask unpacking plus the f16 polynomial.
+Against ~6 for shift/mask unpacking plus the f16 polynomial (counts of the
+instructions written, not timings).
 The PTX runs only on a GPU; in interpret mode `lookup_fields` computes the
 same f16 values with jnp (the device probe matched the 4-bit one bit for
 bit: experiments/probes/mosaic_gpu_probe.py --prmt).
