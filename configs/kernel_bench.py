@@ -24,8 +24,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Options of impl="pallas_gpu" (pallas_gpu.attention's keywords; the
   # defaults as they are), recorded in each row's `options`.
   c.pallas_gpu = ml_collections.ConfigDict(dict(
-      layout="tokens", lookup_mode="poly16", key_registers=False,
-      transpose_p=False))
+      layout="tokens", lookup_mode="prmt", key_registers=True,
+      transpose_p=True))
   c.max_xla_bytes = 8 * 2**30           # skip impl="xla" (it materializes
                                         # f32 K/V) when that would exceed this
   c.warmup = 3

@@ -9,7 +9,8 @@ Run: python -m experiments.probes.decode_kernel_variants [--quick|--short]
 S=128k times of layout="tokens"; --stages: times against the pipeline
 depth; --rows: checks and times against the tokens per pipeline step;
 --diagnose: where the time goes; --v5: the device-only options (prmt
-lookup, register keys, transposed Pᵀ) checked and timed)
+lookup, register keys, transposed Pᵀ) checked and timed; --v6: the 3-bit
+prmt lookup checked, the options timed in interleaved rounds)
 """
 
 import sys
@@ -239,7 +240,54 @@ def v5():
             f"{err}", flush=True)
 
 
+_V6_VARIANTS = {
+    "v4": dict(lookup_mode="poly16", key_registers=False, transpose_p=False),
+    "prmt": dict(lookup_mode="prmt", key_registers=False, transpose_p=False),
+    "prmt_kr": dict(lookup_mode="prmt", key_registers=True,
+                    transpose_p=False),
+    "default": {},        # prmt, key_registers and transpose_p
+}
+
+
+def v6():
+  """The 3-bit byte-permute lookup checked on the device (as the defaults,
+  prmt with key_registers and transpose_p), then the variants timed at
+  B=8, S=128k, 16 splits, in two interleaved rounds (static options: no
+  cache clearing needed, so each variant compiles once)."""
+  print("jax", jax.__version__, jax.devices()[0].device_kind, flush=True)
+  for args in ((128, 4, 3), (64, 8, 3), (256, 2, 3), (64, 3, 3),
+               (128, 4, 2.5), (128, 4, 3.5), (128, 1, 3, "prod")):
+    check(*args, mode="prmt", layout="tokens")
+  check(128, 4, 3, window=5, mode="prmt", layout="tokens")
+  check(128, 8, 3, tokens=3, mode="prmt", layout="tokens")
+  check(64, 4, 3, lengths=(1, 333), mode="prmt", layout="tokens")
+  _, cudnn = _cudnn(8, 32, 8, 128, 131072)
+  q = jax.random.normal(jax.random.key(0), (8, 32, 128))
+  for bits in (3, 4, 2, 3.5, 2.5):
+    c = _b8_cache(bits)
+    fns = {name: jax.jit(lambda q, c, options=options: da.decode_attention(
+        q, c, c.lengths, impl="pallas_gpu", splits=16, **options))
+           for name, options in _V6_VARIANTS.items()}
+    times = {name: [] for name in fns}
+    for _ in range(2):
+      for name, f in fns.items():
+        try:
+          times[name].append(kernel_bench.time_ms(f, q, c, warmup=3,
+                                                  reps=20))
+        except Exception as e:  # noqa: BLE001 - a probe reports failures
+          print(f"bits={bits} {name} FAIL {type(e).__name__}: "
+                f"{str(e)[:300]}", flush=True)
+    for name, ts in times.items():
+      if ts:
+        print(f"bits={bits:<3} {name:<8} "
+              + " ".join(f"{t:.3f}" for t in ts)
+              + f" ms  x{cudnn / min(ts):.2f} vs cudnn", flush=True)
+
+
 def main():
+  if "--v6" in sys.argv:
+    v6()
+    return
   if "--v5" in sys.argv:
     v5()
     return

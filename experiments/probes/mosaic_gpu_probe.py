@@ -289,7 +289,7 @@ def prmt_lookup_probe():
   cb = codebook.codebook(128, 4).astype(np.float32)
 
   def lookup(w, c):
-    return prmt_lookup.lookup_fields(w, 4, tuple(c), interpret=False)
+    return prmt_lookup.lookup_chunks(w, 4, tuple(c), interpret=False)
   def body(x, y):
     del y
     w = plgpu.load(x, layout=L.WGMMA, optimized=False)
@@ -305,7 +305,7 @@ def prmt_lookup_probe():
   def body2(x, y):
     del y
     w = plgpu.load(x, layout=L.WGMMA, optimized=False)
-    f = prmt_lookup.lookup_fields(w, 2, tuple(cb2), interpret=False)
+    f = prmt_lookup.lookup_chunks(w, 2, tuple(cb2), interpret=False)
     return jnp.concatenate([v.astype(jnp.float32) for v in f], axis=1)
   probe("prmt 2-bit lookup (four fields)",
         lambda: run_kernel(body2, jnp.asarray(codes), (64, 256),

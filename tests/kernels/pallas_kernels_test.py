@@ -71,8 +71,11 @@ _GPU_CASES = [
     dict(testcase_name="d128_g1_b6_poly16_selects", dim=128, groups=1,
          key_bits=6, value_bits=4, window=0, tokens=1, lengths=(50, 99),
          lookup_mode="poly16"),
-    # "prmt": 2- and 4-bit parts by byte permutes (its interpret-mode
+    # "prmt": 2-, 3- and 4-bit parts by byte permutes (its interpret-mode
     # stand-in), other widths by poly16.
+    dict(testcase_name="d64_g4_b3_prmt_24byte_rows", dim=64, groups=4,
+         key_bits=3, value_bits=3, window=0, tokens=1, lengths=(128, 97),
+         lookup_mode="prmt"),
     dict(testcase_name="d128_g4_b2_prmt", dim=128, groups=4, key_bits=2,
          value_bits=2, window=0, tokens=1, lengths=(128, 33),
          lookup_mode="prmt"),

@@ -1,6 +1,6 @@
 """The byte-permute lookup: its PTX, run by a small emulator of the seven
 instructions it uses, and its interpret-mode stand-in equal the f16
-codebook for every pair of packed bytes, at 2 and 4 bits. (The PTX itself
+codebook for every pair of packed bytes, at 2, 3 and 4 bits. (The PTX itself
 runs only on a GPU: experiments/probes/mosaic_gpu_probe.py --prmt checks it
 there.)"""
 
@@ -13,6 +13,7 @@ import numpy as np
 
 from turboquant_jax.kernels.decode_attention import prmt_lookup
 from turboquant_jax.quant import codebook
+from turboquant_jax.quant import packing
 
 _M32 = 0xFFFFFFFF
 
@@ -41,8 +42,8 @@ _OPS = {
 }
 
 
-def _run_ptx(asm: str, word: int, outputs: int) -> list[int]:
-  regs = {f"${outputs}": word}
+def _run_ptx(asm: str, words: tuple[int, ...], outputs: int) -> list[int]:
+  regs = {f"${outputs + i}": w for i, w in enumerate(words)}
   for line in asm.splitlines():
     line = line.strip().rstrip(";")
     if not line or line in "{}" or line.startswith(".reg"):
@@ -68,27 +69,53 @@ class PrmtLookupTest(parameterized.TestCase):
         set(re.findall(r"^\s*([a-z][\w.]*)\s", asm, re.M)), set(_OPS))
     fields, mask = 8 // bits, (1 << bits) - 1
     for word in range(0, 1 << 16, stride):
-      out = _run_ptx(asm, word, fields)
+      out = _run_ptx(asm, (word,), fields)
       for f, reg in enumerate(out):    # field f of bytes j and j + 1
         got = np.array([reg & 0xFFFF, reg >> 16], np.uint16).view(np.float16)
         codes = [(word >> (8 * j + bits * f)) & mask for j in (0, 1)]
         np.testing.assert_array_equal(got, want[codes],
                                       err_msg=f"{word=:#06x} {f=}")
 
-  @parameterized.parameters(2, 4)
-  def test_stand_in_equals_the_f16_codebook(self, bits):
-    table = codebook.codebook(128, bits)
-    words = jnp.arange(256, dtype=jnp.uint8).reshape(4, 64)
-    fields = prmt_lookup.lookup_fields(words, bits, tuple(table),
-                                       interpret=True)
+  @parameterized.parameters((128, 4000), (64, 1000), (256, 1000))
+  def test_3_bit_ptx_equals_the_f16_codebook(self, dim, cases):
+    # Random byte pairs of the two 2-bit halves and the 1-bit plane (each
+    # of the 8 codes appears ~500 times per field and column at D = 128).
+    table = codebook.codebook(dim, 3)
+    self.assertTrue(prmt_lookup.supports(3, tuple(table)))
     want = table.astype(np.float16)
-    self.assertLen(fields, 8 // bits)
-    for f, got in enumerate(fields):
-      np.testing.assert_array_equal(
-          got, want[(np.asarray(words) >> (bits * f)) & ((1 << bits) - 1)])
+    asm = prmt_lookup.ptx(3, tuple(table))
+    self.assertLessEqual(
+        set(re.findall(r"^\s*([a-z][\w.]*)\s", asm, re.M)), set(_OPS))
+    words = np.random.default_rng(dim).integers(0, 1 << 16, (cases, 3))
+    for first, second, low in words.tolist():
+      out = _run_ptx(asm, (first, second, low), 8)
+      for h, plane in enumerate((first, second)):
+        for f in range(4):
+          reg = out[4 * h + f]
+          got = np.array([reg & 0xFFFF, reg >> 16],
+                         np.uint16).view(np.float16)
+          codes = [(((plane >> (8 * j + 2 * f)) & 3) << 1)
+                   | ((low >> (8 * j + 2 * f + h)) & 1) for j in (0, 1)]
+          np.testing.assert_array_equal(
+              got, want[codes], err_msg=f"{first=:#x} {second=:#x} {low=:#x}")
 
-  def test_supports_2_bits_and_symmetric_4_bits(self):
-    self.assertFalse(prmt_lookup.supports(3, tuple(codebook.codebook(128, 3))))
+  @parameterized.parameters(2, 3, 4)
+  def test_stand_in_equals_unpacked_codes(self, bits):
+    # Packed by packing.pack, looked up chunk by chunk: the chunks in
+    # order are the codebook at the packed codes.
+    dim = 128
+    table = codebook.codebook(dim, bits)
+    codes = np.random.default_rng(bits).integers(0, 1 << bits, (8, dim))
+    words = packing.pack(jnp.asarray(codes, jnp.uint8), bits)
+    chunks = prmt_lookup.lookup_chunks(words, bits, tuple(table),
+                                       interpret=True)
+    self.assertLen(chunks, 8 // bits if bits != 3 else 8)
+    np.testing.assert_array_equal(np.concatenate(chunks, axis=1),
+                                  table.astype(np.float16)[codes])
+
+  def test_supports_2_and_3_bits_and_symmetric_4_bits(self):
+    self.assertTrue(prmt_lookup.supports(3, tuple(codebook.codebook(128, 3))))
+    self.assertFalse(prmt_lookup.supports(5, tuple(codebook.codebook(128, 5))))
     skewed = list(codebook.codebook(128, 4))
     skewed[0] -= 0.01
     self.assertFalse(prmt_lookup.supports(4, tuple(skewed)))

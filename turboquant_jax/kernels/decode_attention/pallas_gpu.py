@@ -238,9 +238,8 @@ def dequantize_groups(code_ref, spec, mode, interpret: bool) -> list:
     words = plgpu.load(code_ref, layout=_L.WGMMA, optimized=False)
   if (mode == "prmt" and spec.bits in prmt_lookup.BITS
       and prmt_lookup.supports(spec.bits, spec.centroids)):
-    # One plane of 2 or 4 bits: field f of every byte is coordinate chunk
-    # f, looked up without unpacking.
-    chunks = prmt_lookup.lookup_fields(words, spec.bits, spec.centroids,
+    # Coordinate chunks looked up from the packed bytes, no unpacking.
+    chunks = prmt_lookup.lookup_chunks(words, spec.bits, spec.centroids,
                                        interpret)
   else:
     mode = "poly16" if mode == "prmt" else mode
@@ -523,9 +522,10 @@ def default_splits(cache, layout: str = "tokens") -> int:
 
 def attention(q: jax.Array, cache, lengths: jax.Array, *,
               scale: float | None = None, splits: int | None = None,
-              lookup_mode: str = "poly16", layout: str = "tokens",
+              lookup_mode: str = "prmt", layout: str = "tokens",
               stages: int = STAGES, tile_rows: int = ROWS,
-              key_registers: bool = False, transpose_p: bool = False,
+              key_registers: bool | None = None,
+              transpose_p: bool | None = None,
               interpret: bool | None = None) -> jax.Array:
   """q [B, T, H, D] over a TurboQuantCache -> f32[B, T, H, D].
 
@@ -536,12 +536,12 @@ def attention(q: jax.Array, cache, lengths: jax.Array, *,
     scale: the softmax scale (default 1/sqrt(D)).
     splits: sequence splits per (sequence, KV head); the default fills the
       GPU.
-    lookup_mode: "poly16" (odd polynomial through the codebook, f16;
-      selects for b >= 5), "prmt" (2- and 4-bit parts by byte permutes,
-      exact f16 centroids, prmt_lookup.py; other widths as poly16; the
-      4-bit lookup checked bit for bit on the H200 on its own, not yet
-      timed in the kernel), "poly" (the polynomial in f32) or "select" (a
-      chain of 2^b - 1 selects, f32).
+    lookup_mode: "prmt" (the default: 2-, 3- and 4-bit parts by byte
+      permutes, exact f16 centroids, prmt_lookup.py; other widths as
+      poly16), "poly16" (odd polynomial through the codebook, f16; selects
+      for b >= 5), "poly" (the polynomial in f32) or "select" (a chain of
+      2^b - 1 selects, f32). On the H200 (B=8, S=128k, 16 splits) prmt
+      took 1.30 ms at 4 bits and 1.15 at 2 against poly16's 1.72 and 1.26.
     layout: "tokens" (kernel v4, pallas_gpu_tokens.py: tokens on the wgmma
       rows; the faster on the H200) or "queries" (kernel v3, this module).
     stages: tiles in flight per program.
@@ -550,10 +550,12 @@ def attention(q: jax.Array, cache, lengths: jax.Array, *,
       S=128k, 4 bits, 16 splits) 128 took 1.77 ms, within the spread of 64
       (1.68-1.84), 256 2.69 ms (it spills registers).
     key_registers: layout="tokens", GPU only: dequantized keys feed the
-      score wgmma from registers, not through SMEM. Not yet run on a GPU.
+      score wgmma from registers, not through SMEM. None: on for "tokens".
     transpose_p: layout="tokens": the probabilities stored through a
-      transposed view, so the V tiles keep 128-byte rows. Not yet run on a
-      GPU.
+      transposed view, so the V tiles keep 128-byte rows. None: on for
+      "tokens". With prmt, both together took 1.22 ms at 4 bits and 1.07
+      at 2 (against 1.30 and 1.15 without); neither helped alone with
+      poly16 (experiments/probes/decode_kernel_variants.py --v5).
     interpret: None uses Mosaic GPU interpret mode when the backend is not
       a GPU.
   """
@@ -573,6 +575,9 @@ def attention(q: jax.Array, cache, lengths: jax.Array, *,
   if layout == "queries" and (key_registers or transpose_p):
     raise ValueError(f"{key_registers=}, {transpose_p=}: options of "
                      "layout='tokens' only")
+  tokens = layout == "tokens"
+  key_registers = tokens if key_registers is None else key_registers
+  transpose_p = tokens if transpose_p is None else transpose_p
   if interpret is None:
     interpret = jax.default_backend() != "gpu"
   if interpret is True:

@@ -1,16 +1,24 @@
-"""Centroid lookup of packed 2- and 4-bit codes by byte permutes (Mosaic GPU).
+"""Centroid lookup of packed 2-, 3- and 4-bit codes by byte permutes (Mosaic GPU).
 
-A byte of a b-bit part (one plane of b bits; packing's layout) holds 8/b
-codes: field f of byte j is the code of coordinate j + f·P (P bytes per
-row), so field f of a whole [R, P] tile is coordinate chunk f. `prmt` (a
-byte permute) picks 4 bytes out of 8 held in two 32-bit operands, which
-here are immediates: f16 centroids split into low and high bytes. Per
-register pair of the WGMMA layout (2 bytes, one from each of two adjacent
-columns) the PTX reads the packed bytes as they are, with no unpacking:
+A byte of a b-bit plane (packing's layout) holds 8/b codes: field f of byte
+j is the code of coordinate j + f·P (P bytes in the plane's row), so field
+f of a whole [R, P] tile is coordinate chunk f. `prmt` (a byte permute)
+picks 4 bytes out of 8 held in two 32-bit operands, which here are
+immediates: f16 centroids split into low and high bytes. Per register pair
+of the WGMMA layout (2 bytes, one from each of two adjacent columns) the
+PTX reads the packed bytes as they are, with no unpacking:
 
 - 2 bits: the 4 centroids' low and high bytes fill the two operands; per
   chunk, 4 integer ops build the selector (x, x+4, y, y+4) of the two
   columns' codes x, y and one prmt gives their f16x2: ~2.5 ops per code.
+- 3 bits (a 2-bit plane of the high bits, P2 = D/4 bytes, then a 1-bit
+  plane of the low bits, P1 = D/8): a prmt index is 3 bits, so the 8
+  centroids' low bytes fill one operand pair and their high bytes another.
+  The 2-bit plane is read as two halves of P1 columns; column j of either
+  half meets column j of the 1-bit plane, whose bit 2f (first half) or
+  2f + 1 (second half) is field f's low bit. Per two fields of a register
+  pair, ~8 integer ops build the selector of 4 codes, 2 prmt look up their
+  low and high bytes and 2 prmt interleave them: ~3 ops per code.
 - 4 bits: the codebook is symmetric (c[15 - n] = -c[n]), so its 8
   non-negative values, as low-byte, high-byte and negated-high-byte
   tables, fit in six immediates; 6 integer ops turn 4 nibbles into
@@ -19,9 +27,9 @@ columns) the PTX reads the packed bytes as they are, with no unpacking:
 
 Against ~6 for shift/mask unpacking plus the f16 polynomial (counts of the
 instructions written, not timings).
-The PTX runs only on a GPU; in interpret mode `lookup_fields` computes the
-same f16 values with jnp (the device probe matched the 4-bit one bit for
-bit: experiments/probes/mosaic_gpu_probe.py --prmt).
+The PTX runs only on a GPU; in interpret mode `lookup_chunks` computes the
+same f16 values with jnp (the device probe matched the 2- and 4-bit ones
+bit for bit: experiments/probes/mosaic_gpu_probe.py --prmt).
 """
 
 import jax
@@ -29,14 +37,14 @@ import jax.numpy as jnp
 from jax.experimental.pallas import mosaic_gpu as plgpu
 import numpy as np
 
-BITS = (2, 4)
+BITS = (2, 3, 4)
 
 
 def supports(bits: int, centroids: tuple[float, ...]) -> bool:
   """Whether a part of `bits` bits with `centroids` has a prmt lookup."""
   c = np.asarray(centroids, np.float16)
-  if bits == 2:
-    return c.shape == (4,)
+  if bits in (2, 3):
+    return c.shape == (1 << bits,)
   return bits == 4 and c.shape == (16,) and bool(np.all(c[8:] == -c[7::-1]))
 
 
@@ -47,13 +55,24 @@ def _words(table_bytes: list[int]) -> list[str]:
   return [f"0x{w:08X}" for w in words]
 
 
+def _halves(centroids) -> tuple[list[int], list[int]]:
+  """The f16 centroids' low bytes and high bytes."""
+  h = np.asarray(centroids, np.float16).view(np.uint16).astype(int)
+  return [x & 0xFF for x in h], [x >> 8 for x in h]
+
+
 def ptx(bits: int, centroids: tuple[float, ...]) -> str:
-  """The PTX of one register pair. Input: the last operand, a u32 whose
-  low 16 bits are two bytes (columns j, j+1). Outputs $0.. : one f16x2 a
-  chunk (field), holding columns (j, j+1)."""
+  """The PTX of one register pair.
+
+  2 and 4 bits: input (the last operand) a u32 whose low 16 bits are two
+  bytes (columns j, j+1) of the plane; outputs $0.. : one f16x2 a field.
+  3 bits: inputs $8, $9, $10: bytes of the 2-bit plane's first and second
+  half and of the 1-bit plane (columns j, j+1 of each); outputs $0-$3 the
+  first half's fields, $4-$7 the second half's.
+  """
   if bits == 2:
-    h = np.asarray(centroids, np.float16).view(np.uint16).astype(int)
-    (low,), (high,) = _words([x & 0xFF for x in h]), _words([x >> 8 for x in h])
+    low, high = _halves(centroids)
+    (low,), (high,) = _words(low), _words(high)
     lines = []
     for f in range(4):
       # t: code x at bits 0-1, code y at bits 8-9; t·17 | 0x4040 puts
@@ -62,6 +81,36 @@ def ptx(bits: int, centroids: tuple[float, ...]) -> str:
                 "mul.lo.u32 t, t, 17;", "or.b32 t, t, 0x4040;",
                 f"prmt.b32 ${f}, {low}, {high}, t;"]
     return "{\n.reg .b32 t;\n" + "\n".join(lines) + "\n}"
+  if bits == 3:
+    return _ptx3(centroids)
+  return _ptx4(centroids)
+
+
+def _ptx3(centroids) -> str:
+  low, high = _halves(centroids)
+  l0, l1 = _words(low)
+  h0, h1 = _words(high)
+  lines = []
+  for half, src in enumerate(("$8", "$9")):
+    for f in (0, 2):
+      # Selector nibbles: code of field f, column j | field f+1, column j |
+      # field f, column j+1 | field f+1, column j+1; a code is its 2-bit
+      # field (bits 1-2) over the 1-bit plane's bit 2f + half (bit 0).
+      out = 4 * half + f
+      lines += [
+          f"shr.b32 x, {src}, {2 * f};", f"shr.b32 y, $10, {2 * f + half};",
+          "and.b32 s, x, 0x0303;", "shl.b32 s, s, 1;",
+          "and.b32 t, x, 0x0C0C;", "shl.b32 t, t, 3;", "or.b32 s, s, t;",
+          "and.b32 t, y, 0x0101;", "or.b32 s, s, t;",
+          "and.b32 t, y, 0x0404;", "shl.b32 t, t, 2;", "or.b32 s, s, t;",
+          f"prmt.b32 lo4, {l0}, {l1}, s;", f"prmt.b32 hi4, {h0}, {h1}, s;",
+          f"prmt.b32 ${out}, lo4, hi4, 0x6240;",
+          f"prmt.b32 ${out + 1}, lo4, hi4, 0x7351;"]
+  return ("{\n.reg .b32 x, y, s, t, lo4, hi4;\n" + "\n".join(lines)
+          + "\n}")
+
+
+def _ptx4(centroids) -> str:
   mags = np.asarray(centroids[8:], np.float16).view(np.uint16).astype(int)
   high = [m >> 8 for m in mags]
   l0, l1 = _words([m & 0xFF for m in mags])
@@ -87,45 +136,66 @@ def ptx(bits: int, centroids: tuple[float, ...]) -> str:
   }}"""
 
 
-def lookup_fields(words: jax.Array, bits: int, centroids: tuple[float, ...],
+def lookup_chunks(words: jax.Array, bits: int, centroids: tuple[float, ...],
                   interpret: bool) -> list[jax.Array]:
-  """u8 [R, P] in the WGMMA layout -> f16 centroids of field f (bits
-  [f·b, (f+1)·b) of every byte) for f < 8/b, each [R, P] in that layout."""
+  """A part's u8 [R, P] code tile in the WGMMA layout -> the f16 centroids
+  of its coordinate chunks in order (8/b chunks of [R, P] at 2 and 4 bits,
+  8 of [R, D/8] at 3), each in that layout."""
+  if bits == 3:
+    p1 = words.shape[1] // 3
+    inputs = [words[:, :p1], words[:, p1:2 * p1], words[:, 2 * p1:]]
+  else:
+    inputs = [words]
+  fields = 8 // bits if bits != 3 else 4     # per input plane (half)
   if interpret:
-    table = np.asarray(centroids, np.float16)
+    return _interpret_lookup(inputs, bits, centroids, fields)
+  halves = 2 if bits == 3 else 1
+  out = _device_lookup(inputs, ptx(bits, centroids), halves * fields)
+  # 3 bits: first-half field f is chunk 2f, second-half field f chunk 2f + 1.
+  return out if bits != 3 else [out[h * 4 + f] for f in range(4)
+                                for h in range(2)]
+
+
+def _interpret_lookup(inputs, bits, centroids, fields):
+  """The same chunks by jnp selects (interpret mode has no PTX)."""
+  table = np.asarray(centroids, np.float16)
+
+  def select(code):
+    v = jnp.full(code.shape, table[0], jnp.float16)
+    for k in range(1, len(table)):
+      v = jnp.where(code == k, table[k], v)
+    return v
+  if bits != 3:
     mask = (1 << bits) - 1
-    out = []
-    for f in range(8 // bits):
-      code = (words >> (f * bits)) & mask
-      v = jnp.full(words.shape, table[0], jnp.float16)
-      for k in range(1, len(table)):
-        v = jnp.where(code == k, table[k], v)
-      out.append(v)
-    return out
-  return _device_lookup(words, ptx(bits, centroids), 8 // bits)
+    return [select((inputs[0] >> (f * bits)) & mask) for f in range(fields)]
+  first, second, low = inputs
+  return [select((((plane >> (2 * f)) & 3) << 1) | ((low >> (2 * f + h)) & 1))
+          for f in range(fields) for h, plane in enumerate((first, second))]
 
 
-def _device_lookup(words, asm, fields):
+def _device_lookup(inputs, asm, outputs):
   # pylint: disable=g-import-not-at-top (Mosaic GPU internals, device only)
   from jax._src.lib.mlir import ir
   from jax._src.lib.mlir.dialects import arith
   from jax.experimental.mosaic import gpu as mgpu
   from jax.experimental.mosaic.gpu import utils as mgpu_utils
   layout = plgpu.Layout.WGMMA
-  out = plgpu.ShapeDtypeStruct(words.shape, jnp.float16, layout=layout)
+  out = plgpu.ShapeDtypeStruct(inputs[0].shape, jnp.float16, layout=layout)
 
-  @plgpu.inline_mgpu(arg_types=(layout,), return_type=(out,) * fields)
-  def lookup(ctx, x):
+  @plgpu.inline_mgpu(arg_types=(layout,) * len(inputs),
+                     return_type=(out,) * outputs)
+  def lookup(ctx, *xs):
     del ctx
     i16 = ir.IntegerType.get_signless(16)
     i32 = ir.IntegerType.get_signless(32)
     f16x2 = ir.VectorType.get((2,), ir.F16Type.get())
-    regs = [np.empty_like(x.registers) for _ in range(fields)]
-    for idx, reg in np.ndenumerate(x.registers):   # 2 bytes
-      w = arith.extui(i32, mgpu_utils.bitcast(reg, i16))
-      results = mgpu_utils.inline_ptx(asm, w, result_types=[i32] * fields)
+    regs = [np.empty_like(xs[0].registers) for _ in range(outputs)]
+    for idx, _ in np.ndenumerate(xs[0].registers):   # 2 bytes of each input
+      ws = [arith.extui(i32, mgpu_utils.bitcast(x.registers[idx], i16))
+            for x in xs]
+      results = mgpu_utils.inline_ptx(asm, *ws, result_types=[i32] * outputs)
       for r, value in zip(regs, results):
         r[idx] = mgpu_utils.bitcast(value, f16x2)
-    return tuple(mgpu.FragmentedArray(_registers=r, _layout=x.layout,
+    return tuple(mgpu.FragmentedArray(_registers=r, _layout=xs[0].layout,
                                       _is_signed=None) for r in regs)
-  return list(lookup(words))
+  return list(lookup(*inputs))
