@@ -107,6 +107,39 @@ class ReferenceTest(parameterized.TestCase):
     np.testing.assert_allclose(out, _numpy_attention(q, k, v, lengths),
                                rtol=1e-5, atol=1e-6)
 
+  @parameterized.named_parameters(
+      dict(testcase_name="f32_decode", t=1, g=3, dtype="float32",
+           q_dtype=jnp.float32, tol=1e-5),
+      dict(testcase_name="f32_chunk", t=4, g=2, dtype="float32",
+           q_dtype=jnp.float32, tol=1e-5),
+      # A bf16 model over a bf16 cache (on a GPU the query and the
+      # probabilities stay bf16, relative rounding 2^-9; f32 on a CPU).
+      dict(testcase_name="bf16_decode", t=1, g=4, dtype="bfloat16",
+           q_dtype=jnp.bfloat16, tol=2e-2),
+      dict(testcase_name="bf16_cache_f32_query", t=2, g=1, dtype="bfloat16",
+           q_dtype=jnp.float32, tol=1e-5),
+  )
+  def test_xla_reads_a_full_cache_in_its_dtype(self, t, g, dtype, q_dtype,
+                                               tol):
+    # Ragged lengths [5, 13] of S = 16, against plain loops over the keys
+    # and values as the cache stores them.
+    rng = np.random.default_rng(t * 7 + g)
+    b, kv, s, d = 2, 2, 16, 32
+    k = rng.normal(size=(b, kv, s, d)) * 2.0
+    v = rng.normal(size=(b, kv, s, d))
+    q = jnp.asarray(rng.normal(size=(b, t, kv * g, d)), q_dtype)
+    lengths = np.array([5, 13])
+    cache = cache_lib.prefill(
+        cache_lib.init(CacheConfig(kind="full", dtype=dtype), b, kv, s, d),
+        jnp.asarray(k, jnp.float32), jnp.asarray(v, jnp.float32),
+        jnp.asarray(lengths, jnp.int32))
+    got = attn.chunk_attention(q, cache, jnp.asarray(lengths), impl="xla")
+    self.assertEqual(got.dtype, jnp.float32)
+    stored = lambda x: np.asarray(x, np.float32)
+    want = _numpy_attention(stored(q), stored(cache.keys),
+                            stored(cache.values), lengths)
+    np.testing.assert_allclose(got, want, rtol=tol, atol=tol)
+
   def test_kivi_reads_its_dequantized_cache(self):
     # KIVI has no fused impl: every impl must equal attention over what
     # kivi dequantize returns (full precision where KIVI keeps it).

@@ -84,14 +84,15 @@ class GpuLoweringTest(parameterized.TestCase):
 
   def test_mismatched_wgmma_swizzles_fail_to_lower(self):
     # The check has teeth: V tiles with 128-byte rows against a 32-byte Pᵀ
-    # (the first v4 layout, which failed on the H200) do not lower.
+    # (the first v4 layout, which failed on the H200; transpose_p, now on
+    # by default, gives Pᵀ 128-byte rows too) do not lower.
     group_smem = pallas_gpu._group_smem
     jax.clear_caches()
     try:
       pallas_gpu._group_smem = (
           lambda groups, swizzle=128, rows=64: group_smem(groups, 128, rows))
       with self.assertRaisesRegex(ValueError, "infer a possible set of"):
-        _lower(128, 4, 4, 4, 1, "mse")
+        _lower(128, 4, 4, 4, 1, "mse", transpose_p=False)
     finally:
       pallas_gpu._group_smem = group_smem
       jax.clear_caches()

@@ -1,0 +1,120 @@
+"""Where a B=1 SmolLM2 decode step spends its time: full vs TurboQuant cache.
+
+decode_bench measures whole steps; this probe (1) counts the kernels XLA
+launches per step (the optimized HLO's top-level instructions that become
+GPU launches: fusions, custom calls such as cuBLAS and the Pallas kernel,
+copies, scatters), per cache, and (2) times one layer's pieces in a jitted
+loop of 30 calls (as the model's 30 layers run them): quantize-and-append,
+decode attention, and both for the full bf16 cache.
+
+Run: python -m experiments.probes.decode_step_breakdown [--batch=N]
+(on a CPU: a smoke run at 192 tokens, XLA paths only)
+"""
+
+import collections
+import re
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from experiments import decode_bench
+from experiments import timing
+from turboquant_jax import cache as cache_lib
+from turboquant_jax import model as model_lib
+from turboquant_jax.kernels import decode_attention as da
+
+_LAUNCHES = ("fusion", "custom-call", "copy", "scatter", "dynamic-update-slice",
+             "gather", "reduce", "dot", "convolution", "sort", "transpose")
+
+
+def launch_counts(hlo: str) -> collections.Counter:
+  """Opcodes of the instructions in non-fused computations of an optimized
+  HLO module (those that launch kernels), counted."""
+  counts = collections.Counter()
+  fused = False
+  for line in hlo.splitlines():
+    head = re.match(r"^(ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$", line)
+    if head:
+      name = head.group(2)
+      fused = "fused" in name or "region" in name or "wrapped" in name
+      continue
+    m = re.search(r"=\s*[\w\[\]{},:\s()\d./]*?\s([a-z][\w\-]*)\(", line)
+    if m and not fused and m.group(1) in _LAUNCHES:
+      counts[m.group(1)] += 1
+  return counts
+
+
+def _cache_config(name):
+  if name == "full":
+    return cache_lib.CacheConfig(kind="full", dtype="bfloat16")
+  return cache_lib.CacheConfig(kind="turboquant", key_bits=4, value_bits=4)
+
+
+def main():
+  batch = 1
+  for a in sys.argv[1:]:
+    if a.startswith("--batch="):
+      batch = int(a.split("=")[1])
+  print("jax", jax.__version__, jax.devices()[0].device_kind, flush=True)
+  cfg = decode_bench.SMOLLM2
+  model = model_lib.Transformer(cfg, rngs=nnx.Rngs(0))
+  gpu = jax.default_backend() == "gpu"
+  context, capacity = (8192, 9216) if gpu else (192, 256)   # CPU: a smoke run
+  tokens = jnp.zeros((batch, 1), jnp.int32)
+  for name, impl in (("full", "xla"), ("tq4", None), ("tq4", "xla")):
+    caches = model.init_caches(batch, capacity, _cache_config(name),
+                               jax.random.key(1))
+    caches = tuple(decode_bench._filled(c, jax.random.key(i), context)  # pylint: disable=protected-access
+                   for i, c in enumerate(caches))
+    lengths = caches[0].lengths
+    compiled = decode_bench.decode_steps.lower(
+        model, tokens, caches, lengths, impl=impl, steps=1).compile()
+    counts = launch_counts(compiled.as_text())
+    print(f"B={batch} {name} impl={impl}: launches per step {sum(counts.values())}"
+          f" {dict(counts.most_common())}", flush=True)
+
+  # One layer's pieces, 30 times in a jitted loop.
+  k = jax.random.normal(jax.random.key(5), (batch, 3, 1, 64), jnp.bfloat16)
+  q = jax.random.normal(jax.random.key(6), (batch, 9, 64), jnp.bfloat16)
+  for name in ("full", "tq4"):
+    cache = cache_lib.init(_cache_config(name), batch, 3, capacity, 64,
+                           key=jax.random.key(1))
+    cache = decode_bench._filled(cache, jax.random.key(2), context)  # pylint: disable=protected-access
+
+    # Donated, as in decode: 30 appends a call; 23 calls stay in capacity.
+    appends = jax.jit(lambda c: jax.lax.fori_loop(
+        0, 30, lambda i, c: cache_lib.append(c, k, k), c), donate_argnums=0)
+
+    impls = ("xla", "cudnn") if name == "full" else ("pallas_gpu", "xla")
+    impls = impls if gpu else ("xla",)
+    for impl in impls:
+      if impl == "cudnn":
+        kb = jnp.swapaxes(cache.keys[..., :context, :], 1, 2)
+        fn = jax.jit(lambda q: jax.lax.fori_loop(
+            0, 30, lambda i, acc: acc + jax.nn.dot_product_attention(
+                q[:, None], kb, kb, implementation="cudnn")[:, 0], q))
+      else:
+        fn = jax.jit(lambda q, c, impl=impl: jax.lax.fori_loop(
+            0, 30, lambda i, acc: acc + da.decode_attention(
+                acc, c, c.lengths, impl=impl).astype(acc.dtype), q))
+      args = (q,) if impl == "cudnn" else (q, cache)
+      try:
+        ms = timing.time_ms(fn, *args, warmup=3, reps=20)
+        print(f"B={batch} {name} attention impl={impl}: "
+              f"{ms * 1e3 / 30:.1f} us per layer", flush=True)
+      except Exception as e:  # noqa: BLE001 - a probe reports failures
+        print(f"B={batch} {name} attention impl={impl}: FAIL "
+              f"{type(e).__name__}: {str(e)[:200]}", flush=True)
+    ms, _ = timing.time_in_place_ms(appends, cache, lambda c: c, warmup=3,
+                                    reps=20 if gpu else 1)
+    print(f"B={batch} {name} append: {ms * 1e3 / 30:.1f} us per layer",
+          flush=True)
+
+
+if __name__ == "__main__":
+  t0 = time.time()
+  main()
+  print(f"done in {time.time() - t0:.0f} s")
