@@ -10,9 +10,11 @@ S=128k times of layout="tokens"; --stages: times against the pipeline
 depth; --rows: checks and times against the tokens per pipeline step;
 --diagnose: where the time goes; --v5: the device-only options (prmt
 lookup, register keys, transposed Pᵀ) checked and timed; --v6: the 3-bit
-prmt lookup checked, the options timed in interleaved rounds)
+prmt lookup checked, the options timed in interleaved rounds; --norms:
+f16 norms read by the kernel against f32 ones converted by XLA)
 """
 
+import functools
 import sys
 import time
 
@@ -23,6 +25,8 @@ from experiments import kernel_bench
 from turboquant_jax import cache as cache_lib
 from turboquant_jax.kernels import decode_attention as da
 from turboquant_jax.kernels.decode_attention import pallas_gpu
+from turboquant_jax.kernels.decode_attention import pallas_gpu_tokens
+from turboquant_jax.kernels.decode_attention import parts
 
 
 def check(dim, groups, bits, method="mse", window=0, tokens=1, s=1024,
@@ -284,7 +288,41 @@ def v6():
               + f" ms  x{cudnn / min(ts):.2f} vs cudnn", flush=True)
 
 
+def norms():
+  """Norms read by the kernel as stored (f16) against converted to f32 by
+  XLA first: checks with the defaults, then both timed at B=8, S=128k
+  (16 splits) in two interleaved rounds."""
+  print("jax", jax.__version__, jax.devices()[0].device_kind, flush=True)
+  for args in ((128, 4, 4), (64, 3, 3), (128, 1, 3, "prod"), (128, 4, 3.5)):
+    check(*args, mode="prmt", layout="tokens")
+  check(128, 4, 3, window=5, tokens=3, mode="prmt", layout="tokens")
+  _, cudnn = _cudnn(8, 32, 8, 128, 131072)
+  q = jax.random.normal(jax.random.key(0), (8, 1, 32, 128))
+  scale = 128 ** -0.5
+
+  def run(q, c, as_stored):
+    inp = parts.prepare(q, c, c.lengths, scale, norms_as_stored=as_stored)
+    acc, m, l = pallas_gpu_tokens.fused_attention(
+        inp, splits=16, lookup_mode="prmt", key_registers=True,
+        transpose_p=True)
+    return parts.finish(acc, m, l, q, c, c.lengths, scale)
+  for bits in (4, 3):
+    c = _b8_cache(bits)
+    fns = {name: jax.jit(functools.partial(run, as_stored=stored))
+           for name, stored in (("f16 norms", True), ("f32 norms", False))}
+    times = {name: [] for name in fns}
+    for _ in range(2):
+      for name, f in fns.items():
+        times[name].append(kernel_bench.time_ms(f, q, c, warmup=3, reps=20))
+    for name, ts in times.items():
+      print(f"bits={bits} {name}: " + " ".join(f"{t:.3f}" for t in ts)
+            + f" ms  x{cudnn / min(ts):.2f} vs cudnn", flush=True)
+
+
 def main():
+  if "--norms" in sys.argv:
+    norms()
+    return
   if "--v6" in sys.argv:
     v6()
     return

@@ -3,15 +3,18 @@
 decode_bench measures whole steps; this probe (1) counts the kernels XLA
 launches per step (the optimized HLO's top-level instructions that become
 GPU launches: fusions, custom calls such as cuBLAS and the Pallas kernel,
-copies, scatters), per cache, and (2) times one layer's pieces in a jitted
-loop of 30 calls (as the model's 30 layers run them): quantize-and-append,
-decode attention, and both for the full bf16 cache.
+copies, scatters), per cache (written to $OUT when set), and (2) times one
+layer's pieces: quantize-and-append and decode attention (kernel options
+too), and both for the full bf16 cache, each over 8 distinct layer caches
+in one call (no re-reads from L2).
 
 Run: python -m experiments.probes.decode_step_breakdown [--batch=N]
 (on a CPU: a smoke run at 192 tokens, XLA paths only)
 """
 
 import collections
+import functools
+import os
 import re
 import sys
 import time
@@ -72,45 +75,63 @@ def main():
     lengths = caches[0].lengths
     compiled = decode_bench.decode_steps.lower(
         model, tokens, caches, lengths, impl=impl, steps=1).compile()
-    counts = launch_counts(compiled.as_text())
+    hlo = compiled.as_text()
+    counts = launch_counts(hlo)
+    if os.environ.get("OUT"):
+      with open(os.path.join(os.environ["OUT"],
+                             f"hlo_b{batch}_{name}_{impl}.txt"), "w") as f:
+        f.write(hlo)
     print(f"B={batch} {name} impl={impl}: launches per step {sum(counts.values())}"
           f" {dict(counts.most_common())}", flush=True)
 
-  # One layer's pieces, 30 times in a jitted loop.
+  # One layer's pieces over 8 distinct layer caches in one jitted call (so
+  # that, as in the model, no cache is re-read from L2), per layer.
+  layers = 8
   k = jax.random.normal(jax.random.key(5), (batch, 3, 1, 64), jnp.bfloat16)
   q = jax.random.normal(jax.random.key(6), (batch, 9, 64), jnp.bfloat16)
   for name in ("full", "tq4"):
-    cache = cache_lib.init(_cache_config(name), batch, 3, capacity, 64,
-                           key=jax.random.key(1))
-    cache = decode_bench._filled(cache, jax.random.key(2), context)  # pylint: disable=protected-access
-
-    # Donated, as in decode: 30 appends a call; 23 calls stay in capacity.
-    appends = jax.jit(lambda c: jax.lax.fori_loop(
-        0, 30, lambda i, c: cache_lib.append(c, k, k), c), donate_argnums=0)
-
-    impls = ("xla", "cudnn") if name == "full" else ("pallas_gpu", "xla")
-    impls = impls if gpu else ("xla",)
-    for impl in impls:
-      if impl == "cudnn":
-        kb = jnp.swapaxes(cache.keys[..., :context, :], 1, 2)
-        fn = jax.jit(lambda q: jax.lax.fori_loop(
-            0, 30, lambda i, acc: acc + jax.nn.dot_product_attention(
-                q[:, None], kb, kb, implementation="cudnn")[:, 0], q))
+    caches = tuple(decode_bench._filled(  # pylint: disable=protected-access
+        cache_lib.init(_cache_config(name), batch, 3, capacity, 64,
+                       key=jax.random.key(1)), jax.random.key(2 + i), context)
+                   for i in range(layers))
+    variants = [("xla", {})]
+    if gpu and name == "full":
+      variants.append(("cudnn", {}))
+    if gpu and name == "tq4":
+      variants = [("pallas_gpu", {}), ("pallas_gpu", dict(tile_rows=128)),
+                  ("pallas_gpu", dict(tile_rows=256)),
+                  ("pallas_gpu", dict(splits=4)),
+                  ("pallas_gpu", dict(splits=16)),
+                  ("pallas_gpu", dict(splits=48)),
+                  ("pallas_gpu", dict(stages=3)), ("xla", {})]
+    for impl, options in variants:
+      if impl == "cudnn":    # keys pre-transposed to [B, S, K, D], once
+        kbs = [jnp.swapaxes(c.keys[..., :context, :], 1, 2) for c in caches]
+        fn = jax.jit(lambda q: functools.reduce(
+            lambda acc, kb: acc + jax.nn.dot_product_attention(
+                acc[:, None], kb, kb, implementation="cudnn")[:, 0], kbs, q))
+        args = (q,)
       else:
-        fn = jax.jit(lambda q, c, impl=impl: jax.lax.fori_loop(
-            0, 30, lambda i, acc: acc + da.decode_attention(
-                acc, c, c.lengths, impl=impl).astype(acc.dtype), q))
-      args = (q,) if impl == "cudnn" else (q, cache)
+        fn = jax.jit(lambda q, cs, impl=impl, options=options:
+                     functools.reduce(
+                         lambda acc, c: acc + da.decode_attention(
+                             acc, c, c.lengths, impl=impl,
+                             **options).astype(acc.dtype), cs, q))
+        args = (q, caches)
       try:
-        ms = timing.time_ms(fn, *args, warmup=3, reps=20)
-        print(f"B={batch} {name} attention impl={impl}: "
-              f"{ms * 1e3 / 30:.1f} us per layer", flush=True)
+        ms = timing.time_ms(fn, *args, warmup=3, reps=20 if gpu else 1)
+        print(f"B={batch} {name} attention impl={impl} {options}: "
+              f"{ms * 1e3 / layers:.1f} us per layer", flush=True)
       except Exception as e:  # noqa: BLE001 - a probe reports failures
-        print(f"B={batch} {name} attention impl={impl}: FAIL "
+        print(f"B={batch} {name} attention impl={impl} {options}: FAIL "
               f"{type(e).__name__}: {str(e)[:200]}", flush=True)
-    ms, _ = timing.time_in_place_ms(appends, cache, lambda c: c, warmup=3,
+
+    # Donated, as in decode: one token appended to each cache per call.
+    appends = jax.jit(lambda cs: tuple(cache_lib.append(c, k, k) for c in cs),
+                      donate_argnums=0)
+    ms, _ = timing.time_in_place_ms(appends, caches, lambda c: c, warmup=3,
                                     reps=20 if gpu else 1)
-    print(f"B={batch} {name} append: {ms * 1e3 / 30:.1f} us per layer",
+    print(f"B={batch} {name} append: {ms * 1e3 / layers:.1f} us per layer",
           flush=True)
 
 

@@ -329,7 +329,7 @@ def _kernel(qlen_ref, qend_ref, *refs, key_specs, value_specs, groups,
     s = None
     for part, norm_ref in zip(raw, kn):
       norm = plgpu.load(norm_ref, layout=_L.WGMMA.reduce(0),
-                        optimized=False)
+                        optimized=False).astype(jnp.float32)
       part = part * jax.lax.broadcast_in_dim(norm, shape, [1])
       s = part if s is None else s + part
     pos = base + i * ROWS + col
@@ -343,7 +343,7 @@ def _kernel(qlen_ref, qend_ref, *refs, key_specs, value_specs, groups,
     # its A operand there, which interpret mode also supports.
     for ps, norm_ref in zip(p_smem, vn):
       norm = plgpu.load(norm_ref, layout=_L.WGMMA.reduce(0),
-                        optimized=False)
+                        optimized=False).astype(jnp.float32)
       ps[0] = (p * jax.lax.broadcast_in_dim(norm, shape, [1])).astype(
           jnp.float16)
     plgpu.commit_smem()
@@ -493,7 +493,8 @@ LAYOUTS = ("queries", "tokens")
                           "transpose_p", "interpret"))
 def _attention(q, cache, lengths, scale, splits, lookup_mode, layout,
                stages, tile_rows, key_registers, transpose_p, interpret):
-  inp = parts.prepare(q, cache, lengths, scale)
+  # Norms as stored (f16): the kernels convert per tile.
+  inp = parts.prepare(q, cache, lengths, scale, norms_as_stored=True)
   if layout == "tokens":
     # pylint: disable-next=g-import-not-at-top (it imports this module)
     from turboquant_jax.kernels.decode_attention import pallas_gpu_tokens

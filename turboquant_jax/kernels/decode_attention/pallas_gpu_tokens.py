@@ -22,13 +22,12 @@ A wgmma reads A and B with one swizzle, so the V tiles are stored with
 Pᵀ's (32 bytes for 16 columns, 64 for 32, 128 for 64), unless Pᵀ goes
 through a transposed view (transpose_p).
 
-Status: the default layout. On the H200 (B=8, S=128k, 4 bits) it takes
+Status: the default layout. On the H200 (B=8, S=128k, 4 bits) it took
 1.68-1.84 ms against 2.15-2.25 for layout="queries" (145 registers against
-255); with 128-token steps 1.77 ms, without the centroid lookup 1.20 ms,
-without any unpacking 0.77 ms; the pipeline streaming the same bytes with
-no work takes 0.46-0.51 ms (experiments/probes/decode_kernel_variants.py
---diagnose, pipeline_probe.py). The options key_registers and transpose_p
-lower for CUDA but have not run on a GPU.
+255) with the poly16 lookup; with the byte-permute lookup, keys from
+registers and the transposed Pᵀ (the defaults since 2026-11-29) 1.16-1.22
+ms, 1.15x cuDNN bf16. The pipeline streaming the same bytes with no work
+takes 0.46-0.51 ms (experiments/probes/decode_kernel_variants.py, NOTES.md).
 """
 
 import functools
@@ -107,7 +106,8 @@ def _kernel(qlen_ref, qend_ref, *refs, key_specs, value_specs, groups,
 
   def per_token(norm_ref):
     """A [rows] norm tile broadcast along the query columns."""
-    norm = plgpu.load(norm_ref, layout=_L.WGMMA.reduce(1), optimized=False)
+    norm = plgpu.load(norm_ref, layout=_L.WGMMA.reduce(1),
+                      optimized=False).astype(jnp.float32)
     return jax.lax.broadcast_in_dim(norm, shape, [0])
 
   def per_query(x, rows):
@@ -221,7 +221,7 @@ def fused_attention(inp: parts.KernelInputs, *, splits: int = 8,
   Device only: interpret mode's wgmma takes A from SMEM, so there it is
   ignored. transpose_p: Pᵀ written through a transposed view of P [n,
   rows] with 128-byte rows, so the V tiles keep 128-byte rows too (instead
-  of taking Pᵀ's 2n-byte rows); lowers, not yet run on a GPU.
+  of taking Pᵀ's 2n-byte rows).
   """
   base._check(inp, splits)
   specs, queries, codes, norms = base._kernel_specs(inp)

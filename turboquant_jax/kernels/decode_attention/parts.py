@@ -45,8 +45,9 @@ class KernelInputs:
   q: per key part f32[B, K, M, Dp], rotated and scaled.
   sq: per key part f32[B, K, M, Dp] = S·(rotated q)·scale (prod) or None.
   key_codes / value_codes: u8[B, K, S, P] per part.
-  key_norms / value_norms: f32[B, K, S] per part (scale; 0 for prod at 1
-    bit), decoded from the cache's u8 codes where its norms are 8-bit.
+  key_norms / value_norms: [B, K, S] per part (scale; 0 for prod at 1
+    bit): f32, decoded from the cache's u8 codes where its norms are 8-bit,
+    or as stored (f16 by default) with prepare(norms_as_stored=True).
   key_signs: u8[B, K, S, Dp/8] (prod) or None; key_coef: f32[B, K, S] the
     QJL weight √(π/2)/Dp·γ (prod) or None.
   qlen: i32[B] quantized positions to read (length minus the window).
@@ -99,9 +100,14 @@ def supported(cache) -> str | None:
   return None
 
 
-def prepare(q: jax.Array, cache, lengths: jax.Array,
-            scale: float) -> KernelInputs:
-  """q [B, T, H, D] and a TurboQuantCache -> KernelInputs."""
+def prepare(q: jax.Array, cache, lengths: jax.Array, scale: float,
+            norms_as_stored: bool = False) -> KernelInputs:
+  """q [B, T, H, D] and a TurboQuantCache -> KernelInputs.
+
+  norms_as_stored: pass 16-bit norms to the kernel in their stored dtype
+  (a kernel that converts per tile saves a pass over every norm); 8-bit
+  norm codes are decoded to f32 either way.
+  """
   b, t, h, d = q.shape
   kv, cap, w = cache.kv_heads, cache.capacity, cache.config.window
   g = h // kv
@@ -110,9 +116,9 @@ def prepare(q: jax.Array, cache, lengths: jax.Array,
   lengths = jnp.minimum(lengths.astype(jnp.int32), cap)
   qs, sqs, kcodes, knorms, ksigns, kcoefs, kspecs = [], [], [], [], [], [], []
   stacked = isinstance(cache.key_quantizer, split.SplitQuantizer)
-  # 8-bit norm codes are decoded here, by XLA: kernels read f32 norms
-  # either way.
+  # 8-bit norm codes are decoded here, by XLA, to f32.
   keys, values = turboquant_cache.tensors(cache)
+  as_norms = lambda x: x if norms_as_stored else x.astype(jnp.float32)
   for kq, kqt, ch in _parts(cache.key_quantizer, keys):
     def rotate(quant, y, ch=ch):
       if ch is not None:
@@ -123,7 +129,7 @@ def prepare(q: jax.Array, cache, lengths: jax.Array,
     spec = _spec(kq)
     qs.append(y_rot)
     kcodes.append(kqt.codes)
-    knorms.append(kqt.norms.astype(jnp.float32) if kqt.norms is not None
+    knorms.append(as_norms(kqt.norms) if kqt.norms is not None
                   else jnp.zeros(kqt.shape, jnp.float32))
     if spec.prod:
       sk = kq.sketch
@@ -140,7 +146,7 @@ def prepare(q: jax.Array, cache, lengths: jax.Array,
   vcodes, vnorms, vspecs = [], [], []
   for vq, vqt, _ in _parts(cache.value_quantizer, values):
     vcodes.append(vqt.codes)
-    vnorms.append(vqt.norms.astype(jnp.float32))
+    vnorms.append(as_norms(vqt.norms))
     vspecs.append(_spec(vq))
   return KernelInputs(
       q=qs, sq=sqs, key_codes=kcodes, key_norms=knorms, key_signs=ksigns,
