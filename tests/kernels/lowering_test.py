@@ -41,6 +41,7 @@ _OPTIONS = [
     dict(lookup_mode="prmt", key_registers=True, tile_rows=128),
     dict(tile_rows=256, stages=3),
     dict(transpose_p=True, key_registers=True, lookup_mode="prmt"),
+    dict(skip_empty_splits=True),
 ]
 
 

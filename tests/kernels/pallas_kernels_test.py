@@ -5,6 +5,7 @@ S capacity, D head dim. On a TPU/GPU the same classes run compiled
 (INTERPRET = False) when the backend matches.
 """
 
+import dataclasses
 import zlib
 
 from absl.testing import absltest
@@ -162,6 +163,48 @@ class PallasGpuInterpretTest(parameterized.TestCase):
     scale = float(jnp.max(jnp.abs(want)))
     np.testing.assert_allclose(got, want, rtol=self.TOL,
                                atol=self.TOL * scale)
+
+  @parameterized.named_parameters(
+      dict(testcase_name="decode", window=0, tokens=1, lengths=(1, 200)),
+      dict(testcase_name="window_holds_all_of_one", window=4, tokens=1,
+           lengths=(3, 200)),
+      dict(testcase_name="chunk", window=0, tokens=3, lengths=(3, 300)))
+  def test_tokens_layout_skips_empty_splits(self, window, tokens, lengths):
+    # Capacity 512 in 4 splits of 128: splits that start past a sequence's
+    # quantized length (all of them where the window holds every token)
+    # write the empty state and read nothing; the result is unchanged.
+    b, kv, s, dim = 2, 2, 512, 64
+    key = jax.random.key(window * 10 + tokens)
+    k_init, k_k, k_v, k_q = jax.random.split(key, 4)
+    cfg = CacheConfig(kind="turboquant", key_bits=3, value_bits=3,
+                      window=window)
+    cache = cache_lib.prefill(
+        cache_lib.init(cfg, b, kv, s, dim, key=k_init),
+        jax.random.normal(k_k, (b, kv, s, dim)),
+        jax.random.normal(k_v, (b, kv, s, dim)), jnp.array(lengths))
+    q = jax.random.normal(k_q, (b, tokens, kv * 4, dim))
+    lengths = jnp.array(lengths)
+    want = attn.chunk_attention(q, cache, lengths, impl="reference")
+    run = lambda cache, skip: attn.chunk_attention(
+        q, cache, lengths, impl="pallas_gpu", interpret=True, splits=4,
+        skip_empty_splits=skip)
+    got = run(cache, True)
+    scale = float(jnp.max(jnp.abs(want)))
+    np.testing.assert_allclose(got, want, rtol=self.TOL,
+                               atol=self.TOL * scale)
+    np.testing.assert_allclose(got, run(cache, False), rtol=1e-6,
+                               atol=1e-6)
+    # NaN value norms in the splits past each quantized length: a program
+    # that streams them ends with NaN accumulators (0·NaN), one that skips
+    # them never sees them.
+    qlen = np.maximum(np.asarray(lengths) - window, 0)
+    first_empty = -(-qlen // 128) * 128                        # [B]
+    past = np.arange(s)[None, None, :] >= first_empty[:, None, None]
+    poisoned = dataclasses.replace(cache, values=dataclasses.replace(
+        cache.values, norms=jnp.where(past, jnp.nan, cache.values.norms)))
+    np.testing.assert_allclose(run(poisoned, True), got, rtol=1e-6,
+                               atol=1e-6)
+    self.assertTrue(np.isnan(np.asarray(run(poisoned, False))).any())
 
   def test_step_rows_and_default_splits(self):
     step_rows = pallas_gpu_tokens.step_rows

@@ -490,9 +490,10 @@ LAYOUTS = ("queries", "tokens")
 
 @jax.jit(static_argnames=("scale", "splits", "lookup_mode", "layout",
                           "stages", "tile_rows", "key_registers",
-                          "transpose_p", "interpret"))
+                          "transpose_p", "skip_empty_splits", "interpret"))
 def _attention(q, cache, lengths, scale, splits, lookup_mode, layout,
-               stages, tile_rows, key_registers, transpose_p, interpret):
+               stages, tile_rows, key_registers, transpose_p,
+               skip_empty_splits, interpret):
   # Norms as stored (f16): the kernels convert per tile.
   inp = parts.prepare(q, cache, lengths, scale, norms_as_stored=True)
   if layout == "tokens":
@@ -500,6 +501,7 @@ def _attention(q, cache, lengths, scale, splits, lookup_mode, layout,
     from turboquant_jax.kernels.decode_attention import pallas_gpu_tokens
     run = functools.partial(pallas_gpu_tokens.fused_attention,
                             tile_rows=tile_rows, key_registers=key_registers,
+                            skip_empty_splits=skip_empty_splits,
                             transpose_p=transpose_p)
   else:
     run = fused_attention
@@ -527,6 +529,7 @@ def attention(q: jax.Array, cache, lengths: jax.Array, *,
               stages: int = STAGES, tile_rows: int = ROWS,
               key_registers: bool | None = None,
               transpose_p: bool | None = None,
+              skip_empty_splits: bool = False,
               interpret: bool | None = None) -> jax.Array:
   """q [B, T, H, D] over a TurboQuantCache -> f32[B, T, H, D].
 
@@ -557,6 +560,11 @@ def attention(q: jax.Array, cache, lengths: jax.Array, *,
       "tokens". With prmt, both together took 1.22 ms at 4 bits and 1.07
       at 2 (against 1.30 and 1.15 without); neither helped alone with
       poly16 (experiments/probes/decode_kernel_variants.py --v5).
+    skip_empty_splits: layout="tokens": a program whose sequence split
+      starts past the sequence's length reads nothing and writes the empty
+      softmax state, so a cache filled far below its capacity is not
+      streamed whole. Checked in interpret mode and lowered for CUDA, not
+      yet run on a GPU (hence off by default).
     interpret: None uses Mosaic GPU interpret mode when the backend is not
       a GPU.
   """
@@ -573,9 +581,11 @@ def attention(q: jax.Array, cache, lengths: jax.Array, *,
       layout == "queries" and tile_rows != ROWS):
     raise ValueError(f"{tile_rows=!r}: expected 64, 128 or 256 (64 for "
                      "layout='queries')")
-  if layout == "queries" and (key_registers or transpose_p):
-    raise ValueError(f"{key_registers=}, {transpose_p=}: options of "
-                     "layout='tokens' only")
+  if layout == "queries" and (key_registers or transpose_p
+                              or skip_empty_splits):
+    raise ValueError(f"{key_registers=}, {transpose_p=}, "
+                     f"{skip_empty_splits=}: options of layout='tokens' "
+                     "only")
   tokens = layout == "tokens"
   key_registers = tokens if key_registers is None else key_registers
   transpose_p = tokens if transpose_p is None else transpose_p
@@ -590,4 +600,4 @@ def attention(q: jax.Array, cache, lengths: jax.Array, *,
   scale = q.shape[-1] ** -0.5 if scale is None else scale
   return _attention(q, cache, lengths, scale, splits, lookup_mode, layout,
                     stages, tile_rows, bool(key_registers), bool(transpose_p),
-                    interpret)
+                    bool(skip_empty_splits), interpret)

@@ -88,7 +88,7 @@ def _p_smem(n: int, rows: int, transpose_p: bool) -> plgpu.SMEM:
 
 def _kernel(qlen_ref, qend_ref, *refs, key_specs, value_specs, groups,
             split_len, kv_heads, splits, mode, interpret, n, rows, stages,
-            key_registers, transpose_p):
+            key_registers, transpose_p, skip_empty_splits):
   nk, nv = len(key_specs), len(value_specs)
   (kc_refs, kn_refs, vc_refs, vn_refs, o_refs, ml_ref,
    program) = base._program_refs(refs, nk, nv, kv_heads, splits)
@@ -200,20 +200,33 @@ def _kernel(qlen_ref, qend_ref, *refs, key_specs, value_specs, groups,
 
   k_pool = [] if key_registers else [base._group_smem(
       sum(base._groups(s) for s in key_specs), rows=rows)]
-  accs, m_i, l_i = pl.run_scoped(
-      stream, *k_pool,
-      base._group_smem(sum(base._groups(s) for s in value_specs),
-                       128 if transpose_p else _swizzle(n), rows),
-      *[_p_smem(n, rows, transpose_p) for _ in range(nv)])
-  l_i = jnp.sum(l_i, axis=0)
 
-  base._store_outputs(accs, m_i, l_i, o_refs, ml_ref, program)
+  def attend():
+    accs_out, m_i, l_i = pl.run_scoped(
+        stream, *k_pool,
+        base._group_smem(sum(base._groups(s) for s in value_specs),
+                         128 if transpose_p else _swizzle(n), rows),
+        *[_p_smem(n, rows, transpose_p) for _ in range(nv)])
+    base._store_outputs(accs_out, m_i, jnp.sum(l_i, axis=0), o_refs,
+                        ml_ref, program)
+
+  if not skip_empty_splits:
+    attend()
+    return
+  # A split that starts at or past the quantized length has nothing to
+  # read: it writes the empty state (m = -inf, l = 0, zero accumulators,
+  # which finish() weighs by 0) without streaming its tiles.
+  live = first_pos < qlen
+  pl.when(live)(attend)
+  pl.when(jnp.logical_not(live))(lambda: base._store_outputs(
+      accs, m0, jnp.sum(zeros(shape), axis=0), o_refs, ml_ref, program))
 
 
 def fused_attention(inp: parts.KernelInputs, *, splits: int = 8,
                     lookup_mode: str = "poly16", stages: int = base.STAGES,
                     tile_rows: int = ROWS, key_registers: bool = False,
-                    transpose_p: bool = False, interpret=None):
+                    transpose_p: bool = False,
+                    skip_empty_splits: bool = False, interpret=None):
   """Runs the kernel: (acc per value part [B,K,NS,M,Dp], m, l [B,K,NS,M]).
 
   key_registers: the dequantized key tiles feed the score wgmma from
@@ -221,7 +234,10 @@ def fused_attention(inp: parts.KernelInputs, *, splits: int = 8,
   Device only: interpret mode's wgmma takes A from SMEM, so there it is
   ignored. transpose_p: Pᵀ written through a transposed view of P [n,
   rows] with 128-byte rows, so the V tiles keep 128-byte rows too (instead
-  of taking Pᵀ's 2n-byte rows).
+  of taking Pᵀ's 2n-byte rows). skip_empty_splits: programs whose split
+  starts at or past the sequence's quantized length write the empty state
+  and read nothing (a cache filled far below its capacity otherwise
+  streams every tile of the capacity, masked).
   """
   base._check(inp, splits)
   specs, queries, codes, norms = base._kernel_specs(inp)
@@ -243,7 +259,8 @@ def fused_attention(inp: parts.KernelInputs, *, splits: int = 8,
                         mode=lookup_mode, interpret=interpret is not None,
                         n=n, rows=rows, stages=stages,
                         key_registers=key_registers and interpret is None,
-                        transpose_p=transpose_p),
+                        transpose_p=transpose_p,
+                        skip_empty_splits=skip_empty_splits),
       out_type=out_type, scratch_types=scratch, grid=(b, kv, splits),
       grid_names=("b", "k", "s"), interpret=interpret)
   outs = kernel(inp.qlen, inp.qpos_end,
