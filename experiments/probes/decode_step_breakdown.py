@@ -1,4 +1,4 @@
-"""Where a B=1 SmolLM2 decode step spends its time: full vs TurboQuant cache.
+"""Where a SmolLM2 decode step spends its time: full vs TurboQuant cache.
 
 decode_bench measures whole steps; this probe (1) counts the kernels XLA
 launches per step (the optimized HLO's top-level instructions that become
@@ -8,7 +8,7 @@ layer's pieces: quantize-and-append and decode attention (kernel options
 too), and both for the full bf16 cache, each over 8 distinct layer caches
 in one call (no re-reads from L2).
 
-Run: python -m experiments.probes.decode_step_breakdown [--batch=N]
+Run: python -m experiments.probes.decode_step_breakdown [--batch=N] (B=1 by default)
 (on a CPU: a smoke run at 192 tokens, XLA paths only)
 """
 
@@ -81,8 +81,8 @@ def main():
       with open(os.path.join(os.environ["OUT"],
                              f"hlo_b{batch}_{name}_{impl}.txt"), "w") as f:
         f.write(hlo)
-    print(f"B={batch} {name} impl={impl}: launches per step {sum(counts.values())}"
-          f" {dict(counts.most_common())}", flush=True)
+    print(f"B={batch} {name} impl={impl}: launches per step "
+          f"{sum(counts.values())} {dict(counts.most_common())}", flush=True)
 
   # One layer's pieces over 8 distinct layer caches in one jitted call (so
   # that, as in the model, no cache is re-read from L2), per layer.

@@ -545,7 +545,8 @@ def attention(q: jax.Array, cache, lengths: jax.Array, *,
       poly16), "poly16" (odd polynomial through the codebook, f16; selects
       for b >= 5), "poly" (the polynomial in f32) or "select" (a chain of
       2^b - 1 selects, f32). On the H200 (B=8, S=128k, 16 splits) prmt
-      took 1.30 ms at 4 bits and 1.15 at 2 against poly16's 1.72 and 1.26.
+      took 1.17-1.30 ms at 4 bits and 1.22-1.28 at 3 against poly16's
+      1.66-1.83 and 1.56-1.66 (NOTES.md).
     layout: "tokens" (kernel v4, pallas_gpu_tokens.py: tokens on the wgmma
       rows; the faster on the H200) or "queries" (kernel v3, this module).
     stages: tiles in flight per program.
@@ -557,9 +558,8 @@ def attention(q: jax.Array, cache, lengths: jax.Array, *,
       score wgmma from registers, not through SMEM. None: on for "tokens".
     transpose_p: layout="tokens": the probabilities stored through a
       transposed view, so the V tiles keep 128-byte rows. None: on for
-      "tokens". With prmt, both together took 1.22 ms at 4 bits and 1.07
-      at 2 (against 1.30 and 1.15 without); neither helped alone with
-      poly16 (experiments/probes/decode_kernel_variants.py --v5).
+      "tokens". Both changed the H200 times by less than their ~±10%
+      spread (experiments/probes/decode_kernel_variants.py --v5, --v6).
     skip_empty_splits: layout="tokens": a program whose sequence split
       starts past the sequence's length reads nothing and writes the empty
       softmax state, so a cache filled far below its capacity is not

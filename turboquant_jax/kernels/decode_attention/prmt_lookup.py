@@ -1,4 +1,6 @@
-"""Centroid lookup of packed 2-, 3- and 4-bit codes by byte permutes (Mosaic GPU).
+"""Centroid lookup of packed 2-, 3- and 4-bit codes by byte permutes.
+
+Mosaic GPU, through inline PTX.
 
 A byte of a b-bit plane (packing's layout) holds 8/b codes: field f of byte
 j is the code of coordinate j + f·P (P bytes in the plane's row), so field

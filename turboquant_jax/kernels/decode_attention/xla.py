@@ -122,10 +122,10 @@ def attention(q: jax.Array, cache, lengths: jax.Array,
 def _dense_attention(q, cache, lengths, scale):
   """Attention over a full-precision cache as a model runs it: in the
   wider of the query's and the cache's dtypes (bf16 for a bf16 model over a
-  bf16 cache; f32 on a CPU), products accumulated in f32, probabilities in that dtype for
-  the value product. A bf16 cache is read once as it is (the reference
-  converts it all to f32 first, which at B=32 took 2.5x cuDNN's time per
-  layer on the H200)."""
+  bf16 cache; f32 on a CPU), products accumulated in f32, probabilities in
+  that dtype for the value product. A bf16 cache is read once as it is
+  (the reference converts it all to f32 first, which at B=32 took 2.5x
+  cuDNN's time per layer on the H200)."""
   b, t, h, d = q.shape
   kv = cache.kv_heads
   dt = jnp.promote_types(q.dtype, cache.keys.dtype)
