@@ -8,8 +8,8 @@ layer's pieces: quantize-and-append and decode attention (kernel options
 too), and both for the full bf16 cache, each over 8 distinct layer caches
 in one call (no re-reads from L2).
 
-Run: python -m experiments.probes.decode_step_breakdown [--batch=N] (B=1 by default)
-(on a CPU: a smoke run at 192 tokens, XLA paths only)
+Run: python -m experiments.probes.decode_step_breakdown [--batch=N]
+(B=1 by default; on a CPU a smoke run at 192 tokens, XLA paths only)
 """
 
 import collections
