@@ -11,7 +11,8 @@ depth; --rows: checks and times against the tokens per pipeline step;
 --diagnose: where the time goes; --v5: the device-only options (prmt
 lookup, register keys, transposed Pᵀ) checked and timed; --v6: the 3-bit
 prmt lookup checked, the options timed in interleaved rounds; --norms:
-f16 norms read by the kernel against f32 ones converted by XLA)
+f16 norms read by the kernel against f32 ones converted by XLA; --next:
+skip_empty_splits checked and timed, split counts at two shapes)
 """
 
 import functools
@@ -319,7 +320,61 @@ def norms():
             + f" ms  x{cudnn / min(ts):.2f} vs cudnn", flush=True)
 
 
+def _partial_cache(bits, b, kvh, capacity, d, length):
+  """A random cache of `capacity` tokens of which `length` are live."""
+  c = kernel_bench.random_cache(
+      jax.random.key(4), cache_lib.CacheConfig(key_bits=bits,
+                                               value_bits=bits),
+      b, kvh, capacity, d)
+  return c.__class__(**{**c.__dict__,
+                        "lengths": jnp.full((b,), length, jnp.int32)})
+
+
+def next_checks():
+  """The next device call's plan: skip_empty_splits checked on caches
+  filled below capacity, then timed at capacity 128k with 8k live tokens
+  (B=8) against it off and against cuDNN over the 8k live tokens; then
+  split counts at B=8, S=128k and at the SmolLM2 decode shape (B=32, 3 KV
+  heads, 9 query heads, D=64, capacity 9216), each timed twice."""
+  print("jax", jax.__version__, jax.devices()[0].device_kind, flush=True)
+  for args, lengths in (((128, 4, 4), (1, 700)), ((64, 3, 3), (0, 513)),
+                        ((128, 1, 3, "prod"), (64, 65))):
+    check(*args, mode="prmt", layout="tokens", lengths=lengths, splits=8,
+          skip_empty_splits=True)
+  check(128, 4, 3, window=8, tokens=3, mode="prmt", layout="tokens",
+        lengths=(5, 300), splits=8, skip_empty_splits=True)
+  q = jax.random.normal(jax.random.key(0), (8, 32, 128))
+  _, cudnn = _cudnn(8, 32, 8, 128, 8192)
+  c = _partial_cache(4, 8, 8, 131072, 128, 8192)
+  for skip in (False, True, False, True):
+    f = jax.jit(lambda q, c, skip=skip: da.decode_attention(
+        q, c, c.lengths, impl="pallas_gpu", skip_empty_splits=skip))
+    t, err = _time_variant(f, q, c)
+    print(f"capacity 128k, 8k live, 4 bits, skip_empty_splits={skip}: "
+          + (err if t is None else f"{t:.3f} ms x{cudnn / t:.2f} vs cudnn "
+             "over the 8k live tokens"), flush=True)
+  shapes = ((8, 32, 8, 128, 131072, (16, 32, 64)),
+            (32, 9, 3, 64, 9216, (8, 16, 48, 72)))
+  for b, h, kvh, d, s, split_counts in shapes:
+    q = jax.random.normal(jax.random.key(0), (b, h, d))
+    for bits in (4, 3):
+      c = _partial_cache(bits, b, kvh, s, d, s)
+      fns = {n: jax.jit(lambda q, c, n=n: da.decode_attention(
+          q, c, c.lengths, impl="pallas_gpu", splits=n))
+             for n in split_counts}
+      times = {n: [] for n in fns}
+      for _ in range(2):
+        for n, f in fns.items():
+          times[n].append(kernel_bench.time_ms(f, q, c, warmup=3, reps=20))
+      for n, ts in times.items():
+        print(f"B={b} S={s} D={d} bits={bits} splits={n}: "
+              + " ".join(f"{t:.3f}" for t in ts) + " ms", flush=True)
+
+
 def main():
+  if "--next" in sys.argv:
+    next_checks()
+    return
   if "--norms" in sys.argv:
     norms()
     return
