@@ -83,6 +83,17 @@ class GpuLoweringTest(parameterized.TestCase):
     text = _lower(*shape, **options).as_text()
     self.assertIn("mosaic_gpu", text)
 
+  @parameterized.parameters(("bfloat16", 16), ("float32", 16),
+                            ("float16", 8))
+  def test_norms_of_every_dtype_lower(self, norm_dtype, norm_bits):
+    # Norms reach the kernel as stored (bf16, f32) or decoded (8-bit: f32).
+    cfg = cache_lib.CacheConfig(key_bits=4, value_bits=3,
+                                norm_dtype=norm_dtype, norm_bits=norm_bits)
+    cache = cache_lib.init(cfg, 2, 2, 1024, 128)
+    text = _jitted("pallas_gpu").trace(jnp.ones((2, 1, 8, 128)), cache).lower(
+        lowering_platforms=("cuda",)).as_text()
+    self.assertIn("mosaic_gpu", text)
+
   def test_mismatched_wgmma_swizzles_fail_to_lower(self):
     # The check has teeth: V tiles with 128-byte rows against a 32-byte Pᵀ
     # (the first v4 layout, which failed on the H200; transpose_p, now on

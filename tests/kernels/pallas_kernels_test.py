@@ -206,6 +206,28 @@ class PallasGpuInterpretTest(parameterized.TestCase):
                                atol=1e-6)
     self.assertTrue(np.isnan(np.asarray(run(poisoned, False))).any())
 
+  @parameterized.parameters(("float16", 16), ("bfloat16", 16),
+                            ("float32", 16), ("float16", 8))
+  def test_tokens_layout_reads_norms_as_stored(self, norm_dtype, norm_bits):
+    # The kernels take 16-bit norms in their stored dtype (converting per
+    # tile) and 8-bit ones decoded to f32 by XLA.
+    b, kv, s, dim = 2, 2, 128, 64
+    key = jax.random.key(norm_bits)
+    k_init, k_k, k_v, k_q = jax.random.split(key, 4)
+    cfg = CacheConfig(kind="turboquant", key_bits=4, value_bits=3,
+                      norm_dtype=norm_dtype, norm_bits=norm_bits)
+    cache = cache_lib.prefill(
+        cache_lib.init(cfg, b, kv, s, dim, key=k_init),
+        jax.random.normal(k_k, (b, kv, s, dim)) * 3.0,
+        jax.random.normal(k_v, (b, kv, s, dim)), jnp.array([128, 45]))
+    q = jax.random.normal(k_q, (b, kv * 4, dim))
+    want = attn.decode_attention(q, cache, cache.lengths, impl="reference")
+    got = attn.decode_attention(q, cache, cache.lengths, impl="pallas_gpu",
+                                interpret=True, splits=2)
+    scale = float(jnp.max(jnp.abs(want)))
+    np.testing.assert_allclose(got, want, rtol=self.TOL,
+                               atol=self.TOL * scale)
+
   def test_step_rows_and_default_splits(self):
     step_rows = pallas_gpu_tokens.step_rows
     self.assertEqual(step_rows(128, [64, 64]), 64)
