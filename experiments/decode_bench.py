@@ -7,7 +7,9 @@ would only cost time). Each row: `steps_per_call` greedy decode steps (1
 token per sequence through all 30 layers, appending to every cache) in one
 jitted `fori_loop` with the caches in its carry and donated, as in
 generation, so every cache is updated in place; step_ms = the median call
-over `reps` calls / steps_per_call; tokens_per_s = batch / step_ms. (A
+over `reps` calls / steps_per_call; tokens_per_s = batch / step_ms;
+kernel_options = the `pallas_gpu` defaults impl=None runs a TurboQuant
+cache with on a GPU. (A
 jitted single step without donation copies every cache each call: 3.8x
 as many bytes for the full bf16 cache as for a 4-bit one. The runs before
 2026-11-29 measured that way.)
@@ -18,6 +20,7 @@ as many bytes for the full bf16 cache as for a 4-bit one. The runs before
 
 import dataclasses
 import functools
+import inspect
 
 from absl import app
 from absl import flags
@@ -30,6 +33,7 @@ from experiments import timing
 from turboquant_jax import cache as cache_lib
 from turboquant_jax import results
 from turboquant_jax import model as model_lib
+from turboquant_jax.kernels.decode_attention import pallas_gpu
 
 
 def define_flags() -> None:
@@ -90,6 +94,14 @@ def decode_steps(model, tokens, caches, lengths, *, impl, steps: int):
   return jax.lax.fori_loop(0, steps, step, (tokens, caches))
 
 
+def kernel_defaults() -> dict:
+  """pallas_gpu.attention's default options (what impl=None runs on a GPU
+  for a TurboQuant cache), recorded with each row that may use them."""
+  sig = inspect.signature(pallas_gpu.attention)
+  return {name: p.default for name, p in sig.parameters.items()
+          if p.kind == p.KEYWORD_ONLY and name not in ("scale", "interpret")}
+
+
 def run(config, workdir) -> list[dict]:
   """Runs (or resumes) the sweep into workdir; returns all rows."""
   writer = results.Writer(workdir, config)
@@ -132,6 +144,8 @@ def run(config, workdir) -> list[dict]:
                  batch=batch, context=config.context, steps_per_call=steps,
                  step_ms=ms, tokens_per_s=batch / ms * 1e3 if ms else None,
                  bytes_per_token=mem["bytes_per_token"] * SMOLLM2.n_layers,
+                 kernel_options=(kernel_defaults() if kind == "turboquant"
+                                 and impl in (None, "pallas_gpu") else None),
                  device=device, error=err)
       writer.write(row)
       print(f"B={batch:<3} {name:>10}: {ms} ms/step, "

@@ -73,6 +73,10 @@ class DecodeBenchTest(absltest.TestCase):
       self.assertEqual(row["steps_per_call"], config.steps_per_call)
     self.assertLess(by_cache["tq4"]["bytes_per_token"],
                     by_cache["full-bf16"]["bytes_per_token"] / 3)
+    # The kernel options impl=None would run on a GPU, for the record.
+    self.assertIsNone(by_cache["full-bf16"]["kernel_options"])
+    self.assertEqual(by_cache["tq4"]["kernel_options"]["lookup_mode"], "prmt")
+    self.assertIn("skip_empty_splits", by_cache["tq4"]["kernel_options"])
 
 
 if __name__ == "__main__":
