@@ -9,10 +9,9 @@ jitted `fori_loop` with the caches in its carry and donated, as in
 generation, so every cache is updated in place; step_ms = the median call
 over `reps` calls / steps_per_call; tokens_per_s = batch / step_ms;
 kernel_options = the `pallas_gpu` defaults impl=None runs a TurboQuant
-cache with on a GPU. (A
-jitted single step without donation copies every cache each call: 3.8x
-as many bytes for the full bf16 cache as for a 4-bit one. The runs before
-2026-11-29 measured that way.)
+cache with on a GPU. (A jitted single step without donation copies every
+cache each call: 3.8x as many bytes for the full bf16 cache as for a
+4-bit one. The runs before 2026-11-29 measured that way.)
 
     python -m experiments.decode_bench --config=configs/decode_bench.py \
         --workdir=results/decode_bench/h200
