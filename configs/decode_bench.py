@@ -18,11 +18,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.caches = (("full-bf16", "full", 16, 16, "xla"),
               ("tq4", "turboquant", 4, 4, None),
               ("tq4-xla", "turboquant", 4, 4, "xla"),
-              ("tq3", "turboquant", 3, 3, None))
+              ("tq3", "turboquant", 3, 3, None),
+              # cuDNN over the full cache in place (GPU only, added after
+              # the h200_v6 run).
+              ("full-bf16-cudnn", "full", 16, 16, "cudnn"))
   c.steps_per_call = 32                 # decode steps in one jitted loop
   c.warmup = 2
   c.reps = 10
   if scale == "cpu":
+    c.caches = c.caches[:-1]            # cuDNN needs a GPU
     c.batches = (1,)
     c.context = 192
     c.capacity = 256

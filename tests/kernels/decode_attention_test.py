@@ -140,6 +140,24 @@ class ReferenceTest(parameterized.TestCase):
                             stored(cache.values), lengths)
     np.testing.assert_allclose(got, want, rtol=tol, atol=tol)
 
+  def test_cudnn_refuses_what_it_cannot_run(self):
+    # impl="cudnn" (a GPU-only baseline) raises NotImplementedError, with
+    # the reason, off a GPU, for other caches and for chunks.
+    full = cache_lib.init(CacheConfig(kind="full"), 2, 2, 16, 32)
+    f32 = cache_lib.init(CacheConfig(kind="full", dtype="float32"), 2, 2,
+                         16, 32)
+    tq = cache_lib.init(CacheConfig(key_bits=4), 2, 2, 16, 32)
+    lengths = jnp.array([3, 5])
+    cases = [(full, 1, "GPU" if jax.default_backend() != "gpu" else None),
+             (tq, 1, "FullCache"), (full, 2, "decode only"),
+             (f32, 1, "bf16/f16")]
+    for cache, tokens, why in cases:
+      if why is None:
+        continue
+      with self.assertRaisesRegex(NotImplementedError, why):
+        attn.chunk_attention(jnp.ones((2, tokens, 4, 32)), cache, lengths,
+                             impl="cudnn")
+
   def test_kivi_reads_its_dequantized_cache(self):
     # KIVI has no fused impl: every impl must equal attention over what
     # kivi dequantize returns (full precision where KIVI keeps it).

@@ -10,10 +10,11 @@ from typing import Literal
 
 import jax
 
+from turboquant_jax.kernels.decode_attention import cudnn
 from turboquant_jax.kernels.decode_attention import reference
 from turboquant_jax.kernels.decode_attention import xla
 
-Impl = Literal["xla", "reference", "pallas_gpu", "pallas_tpu"]
+Impl = Literal["xla", "reference", "pallas_gpu", "pallas_tpu", "cudnn"]
 
 
 def _load_impls():
@@ -21,7 +22,8 @@ def _load_impls():
   Pallas backends register JAX config options, which are part of jit's
   cache key, so importing them lazily would make the first jitted call
   after the import compile twice."""
-  table = {"xla": xla.attention, "reference": reference.attention_reference}
+  table = {"xla": xla.attention, "reference": reference.attention_reference,
+           "cudnn": cudnn.attention}
   try:
     from turboquant_jax.kernels.decode_attention import pallas_tpu
     table["pallas_tpu"] = pallas_tpu.attention
@@ -83,7 +85,7 @@ def decode_attention(q: jax.Array, cache, lengths: jax.Array, *,
     cache: any cache of turboquant_jax.cache.
     lengths: i32[B] tokens to attend to per sequence.
     impl: None (best available), "xla", "reference", "pallas_gpu",
-      "pallas_tpu".
+      "pallas_tpu", "cudnn" (a full bf16/f16 cache on a GPU, decode only).
     scale: softmax scale, default 1/sqrt(D).
   """
   shape = getattr(q, "shape", None)
