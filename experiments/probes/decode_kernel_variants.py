@@ -87,6 +87,25 @@ def _time_variant(f, *args):
     return None, f"FAIL {type(e).__name__}: {str(e)[:400]}"
 
 
+def _interleaved(fns: dict, *args, rounds: int = 2) -> dict:
+  """{name: [median ms of each round]}: every variant timed once a round,
+  in turn (each compiled once: their options are static arguments), so the
+  spread across rounds shows the device's noise. A variant that fails
+  prints why and gets no times."""
+  times = {name: [] for name in fns}
+  for _ in range(rounds):
+    for name, f in fns.items():
+      try:
+        times[name].append(kernel_bench.time_ms(f, *args, warmup=3, reps=20))
+      except Exception as e:  # noqa: BLE001 - a probe reports failures
+        print(f"{name} FAIL {type(e).__name__}: {str(e)[:300]}", flush=True)
+  return times
+
+
+def _ms(ts: list[float]) -> str:
+  return " ".join(f"{t:.3f}" for t in ts) + " ms"
+
+
 def occupancy():
   """Programs of equal work: 128 (one per SM) against 256 and 512. Equal
   times mean 2 or 4 programs run at once on an SM, doubled times one."""
@@ -273,20 +292,10 @@ def v6():
     fns = {name: jax.jit(lambda q, c, options=options: da.decode_attention(
         q, c, c.lengths, impl="pallas_gpu", splits=16, **options))
            for name, options in _V6_VARIANTS.items()}
-    times = {name: [] for name in fns}
-    for _ in range(2):
-      for name, f in fns.items():
-        try:
-          times[name].append(kernel_bench.time_ms(f, q, c, warmup=3,
-                                                  reps=20))
-        except Exception as e:  # noqa: BLE001 - a probe reports failures
-          print(f"bits={bits} {name} FAIL {type(e).__name__}: "
-                f"{str(e)[:300]}", flush=True)
-    for name, ts in times.items():
+    for name, ts in _interleaved(fns, q, c).items():
       if ts:
-        print(f"bits={bits:<3} {name:<8} "
-              + " ".join(f"{t:.3f}" for t in ts)
-              + f" ms  x{cudnn / min(ts):.2f} vs cudnn", flush=True)
+        print(f"bits={bits:<3} {name:<8} {_ms(ts)}  x{cudnn / min(ts):.2f} "
+              "vs cudnn", flush=True)
 
 
 def norms():
@@ -311,13 +320,10 @@ def norms():
     c = _b8_cache(bits)
     fns = {name: jax.jit(functools.partial(run, as_stored=stored))
            for name, stored in (("f16 norms", True), ("f32 norms", False))}
-    times = {name: [] for name in fns}
-    for _ in range(2):
-      for name, f in fns.items():
-        times[name].append(kernel_bench.time_ms(f, q, c, warmup=3, reps=20))
-    for name, ts in times.items():
-      print(f"bits={bits} {name}: " + " ".join(f"{t:.3f}" for t in ts)
-            + f" ms  x{cudnn / min(ts):.2f} vs cudnn", flush=True)
+    for name, ts in _interleaved(fns, q, c).items():
+      if ts:
+        print(f"bits={bits} {name}: {_ms(ts)}  x{cudnn / min(ts):.2f} vs "
+              "cudnn", flush=True)
 
 
 def _partial_cache(bits, b, kvh, capacity, d, length):
@@ -346,13 +352,14 @@ def next_checks():
   q = jax.random.normal(jax.random.key(0), (8, 32, 128))
   _, cudnn = _cudnn(8, 32, 8, 128, 8192)
   c = _partial_cache(4, 8, 8, 131072, 128, 8192)
-  for skip in (False, True, False, True):
-    f = jax.jit(lambda q, c, skip=skip: da.decode_attention(
-        q, c, c.lengths, impl="pallas_gpu", skip_empty_splits=skip))
-    t, err = _time_variant(f, q, c)
-    print(f"capacity 128k, 8k live, 4 bits, skip_empty_splits={skip}: "
-          + (err if t is None else f"{t:.3f} ms x{cudnn / t:.2f} vs cudnn "
-             "over the 8k live tokens"), flush=True)
+  fns = {skip: jax.jit(lambda q, c, skip=skip: da.decode_attention(
+      q, c, c.lengths, impl="pallas_gpu", skip_empty_splits=skip))
+         for skip in (False, True)}
+  for skip, ts in _interleaved(fns, q, c).items():
+    if ts:
+      print(f"capacity 128k, 8k live, 4 bits, skip_empty_splits={skip}: "
+            f"{_ms(ts)}  x{cudnn / min(ts):.2f} vs cudnn over the 8k live "
+            "tokens", flush=True)
   shapes = ((8, 32, 8, 128, 131072, (16, 32, 64)),
             (32, 9, 3, 64, 9216, (8, 16, 48, 72)))
   for b, h, kvh, d, s, split_counts in shapes:
@@ -362,13 +369,9 @@ def next_checks():
       fns = {n: jax.jit(lambda q, c, n=n: da.decode_attention(
           q, c, c.lengths, impl="pallas_gpu", splits=n))
              for n in split_counts}
-      times = {n: [] for n in fns}
-      for _ in range(2):
-        for n, f in fns.items():
-          times[n].append(kernel_bench.time_ms(f, q, c, warmup=3, reps=20))
-      for n, ts in times.items():
-        print(f"B={b} S={s} D={d} bits={bits} splits={n}: "
-              + " ".join(f"{t:.3f}" for t in ts) + " ms", flush=True)
+      for n, ts in _interleaved(fns, q, c).items():
+        print(f"B={b} S={s} D={d} bits={bits} splits={n}: {_ms(ts)}",
+              flush=True)
 
 
 def main():
