@@ -21,8 +21,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.seq_lens = (4096, 16384, 32768, 65536, 131072)
   c.bits = (2, 3, 4, 2.5, 3.5)          # keys and values alike
   c.impls = ("pallas_gpu", "xla")       # ours; cudnn/xla bf16 always run
-  # Options of impl="pallas_gpu" (pallas_gpu.attention's keywords; the
-  # defaults as they are), recorded in each row's `options`.
+  # Options of impl="pallas_gpu" (pallas_gpu.attention's keywords, set to
+  # its defaults: benchmarks_test checks), recorded in each row's
+  # `options`.
   c.pallas_gpu = ml_collections.ConfigDict(dict(
       layout="tokens", lookup_mode="prmt", key_registers=True,
       transpose_p=True, skip_empty_splits=False))
