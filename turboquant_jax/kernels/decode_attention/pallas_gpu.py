@@ -36,10 +36,9 @@ multiple of 64 (2.5 bits at D = 64 has parts of 32), a tile of at most 256
 rows of 16 bytes.
 
 Speed (H200): this layout ("queries", v3) 0.4-1.1x cuDNN bf16
-(results/kernel_bench/h200); the default layout="tokens" (v4,
-pallas_gpu_tokens.py) 0.6-1.5x (results/kernel_bench/h200_v4). Unpacking
-and looking up the codes takes a third of v3's time and over half of v4's
-(B=8, S=128k, 4 bits); NOTES.md has the measurements.
+(results/kernel_bench/h200_v3); the default layout="tokens" (v4,
+pallas_gpu_tokens.py) with its byte-permute lookup 0.6-1.4x, 1.07-1.34x at
+S = 128k (results/kernel_bench/h200). NOTES.md has the measurements.
 """
 
 import functools
@@ -529,7 +528,7 @@ def attention(q: jax.Array, cache, lengths: jax.Array, *,
               stages: int = STAGES, tile_rows: int = ROWS,
               key_registers: bool | None = None,
               transpose_p: bool | None = None,
-              skip_empty_splits: bool = False,
+              skip_empty_splits: bool | None = None,
               interpret: bool | None = None) -> jax.Array:
   """q [B, T, H, D] over a TurboQuantCache -> f32[B, T, H, D].
 
@@ -563,8 +562,9 @@ def attention(q: jax.Array, cache, lengths: jax.Array, *,
     skip_empty_splits: layout="tokens": a program whose sequence split
       starts past the sequence's length reads nothing and writes the empty
       softmax state, so a cache filled far below its capacity is not
-      streamed whole. Checked in interpret mode and lowered for CUDA, not
-      yet run on a GPU (hence off by default).
+      streamed whole. None: on for "tokens". On the H200 (B=8, capacity
+      128k, 8k tokens live, 4 bits) 0.49-0.51 ms against 1.05-1.21 without
+      it (decode_kernel_variants --next).
     interpret: None uses Mosaic GPU interpret mode when the backend is not
       a GPU.
   """
@@ -589,6 +589,8 @@ def attention(q: jax.Array, cache, lengths: jax.Array, *,
   tokens = layout == "tokens"
   key_registers = tokens if key_registers is None else key_registers
   transpose_p = tokens if transpose_p is None else transpose_p
+  skip_empty_splits = (tokens if skip_empty_splits is None
+                       else skip_empty_splits)
   if interpret is None:
     interpret = jax.default_backend() != "gpu"
   if interpret is True:

@@ -1,0 +1,81 @@
+"""Runs decode attention once inside a CUDA profiler range, for Nsight Compute.
+
+Under `ncu --profile-from-start off` only the kernels launched between
+cuProfilerStart and cuProfilerStop are profiled: here one call of the named
+case after warm-up, so every kernel of that call (the Pallas kernel and the
+XLA work around it) gets its duration, throughput and stall reasons.
+
+    ncu --profile-from-start off --section SpeedOfLight ... \
+        python3 -m experiments.probes.ncu_probe kernel4   # B=8 S=32k 4-bit
+    cases: kernel4, kernel3 (pallas_gpu), cudnn (bf16), smol_tq, smol_full
+    (one SmolLM2-shaped decode layer at B=32: attention and append)
+"""
+
+import ctypes
+import sys
+
+import jax
+import jax.numpy as jnp
+
+from experiments import kernel_bench
+from turboquant_jax import cache as cache_lib
+from turboquant_jax.kernels import decode_attention as da
+
+
+def _profiled(fn, *args):
+  """fn(*args) after two warm-up calls, the last one between
+  cuProfilerStart and cuProfilerStop."""
+  cuda = ctypes.CDLL("libcuda.so.1")
+  for _ in range(2):
+    jax.block_until_ready(fn(*args))
+  cuda.cuProfilerStart()
+  jax.block_until_ready(fn(*args))
+  cuda.cuProfilerStop()
+
+
+def _kernel(bits, b=8, h=32, kvh=8, d=128, s=32768):
+  cfg = cache_lib.CacheConfig(key_bits=bits, value_bits=bits)
+  c = kernel_bench.random_cache(jax.random.key(4), cfg, b, kvh, s, d)
+  q = jax.random.normal(jax.random.key(0), (b, h, d))
+  _profiled(jax.jit(lambda q, c: da.decode_attention(
+      q, c, c.lengths, impl="pallas_gpu")), q, c)
+
+
+def _cudnn(b=8, h=32, kvh=8, d=128, s=131072):
+  q = jax.random.normal(jax.random.key(0), (b, 1, h, d), jnp.bfloat16)
+  k = jax.random.normal(jax.random.key(1), (b, s, kvh, d), jnp.bfloat16)
+  v = jax.random.normal(jax.random.key(2), (b, s, kvh, d), jnp.bfloat16)
+  _profiled(jax.jit(lambda q, k, v: jax.nn.dot_product_attention(
+      q, k, v, implementation="cudnn")), q, k, v)
+
+
+def _smol(kind, b=32, h=9, kvh=3, d=64, s=9216, live=8192):
+  """One decode layer's cache work at the SmolLM2 shape: append one token,
+  then attend (impl=None), the cache donated as in decode_bench."""
+  if kind == "full":
+    cfg = cache_lib.CacheConfig(kind="full", dtype="bfloat16")
+  else:
+    cfg = cache_lib.CacheConfig(key_bits=4, value_bits=4)
+  c = cache_lib.init(cfg, b, kvh, s, d, key=jax.random.key(0))
+  c = c.__class__(**{**c.__dict__,
+                     "lengths": jnp.full((b,), live, jnp.int32)})
+  q = jax.random.normal(jax.random.key(1), (b, h, d), jnp.bfloat16)
+  k = jax.random.normal(jax.random.key(2), (b, kvh, 1, d), jnp.bfloat16)
+
+  @jax.jit
+  def layer(q, c, k):
+    c = cache_lib.append(c, k, k)
+    return da.decode_attention(q, c, c.lengths), c
+
+  _profiled(layer, q, c, k)
+
+
+def main():
+  case = sys.argv[1] if len(sys.argv) > 1 else "kernel4"
+  {"kernel4": lambda: _kernel(4), "kernel3": lambda: _kernel(3),
+   "cudnn": _cudnn, "smol_tq": lambda: _smol("tq"),
+   "smol_full": lambda: _smol("full")}[case]()
+
+
+if __name__ == "__main__":
+  main()
