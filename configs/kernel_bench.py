@@ -31,6 +31,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                                         # f32 K/V) when that would exceed this
   c.warmup = 3
   c.reps = 20
+  c.loops = 20                          # decode-attention calls per timed
+                                        # jitted loop (device time; 0: one
+                                        # call per timing, wall clock)
   c.check = True                        # compare against the reference on
                                         # a small cache first
   c.bandwidth_tb_s = 4.6                # practical HBM ceiling for the floor
@@ -61,6 +64,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.impls = ("xla",)
     c.reps = 2
     c.warmup = 1
+    c.loops = 2
     c.append_batches = (1,)
     c.append_capacity = 256
     c.append_tokens = (1, 16)

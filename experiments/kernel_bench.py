@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from ml_collections import config_flags
 
 from experiments.timing import time_in_place_ms
+from experiments.timing import time_loop_ms
 from experiments.timing import time_ms
 from turboquant_jax import cache as cache_lib
 from turboquant_jax import results
@@ -58,6 +59,18 @@ def impl_options(config, impl: str) -> dict:
   """Keyword options for decode_attention(impl=...): the config's
   `pallas_gpu` options (layout, lookup_mode, ...) for that kernel."""
   return dict(config.pallas_gpu) if impl == "pallas_gpu" else {}
+
+
+def time_attention(config, fn, q: jax.Array, *rest) -> float:
+  """ms per call of fn(q, *rest): config.loops calls in one jitted loop
+  (device time, dispatch amortized; timing.time_loop_ms), or with
+  config.loops = 0 each call jitted and timed alone (wall clock, one
+  dispatch and sync included, as the runs before 2026-11-29 were)."""
+  if config.loops:
+    return time_loop_ms(fn, q, *rest, loops=config.loops,
+                        warmup=config.warmup, reps=config.reps)
+  return time_ms(jax.jit(fn), q, *rest, warmup=config.warmup,
+                 reps=config.reps)
 
 
 def check_correctness(impl: str, bits: float, head_dim: int,
@@ -160,11 +173,10 @@ def run(config, workdir) -> pathlib.Path:
       bf16_bytes = 2 * kb.size * 2
       base = {}
       for impl in ("cudnn", "xla"):
-        fn = jax.jit(lambda q, k, v, impl=impl: jax.nn.dot_product_attention(
-            q, k, v, implementation=impl))
+        fn = lambda q, k, v, impl=impl: jax.nn.dot_product_attention(
+            q, k, v, implementation=impl)
         try:
-          base[impl] = time_ms(fn, q, kb, vb, warmup=config.warmup,
-                               reps=config.reps)
+          base[impl] = time_attention(config, fn, q, kb, vb)
         except Exception as e:
           print(f"bf16 {impl} failed: {type(e).__name__}: {str(e)[:300]}")
           base[impl] = None
@@ -194,12 +206,10 @@ def run(config, workdir) -> pathlib.Path:
               config.max_xla_bytes:
             continue
           options = impl_options(config, impl)
-          fn = jax.jit(lambda q, c, impl=impl, options=options:
-                       da.decode_attention(q, c, c.lengths, impl=impl,
-                                           **options))
+          fn = (lambda q, c, impl=impl, options=options:
+                da.decode_attention(q, c, c.lengths, impl=impl, **options))
           try:
-            t = time_ms(fn, q3, cache, warmup=config.warmup,
-                        reps=config.reps)
+            t = time_attention(config, fn, q3, cache)
             err = None
           except Exception as e:
             t, err = None, f"{type(e).__name__}: {str(e)[:300]}"

@@ -12,7 +12,9 @@ depth; --rows: checks and times against the tokens per pipeline step;
 lookup, register keys, transposed Pᵀ) checked and timed; --v6: the 3-bit
 prmt lookup checked, the options timed in interleaved rounds; --norms:
 f16 norms read by the kernel against f32 ones converted by XLA; --next:
-skip_empty_splits checked and timed, split counts at two shapes)
+skip_empty_splits checked and timed, split counts at two shapes;
+--splits: split counts at the SmolLM2 decode shape in device time;
+--layer: append + attend of one such layer, full against TurboQuant)
 """
 
 import functools
@@ -23,6 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from experiments import kernel_bench
+from experiments import timing
 from turboquant_jax import cache as cache_lib
 from turboquant_jax.kernels import decode_attention as da
 from turboquant_jax.kernels.decode_attention import pallas_gpu
@@ -374,7 +377,80 @@ def next_checks():
               flush=True)
 
 
+def split_counts():
+  """Device time per decode-attention call (timing.time_loop_ms, 20
+  calls a loop) at the SmolLM2 decode shape (B=32,
+  9 query / 3 KV heads, D=64, capacity 9216, 8192 live) for split counts
+  around the default, beside the full bf16 cache's xla and cudnn paths.
+  """
+  print("jax", jax.__version__, jax.devices()[0].device_kind, flush=True)
+  b, h, kvh, d, cap, live = 32, 9, 3, 64, 9216, 8192
+  q = jax.random.normal(jax.random.key(0), (b, h, d), jnp.bfloat16)
+  loop = lambda f, *a: timing.time_loop_ms(f, *a, loops=20, warmup=1,
+                                           reps=5)
+  full = cache_lib.init(cache_lib.CacheConfig(kind="full", dtype="bfloat16"),
+                        b, kvh, cap, d)
+  full = full.__class__(**{**full.__dict__,
+                           "lengths": jnp.full((b,), live, jnp.int32)})
+  for impl in ("xla", "cudnn"):
+    t = loop(lambda q, c, impl=impl: da.decode_attention(
+        q, c, c.lengths, impl=impl), q, full)
+    print(f"full bf16 {impl}: {t * 1e3:.1f} us", flush=True)
+  del full
+  for bits, counts in ((4, (4, 8, 16, 24, 48)), (3, (8, 16, 48))):
+    c = _partial_cache(bits, b, kvh, cap, d, live)
+    print(f"bits={bits} default splits {pallas_gpu.default_splits(c)}",
+          flush=True)
+    for n in counts:
+      t = loop(lambda q, c, n=n: da.decode_attention(
+          q, c, c.lengths, impl="pallas_gpu", splits=n), q, c)
+      print(f"bits={bits} splits={n}: {t * 1e3:.1f} us", flush=True)
+
+
+def layer_steps():
+  """Device time of one decode layer's cache work at the SmolLM2 shape:
+  append a token, then attend (20 steps a jitted loop, the cache carried
+  and donated so the writes are in place), full bf16 against TurboQuant.
+  """
+  print("jax", jax.__version__, jax.devices()[0].device_kind, flush=True)
+  b, h, kvh, d, cap, live, steps = 32, 9, 3, 64, 9216, 8172, 20
+  q = jax.random.normal(jax.random.key(0), (b, h, d), jnp.bfloat16)
+  k = jax.random.normal(jax.random.key(1), (b, kvh, 1, d), jnp.bfloat16)
+  variants = (("full", "xla", {}), ("full", "cudnn", {}),
+              (4, None, {}), (4, None, dict(splits=24)), (3, None, {}),
+              (3, None, dict(splits=24)))
+  for bits, impl, opts in variants:
+    if bits == "full":
+      c = cache_lib.init(cache_lib.CacheConfig(kind="full",
+                                               dtype="bfloat16"),
+                         b, kvh, cap, d)
+    else:
+      c = _partial_cache(bits, b, kvh, cap, d, live)
+    c = jax.tree.map(jnp.copy, c)        # no leaf shares a buffer (donated)
+
+    def body(_, carry, impl=impl, opts=opts):
+      q, c = carry
+      c = cache_lib.append(c, k, k)
+      o = da.decode_attention(q, c, c.lengths, impl=impl, **opts)
+      return q + (o[0, 0, 0] * 0).astype(q.dtype), c
+
+    fn = jax.jit(lambda q, c: jax.lax.fori_loop(0, steps, body, (q, c)),
+                 donate_argnums=1)
+    reset = lambda s: (s[0], s[1].__class__(**{
+        **s[1].__dict__, "lengths": jnp.full((b,), live, jnp.int32)}))
+    ms, _ = timing.time_in_place_ms(lambda s: fn(*s), (q, c), reset,
+                                    warmup=1, reps=5)
+    print(f"layer {bits} {impl} {opts}: {ms / steps * 1e3:.1f} us per step",
+          flush=True)
+
+
 def main():
+  if "--layer" in sys.argv:
+    layer_steps()
+    return
+  if "--splits" in sys.argv:
+    split_counts()
+    return
   if "--next" in sys.argv:
     next_checks()
     return
