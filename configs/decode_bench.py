@@ -14,19 +14,22 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.batches = (1, 32)
   c.context = 8192                      # tokens already cached
   c.capacity = 9216                     # a multiple of 64 * 16 splits
-  # (name, kind, key_bits, value_bits, impl); impl None = best available.
-  c.caches = (("full-bf16", "full", 16, 16, "xla"),
-              ("tq4", "turboquant", 4, 4, None),
-              ("tq4-xla", "turboquant", 4, 4, "xla"),
-              ("tq3", "turboquant", 3, 3, None),
-              # cuDNN over the full cache in place (GPU only, added after
-              # the h200_v6 run).
-              ("full-bf16-cudnn", "full", 16, 16, "cudnn"))
+  # (name, kind, key_bits, value_bits, impl, append_impl): impl (of the
+  # attention) None = best available; append_impl = CacheConfig's.
+  c.caches = (("full-bf16", "full", 16, 16, "xla", "xla"),
+              ("tq4", "turboquant", 4, 4, None, "xla"),
+              ("tq4-xla", "turboquant", 4, 4, "xla", "xla"),
+              ("tq3", "turboquant", 3, 3, None, "xla"),
+              # GPU only: cuDNN over the full cache in place (first run in
+              # h200_v7); the fused quantize-and-append kernel (after it).
+              ("full-bf16-cudnn", "full", 16, 16, "cudnn", "xla"),
+              ("tq4-fused-append", "turboquant", 4, 4, None, "pallas_gpu"),
+              ("tq3-fused-append", "turboquant", 3, 3, None, "pallas_gpu"))
   c.steps_per_call = 32                 # decode steps in one jitted loop
   c.warmup = 2
   c.reps = 10
   if scale == "cpu":
-    c.caches = c.caches[:-1]            # cuDNN needs a GPU
+    c.caches = c.caches[:4]             # the last three need a GPU
     c.batches = (1,)
     c.context = 192
     c.capacity = 256

@@ -42,6 +42,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.append_batches = (1, 8, 32)
   c.append_capacity = 32768
   c.append_tokens = (1, 4096)
+  c.append_impls = ("xla", "pallas_gpu")  # pallas_gpu: one token only
   # The paper's Table 2: quantize 100k vectors at 4 bits.
   c.quantize_dims = (200, 1536, 3072)
   c.quantize_n = 100_000
@@ -68,6 +69,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.append_batches = (1,)
     c.append_capacity = 256
     c.append_tokens = (1, 16)
+    c.append_impls = ("xla",)
     c.quantize_dims = (64,)
     c.quantize_n = 1000
   elif scale == "check":                # correctness only, no timing

@@ -108,12 +108,13 @@ def run(config, workdir) -> list[dict]:
   device = jax.devices()[0].device_kind
   model = model_lib.Transformer(SMOLLM2, rngs=nnx.Rngs(config.seed))
   for batch in config.batches:
-    for name, kind, kb, vb, impl in config.caches:
+    for name, kind, kb, vb, impl, append_impl in config.caches:
       if (batch, name) in done:
         continue
       cfg = (cache_lib.CacheConfig(kind="full", dtype="bfloat16")
              if kind == "full" else
-             cache_lib.CacheConfig(kind=kind, key_bits=kb, value_bits=vb))
+             cache_lib.CacheConfig(kind=kind, key_bits=kb, value_bits=vb,
+                                   append_impl=append_impl))
       caches = model.init_caches(batch, config.capacity, cfg,
                                  jax.random.key(1))
       caches = tuple(_filled(c, jax.random.fold_in(jax.random.key(2), i),
@@ -140,6 +141,7 @@ def run(config, workdir) -> list[dict]:
         ms, err = None, f"{type(e).__name__}: {str(e)[:300]}"
       row = dict(model="SmolLM2-135M (random weights)", cache=name,
                  kind=kind, key_bits=kb, value_bits=vb, impl=impl,
+                 append_impl=append_impl,
                  batch=batch, context=config.context, steps_per_call=steps,
                  step_ms=ms, tokens_per_s=batch / ms * 1e3 if ms else None,
                  bytes_per_token=mem["bytes_per_token"] * SMOLLM2.n_layers,

@@ -11,6 +11,7 @@ and, on the same shapes in the same run, cuDNN bf16 and XLA bf16 attention
 """
 
 import dataclasses
+import itertools
 import pathlib
 
 from absl import app
@@ -25,6 +26,7 @@ from experiments.timing import time_ms
 from turboquant_jax import cache as cache_lib
 from turboquant_jax import results
 from turboquant_jax.kernels import decode_attention as da
+from turboquant_jax.kernels.quantize_append import pallas_gpu as quantize_append
 
 def define_flags() -> None:
   """Defines the flags; called only when run as a program (flags defined
@@ -90,36 +92,50 @@ def check_correctness(impl: str, bits: float, head_dim: int,
 
 
 def bench_append(config, writer, done, device):
-  """Quantize-and-append throughput of the XLA path (rows op=quantize_append)."""
+  """Quantize-and-append throughput (rows op=quantize_append) of each of
+  config.append_impls: "xla", and "pallas_gpu" (the fused kernel: one
+  token, integer bits; other rows are skipped)."""
   hkv, d = config.kv_heads, config.head_dim
   for batch in config.append_batches:
     for bits in config.bits:
       cfg = cache_lib.CacheConfig(key_bits=bits, value_bits=bits)
       cache = cache_lib.init(cfg, batch, hkv, config.append_capacity, d,
                              key=jax.random.key(0))
-      for tokens in config.append_tokens:
-        if ("quantize_append", "xla", batch, tokens, bits) in done:
+      for tokens, impl in itertools.product(config.append_tokens,
+                                            config.append_impls):
+        if ("quantize_append", impl, batch, tokens, bits) in done:
+          continue
+        if impl == "pallas_gpu" and quantize_append.supported(cache, tokens):
           continue
         k = jax.random.normal(jax.random.key(tokens), (batch, hkv, tokens, d),
                               jnp.bfloat16)
         # One jitted program with the cache donated, so the write is in
         # place as in a decode step (without donation every call would also
-        # copy the whole cache); the lengths reset before each call, so
-        # every call appends at the same position and does the same work.
-        fn = jax.jit(lambda c, k: cache_lib.turboquant_cache._append(c, k, k),
-                     donate_argnums=0)
+        # copy the whole cache); the lengths reset before each append, so
+        # every append writes at the same position and does the same work.
+        # config.loops appends a call (device time, one dispatch a call).
+        loops = max(config.loops, 1)
         start = cache.lengths
+
+        def appends(c, k, impl=impl, start=start, loops=loops):
+          one = lambda _, c: cache_lib.turboquant_cache.append(
+              dataclasses.replace(c, lengths=start), k, k, impl=impl)
+          return jax.lax.fori_loop(0, loops, one, c)
+
+        fn = jax.jit(appends, donate_argnums=0)
         t, cache = time_in_place_ms(
             lambda c, k=k: fn(c, k), cache,
             lambda c: dataclasses.replace(c, lengths=jnp.copy(start)),
             warmup=config.warmup, reps=config.reps)
-        writer.write(dict(op="quantize_append", impl="xla", batch=batch,
+        t /= loops
+        writer.write(dict(op="quantize_append", impl=impl, batch=batch,
                           seq_len=tokens, tokens=tokens,
                           capacity=config.append_capacity, kv_heads=hkv,
                           head_dim=d, key_bits=bits, value_bits=bits,
                           time_ms=t, tokens_per_s=batch * tokens / t * 1e3,
-                          device=device))
-        print(f"append B={batch:<3} T={tokens:<5} bits={bits}: {t:.3f} ms "
+                          appends_per_call=loops, device=device))
+        print(f"append {impl:>10} B={batch:<3} T={tokens:<5} bits={bits}: "
+              f"{t:.3f} ms "
               f"({batch * tokens / t * 1e3:,.0f} tokens/s)")
 
 

@@ -14,9 +14,11 @@ prmt lookup checked, the options timed in interleaved rounds; --norms:
 f16 norms read by the kernel against f32 ones converted by XLA; --next:
 skip_empty_splits checked and timed, split counts at two shapes;
 --splits: split counts at the SmolLM2 decode shape in device time;
---layer: append + attend of one such layer, full against TurboQuant)
+--layer: append + attend of one such layer, full against TurboQuant;
+--append: the fused quantize-and-append kernel checked and timed)
 """
 
+import dataclasses
 import functools
 import sys
 import time
@@ -27,6 +29,7 @@ import jax.numpy as jnp
 from experiments import kernel_bench
 from experiments import timing
 from turboquant_jax import cache as cache_lib
+from turboquant_jax.cache import turboquant_cache
 from turboquant_jax.kernels import decode_attention as da
 from turboquant_jax.kernels.decode_attention import pallas_gpu
 from turboquant_jax.kernels.decode_attention import pallas_gpu_tokens
@@ -409,17 +412,19 @@ def split_counts():
 
 def layer_steps():
   """Device time of one decode layer's cache work at the SmolLM2 shape:
-  append a token, then attend (20 steps a jitted loop, the cache carried
-  and donated so the writes are in place), full bf16 against TurboQuant.
+  append a token (XLA or the fused kernel), then attend (20 steps a jitted
+  loop, the cache carried and donated so the writes are in place), full
+  bf16 against TurboQuant.
   """
   print("jax", jax.__version__, jax.devices()[0].device_kind, flush=True)
   b, h, kvh, d, cap, live, steps = 32, 9, 3, 64, 9216, 8172, 20
   q = jax.random.normal(jax.random.key(0), (b, h, d), jnp.bfloat16)
   k = jax.random.normal(jax.random.key(1), (b, kvh, 1, d), jnp.bfloat16)
-  variants = (("full", "xla", {}), ("full", "cudnn", {}),
-              (4, None, {}), (4, None, dict(splits=24)), (3, None, {}),
-              (3, None, dict(splits=24)))
-  for bits, impl, opts in variants:
+  variants = (("full", "xla", "xla", {}), ("full", "cudnn", "xla", {}),
+              (4, None, "xla", {}), (4, None, "pallas_gpu", {}),
+              (4, None, "pallas_gpu", dict(splits=24)),
+              (3, None, "xla", {}), (3, None, "pallas_gpu", {}))
+  for bits, impl, append_impl, opts in variants:
     if bits == "full":
       c = cache_lib.init(cache_lib.CacheConfig(kind="full",
                                                dtype="bfloat16"),
@@ -428,9 +433,12 @@ def layer_steps():
       c = _partial_cache(bits, b, kvh, cap, d, live)
     c = jax.tree.map(jnp.copy, c)        # no leaf shares a buffer (donated)
 
-    def body(_, carry, impl=impl, opts=opts):
+    def body(_, carry, impl=impl, opts=opts, append_impl=append_impl):
       q, c = carry
-      c = cache_lib.append(c, k, k)
+      if append_impl == "xla":
+        c = cache_lib.append(c, k, k)
+      else:
+        c = turboquant_cache.append(c, k, k, impl=append_impl)
       o = da.decode_attention(q, c, c.lengths, impl=impl, **opts)
       return q + (o[0, 0, 0] * 0).astype(q.dtype), c
 
@@ -438,13 +446,71 @@ def layer_steps():
                  donate_argnums=1)
     reset = lambda s: (s[0], s[1].__class__(**{
         **s[1].__dict__, "lengths": jnp.full((b,), live, jnp.int32)}))
-    ms, _ = timing.time_in_place_ms(lambda s: fn(*s), (q, c), reset,
-                                    warmup=1, reps=5)
-    print(f"layer {bits} {impl} {opts}: {ms / steps * 1e3:.1f} us per step",
-          flush=True)
+    try:
+      ms, _ = timing.time_in_place_ms(lambda s: fn(*s), (q, c), reset,
+                                      warmup=1, reps=5)
+      print(f"layer {bits} attention {impl} append {append_impl} {opts}: "
+            f"{ms / steps * 1e3:.1f} us per step", flush=True)
+    except Exception as e:  # noqa: BLE001 - a probe reports failures
+      print(f"layer {bits} {impl} {append_impl} FAIL {type(e).__name__}: "
+            f"{str(e)[:600]}", flush=True)
+
+
+def fused_append():
+  """The fused quantize-and-append kernel on the device: checked against
+  the XLA path (bytes that differ, largest norm difference) on prefilled
+  caches with ragged lengths, then each path's device time per append (20
+  a jitted loop, in place) at the SmolLM2 shape and at B=8, D=128."""
+  print("jax", jax.__version__, jax.devices()[0].device_kind, flush=True)
+  for d, kb, vb, norm_dtype in ((64, 4, 4, "float16"), (128, 3, 2,
+                                                        "bfloat16"),
+                                (256, 4, 1, "float32")):
+    cfg = cache_lib.CacheConfig(key_bits=kb, value_bits=vb,
+                                norm_dtype=norm_dtype)
+    c = cache_lib.init(cfg, 4, 2, 64, d, key=jax.random.key(d))
+    x = jax.random.normal(jax.random.key(1), (4, 2, 64, d))
+    c = cache_lib.prefill(c, x, -x, jnp.array([0, 5, 63, 64], jnp.int32))
+    t = jax.random.normal(jax.random.key(2), (4, 2, 1, d), jnp.bfloat16)
+    runs = {impl: jax.jit(lambda c, t, impl=impl: turboquant_cache.append(
+        c, t, t * 2, impl=impl))(c, t) for impl in ("xla", "pallas_gpu")}
+    try:
+      a, f = runs["xla"], runs["pallas_gpu"]
+      codes = sum(int(jnp.sum(x != y)) for x, y in (
+          (a.keys.codes, f.keys.codes), (a.values.codes, f.values.codes)))
+      norms = max(float(jnp.max(jnp.abs(x.astype(jnp.float32)
+                                        - y.astype(jnp.float32))))
+                  for x, y in ((a.keys.norms, f.keys.norms),
+                               (a.values.norms, f.values.norms)))
+      print(f"check D={d} bits={kb}/{vb} {norm_dtype}: {codes} bytes differ, "
+            f"max norm diff {norms:.2e}", flush=True)
+    except Exception as e:  # noqa: BLE001 - a probe reports failures
+      print(f"check D={d} FAIL {type(e).__name__}: {str(e)[:600]}",
+            flush=True)
+  for b, kvh, d, cap in ((32, 3, 64, 9216), (8, 8, 128, 32768)):
+    for bits in (4, 3):
+      c = jax.tree.map(jnp.copy, _partial_cache(bits, b, kvh, cap, d, 100))
+      t = jax.random.normal(jax.random.key(3), (b, kvh, 1, d), jnp.bfloat16)
+      for impl in ("xla", "pallas_gpu"):
+        def appends(c, impl=impl):
+          one = lambda _, c: turboquant_cache.append(
+              dataclasses.replace(c, lengths=jnp.full((b,), 100, jnp.int32)),
+              t, t, impl=impl)
+          return jax.lax.fori_loop(0, 20, one, c)
+        fn = jax.jit(appends, donate_argnums=0)
+        try:
+          ms, c = timing.time_in_place_ms(fn, c, lambda c: c, warmup=1,
+                                          reps=5)
+          print(f"append B={b} K={kvh} D={d} bits={bits} {impl}: "
+                f"{ms / 20 * 1e3:.1f} us", flush=True)
+        except Exception as e:  # noqa: BLE001 - a probe reports failures
+          print(f"append {impl} FAIL {type(e).__name__}: {str(e)[:600]}",
+                flush=True)
 
 
 def main():
+  if "--append" in sys.argv:
+    fused_append()
+    return
   if "--layer" in sys.argv:
     layer_steps()
     return

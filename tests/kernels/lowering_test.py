@@ -8,6 +8,7 @@ Mosaic GPU's layout inference, which is where device runs failed before
 interpret mode cannot (byte-permute lookup through inline PTX, keys as a
 register wgmma operand) and every layout option. For the Mosaic TPU kernel
 it checks the TPU block-shape rules that interpret mode does not enforce.
+The fused quantize-and-append kernel lowers likewise.
 What only a device checks: the backend compilers, and the numbers
 (experiments/probes).
 """
@@ -19,6 +20,7 @@ from jax._src import mesh as mesh_lib  # AbstractDevice: no public path yet
 import jax.numpy as jnp
 
 from turboquant_jax import cache as cache_lib
+from turboquant_jax.cache import turboquant_cache
 from turboquant_jax.kernels import decode_attention as attn
 from turboquant_jax.kernels.decode_attention import pallas_gpu
 from turboquant_jax.kernels.decode_attention import pallas_gpu_tokens
@@ -93,6 +95,22 @@ class GpuLoweringTest(parameterized.TestCase):
     text = _jitted("pallas_gpu").trace(jnp.ones((2, 1, 8, 128)), cache).lower(
         lowering_platforms=("cuda",)).as_text()
     self.assertIn("mosaic_gpu", text)
+
+  @parameterized.parameters(
+      (128, 4, 4, "float16"), (64, 3, 2, "bfloat16"), (256, 1, 4, "float32"),
+      (96, 2, 3, "float16"))
+  def test_fused_append_lowers(self, dim, key_bits, value_bits, norm_dtype):
+    cfg = cache_lib.CacheConfig(key_bits=key_bits, value_bits=value_bits,
+                                norm_dtype=norm_dtype)
+    cache = cache_lib.init(cfg, 2, 3, 64, dim)
+    token = jnp.ones((2, 3, 1, dim), jnp.bfloat16)
+    fn = jax.jit(lambda c, k: turboquant_cache.append(
+        c, k, k, impl="pallas_gpu", interpret=False))
+    text = fn.trace(cache, token).lower(lowering_platforms=("cuda",)).as_text()
+    self.assertIn("mosaic_gpu", text)
+    # The cache's four arrays are aliased to the kernel's outputs (written
+    # in place where XLA can donate them).
+    self.assertEqual(text.count("stablehlo.output_operand_alias<"), 4)
 
   def test_mismatched_wgmma_swizzles_fail_to_lower(self):
     # The check has teeth: V tiles with 128-byte rows against a 32-byte Pᵀ

@@ -324,15 +324,32 @@ def _append(cache, k, v):
   return dataclasses.replace(cache, lengths=ends)
 
 
-def append(cache: TurboQuantCache, k: jax.Array,
-           v: jax.Array) -> TurboQuantCache:
+def append(cache: TurboQuantCache, k: jax.Array, v: jax.Array, *,
+           impl: str | None = None,
+           interpret: bool | None = None) -> TurboQuantCache:
   """Appends T tokens to every sequence (decode: T = 1; a chunk: T > 1).
 
   Eagerly, appending past the capacity raises ValueError. Under jit the
   tokens that do not fit are dropped and that sequence's length stays at the
   capacity; other sequences are never affected.
+
+  impl: "xla" (rotate, quantize, pack and scatter by XLA), "pallas_gpu"
+  (one fused kernel, kernels/quantize_append; NotImplementedError where it
+  does not support the cache; interpret: None runs its interpret mode off a
+  GPU), or None: config.append_impl, where "pallas_gpu" falls back to
+  "xla" off a GPU and for caches or chunks the kernel does not support.
   """
   common.check_append(cache, k, v)
+  if impl not in (None, "xla", "pallas_gpu"):
+    raise ValueError(f"{impl=!r} must be None, 'xla' or 'pallas_gpu'")
+  if impl is None and cache.config.append_impl == "pallas_gpu":
+    from turboquant_jax.kernels.quantize_append import pallas_gpu  # pylint: disable=g-import-not-at-top
+    if (jax.default_backend() == "gpu"
+        and pallas_gpu.supported(cache, k.shape[2]) is None):
+      impl = "pallas_gpu"
+  if impl == "pallas_gpu":
+    from turboquant_jax.kernels.quantize_append import pallas_gpu  # pylint: disable=g-import-not-at-top
+    return pallas_gpu.append_jit(cache, k, v, interpret=interpret)
   return _append(cache, k, v)
 
 
