@@ -182,11 +182,17 @@ def finish(acc: list[jax.Array], m: jax.Array, l: jax.Array, q: jax.Array,
   m_safe = jnp.where(jnp.isfinite(m_all), m_all, 0.0)
   factor = jnp.where(jnp.isfinite(m), jnp.exp(m - m_safe[:, :, None]), 0.0)
   denom = jnp.sum(l * factor, axis=2)                          # [B, K, M]
+  if w:
+    pw = jnp.where(valid, jnp.exp(sw - m_safe[..., None]), 0.0)
+    denom = denom + jnp.sum(pw, axis=-1)
+  inv = (1.0 / jnp.maximum(denom, 1e-30))[..., None]
+  # Normalized before the rotation back (linear), so that the division
+  # joins the sum over splits and the product is the last step.
   out = jnp.zeros((b, kv, t * g, d), jnp.float32)
   vq_all = cache.value_quantizer
   stacked = isinstance(vq_all, split.SplitQuantizer)
   for a, (vq, _, ch) in zip(acc, _parts(vq_all, cache.values)):
-    a = jnp.sum(a * factor[..., None], axis=2)                # [B, K, M, Dp]
+    a = jnp.sum(a * factor[..., None], axis=2) * inv          # [B, K, M, Dp]
     if stacked:
       a = jax.vmap(lambda qq, y: rotation.invert(qq.rotation, y),
                    in_axes=(0, 1), out_axes=1)(vq, a)
@@ -195,12 +201,9 @@ def finish(acc: list[jax.Array], m: jax.Array, l: jax.Array, q: jax.Array,
     else:
       out = out + rotation.invert(vq.rotation, a)
   if w:
-    pw = jnp.where(valid, jnp.exp(sw - m_safe[..., None]), 0.0)
-    denom = denom + jnp.sum(pw, axis=-1)
-    out = out + jnp.einsum("bkmw,bkwd->bkmd", pw,
+    out = out + jnp.einsum("bkmw,bkwd->bkmd", pw * inv,
                            cache.window_values.astype(jnp.float32),
                            precision=_HI)
-  out = out / jnp.maximum(denom, 1e-30)[..., None]
   out = out.reshape(b, kv, t, g, d)
   return jnp.moveaxis(out, 2, 1).reshape(b, t, h, d)
 
