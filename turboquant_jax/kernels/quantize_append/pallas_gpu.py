@@ -6,7 +6,7 @@ the rotation, the code search and packing, then four scatters: codes and
 norms of keys and values) against the bf16 cache's two scatters; on the
 H200 at the SmolLM2 shape that is ~18 µs a layer, the whole gap between
 the two caches' decode speed (results/decode_bench/h200_v7). Here XLA
-rotates the new keys and values (Π x, one product each) and one kernel
+rotates the new keys and values (Π x, one batched product) and one kernel
 does the rest: program (b, k, tensor) takes the rotated vector, its norm,
 each coordinate's nearest centroid, the packed bytes and the stored norm,
 and writes them at position lengths[b] of the cache. The cache's arrays
@@ -84,17 +84,17 @@ def _pack(codes: list, dim: int, bits: int) -> list:
   return words
 
 
-def _encode_write(b, k, pos, y_ref, table_ref, codes_ref, norms_ref, *,
-                  dim: int, bits: int, correction: bool, capacity: int):
-  """Quantizes y[b, k] (rotated, f32[D]) and writes its bytes and norm at
-  position `pos` of sequence b, head k (nothing at pos >= capacity).
+def _encode_write(b, k, pos, y_ref, tensor, table_ref, codes_ref, norms_ref,
+                  *, dim: int, bits: int, correction: bool, capacity: int):
+  """Quantizes y[tensor, b, k] (rotated, f32[D]) and writes its bytes and
+  norm at position `pos` of sequence b, head k (nothing at pos >= capacity).
 
   table_ref: f32[2^b - 1 + 2^b], the thresholds then the centroids.
   """
   n = 2 ** bits
   thresholds = [table_ref[i] for i in range(n - 1)]
   centroids = [table_ref[n - 1 + i] for i in range(n)]
-  ys = [y_ref[b, k, j] for j in range(dim)]
+  ys = [y_ref[tensor, b, k, j] for j in range(dim)]
   squares, probe = ys[0] * ys[0], ys[0] * 0.0
   for y in ys[1:]:
     squares = squares + y * y
@@ -124,17 +124,28 @@ def _encode_write(b, k, pos, y_ref, table_ref, codes_ref, norms_ref, *,
     norms_ref[b, k, pos] = stored
 
 
-def _kernel(lengths_ref, yk_ref, yv_ref, k_table, v_table, k_codes, k_norms,
+def _kernel(lengths_ref, y_ref, k_table, v_table, k_codes, k_norms,
             v_codes, v_norms, *, key_spec, value_spec, capacity):
   b, k = jax.lax.axis_index("b"), jax.lax.axis_index("k")
   tensor = jax.lax.axis_index("t")
   pos = lengths_ref[b]
-  for index, (y, table, codes, norms, spec) in enumerate((
-      (yk_ref, k_table, k_codes, k_norms, key_spec),
-      (yv_ref, v_table, v_codes, v_norms, value_spec))):
+  for index, (table, codes, norms, spec) in enumerate((
+      (k_table, k_codes, k_norms, key_spec),
+      (v_table, v_codes, v_norms, value_spec))):
     pl.when(tensor == index)(functools.partial(
-        _encode_write, b, k, pos, y, table, codes, norms,
+        _encode_write, b, k, pos, y_ref, index, table, codes, norms,
         capacity=capacity, **spec))
+
+
+def _rotated(kq, vq, keys: jax.Array, values: jax.Array) -> jax.Array:
+  """f32[2, B, K, D]: Π_k keys and Π_v values, one batched product when
+  both rotations are matrices (one launch, not two)."""
+  if kq.rotation.matrix is not None and vq.rotation.matrix is not None:
+    return jnp.einsum("tbkj,tij->tbki", jnp.stack([keys, values]),
+                      jnp.stack([kq.rotation.matrix, vq.rotation.matrix]),
+                      precision=jax.lax.Precision.HIGHEST)
+  return jnp.stack([rotation.apply(kq.rotation, keys),
+                    rotation.apply(vq.rotation, values)])
 
 
 def _spec(q: turboquant.Quantizer) -> dict:
@@ -164,8 +175,8 @@ def append(cache: turboquant_cache.TurboQuantCache, k: jax.Array,
     raise NotImplementedError(reason)
   kq, vq = cache.key_quantizer, cache.value_quantizer
   keys = turboquant_cache._center(cache, k)[:, :, 0]  # pylint: disable=protected-access
-  y_k = rotation.apply(kq.rotation, keys.astype(jnp.float32))   # [B, K, D]
-  y_v = rotation.apply(vq.rotation, v[:, :, 0].astype(jnp.float32))
+  y = _rotated(kq, vq, keys.astype(jnp.float32),
+               v[:, :, 0].astype(jnp.float32))
   tables = [jnp.concatenate([q.thresholds, q.centroids]) for q in (kq, vq)]
   refs = [jax.new_ref(a) for a in (cache.keys.codes, cache.keys.norms,
                                    cache.values.codes, cache.values.norms)]
@@ -174,7 +185,7 @@ def append(cache: turboquant_cache.TurboQuantCache, k: jax.Array,
                         capacity=cache.capacity),
       out_type=(), grid=(cache.batch, cache.kv_heads, 2),
       grid_names=("b", "k", "t"), interpret=_interpret_params(interpret))
-  kernel(cache.lengths.astype(jnp.int32), y_k, y_v, *tables, *refs)
+  kernel(cache.lengths.astype(jnp.int32), y, *tables, *refs)
   k_codes, k_norms, v_codes, v_norms = (r[...] for r in refs)
   return dataclasses.replace(
       cache,
