@@ -111,6 +111,24 @@ class FusedAppendTest(parameterized.TestCase):
     np.testing.assert_allclose(k_ours, k_ref, atol=2e-2)
     np.testing.assert_allclose(v_ours, v_ref, atol=6e-2)
 
+  def test_in_a_donated_decode_loop(self):
+    # As in generation: the cache carried through a fori_loop, donated.
+    cache = cache_lib.init(cache_lib.CacheConfig(key_bits=4, value_bits=3),
+                           2, 2, 16, 64, key=jax.random.key(0))
+    tokens = jax.random.normal(jax.random.key(1), (5, 2, 2, 1, 64))
+
+    def run(impl):
+      body = lambda i, c: turboquant_cache.append(
+          c, tokens[i], 2 * tokens[i], impl=impl,
+          interpret=True if impl == "pallas_gpu" else None)
+      return jax.jit(lambda c: jax.lax.fori_loop(0, 5, body, c),
+                     donate_argnums=0)(jax.tree.map(jnp.copy, cache))
+
+    ours, ref = run("pallas_gpu"), run("xla")
+    np.testing.assert_array_equal(ours.lengths, [5, 5])
+    for got, want in zip(_stored(ours), _stored(ref)):
+      self.assertLessEqual(np.sum(~np.isclose(got, want, rtol=1e-3)), 1)
+
   def test_non_finite_token_stores_nan_norm_and_spares_the_rest(self):
     cache = _cache(5, 64, key_bits=4, value_bits=3)
     k, v = _token(5, cache, jnp.float32)
