@@ -5,6 +5,11 @@ codes and norms (timing does not depend on the values; correctness is
 checked separately on real quantized data), then times each of our impls
 and, on the same shapes in the same run, cuDNN bf16 and XLA bf16 attention
 (jax.nn.dot_product_attention). One row per (impl, shape) in results.jsonl.
+Times are device time per call: config.loops calls run back to back in one
+jitted loop (config.loops = 0: wall clock of single calls, dispatch
+included, as the runs before 2026-11-29). Quantize-and-append rows time
+config.append_impls ("xla", and the fused "pallas_gpu" kernel for one
+token) the same way, in place.
 
     python -m experiments.kernel_bench --config=configs/kernel_bench.py \
         --workdir=results/kernel_bench/h200

@@ -4,8 +4,8 @@ A decode step appends one token per sequence to every layer's cache. Left
 to XLA, a TurboQuant append is about ten small kernels a layer (the norm,
 the rotation, the code search and packing, then four scatters: codes and
 norms of keys and values) against the bf16 cache's two scatters; on the
-H200 at the SmolLM2 shape that is ~18 µs a layer, the whole gap between
-the two caches' decode speed (results/decode_bench/h200_v7). Here XLA
+H200 at the SmolLM2 shape that is ~18 µs a layer, about the whole gap
+between the two caches' decode speed (results/decode_bench/h200_v7). Here XLA
 rotates the new keys and values (Π x, one batched product) and one kernel
 does the rest: program (b, k, tensor) takes the rotated vector, its norm,
 each coordinate's nearest centroid, the packed bytes and the stored norm,
@@ -15,7 +15,9 @@ decode loop (cache donated, or carried) the write is in place.
 
 A program's work is a few thousand scalar instructions, done alike by
 every thread of its warpgroup (a vector of D <= 256 codes needs no
-per-thread layout): the kernel costs a launch, not bandwidth.
+per-thread layout); it should cost about a launch (not yet measured: the
+kernel has not run on a GPU; experiments/probes/decode_kernel_variants.py
+--append checks and times it there).
 
 The reference is the XLA path (`turboquant_cache.append(impl="xla")`):
 the same codes except for coordinates within rounding of a threshold (the
