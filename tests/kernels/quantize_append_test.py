@@ -22,7 +22,7 @@ from turboquant_jax.cache import turboquant_cache
 from turboquant_jax.kernels.quantize_append import pallas_gpu
 
 
-def _cache(seed, dim, capacity=24, batch=4, heads=2, **config):
+def _cache(seed, dim, capacity=24, batch=4, heads=1, **config):
   """A prefilled cache whose sequences hold 0, 7, capacity - 1 and capacity
   tokens (the last one full: its append is dropped)."""
   cfg = cache_lib.CacheConfig(**config)
@@ -86,7 +86,7 @@ class FusedAppendTest(parameterized.TestCase):
   def check_equal_to_xla(self, dim, kb, vb, norm_dtype, correction,
                          centered, rot):
     seed = dim + 10 * kb + vb
-    cache = _cache(seed, dim, key_bits=kb, value_bits=vb,
+    cache = _cache(seed, dim, heads=2, key_bits=kb, value_bits=vb,
                    norm_dtype=norm_dtype, norm_correction=correction,
                    center_keys=centered, rotation=rot)
     k, v = _token(seed, cache)
@@ -125,8 +125,8 @@ class FusedAppendTest(parameterized.TestCase):
   def test_in_a_donated_decode_loop(self):
     # As in generation: the cache carried through a fori_loop, donated.
     cache = cache_lib.init(cache_lib.CacheConfig(key_bits=4, value_bits=3),
-                           2, 2, 16, 64, key=jax.random.key(0))
-    tokens = jax.random.normal(jax.random.key(1), (5, 2, 2, 1, 64))
+                           2, 1, 16, 64, key=jax.random.key(0))
+    tokens = jax.random.normal(jax.random.key(1), (5, 2, 1, 1, 64))
 
     def run(impl):
       body = lambda i, c: turboquant_cache.append(
@@ -143,12 +143,13 @@ class FusedAppendTest(parameterized.TestCase):
   def test_non_finite_token_stores_nan_norm_and_spares_the_rest(self):
     cache = _cache(5, 64, key_bits=4, value_bits=3)
     k, v = _token(5, cache, jnp.float32)
-    k = k.at[1, 0, 0, 3].set(jnp.nan).at[2, 1, 0, 0].set(jnp.inf)
+    k = k.at[1, 0, 0, 3].set(jnp.nan).at[2, 0, 0, 0].set(jnp.inf)
     ours, ref = _fused(cache, k, v), _xla(cache, k, v)
     self.assert_same_append(ours, ref, cache)
     self.assertTrue(np.isnan(np.float32(ours.keys.norms[1, 0, 7])))
-    self.assertTrue(np.isnan(np.float32(ours.keys.norms[2, 1, 23])))
-    self.assertTrue(np.isfinite(np.float32(ours.keys.norms[1, 1, 7])))
+    self.assertTrue(np.isnan(np.float32(ours.keys.norms[2, 0, 23])))
+    self.assertTrue(np.isfinite(np.float32(ours.values.norms[1, 0, 7])))
+    self.assertTrue(np.isfinite(np.float32(ours.keys.norms[0, 0, 0])))
 
   @parameterized.named_parameters(
       ("split", dict(key_bits=3.5), 1, "fractional"),
