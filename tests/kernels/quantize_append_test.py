@@ -4,8 +4,8 @@ kernels/quantize_append/pallas_gpu.py in Mosaic GPU interpret mode on the
 CPU: fresh random caches and tokens of several shapes, widths, norm dtypes
 and rotations, ragged lengths (empty, mid, at capacity), non-finite tokens;
 its reference is turboquant_cache.append(impl="xla"). The D = 96 / 128
-cases and the three-step decode are marked slow (interpret mode traces
-every program: 15-20 s each); `pytest -m slow` runs them.
+cases and the three-step decode are marked slow (15-20 s each in
+interpret mode); `pytest -m slow` runs them.
 """
 
 import dataclasses
