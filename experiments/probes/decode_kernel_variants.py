@@ -338,8 +338,7 @@ def _partial_cache(bits, b, kvh, capacity, d, length):
       jax.random.key(4), cache_lib.CacheConfig(key_bits=bits,
                                                value_bits=bits),
       b, kvh, capacity, d)
-  return c.__class__(**{**c.__dict__,
-                        "lengths": jnp.full((b,), length, jnp.int32)})
+  return dataclasses.replace(c, lengths=jnp.full((b,), length, jnp.int32))
 
 
 def next_checks():
@@ -393,8 +392,7 @@ def split_counts():
                                            reps=5)
   full = cache_lib.init(cache_lib.CacheConfig(kind="full", dtype="bfloat16"),
                         b, kvh, cap, d)
-  full = full.__class__(**{**full.__dict__,
-                           "lengths": jnp.full((b,), live, jnp.int32)})
+  full = dataclasses.replace(full, lengths=jnp.full((b,), live, jnp.int32))
   for impl in ("xla", "cudnn"):
     t = loop(lambda q, c, impl=impl: da.decode_attention(
         q, c, c.lengths, impl=impl), q, full)
@@ -444,8 +442,8 @@ def layer_steps():
 
     fn = jax.jit(lambda q, c: jax.lax.fori_loop(0, steps, body, (q, c)),
                  donate_argnums=1)
-    reset = lambda s: (s[0], s[1].__class__(**{
-        **s[1].__dict__, "lengths": jnp.full((b,), live, jnp.int32)}))
+    reset = lambda s: (s[0], dataclasses.replace(
+        s[1], lengths=jnp.full((b,), live, jnp.int32)))
     try:
       ms, _ = timing.time_in_place_ms(lambda s: fn(*s), (q, c), reset,
                                       warmup=1, reps=5)

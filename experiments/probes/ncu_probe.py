@@ -12,6 +12,7 @@ XLA work around it) gets its duration, throughput and stall reasons.
 """
 
 import ctypes
+import dataclasses
 import sys
 
 import jax
@@ -57,8 +58,7 @@ def _smol(kind, b=32, h=9, kvh=3, d=64, s=9216, live=8192):
   else:
     cfg = cache_lib.CacheConfig(key_bits=4, value_bits=4)
   c = cache_lib.init(cfg, b, kvh, s, d, key=jax.random.key(0))
-  c = c.__class__(**{**c.__dict__,
-                     "lengths": jnp.full((b,), live, jnp.int32)})
+  c = dataclasses.replace(c, lengths=jnp.full((b,), live, jnp.int32))
   q = jax.random.normal(jax.random.key(1), (b, h, d), jnp.bfloat16)
   k = jax.random.normal(jax.random.key(2), (b, kvh, 1, d), jnp.bfloat16)
 

@@ -104,17 +104,18 @@ def _encode_write(b, k, pos, y_ref, tensor, table_ref, codes_ref, norms_ref,
   finite = probe == probe
   norm = jnp.where(finite, jnp.sqrt(squares), 0.0)
   divisor = jnp.where(norm > 0, norm, 1.0)
-  codes, c_squares = [], None
+  codes, c_squares = [], 0.0
   for y in ys:
     unit = jnp.where(finite, y, 0.0) / divisor
     code, value = jnp.int32(0), centroids[0]
     for t in range(n - 1):
       above = unit > thresholds[t]
       code = code + above.astype(jnp.int32)
-      value = jnp.where(above, centroids[t + 1], value)
+      if correction:          # the centroid itself, for the norm correction
+        value = jnp.where(above, centroids[t + 1], value)
     codes.append(code)
-    c_squares = value * value if c_squares is None else (
-        c_squares + value * value)
+    if correction:
+      c_squares = c_squares + value * value
   scale = norm / jnp.sqrt(c_squares) if correction else norm
   stored = jnp.where(finite, scale, jnp.nan).astype(norms_ref.dtype)
   words = _pack(codes, dim, bits)
