@@ -17,14 +17,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # (name, kind, key_bits, value_bits, impl, append_impl): impl (of the
   # attention) None = best available; append_impl = CacheConfig's.
   c.caches = (("full-bf16", "full", 16, 16, "xla", "xla"),
-              ("tq4", "turboquant", 4, 4, None, "xla"),
+              ("tq4", "turboquant", 4, 4, None, "pallas_gpu"),
               ("tq4-xla", "turboquant", 4, 4, "xla", "xla"),
-              ("tq3", "turboquant", 3, 3, None, "xla"),
+              ("tq3", "turboquant", 3, 3, None, "pallas_gpu"),
               # GPU only: cuDNN over the full cache in place (first run in
-              # h200_v7); the fused quantize-and-append kernel (after it).
+              # h200_v7); the append left to XLA (the default before v8).
               ("full-bf16-cudnn", "full", 16, 16, "cudnn", "xla"),
-              ("tq4-fused-append", "turboquant", 4, 4, None, "pallas_gpu"),
-              ("tq3-fused-append", "turboquant", 3, 3, None, "pallas_gpu"))
+              ("tq4-xla-append", "turboquant", 4, 4, None, "xla"),
+              ("tq3-xla-append", "turboquant", 3, 3, None, "xla"))
   c.steps_per_call = 32                 # decode steps in one jitted loop
   c.warmup = 2
   c.reps = 10

@@ -13,7 +13,8 @@ lookup, register keys, transposed Pᵀ) checked and timed; --v6: the 3-bit
 prmt lookup checked, the options timed in interleaved rounds; --norms:
 f16 norms read by the kernel against f32 ones converted by XLA; --next:
 skip_empty_splits checked and timed, split counts at two shapes;
---splits: split counts at the SmolLM2 decode shape in device time;
+--splits: split counts at the SmolLM2 decode shape in device time
+(--splits1: at B=1);
 --layer: append + attend of one such layer, full against TurboQuant;
 --append: the fused quantize-and-append kernel checked and timed)
 """
@@ -379,14 +380,14 @@ def next_checks():
               flush=True)
 
 
-def split_counts():
+def split_counts(b=32, counts4=(4, 8, 16, 24, 48), counts3=(8, 16, 48)):
   """Device time per decode-attention call (timing.time_loop_ms, 20
   calls a loop) at the SmolLM2 decode shape (B=32,
   9 query / 3 KV heads, D=64, capacity 9216, 8192 live) for split counts
   around the default, beside the full bf16 cache's xla and cudnn paths.
   """
   print("jax", jax.__version__, jax.devices()[0].device_kind, flush=True)
-  b, h, kvh, d, cap, live = 32, 9, 3, 64, 9216, 8192
+  h, kvh, d, cap, live = 9, 3, 64, 9216, 8192
   q = jax.random.normal(jax.random.key(0), (b, h, d), jnp.bfloat16)
   loop = lambda f, *a: timing.time_loop_ms(f, *a, loops=20, warmup=1,
                                            reps=5)
@@ -398,7 +399,7 @@ def split_counts():
         q, c, c.lengths, impl=impl), q, full)
     print(f"full bf16 {impl}: {t * 1e3:.1f} us", flush=True)
   del full
-  for bits, counts in ((4, (4, 8, 16, 24, 48)), (3, (8, 16, 48))):
+  for bits, counts in ((4, counts4), (3, counts3)):
     c = _partial_cache(bits, b, kvh, cap, d, live)
     print(f"bits={bits} default splits {pallas_gpu.default_splits(c)}",
           flush=True)
@@ -415,7 +416,12 @@ def layer_steps():
   bf16 against TurboQuant.
   """
   print("jax", jax.__version__, jax.devices()[0].device_kind, flush=True)
-  b, h, kvh, d, cap, live, steps = 32, 9, 3, 64, 9216, 8172, 20
+  for b in (32, 1):
+    _layer_steps(b)
+
+
+def _layer_steps(b):
+  h, kvh, d, cap, live, steps = 9, 3, 64, 9216, 8172, 20
   q = jax.random.normal(jax.random.key(0), (b, h, d), jnp.bfloat16)
   k = jax.random.normal(jax.random.key(1), (b, kvh, 1, d), jnp.bfloat16)
   variants = (("full", "xla", "xla", {}), ("full", "cudnn", "xla", {}),
@@ -447,7 +453,8 @@ def layer_steps():
     try:
       ms, _ = timing.time_in_place_ms(lambda s: fn(*s), (q, c), reset,
                                       warmup=1, reps=5)
-      print(f"layer {bits} attention {impl} append {append_impl} {opts}: "
+      print(f"B={b} layer {bits} attention {impl} append {append_impl} "
+            f"{opts}: "
             f"{ms / steps * 1e3:.1f} us per step", flush=True)
     except Exception as e:  # noqa: BLE001 - a probe reports failures
       print(f"layer {bits} {impl} {append_impl} FAIL {type(e).__name__}: "
@@ -511,6 +518,9 @@ def main():
     return
   if "--layer" in sys.argv:
     layer_steps()
+    return
+  if "--splits1" in sys.argv:      # the same at B=1
+    split_counts(1, (8, 16, 24, 36, 48, 72, 144), (16, 24, 48, 72))
     return
   if "--splits" in sys.argv:
     split_counts()

@@ -8,7 +8,9 @@ XLA work around it) gets its duration, throughput and stall reasons.
     ncu --profile-from-start off --section SpeedOfLight ... \
         python3 -m experiments.probes.ncu_probe kernel4   # B=8 S=32k 4-bit
     cases: kernel4, kernel3 (pallas_gpu), cudnn (bf16), smol_tq, smol_full
-    (one SmolLM2-shaped decode layer at B=32: attention and append)
+    (one SmolLM2-shaped decode layer at B=32: attention and append),
+    append_xla, append_fused (one donated 4-bit append at that shape,
+    printing its optimized HLO)
 """
 
 import ctypes
@@ -20,6 +22,7 @@ import jax.numpy as jnp
 
 from experiments import kernel_bench
 from turboquant_jax import cache as cache_lib
+from turboquant_jax.cache import turboquant_cache
 from turboquant_jax.kernels import decode_attention as da
 
 
@@ -70,11 +73,31 @@ def _smol(kind, b=32, h=9, kvh=3, d=64, s=9216, live=8192):
   _profiled(layer, q, c, k)
 
 
+def _append(impl, b=32, kvh=3, d=64, s=9216, live=8192):
+  """One donated TurboQuant 4-bit append at the SmolLM2 shape (XLA or the
+  fused kernel), the cache fed back between calls: its kernels alone."""
+  cfg = cache_lib.CacheConfig(key_bits=4, value_bits=4)
+  c = cache_lib.init(cfg, b, kvh, s, d, key=jax.random.key(0))
+  c = dataclasses.replace(c, lengths=jnp.full((b,), live, jnp.int32))
+  k = jax.random.normal(jax.random.key(2), (b, kvh, 1, d), jnp.bfloat16)
+  fn = jax.jit(lambda c, k: turboquant_cache.append(c, k, k, impl=impl),
+               donate_argnums=0)
+  cuda = ctypes.CDLL("libcuda.so.1")
+  for _ in range(2):
+    c = jax.block_until_ready(fn(c, k))
+  print(fn.lower(c, k).compile().as_text(), flush=True)
+  cuda.cuProfilerStart()
+  c = jax.block_until_ready(fn(c, k))
+  cuda.cuProfilerStop()
+
+
 def main():
   case = sys.argv[1] if len(sys.argv) > 1 else "kernel4"
   {"kernel4": lambda: _kernel(4), "kernel3": lambda: _kernel(3),
    "cudnn": _cudnn, "smol_tq": lambda: _smol("tq"),
-   "smol_full": lambda: _smol("full")}[case]()
+   "smol_full": lambda: _smol("full"),
+   "append_xla": lambda: _append("xla"),
+   "append_fused": lambda: _append("pallas_gpu")}[case]()
 
 
 if __name__ == "__main__":

@@ -241,6 +241,13 @@ class PallasGpuInterpretTest(parameterized.TestCase):
     self.assertEqual(pallas_gpu.default_splits(cache, "queries"), 8)
     small = cache_lib.init(CacheConfig(key_bits=4), 1, 2, 192, 64)
     self.assertEqual(pallas_gpu.default_splits(small), 1)
+    # Under one program per SM in powers of two (B=1, 3 KV heads: 16
+    # splits, 48 programs): the largest divisor of the 144 tiles that
+    # leaves each split MIN_SPLIT_TILES (3) tiles.
+    smol = lambda b: cache_lib.init(CacheConfig(key_bits=4), b, 3, 9216, 64)
+    self.assertEqual(pallas_gpu.default_splits(smol(1)), 48)
+    self.assertEqual(pallas_gpu.default_splits(smol(32)), 8)
+    self.assertEqual(pallas_gpu.default_splits(smol(4)), 16)  # 192 programs
 
   def test_unsupported_raises_not_implemented(self):
     # Parts of 32 channels (2.5 bits at D = 64) and more than 64 query

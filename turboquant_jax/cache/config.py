@@ -84,10 +84,11 @@ class CacheConfig:
     pool, pool_kernel: (snapkv only) "max" or "avg" pooling of the votes
       along the tokens, over an odd width.
     append_impl: (turboquant only) how a decode step's token is written:
-      "xla" (the default), or "pallas_gpu": one fused Mosaic GPU kernel
+      "pallas_gpu" (the default): one fused Mosaic GPU kernel
       (kernels/quantize_append) on a GPU where it supports the cache (one
-      token, integer bits up to 4, mse, 16/32-bit norms, no window or
-      sink); every other append, and every append off a GPU, uses "xla".
+      token, head dim a multiple of 64, integer bits up to 4, mse, 16/32-bit
+      norms, no window or sink); every other append, and every append off
+      a GPU, is left to XLA. "xla": always XLA.
   """
   kind: str = "turboquant"
   key_bits: float = 4
@@ -108,7 +109,7 @@ class CacheConfig:
   key_norm_bits: int | None = None
   value_norm_bits: int | None = None
   sink: int = 0
-  append_impl: str = "xla"
+  append_impl: str = "pallas_gpu"
 
   def __post_init__(self):
     if self.kind not in _KINDS:
@@ -162,9 +163,6 @@ class CacheConfig:
     if self.append_impl not in ("xla", "pallas_gpu"):
       raise ValueError(f"append_impl={self.append_impl!r} must be 'xla' or "
                        "'pallas_gpu'")
-    if self.append_impl != "xla" and self.kind != "turboquant":
-      raise ValueError(f"append_impl={self.append_impl!r} needs "
-                       f"kind='turboquant', got kind={self.kind!r}")
     if self.center_skip and not self.center_keys:
       raise ValueError(f"center_skip={self.center_skip} needs "
                        "center_keys=True")

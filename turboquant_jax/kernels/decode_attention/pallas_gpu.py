@@ -56,6 +56,7 @@ from turboquant_jax.quant import packing
 
 ROWS = 64      # tokens per tile = query rows of one warpgroup's wgmma
 STAGES = 2     # default tiles in flight per program (emit_pipeline steps)
+MIN_SPLIT_TILES = 3   # default_splits' shortest split where B·K is small
 
 _L = plgpu.Layout
 
@@ -513,14 +514,26 @@ def _attention(q, cache, lengths, scale, splits, lookup_mode, layout,
 def default_splits(cache, layout: str = "tokens") -> int:
   """Sequence splits so that B·K·NS programs fill the GPU's 132 SMs: 2
   programs per SM for layout="queries" (255 registers), 4 for "tokens"
-  (145; at B=8, S=128k 16 splits took 1.68 ms against 1.84 for 8)."""
+  (145; at B=8, S=128k 16 splits took 1.68 ms against 1.84 for 8), in
+  powers of two. Where that is still less than one program per SM (small
+  B·K), any divisor of the capacity's tiles, each split at least
+  MIN_SPLIT_TILES tiles long: at B=1, 3 KV heads, D=64, 8192 of 9216
+  tokens (SmolLM2's decode), 48 splits took 30.6 µs a call against 39.9
+  for 16 and 38.0 for 144 (results/decode_bench/h200_v8/probes.txt).
+  """
   target_programs = 132 * (4 if layout == "tokens" else 2)
   programs = cache.batch * cache.kv_heads
   splits = 1
   while (programs * splits < target_programs
          and cache.capacity % (ROWS * splits * 2) == 0):
     splits *= 2
-  return splits
+  if programs * splits >= 132:
+    return splits
+  tiles = cache.capacity // ROWS
+  longer = [n for n in range(splits, tiles + 1)
+            if tiles % n == 0 and tiles // n >= MIN_SPLIT_TILES]
+  enough = [n for n in longer if programs * n >= target_programs]
+  return enough[0] if enough else (longer[-1] if longer else splits)
 
 
 def attention(q: jax.Array, cache, lengths: jax.Array, *,

@@ -1,32 +1,38 @@
 """Quantize-and-append of one decode token as one Mosaic GPU kernel.
 
 A decode step appends one token per sequence to every layer's cache. Left
-to XLA, a TurboQuant append is about ten small kernels a layer (the norm,
-the rotation, the code search and packing, then four scatters: codes and
-norms of keys and values) against the bf16 cache's two scatters; on the
-H200 at the SmolLM2 shape that is ~18 µs a layer, about the whole gap
-between the two caches' decode speed (results/decode_bench/h200_v7). Here XLA
-rotates the new keys and values (Π x, one batched product) and one kernel
-does the rest: program (b, k, tensor) takes the rotated vector, its norm,
-each coordinate's nearest centroid, the packed bytes and the stored norm,
-and writes them at position lengths[b] of the cache. The cache's arrays
-enter as mutable refs, which XLA aliases to the kernel's outputs, so in a
-decode loop (cache donated, or carried) the write is in place.
+to XLA, a TurboQuant append is 9 small kernels a layer (the norm, a select,
+the rotation, the code search and packing, four scatters: codes and norms
+of keys and values, the lengths), ~32 µs summed on the H200 at the SmolLM2
+decode shape, against the bf16 cache's two scatters. Here it is one kernel
+(plus one small XLA op that lays out the two rotations' columns): program
+(b, k) holds the key and the value of sequence b, head k as one
+f32[2, D] array, one or two coordinates of each per thread, and
 
-A program's work is a few thousand scalar instructions, done alike by
-every thread of its warpgroup (a vector of D <= 256 codes needs no
-per-thread layout); it should cost about a launch (not yet measured: the
-kernel has not run on a GPU; experiments/probes/decode_kernel_variants.py
---append checks and times it there).
+  rotates them (D steps: a column of each rotation times one coordinate),
+  takes the norms and the finiteness probes (warpgroup reductions),
+  counts the thresholds below each unit coordinate (the code) and, for
+  the norm correction, sums the chosen centroids' squares,
+  packs the codes (packing.pack's layout, read back from shared memory)
+  and writes bytes and stored norms at position lengths[b], then the new
+  lengths.
+
+The cache's arrays enter as mutable refs, which XLA aliases to the kernel's
+outputs, so in a decode loop (cache donated or carried) the write is in
+place. On the H200 (results/decode_bench/h200_v8): 4.6 µs for the kernel
+and 3.0 for the column layout at B=32, 3 KV heads, D=64; 16-26% more
+decode tokens/s than the XLA append. probes.txt there has the three
+slower designs it replaced.
 
 The reference is the XLA path (`turboquant_cache.append(impl="xla")`):
 the same codes except for coordinates within rounding of a threshold (the
-norm is summed in another order, and taken of Πx rather than x, equal up
-to rounding as Π is orthogonal).
+rotation and the norm are summed in another order, and the norm is taken
+of Πx rather than x, equal up to rounding as Π is orthogonal); 0 bytes
+differed on the H200 at D = 64, 128, 256.
 
-Supported: keys and values of method mse at integer bits 1-4, norms stored
-in 16 or 32 bits, no window, sink or outlier split, one token; `supported`
-says why not otherwise.
+Supported: head dims a multiple of 64, keys and values of method mse at
+integer bits 1-4, norms stored in 16 or 32 bits, no window, sink or outlier
+split, one token; `supported` says why not otherwise.
 """
 
 import dataclasses
@@ -42,7 +48,7 @@ from turboquant_jax.quant import packing
 from turboquant_jax.quant import rotation
 from turboquant_jax.quant import turboquant
 
-MAX_BITS = 4            # 2^b - 1 scalar compares a coordinate
+MAX_BITS = 4            # 2^b - 1 compares per coordinate
 
 
 def supported(cache, tokens: int) -> str | None:
@@ -60,6 +66,9 @@ def supported(cache, tokens: int) -> str | None:
     return f"window={c.window}, sink={c.sink}: full-precision copies"
   if cache.key_norm_range is not None or cache.value_norm_range is not None:
     return "8-bit norms are not supported"
+  if cache.head_dim % 64:
+    return (f"head_dim={cache.head_dim}: the kernel needs a multiple of 64 "
+            "(a key and a value fill whole warpgroup rows)")
   for name, q in (("keys", cache.key_quantizer),
                   ("values", cache.value_quantizer)):
     if q.method != turboquant.Method.MSE:
@@ -86,69 +95,92 @@ def _pack(codes: list, dim: int, bits: int) -> list:
   return words
 
 
-def _encode_write(b, k, pos, y_ref, tensor, table_ref, codes_ref, norms_ref,
-                  *, dim: int, bits: int, correction: bool, capacity: int):
-  """Quantizes y[tensor, b, k] (rotated, f32[D]) and writes its bytes and
-  norm at position `pos` of sequence b, head k (nothing at pos >= capacity).
+def _split_sums(is_key, x) -> tuple:
+  """(Σ over the keys' row, Σ over the values' row) of x: f32[2, D]."""
+  return (jnp.sum(jnp.where(is_key, x, 0.0)),
+          jnp.sum(jnp.where(is_key, 0.0, x)))
 
-  table_ref: f32[2^b - 1 + 2^b], the thresholds then the centroids.
+
+def _per_row(is_key, key_value, value_value):
+  """f32[2, D]: the keys' scalar on row 0, the values' on row 1."""
+  return jnp.where(is_key, key_value, value_value)
+
+
+def _kernel(lengths_ref, k_ref, v_ref, rot_ref, k_thr, k_cen, v_thr, v_cen,
+            k_codes, k_norms, v_codes, v_norms, new_lengths_ref, codes_smem,
+            *, dim, key_spec, value_spec, capacity):
+  """Program (b, k): rotates, quantizes and writes the key and the value of
+  sequence b, head k at position lengths[b] (one or two coordinates of
+  each per thread), and sets new_lengths[b].
+
+  rot_ref: f32[D, 2, D], rot[j, t, i] = Π_t[i, j] (column j of each
+  rotation, keys' then values', contiguous).
   """
-  n = 2 ** bits
-  thresholds = [table_ref[i] for i in range(n - 1)]
-  centroids = [table_ref[n - 1 + i] for i in range(n)]
-  ys = [y_ref[tensor, b, k, j] for j in range(dim)]
-  squares, probe = ys[0] * ys[0], ys[0] * 0.0
-  for y in ys[1:]:
-    squares = squares + y * y
-    probe = probe + y * 0.0           # NaN iff some coordinate is not finite
-  finite = probe == probe
-  norm = jnp.where(finite, jnp.sqrt(squares), 0.0)
-  divisor = jnp.where(norm > 0, norm, 1.0)
-  codes, c_squares = [], 0.0
-  for y in ys:
-    unit = jnp.where(finite, y, 0.0) / divisor
-    code, value = jnp.int32(0), centroids[0]
-    for t in range(n - 1):
-      above = unit > thresholds[t]
-      code = code + above.astype(jnp.int32)
-      if correction:          # the centroid itself, for the norm correction
-        value = jnp.where(above, centroids[t + 1], value)
-    codes.append(code)
-    if correction:
-      c_squares = c_squares + value * value
-  scale = norm / jnp.sqrt(c_squares) if correction else norm
-  stored = jnp.where(finite, scale, jnp.nan).astype(norms_ref.dtype)
-  words = _pack(codes, dim, bits)
-
-  @pl.when(pos < capacity)
-  def _():
-    for i, word in enumerate(words):
-      codes_ref[b, k, pos, i] = word.astype(jnp.uint8)
-    norms_ref[b, k, pos] = stored
-
-
-def _kernel(lengths_ref, y_ref, k_table, v_table, k_codes, k_norms,
-            v_codes, v_norms, *, key_spec, value_spec, capacity):
   b, k = jax.lax.axis_index("b"), jax.lax.axis_index("k")
-  tensor = jax.lax.axis_index("t")
   pos = lengths_ref[b]
-  for index, (table, codes, norms, spec) in enumerate((
-      (k_table, k_codes, k_norms, key_spec),
-      (v_table, v_codes, v_norms, value_spec))):
-    pl.when(tensor == index)(functools.partial(
-        _encode_write, b, k, pos, y_ref, index, table, codes, norms,
-        capacity=capacity, **spec))
+  layout = plgpu.Layout.WG_STRIDED((2, dim), vec_size=min(2, dim // 64))
+  is_key = plgpu.layout_cast(
+      jax.lax.broadcasted_iota(jnp.int32, (2, dim), 0), layout) == 0
+  # y = Π x, f32[2, D]: row 0 the key, row 1 the value; a column of each
+  # rotation times one coordinate of each input per step.
+  y = jnp.zeros((2, dim), jnp.float32)
+  for j in range(dim):
+    column = plgpu.layout_cast(rot_ref[j], layout)
+    y = y + column * _per_row(is_key, k_ref[b, k, j].astype(jnp.float32),
+                              v_ref[b, k, j].astype(jnp.float32))
+  # x·0 sums to NaN exactly when some coordinate is NaN or ±inf.
+  probes = _split_sums(is_key, y * 0.0)
+  squares = _split_sums(is_key, y * y)
+  finite = [p == p for p in probes]
+  norms = [jnp.where(f, jnp.sqrt(s), 0.0) for f, s in zip(finite, squares)]
+  divisors = [jnp.where(n > 0, n, 1.0) for n in norms]
+  unit = jnp.where(_per_row(is_key, finite[0], finite[1]), y, 0.0) / (
+      _per_row(is_key, divisors[0], divisors[1]))
+  # Code = the count of thresholds below; a table with fewer thresholds is
+  # padded with +inf. value: the centroid itself (for the norm correction).
+  n_k, n_v = 2 ** key_spec["bits"], 2 ** value_spec["bits"]
+  inf = float("inf")
+  code = jnp.zeros((2, dim), jnp.int32)
+  value = _per_row(is_key, k_cen[0], v_cen[0])
+  for t in range(max(n_k, n_v) - 1):
+    above = unit > _per_row(is_key, k_thr[t] if t < n_k - 1 else inf,
+                            v_thr[t] if t < n_v - 1 else inf)
+    code = code + above.astype(jnp.int32)
+    value = jnp.where(above, _per_row(
+        is_key, k_cen[min(t + 1, n_k - 1)], v_cen[min(t + 1, n_v - 1)]),
+                      value)
+  c_squares = _split_sums(is_key, value * value)
+  codes_smem[...] = code
+  plgpu.commit_smem()              # every thread reads every code below
+  for row, (spec, codes_ref, norms_ref) in enumerate((
+      (key_spec, k_codes, k_norms), (value_spec, v_codes, v_norms))):
+    norm = norms[row]
+    if spec["correction"]:
+      norm = norm / jnp.sqrt(c_squares[row])       # ‖c[idx]‖ > 0 always
+    stored = jnp.where(finite[row], norm, jnp.nan).astype(norms_ref.dtype)
+    words = _pack([codes_smem[row, j] for j in range(dim)], dim,
+                  spec["bits"])
+
+    @pl.when(pos < capacity)       # a full sequence drops its token
+    def _(words=words, stored=stored, codes_ref=codes_ref,
+          norms_ref=norms_ref):
+      for i, word in enumerate(words):
+        codes_ref[b, k, pos, i] = word.astype(jnp.uint8)
+      norms_ref[b, k, pos] = stored
+
+  @pl.when(k == 0)
+  def _():
+    new_lengths_ref[b] = jnp.minimum(pos + 1, capacity)
 
 
-def _rotated(kq, vq, keys: jax.Array, values: jax.Array) -> jax.Array:
-  """f32[2, B, K, D]: Π_k keys and Π_v values, one batched product when
-  both rotations are matrices (one launch, not two)."""
-  if kq.rotation.matrix is not None and vq.rotation.matrix is not None:
-    return jnp.einsum("tbkj,tij->tbki", jnp.stack([keys, values]),
-                      jnp.stack([kq.rotation.matrix, vq.rotation.matrix]),
-                      precision=jax.lax.Precision.HIGHEST)
-  return jnp.stack([rotation.apply(kq.rotation, keys),
-                    rotation.apply(vq.rotation, values)])
+def _columns(kq, vq) -> jax.Array:
+  """f32[D, 2, D]: [j, t, i] = Π_t[i, j] for t = keys, values (Πᵀ of a
+  matrix rotation, Π applied to the identity for a structured one)."""
+  def transposed(rot):
+    if rot.matrix is not None:
+      return rot.matrix.T
+    return rotation.apply(rot, jnp.eye(rot.dim, dtype=jnp.float32))
+  return jnp.stack([transposed(kq.rotation), transposed(vq.rotation)], 1)
 
 
 def _spec(q: turboquant.Quantizer) -> dict:
@@ -178,23 +210,25 @@ def append(cache: turboquant_cache.TurboQuantCache, k: jax.Array,
     raise NotImplementedError(reason)
   kq, vq = cache.key_quantizer, cache.value_quantizer
   keys = turboquant_cache._center(cache, k)[:, :, 0]  # pylint: disable=protected-access
-  y = _rotated(kq, vq, keys.astype(jnp.float32),
-               v[:, :, 0].astype(jnp.float32))
-  tables = [jnp.concatenate([q.thresholds, q.centroids]) for q in (kq, vq)]
+  tables = (kq.thresholds, kq.centroids, vq.thresholds, vq.centroids)
   refs = [jax.new_ref(a) for a in (cache.keys.codes, cache.keys.norms,
                                    cache.values.codes, cache.values.norms)]
   kernel = plgpu.kernel(
-      functools.partial(_kernel, key_spec=_spec(kq), value_spec=_spec(vq),
-                        capacity=cache.capacity),
-      out_type=(), grid=(cache.batch, cache.kv_heads, 2),
-      grid_names=("b", "k", "t"), interpret=_interpret_params(interpret))
-  kernel(cache.lengths.astype(jnp.int32), y, *tables, *refs)
+      functools.partial(_kernel, dim=cache.head_dim, key_spec=_spec(kq),
+                        value_spec=_spec(vq), capacity=cache.capacity),
+      out_type=jax.ShapeDtypeStruct((cache.batch,), jnp.int32),
+      grid=(cache.batch, cache.kv_heads),
+      grid_names=("b", "k"),
+      scratch_types=[plgpu.SMEM((2, cache.head_dim), jnp.int32)],
+      interpret=_interpret_params(interpret))
+  lengths = kernel(cache.lengths.astype(jnp.int32), keys, v[:, :, 0],
+                   _columns(kq, vq), *tables, *refs)
   k_codes, k_norms, v_codes, v_norms = (r[...] for r in refs)
   return dataclasses.replace(
       cache,
       keys=dataclasses.replace(cache.keys, codes=k_codes, norms=k_norms),
       values=dataclasses.replace(cache.values, codes=v_codes, norms=v_norms),
-      lengths=jnp.minimum(cache.lengths + 1, cache.capacity))
+      lengths=lengths)
 
 
 append_jit = jax.jit(append, static_argnames=("interpret",))
