@@ -35,6 +35,13 @@ rings) go batch over "data" and KV heads over "model"; `lengths` i32[B] over
 codebook for all heads) is replicated; the per-head split quantizers of
 fractional bits (leaves stacked on a leading K axis) go over "model". The
 batch must divide by the data axis (else it is replicated too).
+
+The GPU kernels (pallas_gpu decode attention, the fused append) are custom
+calls that declare no partitioning: under a mesh of several GPUs GSPMD has
+to replicate their operands (not tried here: the lent machine has one GPU).
+There, choose the XLA paths (`decode_attention(..., impl="xla")`,
+`CacheConfig(append_impl="xla")`); the tests here run those (on CPU
+devices).
 """
 
 from collections.abc import Sequence

@@ -382,9 +382,9 @@ def next_checks():
 
 def split_counts(b=32, counts4=(4, 8, 16, 24, 48), counts3=(8, 16, 48)):
   """Device time per decode-attention call (timing.time_loop_ms, 20
-  calls a loop) at the SmolLM2 decode shape (B=32,
-  9 query / 3 KV heads, D=64, capacity 9216, 8192 live) for split counts
-  around the default, beside the full bf16 cache's xla and cudnn paths.
+  calls a loop) at the SmolLM2 decode shape (batch b, 9 query / 3 KV
+  heads, D=64, capacity 9216, 8192 live) for the given split counts,
+  beside the full bf16 cache's xla and cudnn paths.
   """
   print("jax", jax.__version__, jax.devices()[0].device_kind, flush=True)
   h, kvh, d, cap, live = 9, 3, 64, 9216, 8192

@@ -55,7 +55,9 @@ def _cudnn(b=8, h=32, kvh=8, d=128, s=131072):
 
 def _smol(kind, b=32, h=9, kvh=3, d=64, s=9216, live=8192):
   """One decode layer's cache work at the SmolLM2 shape: append one token,
-  then attend (impl=None), the cache donated as in decode_bench."""
+  then attend (impl=None). The cache is not donated here (decode_bench
+  donates it), so XLA may copy it before writing; ncu lists kernels, not
+  such copies."""
   if kind == "full":
     cfg = cache_lib.CacheConfig(kind="full", dtype="bfloat16")
   else:
