@@ -426,8 +426,9 @@ def _layer_steps(b):
   k = jax.random.normal(jax.random.key(1), (b, kvh, 1, d), jnp.bfloat16)
   variants = (("full", "xla", "xla", {}), ("full", "cudnn", "xla", {}),
               (4, None, "xla", {}), (4, None, "pallas_gpu", {}),
-              (4, None, "pallas_gpu", dict(splits=24)),
-              (3, None, "xla", {}), (3, None, "pallas_gpu", {}))
+              (4, None, "pallas_gpu", dict(combine="columns")),
+              (3, None, "pallas_gpu", {}),
+              (3, None, "pallas_gpu", dict(combine="columns")))
   for bits, impl, append_impl, opts in variants:
     if bits == "full":
       c = cache_lib.init(cache_lib.CacheConfig(kind="full",

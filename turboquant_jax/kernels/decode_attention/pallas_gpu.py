@@ -489,12 +489,16 @@ def fused_attention(inp: parts.KernelInputs, *, splits: int = 8,
 LAYOUTS = ("queries", "tokens")
 
 
+COMBINES = ("rows", "columns")
+
+
 @jax.jit(static_argnames=("scale", "splits", "lookup_mode", "layout",
                           "stages", "tile_rows", "key_registers",
-                          "transpose_p", "skip_empty_splits", "interpret"))
+                          "transpose_p", "skip_empty_splits", "combine",
+                          "interpret"))
 def _attention(q, cache, lengths, scale, splits, lookup_mode, layout,
                stages, tile_rows, key_registers, transpose_p,
-               skip_empty_splits, interpret):
+               skip_empty_splits, combine, interpret):
   # Norms as stored (f16): the kernels convert per tile.
   inp = parts.prepare(q, cache, lengths, scale, norms_as_stored=True)
   if layout == "tokens":
@@ -504,6 +508,11 @@ def _attention(q, cache, lengths, scale, splits, lookup_mode, layout,
                             tile_rows=tile_rows, key_registers=key_registers,
                             skip_empty_splits=skip_empty_splits,
                             transpose_p=transpose_p)
+    if combine == "columns" and len(inp.value_specs) == 1 and not (
+        cache.config.window):
+      (acc,), m, l = run(inp, splits=splits, lookup_mode=lookup_mode,
+                         stages=stages, interpret=interpret, columns=True)
+      return parts.finish_columns(acc, m, l, q, cache)
   else:
     run = fused_attention
   acc, m, l = run(inp, splits=splits, lookup_mode=lookup_mode,
@@ -543,6 +552,7 @@ def attention(q: jax.Array, cache, lengths: jax.Array, *,
               key_registers: bool | None = None,
               transpose_p: bool | None = None,
               skip_empty_splits: bool | None = None,
+              combine: str = "rows",
               interpret: bool | None = None) -> jax.Array:
   """q [B, T, H, D] over a TurboQuantCache -> f32[B, T, H, D].
 
@@ -579,6 +589,11 @@ def attention(q: jax.Array, cache, lengths: jax.Array, *,
       streamed whole. None: on for "tokens". On the H200 (B=8, capacity
       128k, 8k tokens live, 4 bits) 0.49-0.51 ms against 1.05-1.21 without
       it (decode_kernel_variants --next).
+    combine: how XLA merges the splits' partial results: "rows" (the
+      kernel's outputs transposed to [.., M, D] first, parts.finish) or
+      "columns" (layout="tokens", one value part, no window: merged as the
+      kernel wrote them, [.., D, N], parts.finish_columns; meant to take
+      fewer launches, not yet timed on a GPU).
     interpret: None uses Mosaic GPU interpret mode when the backend is not
       a GPU.
   """
@@ -589,6 +604,8 @@ def attention(q: jax.Array, cache, lengths: jax.Array, *,
     raise ValueError(f"{lookup_mode=!r}: expected one of {LOOKUP_MODES}")
   if layout not in LAYOUTS:
     raise ValueError(f"{layout=!r}: expected one of {LAYOUTS}")
+  if combine not in COMBINES:
+    raise ValueError(f"{combine=!r}: expected one of {COMBINES}")
   if not isinstance(stages, int) or stages < 1:
     raise ValueError(f"{stages=!r}: expected an int >= 1")
   if tile_rows not in (ROWS, 2 * ROWS, 4 * ROWS) or (
@@ -616,4 +633,4 @@ def attention(q: jax.Array, cache, lengths: jax.Array, *,
   scale = q.shape[-1] ** -0.5 if scale is None else scale
   return _attention(q, cache, lengths, scale, splits, lookup_mode, layout,
                     stages, tile_rows, bool(key_registers), bool(transpose_p),
-                    bool(skip_empty_splits), interpret)
+                    bool(skip_empty_splits), combine, interpret)

@@ -86,17 +86,18 @@ def _p_smem(n: int, rows: int, transpose_p: bool) -> plgpu.SMEM:
                                 plgpu.SwizzleTransform(_swizzle(n))))
 
 
-def _kernel(qlen_ref, qend_ref, *refs, key_specs, value_specs, groups,
-            split_len, kv_heads, splits, mode, interpret, n, rows, stages,
-            key_registers, transpose_p, skip_empty_splits):
+def _kernel(lengths_ref, *refs, key_specs, value_specs, groups, split_len,
+            kv_heads, splits, mode, interpret, n, rows, stages,
+            key_registers, transpose_p, skip_empty_splits, window, tokens):
   nk, nv = len(key_specs), len(value_specs)
   (kc_refs, kn_refs, vc_refs, vn_refs, o_refs, ml_ref,
    program) = base._program_refs(refs, nk, nv, kv_heads, splits)
   q_smem = refs[-1 - nk:-1]                          # [groups, N, 64] each
   k_first, v_first = base._offsets(key_specs), base._offsets(value_specs)
   b, k = jax.lax.axis_index("b"), jax.lax.axis_index("k")
-  qlen = qlen_ref[b]
-  qend = qend_ref[b]
+  # From the lengths as given: no XLA launch to clamp them.
+  qlen, qend = parts.positions(lengths_ref[b], split_len * splits, window,
+                               tokens)
   first_pos = jax.lax.axis_index("s") * split_len
 
   shape = (rows, n)                                   # [tokens, queries]
@@ -226,8 +227,11 @@ def fused_attention(inp: parts.KernelInputs, *, splits: int = 8,
                     lookup_mode: str = "poly16", stages: int = base.STAGES,
                     tile_rows: int = ROWS, key_registers: bool = False,
                     transpose_p: bool = False,
-                    skip_empty_splits: bool = False, interpret=None):
-  """Runs the kernel: (acc per value part [B,K,NS,M,Dp], m, l [B,K,NS,M]).
+                    skip_empty_splits: bool = False, interpret=None,
+                    columns: bool = False):
+  """Runs the kernel: (acc per value part [B,K,NS,M,Dp], m, l [B,K,NS,M]),
+  or with `columns` as the kernel wrote them: acc [B,K,NS,Dp,N], m, l
+  [B,K,NS,N] (all N query columns, no transpose).
 
   key_registers: the dequantized key tiles feed the score wgmma from
   registers instead of through SMEM (a store and a fence fewer per tile).
@@ -260,14 +264,19 @@ def fused_attention(inp: parts.KernelInputs, *, splits: int = 8,
                         n=n, rows=rows, stages=stages,
                         key_registers=key_registers and interpret is None,
                         transpose_p=transpose_p,
-                        skip_empty_splits=skip_empty_splits),
+                        skip_empty_splits=skip_empty_splits,
+                        window=inp.window, tokens=inp.tokens),
       out_type=out_type, scratch_types=scratch, grid=(b, kv, splits),
       grid_names=("b", "k", "s"), interpret=interpret)
-  outs = kernel(inp.qlen, inp.qpos_end,
+  outs = kernel(inp.lengths,
                 *[base._query_groups(q, n) for q in queries],
                 *map(base._tma_rows, codes), *norms,
                 *map(base._tma_rows, inp.value_codes), *inp.value_norms)
   nv = len(inp.value_specs)
+  if columns:
+    ml = outs[nv].reshape(b, kv, splits, 2, n)
+    return ([o.reshape(b, kv, splits, -1, n) for o in outs[:nv]],
+            ml[:, :, :, 0], ml[:, :, :, 1])
   accs = []
   for o in outs[:nv]:                          # [B·K·NS·Dp/64, 64, N]
     o = o.reshape(programs, -1, GROUP, n)[..., :m]

@@ -53,6 +53,8 @@ class KernelInputs:
   qlen: i32[B] quantized positions to read (length minus the window).
   qpos_end: i32[B] the first query's position + 1 (causal limit of query 0
     is qpos_end - 1; query m's is that + m // G).
+  lengths: i32[B] as given (a kernel may derive qlen and qpos_end itself,
+    `positions`, and spare XLA a launch); window: the cache's W.
   """
   q: list[jax.Array]
   sq: list[jax.Array | None]
@@ -68,6 +70,15 @@ class KernelInputs:
   value_specs: tuple[PartSpec, ...]
   groups: int                   # G
   tokens: int                   # T
+  lengths: jax.Array
+  window: int
+
+
+def positions(lengths, capacity: int, window: int, tokens: int):
+  """(qlen, qpos_end) of KernelInputs from the given lengths (arrays or
+  scalars, inside a kernel too)."""
+  lengths = jnp.minimum(lengths, capacity)
+  return jnp.maximum(lengths - window, 0), lengths - tokens + 1
 
 
 def _spec(q: turboquant.Quantizer) -> PartSpec:
@@ -113,7 +124,7 @@ def prepare(q: jax.Array, cache, lengths: jax.Array, scale: float,
   g = h // kv
   qh = jnp.moveaxis(q.astype(jnp.float32).reshape(b, t, kv, g, d), 1, 2)
   qh = qh.reshape(b, kv, t * g, d)                            # [B, K, M, D]
-  lengths = jnp.minimum(lengths.astype(jnp.int32), cap)
+  given = lengths.astype(jnp.int32)
   qs, sqs, kcodes, knorms, ksigns, kcoefs, kspecs = [], [], [], [], [], [], []
   stacked = isinstance(cache.key_quantizer, split.SplitQuantizer)
   # 8-bit norm codes are decoded here, by XLA, to f32.
@@ -148,11 +159,13 @@ def prepare(q: jax.Array, cache, lengths: jax.Array, scale: float,
     vcodes.append(vqt.codes)
     vnorms.append(as_norms(vqt.norms))
     vspecs.append(_spec(vq))
+  qlen, qpos_end = positions(given, cap, w, t)
   return KernelInputs(
       q=qs, sq=sqs, key_codes=kcodes, key_norms=knorms, key_signs=ksigns,
       key_coef=kcoefs, value_codes=vcodes, value_norms=vnorms,
-      qlen=jnp.maximum(lengths - w, 0), qpos_end=lengths - t + 1,
-      key_specs=tuple(kspecs), value_specs=tuple(vspecs), groups=g, tokens=t)
+      qlen=qlen, qpos_end=qpos_end, key_specs=tuple(kspecs),
+      value_specs=tuple(vspecs), groups=g, tokens=t, lengths=given,
+      window=w)
 
 
 def finish(acc: list[jax.Array], m: jax.Array, l: jax.Array, q: jax.Array,
@@ -204,6 +217,34 @@ def finish(acc: list[jax.Array], m: jax.Array, l: jax.Array, q: jax.Array,
     out = out + jnp.einsum("bkmw,bkwd->bkmd", pw * inv,
                            cache.window_values.astype(jnp.float32),
                            precision=_HI)
+  out = out.reshape(b, kv, t, g, d)
+  return jnp.moveaxis(out, 2, 1).reshape(b, t, h, d)
+
+
+def finish_columns(acc: jax.Array, m: jax.Array, l: jax.Array, q: jax.Array,
+                   cache) -> jax.Array:
+  """finish() for one value part and no window, merged in the layout the
+  GPU kernel writes: acc f32[B, K, NS, Dp, N], m, l f32[B, K, NS, N] (N >=
+  M query columns). The sum over splits reads acc as it lies (no
+  transpose), the rotation back contracts Dp, and the division by the
+  softmax sum comes last: fewer XLA launches than finish() is the aim.
+  """
+  b, t, h, d = q.shape
+  kv = cache.kv_heads
+  g = h // kv
+  m_all = jnp.max(m, axis=2)                                  # [B, K, N]
+  m_safe = jnp.where(jnp.isfinite(m_all), m_all, 0.0)
+  factor = jnp.where(jnp.isfinite(m), jnp.exp(m - m_safe[:, :, None]), 0.0)
+  denom = jnp.sum(l * factor, axis=2)                          # [B, K, N]
+  a = jnp.sum(acc * factor[:, :, :, None, :], axis=2)          # [B,K,Dp,N]
+  rot = cache.value_quantizer.rotation
+  if rot.matrix is not None:
+    out = jnp.einsum("bkin,ij->bknj", a, rot.matrix, precision=_HI)
+  else:
+    out = rotation.invert(rot, jnp.swapaxes(a, 2, 3))          # [B,K,N,D]
+  m_rows = t * g
+  out = out[:, :, :m_rows] / jnp.maximum(denom[:, :, :m_rows],
+                                         1e-30)[..., None]
   out = out.reshape(b, kv, t, g, d)
   return jnp.moveaxis(out, 2, 1).reshape(b, t, h, d)
 
