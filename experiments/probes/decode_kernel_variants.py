@@ -16,7 +16,9 @@ skip_empty_splits checked and timed, split counts at two shapes;
 --splits: split counts at the SmolLM2 decode shape in device time
 (--splits1: at B=1);
 --layer: append + attend of one such layer, full against TurboQuant;
---append: the fused quantize-and-append kernel checked and timed)
+--append: the fused quantize-and-append kernel checked and timed;
+--rotate: combine="columns" and rotate_in_kernel checked, then timed per
+layer and at B=1)
 """
 
 import dataclasses
@@ -427,8 +429,10 @@ def _layer_steps(b):
   variants = (("full", "xla", "xla", {}), ("full", "cudnn", "xla", {}),
               (4, None, "xla", {}), (4, None, "pallas_gpu", {}),
               (4, None, "pallas_gpu", dict(combine="columns")),
+              (4, None, "pallas_gpu", dict(rotate_in_kernel=True)),
               (3, None, "pallas_gpu", {}),
-              (3, None, "pallas_gpu", dict(combine="columns")))
+              (3, None, "pallas_gpu", dict(combine="columns")),
+              (3, None, "pallas_gpu", dict(rotate_in_kernel=True)))
   for bits, impl, append_impl, opts in variants:
     if bits == "full":
       c = cache_lib.init(cache_lib.CacheConfig(kind="full",
@@ -513,7 +517,39 @@ def fused_append():
                 flush=True)
 
 
+def rotation_options():
+  """combine="columns" and rotate_in_kernel checked against the reference
+  on the device (D 64/128, GQA 3/4/8, a chunk, empty splits; prod keys and
+  a window, which fall back), then --layer's times and B=1 attention alone
+  with each option (default splits: 48 there)."""
+  print("jax", jax.__version__, jax.devices()[0].device_kind, flush=True)
+  for opts in (dict(combine="columns"), dict(rotate_in_kernel=True)):
+    print(opts, flush=True)
+    for dim, groups, bits, tokens, lengths in (
+        (64, 3, 4, 1, (1024, 700)), (128, 4, 3, 1, (1024, 3)),
+        (64, 8, 2, 1, (1, 1000)), (128, 4, 4, 3, (700, 1024))):
+      check(dim, groups, bits, tokens=tokens, lengths=lengths,
+            mode="prmt", layout="tokens", splits=4, **opts)
+    check(64, 4, 3, method="prod", mode="prmt", layout="tokens", **opts)
+    check(64, 4, 4, window=16, mode="prmt", layout="tokens", **opts)
+  layer_steps()
+  b, h, kvh, d, cap, live = 1, 9, 3, 64, 9216, 8192
+  q = jax.random.normal(jax.random.key(0), (b, h, d), jnp.bfloat16)
+  for bits in (4, 3):
+    c = _partial_cache(bits, b, kvh, cap, d, live)
+    for opts in ({}, dict(combine="columns"), dict(rotate_in_kernel=True),
+                 dict(rotate_in_kernel=True, stages=3)):
+      t = timing.time_loop_ms(lambda q, c, opts=opts: da.decode_attention(
+          q, c, c.lengths, impl="pallas_gpu", **opts), q, c, loops=20,
+                              warmup=1, reps=5)
+      print(f"B=1 attention bits={bits} {opts}: {t * 1e3:.1f} us",
+            flush=True)
+
+
 def main():
+  if "--rotate" in sys.argv:
+    rotation_options()
+    return
   if "--append" in sys.argv:
     fused_append()
     return

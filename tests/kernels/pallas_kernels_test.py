@@ -212,39 +212,50 @@ class PallasGpuInterpretTest(parameterized.TestCase):
       dict(testcase_name="d128_g4_chunk2_hadamard", dim=128, groups=4,
            tokens=2, value_bits=3, window=0, rotation="hadamard",
            lengths=(2, 128)),
-      # Two value parts (3.5 bits) and a window: finish() as before.
+      dict(testcase_name="d64_g8_decode_2bit", dim=64, groups=8, tokens=1,
+           value_bits=2, window=0, rotation="haar", lengths=(1, 65)),
+      # Two value parts (3.5 bits), a window, prod keys: finish() as
+      # before, the rotations by XLA.
       dict(testcase_name="split_values_fall_back", dim=128, groups=2,
            tokens=1, value_bits=3.5, window=0, rotation="haar",
            lengths=(128, 90)),
       dict(testcase_name="window_falls_back", dim=64, groups=2, tokens=1,
-           value_bits=4, window=8, rotation="haar", lengths=(128, 9)))
+           value_bits=4, window=8, rotation="haar", lengths=(128, 9)),
+      dict(testcase_name="prod_keys_fall_back", dim=64, groups=4, tokens=1,
+           value_bits=2, window=0, rotation="haar", lengths=(100, 128),
+           method="prod"))
   def test_tokens_layout_merges_in_columns(self, dim, groups, tokens,
                                            value_bits, window, rotation,
-                                           lengths):
+                                           lengths, method="mse"):
     # combine="columns" merges the splits in the kernel's [.., D, N]
     # layout: the same result as combine="rows" (to f32 rounding) and as
-    # the reference; an empty split (length 2 of 4 splits) included.
+    # the reference; an empty split (length 2 of 2 splits) included.
+    # rotate_in_kernel: the kernel rotates queries and outputs itself (f16
+    # tiles on the tensor cores): the reference's tolerance, and within
+    # 2e-3 of the output scale of the default path.
     b, kv, s = 2, 2, 128
     key = jax.random.key(dim + tokens)
     k_init, k_k, k_v, k_q = jax.random.split(key, 4)
     cfg = CacheConfig(kind="turboquant", key_bits=4, value_bits=value_bits,
-                      window=window, rotation=rotation)
+                      window=window, rotation=rotation, key_method=method)
     cache = cache_lib.prefill(
         cache_lib.init(cfg, b, kv, s, dim, key=k_init),
         jax.random.normal(k_k, (b, kv, s, dim)) * 2.0,
         jax.random.normal(k_v, (b, kv, s, dim)), jnp.array(lengths))
     q = jax.random.normal(k_q, (b, tokens, kv * groups, dim))
     lengths = jnp.array(lengths)
-    run = lambda combine: attn.chunk_attention(
+    run = lambda **options: attn.chunk_attention(
         q, cache, lengths, impl="pallas_gpu", interpret=True, splits=2,
-        combine=combine)
-    got = run("columns")
+        **options)
     want = attn.chunk_attention(q, cache, lengths, impl="reference")
     scale = float(jnp.max(jnp.abs(want)))
-    np.testing.assert_allclose(got, want, rtol=self.TOL,
-                               atol=self.TOL * scale)
-    np.testing.assert_allclose(got, run("rows"), rtol=1e-5,
-                               atol=1e-5 * scale)
+    rows = run()
+    for options, close in ((dict(combine="columns"), 1e-5),
+                           (dict(rotate_in_kernel=True), 2e-3)):
+      got = run(**options)
+      np.testing.assert_allclose(got, want, rtol=self.TOL,
+                                 atol=self.TOL * scale)
+      np.testing.assert_allclose(got, rows, rtol=close, atol=close * scale)
 
   @parameterized.parameters(("float16", 16), ("bfloat16", 16),
                             ("float32", 16), ("float16", 8))

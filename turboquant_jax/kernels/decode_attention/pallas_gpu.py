@@ -53,6 +53,7 @@ import numpy as np
 from turboquant_jax.kernels.decode_attention import parts
 from turboquant_jax.kernels.decode_attention import prmt_lookup
 from turboquant_jax.quant import packing
+from turboquant_jax.quant import rotation
 
 ROWS = 64      # tokens per tile = query rows of one warpgroup's wgmma
 STAGES = 2     # default tiles in flight per program (emit_pipeline steps)
@@ -495,10 +496,10 @@ COMBINES = ("rows", "columns")
 @jax.jit(static_argnames=("scale", "splits", "lookup_mode", "layout",
                           "stages", "tile_rows", "key_registers",
                           "transpose_p", "skip_empty_splits", "combine",
-                          "interpret"))
+                          "rotate_in_kernel", "interpret"))
 def _attention(q, cache, lengths, scale, splits, lookup_mode, layout,
                stages, tile_rows, key_registers, transpose_p,
-               skip_empty_splits, combine, interpret):
+               skip_empty_splits, combine, rotate_in_kernel, interpret):
   # Norms as stored (f16): the kernels convert per tile.
   inp = parts.prepare(q, cache, lengths, scale, norms_as_stored=True)
   if layout == "tokens":
@@ -508,6 +509,18 @@ def _attention(q, cache, lengths, scale, splits, lookup_mode, layout,
                             tile_rows=tile_rows, key_registers=key_registers,
                             skip_empty_splits=skip_empty_splits,
                             transpose_p=transpose_p)
+    if rotate_in_kernel and _rotatable(inp, cache):
+      b, t, h, d = q.shape
+      q_raw = jnp.moveaxis(q.astype(jnp.float32).reshape(
+          b, t, cache.kv_heads, -1, d), 1, 2).reshape(b, cache.kv_heads, -1,
+                                                      d) * scale
+      rotations = [x.rotation.matrix if x.rotation.matrix is not None
+                   else rotation.as_matrix(x.rotation)
+                   for x in (cache.key_quantizer, cache.value_quantizer)]
+      (acc,), m, l = run(inp, splits=splits, lookup_mode=lookup_mode,
+                         stages=stages, interpret=interpret, columns=True,
+                         rotate=(q_raw, *rotations))
+      return parts.finish_columns(acc, m, l, q, cache, rotated=True)
     if combine == "columns" and len(inp.value_specs) == 1 and not (
         cache.config.window):
       (acc,), m, l = run(inp, splits=splits, lookup_mode=lookup_mode,
@@ -518,6 +531,15 @@ def _attention(q, cache, lengths, scale, splits, lookup_mode, layout,
   acc, m, l = run(inp, splits=splits, lookup_mode=lookup_mode,
                   stages=stages, interpret=interpret)
   return parts.finish(acc, m, l, q, cache, lengths, scale)
+
+
+def _rotatable(inp: parts.KernelInputs, cache) -> bool:
+  """Whether the tokens kernel can rotate queries and outputs itself: one
+  mse key part, one value part, no window, head dim <= 128 (its f16
+  rotation tiles, D² · 2 bytes, share the SMEM)."""
+  return (len(inp.key_specs) == 1 and len(inp.value_specs) == 1
+          and not inp.key_specs[0].prod and not cache.config.window
+          and inp.key_specs[0].dim <= 128)
 
 
 def default_splits(cache, layout: str = "tokens") -> int:
@@ -552,7 +574,7 @@ def attention(q: jax.Array, cache, lengths: jax.Array, *,
               key_registers: bool | None = None,
               transpose_p: bool | None = None,
               skip_empty_splits: bool | None = None,
-              combine: str = "rows",
+              combine: str = "rows", rotate_in_kernel: bool = False,
               interpret: bool | None = None) -> jax.Array:
   """q [B, T, H, D] over a TurboQuantCache -> f32[B, T, H, D].
 
@@ -594,6 +616,11 @@ def attention(q: jax.Array, cache, lengths: jax.Array, *,
       "columns" (layout="tokens", one value part, no window: merged as the
       kernel wrote them, [.., D, N], parts.finish_columns; meant to take
       fewer launches, not yet timed on a GPU).
+    rotate_in_kernel: layout="tokens", one mse key part, one value part,
+      no window, D <= 128 (else ignored): the kernel rotates the queries
+      (Π_k q) and its outputs (Π_vᵀ) itself on the tensor cores, in f16,
+      and the splits merge as with combine="columns": two XLA products
+      and a transpose fewer (not yet timed on a GPU).
     interpret: None uses Mosaic GPU interpret mode when the backend is not
       a GPU.
   """
@@ -633,4 +660,5 @@ def attention(q: jax.Array, cache, lengths: jax.Array, *,
   scale = q.shape[-1] ** -0.5 if scale is None else scale
   return _attention(q, cache, lengths, scale, splits, lookup_mode, layout,
                     stages, tile_rows, bool(key_registers), bool(transpose_p),
-                    bool(skip_empty_splits), combine, interpret)
+                    bool(skip_empty_splits), combine, bool(rotate_in_kernel),
+                    interpret)

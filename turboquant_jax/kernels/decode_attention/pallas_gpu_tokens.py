@@ -86,13 +86,84 @@ def _p_smem(n: int, rows: int, transpose_p: bool) -> plgpu.SMEM:
                                 plgpu.SwizzleTransform(_swizzle(n))))
 
 
+def _square_tiles(groups: int) -> plgpu.SMEM:
+  """f16[groups², 64, 64]: a rotation as 64 x 64 tiles, wgmma's form."""
+  return plgpu.SMEM((groups * groups, GROUP, GROUP), jnp.float16,
+                    transforms=(plgpu.TilingTransform((8, GROUP)),
+                                plgpu.SwizzleTransform(128)))
+
+
+def _load_rotation(rot_ref, tiles, stage, barrier, groups: int) -> None:
+  """tiles[r·G + c] = Π[64r:64r+64, 64c:64c+64] in f16 (Π: f32 [D, D] in
+  GMEM), through the f32 `stage` tile."""
+  for r in range(groups):
+    for c in range(groups):
+      plgpu.copy_gmem_to_smem(
+          rot_ref.at[pl.ds(r * GROUP, GROUP), pl.ds(c * GROUP, GROUP)],
+          stage, barrier)
+      plgpu.barrier_wait(barrier)
+      tiles[r * groups + c] = plgpu.load(stage, layout=_L.WGMMA).astype(
+          jnp.float16)
+  plgpu.commit_smem()
+
+
+def _rotate_columns(tiles, columns, groups: int, n: int,
+                    transposed: bool) -> list:
+  """Π·X (or Πᵀ·X with `transposed`) for X the [D, n] columns held as
+  `columns`[g]: f16 [n, 64] tiles (rows of 64 coordinates). Returns the
+  result's 64-coordinate groups, f32 [64, n] each (WGMMA layout)."""
+  out = []
+  for j in range(groups):
+    def product(acc_ref, j=j):
+      for i in range(groups):
+        tile = (tiles.at[i * groups + j].transpose((1, 0)) if transposed
+                else tiles.at[j * groups + i])
+        plgpu.wgmma(acc_ref, tile, columns.at[i].transpose((1, 0)))
+      return acc_ref[...]
+    out.append(pl.run_scoped(product, plgpu.ACC((GROUP, n), jnp.float32)))
+  return out
+
+
+def _rotate_queries(rot_ref, q_smem, barrier, groups: int, n: int) -> None:
+  """q_smem (the queries as given, f16 [groups, n, 64]) <- Π_k q."""
+  def rotate(stage, tiles):
+    _load_rotation(rot_ref, tiles, stage, barrier, groups)
+    rotated = _rotate_columns(tiles, q_smem, groups, n, transposed=False)
+    for j, part in enumerate(rotated):     # every product read q_smem
+      q_smem.at[j].transpose((1, 0))[...] = part.astype(jnp.float16)
+    plgpu.commit_smem()
+  pl.run_scoped(rotate, plgpu.SMEM((GROUP, GROUP), jnp.float32),
+                _square_tiles(groups))
+
+
+def _rotate_back(rot_ref, accs, barrier, n: int) -> tuple:
+  """Πᵀ·acc for one value part's accumulator groups (f32 [64, n] each)."""
+  groups = len(accs)
+
+  def rotate(stage, tiles, columns):
+    _load_rotation(rot_ref, tiles, stage, barrier, groups)
+    for i, acc in enumerate(accs):
+      columns.at[i].transpose((1, 0))[...] = acc.astype(jnp.float16)
+    plgpu.commit_smem()
+    return tuple(_rotate_columns(tiles, columns, groups, n,
+                                 transposed=True))
+  return pl.run_scoped(rotate, plgpu.SMEM((GROUP, GROUP), jnp.float32),
+                       _square_tiles(groups), _columns_smem(groups, n))
+
+
 def _kernel(lengths_ref, *refs, key_specs, value_specs, groups, split_len,
             kv_heads, splits, mode, interpret, n, rows, stages,
-            key_registers, transpose_p, skip_empty_splits, window, tokens):
+            key_registers, transpose_p, skip_empty_splits, window, tokens,
+            rotate):
   nk, nv = len(key_specs), len(value_specs)
+  if rotate:              # Π_k, Π_v f32 [D, D]: the queries come unrotated
+    (key_rot, value_rot), refs = refs[:2], refs[2:]
   (kc_refs, kn_refs, vc_refs, vn_refs, o_refs, ml_ref,
    program) = base._program_refs(refs, nk, nv, kv_heads, splits)
   q_smem = refs[-1 - nk:-1]                          # [groups, N, 64] each
+  if rotate:
+    _rotate_queries(key_rot, q_smem[0], refs[-1], base._groups(key_specs[0]),
+                    n)
   k_first, v_first = base._offsets(key_specs), base._offsets(value_specs)
   b, k = jax.lax.axis_index("b"), jax.lax.axis_index("k")
   # From the lengths as given: no XLA launch to clamp them.
@@ -208,6 +279,8 @@ def _kernel(lengths_ref, *refs, key_specs, value_specs, groups, split_len,
         base._group_smem(sum(base._groups(s) for s in value_specs),
                          128 if transpose_p else _swizzle(n), rows),
         *[_p_smem(n, rows, transpose_p) for _ in range(nv)])
+    if rotate:            # the outputs leave in the original domain
+      accs_out = (_rotate_back(value_rot, accs_out[0], refs[-1], n),)
     base._store_outputs(accs_out, m_i, jnp.sum(l_i, axis=0), o_refs,
                         ml_ref, program)
 
@@ -228,10 +301,16 @@ def fused_attention(inp: parts.KernelInputs, *, splits: int = 8,
                     tile_rows: int = ROWS, key_registers: bool = False,
                     transpose_p: bool = False,
                     skip_empty_splits: bool = False, interpret=None,
-                    columns: bool = False):
+                    columns: bool = False, rotate=None):
   """Runs the kernel: (acc per value part [B,K,NS,M,Dp], m, l [B,K,NS,M]),
   or with `columns` as the kernel wrote them: acc [B,K,NS,Dp,N], m, l
   [B,K,NS,N] (all N query columns, no transpose).
+
+  rotate: None, or (q f32[B, K, M, D] scaled but not rotated, Π_k, Π_v f32
+  [D, D]) for one mse key part and one value part, D <= 128: the kernel
+  rotates the queries itself (Π_k q, once per program, on the tensor
+  cores in f16) and rotates its accumulators back (Π_vᵀ) before writing
+  them, so XLA does neither product.
 
   key_registers: the dequantized key tiles feed the score wgmma from
   registers instead of through SMEM (a store and a fence fewer per tile).
@@ -265,10 +344,15 @@ def fused_attention(inp: parts.KernelInputs, *, splits: int = 8,
                         key_registers=key_registers and interpret is None,
                         transpose_p=transpose_p,
                         skip_empty_splits=skip_empty_splits,
-                        window=inp.window, tokens=inp.tokens),
+                        window=inp.window, tokens=inp.tokens,
+                        rotate=rotate is not None),
       out_type=out_type, scratch_types=scratch, grid=(b, kv, splits),
       grid_names=("b", "k", "s"), interpret=interpret)
-  outs = kernel(inp.lengths,
+  rotations = []
+  if rotate is not None:
+    q_raw, key_rot, value_rot = rotate
+    queries, rotations = [q_raw], [key_rot, value_rot]
+  outs = kernel(inp.lengths, *rotations,
                 *[base._query_groups(q, n) for q in queries],
                 *map(base._tma_rows, codes), *norms,
                 *map(base._tma_rows, inp.value_codes), *inp.value_norms)

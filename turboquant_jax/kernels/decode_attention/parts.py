@@ -222,12 +222,13 @@ def finish(acc: list[jax.Array], m: jax.Array, l: jax.Array, q: jax.Array,
 
 
 def finish_columns(acc: jax.Array, m: jax.Array, l: jax.Array, q: jax.Array,
-                   cache) -> jax.Array:
+                   cache, rotated: bool = False) -> jax.Array:
   """finish() for one value part and no window, merged in the layout the
   GPU kernel writes: acc f32[B, K, NS, Dp, N], m, l f32[B, K, NS, N] (N >=
   M query columns). The sum over splits reads acc as it lies (no
   transpose), the rotation back contracts Dp, and the division by the
   softmax sum comes last: fewer XLA launches than finish() is the aim.
+  rotated: acc is already in the original domain (the kernel rotated it).
   """
   b, t, h, d = q.shape
   kv = cache.kv_heads
@@ -238,7 +239,9 @@ def finish_columns(acc: jax.Array, m: jax.Array, l: jax.Array, q: jax.Array,
   denom = jnp.sum(l * factor, axis=2)                          # [B, K, N]
   a = jnp.sum(acc * factor[:, :, :, None, :], axis=2)          # [B,K,Dp,N]
   rot = cache.value_quantizer.rotation
-  if rot.matrix is not None:
+  if rotated:
+    out = jnp.swapaxes(a, 2, 3)                                # [B,K,N,D]
+  elif rot.matrix is not None:
     out = jnp.einsum("bkin,ij->bknj", a, rot.matrix, precision=_HI)
   else:
     out = rotation.invert(rot, jnp.swapaxes(a, 2, 3))          # [B,K,N,D]
