@@ -520,8 +520,8 @@ def fused_append():
 def rotation_options():
   """combine="columns" and rotate_in_kernel checked against the reference
   on the device (D 64/128, GQA 3/4/8, a chunk, empty splits; prod keys and
-  a window, which fall back), then --layer's times and B=1 attention alone
-  with each option (default splits: 48 there)."""
+  a window, which fall back), then B=1 attention alone with each option
+  (default splits: 48 there), then --layer's times."""
   print("jax", jax.__version__, jax.devices()[0].device_kind, flush=True)
   for opts in (dict(combine="columns"), dict(rotate_in_kernel=True)):
     print(opts, flush=True)
@@ -532,7 +532,6 @@ def rotation_options():
             mode="prmt", layout="tokens", splits=4, **opts)
     check(64, 4, 3, method="prod", mode="prmt", layout="tokens", **opts)
     check(64, 4, 4, window=16, mode="prmt", layout="tokens", **opts)
-  layer_steps()
   b, h, kvh, d, cap, live = 1, 9, 3, 64, 9216, 8192
   q = jax.random.normal(jax.random.key(0), (b, h, d), jnp.bfloat16)
   for bits in (4, 3):
@@ -544,6 +543,7 @@ def rotation_options():
                               warmup=1, reps=5)
       print(f"B=1 attention bits={bits} {opts}: {t * 1e3:.1f} us",
             flush=True)
+  layer_steps()
 
 
 def main():
