@@ -427,12 +427,15 @@ def _layer_steps(b):
   q = jax.random.normal(jax.random.key(0), (b, h, d), jnp.bfloat16)
   k = jax.random.normal(jax.random.key(1), (b, kvh, 1, d), jnp.bfloat16)
   variants = (("full", "xla", "xla", {}), ("full", "cudnn", "xla", {}),
-              (4, None, "xla", {}), (4, None, "pallas_gpu", {}),
-              (4, None, "pallas_gpu", dict(combine="columns")),
-              (4, None, "pallas_gpu", dict(rotate_in_kernel=True)),
-              (3, None, "pallas_gpu", {}),
-              (3, None, "pallas_gpu", dict(combine="columns")),
-              (3, None, "pallas_gpu", dict(rotate_in_kernel=True)))
+              (4, None, "xla", {}),
+              (4, None, "pallas_gpu", dict(rotate_in_kernel=False)),
+              (4, None, "pallas_gpu", dict(combine="columns",
+                                           rotate_in_kernel=False)),
+              (4, None, "pallas_gpu", {}),
+              (3, None, "pallas_gpu", dict(rotate_in_kernel=False)),
+              (3, None, "pallas_gpu", dict(combine="columns",
+                                           rotate_in_kernel=False)),
+              (3, None, "pallas_gpu", {}))
   for bits, impl, append_impl, opts in variants:
     if bits == "full":
       c = cache_lib.init(cache_lib.CacheConfig(kind="full",
@@ -523,7 +526,8 @@ def rotation_options():
   a window, which fall back), then B=1 attention alone with each option
   (default splits: 48 there), then --layer's times."""
   print("jax", jax.__version__, jax.devices()[0].device_kind, flush=True)
-  for opts in (dict(combine="columns"), dict(rotate_in_kernel=True)):
+  for opts in (dict(combine="columns", rotate_in_kernel=False),
+               dict(rotate_in_kernel=True)):
     print(opts, flush=True)
     for dim, groups, bits, tokens, lengths in (
         (64, 3, 4, 1, (1024, 700)), (128, 4, 3, 1, (1024, 3)),
@@ -536,7 +540,9 @@ def rotation_options():
   q = jax.random.normal(jax.random.key(0), (b, h, d), jnp.bfloat16)
   for bits in (4, 3):
     c = _partial_cache(bits, b, kvh, cap, d, live)
-    for opts in ({}, dict(combine="columns"), dict(rotate_in_kernel=True),
+    for opts in (dict(rotate_in_kernel=False),
+                 dict(combine="columns", rotate_in_kernel=False),
+                 dict(rotate_in_kernel=True),
                  dict(rotate_in_kernel=True, stages=3)):
       t = timing.time_loop_ms(lambda q, c, opts=opts: da.decode_attention(
           q, c, c.lengths, impl="pallas_gpu", **opts), q, c, loops=20,
