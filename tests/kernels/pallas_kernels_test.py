@@ -206,12 +206,13 @@ class PallasGpuInterpretTest(parameterized.TestCase):
                                atol=1e-6)
     self.assertTrue(np.isnan(np.asarray(run(poisoned, False))).any())
 
-  @parameterized.named_parameters(
+  _MERGE_CASES = (
       dict(testcase_name="d64_g3_decode_haar", dim=64, groups=3, tokens=1,
            value_bits=4, window=0, rotation="haar", lengths=(128, 37)),
       dict(testcase_name="d128_g4_chunk2_hadamard", dim=128, groups=4,
            tokens=2, value_bits=3, window=0, rotation="hadamard",
-           lengths=(2, 128)),
+           lengths=(2, 128)))
+  _MORE_MERGE_CASES = (
       dict(testcase_name="d64_g8_decode_2bit", dim=64, groups=8, tokens=1,
            value_bits=2, window=0, rotation="haar", lengths=(1, 65)),
       # Two value parts (3.5 bits), a window, prod keys: finish() as
@@ -224,9 +225,18 @@ class PallasGpuInterpretTest(parameterized.TestCase):
       dict(testcase_name="prod_keys_fall_back", dim=64, groups=4, tokens=1,
            value_bits=2, window=0, rotation="haar", lengths=(100, 128),
            method="prod"))
-  def test_tokens_layout_merges_in_columns(self, dim, groups, tokens,
-                                           value_bits, window, rotation,
-                                           lengths, method="mse"):
+
+  @parameterized.named_parameters(*_MERGE_CASES)
+  def test_tokens_layout_merges_in_columns(self, **case):
+    self.check_merges_in_columns(**case)
+
+  @parameterized.named_parameters(*_MORE_MERGE_CASES)
+  @pytest.mark.slow   # ~6 s each in interpret mode
+  def test_tokens_layout_merges_in_columns_more(self, **case):
+    self.check_merges_in_columns(**case)
+
+  def check_merges_in_columns(self, dim, groups, tokens, value_bits, window,
+                              rotation, lengths, method="mse"):
     # combine="columns" merges the splits in the kernel's [.., D, N]
     # layout: the same result as combine="rows" (to f32 rounding) and as
     # the reference; an empty split (length 2 of 2 splits) included.

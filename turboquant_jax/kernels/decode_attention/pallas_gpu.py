@@ -510,10 +510,7 @@ def _attention(q, cache, lengths, scale, splits, lookup_mode, layout,
                             skip_empty_splits=skip_empty_splits,
                             transpose_p=transpose_p)
     if rotate_in_kernel and _rotatable(inp, cache):
-      b, t, h, d = q.shape
-      q_raw = jnp.moveaxis(q.astype(jnp.float32).reshape(
-          b, t, cache.kv_heads, -1, d), 1, 2).reshape(b, cache.kv_heads, -1,
-                                                      d) * scale
+      q_raw = parts.grouped_queries(q, cache.kv_heads) * scale
       rotations = [x.rotation.matrix if x.rotation.matrix is not None
                    else rotation.as_matrix(x.rotation)
                    for x in (cache.key_quantizer, cache.value_quantizer)]
@@ -614,8 +611,9 @@ def attention(q: jax.Array, cache, lengths: jax.Array, *,
     combine: how XLA merges the splits' partial results: "rows" (the
       kernel's outputs transposed to [.., M, D] first, parts.finish) or
       "columns" (layout="tokens", one value part, no window: merged as the
-      kernel wrote them, [.., D, N], parts.finish_columns; meant to take
-      fewer launches, not yet timed on a GPU).
+      kernel wrote them, [.., D, N], parts.finish_columns). On the H200
+      neither was faster beyond the noise (probes.txt below). Ignored
+      where the kernel rotates (that merge is always "columns").
     rotate_in_kernel: layout="tokens", one mse key part, one value part,
       no window, D <= 128 (else ignored): the kernel rotates the queries
       (Π_k q) and its outputs (Π_vᵀ) itself on the tensor cores, in f16,

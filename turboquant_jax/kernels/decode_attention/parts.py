@@ -74,6 +74,14 @@ class KernelInputs:
   window: int
 
 
+def grouped_queries(q: jax.Array, kv_heads: int) -> jax.Array:
+  """q [B, T, H, D] -> f32[B, K, T·G, D]: each KV head's queries, token
+  major (row m is token m // G, query head m % G of the group)."""
+  b, t, h, d = q.shape
+  q = q.astype(jnp.float32).reshape(b, t, kv_heads, h // kv_heads, d)
+  return jnp.moveaxis(q, 1, 2).reshape(b, kv_heads, t * (h // kv_heads), d)
+
+
 def positions(lengths, capacity: int, window: int, tokens: int):
   """(qlen, qpos_end) of KernelInputs from the given lengths (arrays or
   scalars, inside a kernel too)."""
@@ -122,8 +130,7 @@ def prepare(q: jax.Array, cache, lengths: jax.Array, scale: float,
   b, t, h, d = q.shape
   kv, cap, w = cache.kv_heads, cache.capacity, cache.config.window
   g = h // kv
-  qh = jnp.moveaxis(q.astype(jnp.float32).reshape(b, t, kv, g, d), 1, 2)
-  qh = qh.reshape(b, kv, t * g, d)                            # [B, K, M, D]
+  qh = grouped_queries(q, kv)                                 # [B, K, M, D]
   given = lengths.astype(jnp.int32)
   qs, sqs, kcodes, knorms, ksigns, kcoefs, kspecs = [], [], [], [], [], [], []
   stacked = isinstance(cache.key_quantizer, split.SplitQuantizer)
@@ -180,8 +187,7 @@ def finish(acc: list[jax.Array], m: jax.Array, l: jax.Array, q: jax.Array,
   g = h // kv
   m_all = jnp.max(m, axis=2)                                  # [B, K, M]
   if w:
-    qh = jnp.moveaxis(q.astype(jnp.float32).reshape(b, t, kv, g, d), 1, 2)
-    qh = qh.reshape(b, kv, t * g, d)
+    qh = grouped_queries(q, kv)
     lens = jnp.minimum(lengths, cap)
     wpos = common.window_positions(lens, w)                   # [B, W]
     qpos = jnp.repeat(lens[:, None] - t + jnp.arange(t)[None, :], g, axis=1)
