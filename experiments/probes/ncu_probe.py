@@ -8,7 +8,8 @@ XLA work around it) gets its duration, throughput and stall reasons.
     ncu --profile-from-start off --section SpeedOfLight ... \
         python3 -m experiments.probes.ncu_probe kernel4   # B=8 S=32k 4-bit
     cases: kernel4, kernel3 (pallas_gpu), cudnn (bf16), smol_tq, smol_full
-    (one SmolLM2-shaped decode layer at B=32: attention and append),
+    (one SmolLM2-shaped decode layer at B=32: attention and append;
+    smol_tq_b1, smol_full_b1 the same at B=1),
     append_xla, append_fused (one donated 4-bit append at that shape,
     printing its optimized HLO)
 """
@@ -98,6 +99,8 @@ def main():
   {"kernel4": lambda: _kernel(4), "kernel3": lambda: _kernel(3),
    "cudnn": _cudnn, "smol_tq": lambda: _smol("tq"),
    "smol_full": lambda: _smol("full"),
+   "smol_tq_b1": lambda: _smol("tq", b=1),
+   "smol_full_b1": lambda: _smol("full", b=1),
    "append_xla": lambda: _append("xla"),
    "append_fused": lambda: _append("pallas_gpu")}[case]()
 
