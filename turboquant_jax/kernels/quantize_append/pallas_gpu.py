@@ -137,19 +137,22 @@ def _kernel(lengths_ref, k_ref, v_ref, rot_ref, k_thr, k_cen, v_thr, v_cen,
   unit = jnp.where(_per_row(is_key, finite[0], finite[1]), y, 0.0) / (
       _per_row(is_key, divisors[0], divisors[1]))
   # Code = the count of thresholds below; a table with fewer thresholds is
-  # padded with +inf. value: the centroid itself (for the norm correction).
+  # padded with +inf. value: the centroid itself, for the norm correction
+  # (only where a tensor asks for it).
   n_k, n_v = 2 ** key_spec["bits"], 2 ** value_spec["bits"]
+  correct = key_spec["correction"] or value_spec["correction"]
   inf = float("inf")
   code = jnp.zeros((2, dim), jnp.int32)
-  value = _per_row(is_key, k_cen[0], v_cen[0])
+  value = _per_row(is_key, k_cen[0], v_cen[0]) if correct else None
   for t in range(max(n_k, n_v) - 1):
     above = unit > _per_row(is_key, k_thr[t] if t < n_k - 1 else inf,
                             v_thr[t] if t < n_v - 1 else inf)
     code = code + above.astype(jnp.int32)
-    value = jnp.where(above, _per_row(
-        is_key, k_cen[min(t + 1, n_k - 1)], v_cen[min(t + 1, n_v - 1)]),
-                      value)
-  c_squares = _split_sums(is_key, value * value)
+    if correct:
+      value = jnp.where(above, _per_row(
+          is_key, k_cen[min(t + 1, n_k - 1)], v_cen[min(t + 1, n_v - 1)]),
+                        value)
+  c_squares = _split_sums(is_key, value * value) if correct else None
   codes_smem[...] = code
   plgpu.commit_smem()              # every thread reads every code below
   for row, (spec, codes_ref, norms_ref) in enumerate((
