@@ -342,18 +342,14 @@ def append(cache: TurboQuantCache, k: jax.Array, v: jax.Array, *,
   common.check_append(cache, k, v)
   if impl not in (None, "xla", "pallas_gpu"):
     raise ValueError(f"{impl=!r} must be None, 'xla' or 'pallas_gpu'")
-  if impl is None and cache.config.append_impl == "xla":
-    impl = "xla"
-  if impl != "xla":
-    # pylint: disable-next=g-import-not-at-top (the kernel imports this module)
-    from turboquant_jax.kernels.quantize_append import pallas_gpu
-    if impl is None:          # config.append_impl == "pallas_gpu"
-      fits = (jax.default_backend() == "gpu"
-              and pallas_gpu.supported(cache, k.shape[2]) is None)
-      impl = "pallas_gpu" if fits else "xla"
-    if impl == "pallas_gpu":
-      return pallas_gpu.append_jit(cache, k, v, interpret=interpret)
-  return _append(cache, k, v)
+  if (impl or cache.config.append_impl) == "xla":
+    return _append(cache, k, v)
+  # pylint: disable-next=g-import-not-at-top (the kernel imports this module)
+  from turboquant_jax.kernels.quantize_append import pallas_gpu
+  if impl is None and (jax.default_backend() != "gpu"
+                       or pallas_gpu.supported(cache, k.shape[2])):
+    return _append(cache, k, v)
+  return pallas_gpu.append_jit(cache, k, v, interpret=interpret)
 
 
 @jax.jit

@@ -118,4 +118,6 @@ def invert(rot: Rotation, y: jax.Array) -> jax.Array:
 
 def as_matrix(rot: Rotation) -> jax.Array:
   """The D x D matrix Π (for tests and kernels that prefer a matmul)."""
+  if rot.matrix is not None:
+    return rot.matrix
   return apply(rot, jnp.eye(rot.dim, dtype=jnp.float32)).T

@@ -509,25 +509,33 @@ def _attention(q, cache, lengths, scale, splits, lookup_mode, layout,
                             tile_rows=tile_rows, key_registers=key_registers,
                             skip_empty_splits=skip_empty_splits,
                             transpose_p=transpose_p)
+    rotate = None
     if rotate_in_kernel and _rotatable(inp, cache):
-      q_raw = parts.grouped_queries(q, cache.kv_heads) * scale
-      rotations = [x.rotation.matrix if x.rotation.matrix is not None
-                   else rotation.as_matrix(x.rotation)
-                   for x in (cache.key_quantizer, cache.value_quantizer)]
+      rotate = (parts.grouped_queries(q, cache.kv_heads) * scale,
+                rotation.as_matrix(cache.key_quantizer.rotation),
+                rotation.as_matrix(cache.value_quantizer.rotation))
+    if rotate is not None or (combine == "columns" and len(
+        inp.value_specs) == 1 and not cache.config.window):
       (acc,), m, l = run(inp, splits=splits, lookup_mode=lookup_mode,
                          stages=stages, interpret=interpret, columns=True,
-                         rotate=(q_raw, *rotations))
-      return parts.finish_columns(acc, m, l, q, cache, rotated=True)
-    if combine == "columns" and len(inp.value_specs) == 1 and not (
-        cache.config.window):
-      (acc,), m, l = run(inp, splits=splits, lookup_mode=lookup_mode,
-                         stages=stages, interpret=interpret, columns=True)
-      return parts.finish_columns(acc, m, l, q, cache)
+                         rotate=rotate)
+      return parts.finish_columns(acc, m, l, q, cache,
+                                  rotated=rotate is not None)
   else:
     run = fused_attention
   acc, m, l = run(inp, splits=splits, lookup_mode=lookup_mode,
                   stages=stages, interpret=interpret)
   return parts.finish(acc, m, l, q, cache, lengths, scale)
+
+
+def interpret_params(interpret) -> plgpu.InterpretGPUParams | None:
+  """A kernel's interpret argument: None runs Mosaic GPU's interpret mode
+  off a GPU, True always, False never (or interpret params as given)."""
+  if interpret is None:
+    interpret = jax.default_backend() != "gpu"
+  if interpret is True:
+    return plgpu.InterpretGPUParams()
+  return None if interpret is False else interpret
 
 
 def _rotatable(inp: parts.KernelInputs, cache) -> bool:
@@ -653,12 +661,7 @@ def attention(q: jax.Array, cache, lengths: jax.Array, *,
   skip_empty_splits = (tokens if skip_empty_splits is None
                        else skip_empty_splits)
   rotate_in_kernel = tokens if rotate_in_kernel is None else rotate_in_kernel
-  if interpret is None:
-    interpret = jax.default_backend() != "gpu"
-  if interpret is True:
-    interpret = plgpu.InterpretGPUParams()
-  if interpret is False:
-    interpret = None
+  interpret = interpret_params(interpret)
   if splits is None:
     splits = default_splits(cache, layout)
   scale = q.shape[-1] ** -0.5 if scale is None else scale

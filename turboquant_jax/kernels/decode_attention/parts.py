@@ -82,6 +82,22 @@ def grouped_queries(q: jax.Array, kv_heads: int) -> jax.Array:
   return jnp.moveaxis(q, 1, 2).reshape(b, kv_heads, t * (h // kv_heads), d)
 
 
+def ungrouped(out: jax.Array, tokens: int) -> jax.Array:
+  """grouped_queries' inverse: f32[B, K, T·G, D] -> f32[B, T, H, D]."""
+  b, kv, _, d = out.shape
+  out = out.reshape(b, kv, tokens, -1, d)
+  return jnp.moveaxis(out, 2, 1).reshape(b, tokens, -1, d)
+
+
+def _split_weights(m: jax.Array, m_all: jax.Array) -> tuple:
+  """(m_safe, factor): the overall max (0 where no token counts) and each
+  split's softmax weight exp(m - m_safe) (0 for an empty split).
+  m: [B, K, NS, ...]; m_all: [B, K, ...], at least max over NS of m."""
+  m_safe = jnp.where(jnp.isfinite(m_all), m_all, 0.0)
+  return m_safe, jnp.where(jnp.isfinite(m),
+                           jnp.exp(m - m_safe[:, :, None]), 0.0)
+
+
 def positions(lengths, capacity: int, window: int, tokens: int):
   """(qlen, qpos_end) of KernelInputs from the given lengths (arrays or
   scalars, inside a kernel too)."""
@@ -198,8 +214,7 @@ def finish(acc: list[jax.Array], m: jax.Array, l: jax.Array, q: jax.Array,
                     precision=_HI) * scale
     sw = jnp.where(valid, sw, -jnp.inf)
     m_all = jnp.maximum(m_all, jnp.max(sw, axis=-1))
-  m_safe = jnp.where(jnp.isfinite(m_all), m_all, 0.0)
-  factor = jnp.where(jnp.isfinite(m), jnp.exp(m - m_safe[:, :, None]), 0.0)
+  m_safe, factor = _split_weights(m, m_all)
   denom = jnp.sum(l * factor, axis=2)                          # [B, K, M]
   if w:
     pw = jnp.where(valid, jnp.exp(sw - m_safe[..., None]), 0.0)
@@ -223,8 +238,7 @@ def finish(acc: list[jax.Array], m: jax.Array, l: jax.Array, q: jax.Array,
     out = out + jnp.einsum("bkmw,bkwd->bkmd", pw * inv,
                            cache.window_values.astype(jnp.float32),
                            precision=_HI)
-  out = out.reshape(b, kv, t, g, d)
-  return jnp.moveaxis(out, 2, 1).reshape(b, t, h, d)
+  return ungrouped(out, t)
 
 
 def finish_columns(acc: jax.Array, m: jax.Array, l: jax.Array, q: jax.Array,
@@ -236,12 +250,7 @@ def finish_columns(acc: jax.Array, m: jax.Array, l: jax.Array, q: jax.Array,
   softmax sum comes last: fewer XLA launches than finish() is the aim.
   rotated: acc is already in the original domain (the kernel rotated it).
   """
-  b, t, h, d = q.shape
-  kv = cache.kv_heads
-  g = h // kv
-  m_all = jnp.max(m, axis=2)                                  # [B, K, N]
-  m_safe = jnp.where(jnp.isfinite(m_all), m_all, 0.0)
-  factor = jnp.where(jnp.isfinite(m), jnp.exp(m - m_safe[:, :, None]), 0.0)
+  _, factor = _split_weights(m, jnp.max(m, axis=2))           # [B,K,NS,N]
   denom = jnp.sum(l * factor, axis=2)                          # [B, K, N]
   a = jnp.sum(acc * factor[:, :, :, None, :], axis=2)          # [B,K,Dp,N]
   rot = cache.value_quantizer.rotation
@@ -251,11 +260,10 @@ def finish_columns(acc: jax.Array, m: jax.Array, l: jax.Array, q: jax.Array,
     out = jnp.einsum("bkin,ij->bknj", a, rot.matrix, precision=_HI)
   else:
     out = rotation.invert(rot, jnp.swapaxes(a, 2, 3))          # [B,K,N,D]
-  m_rows = t * g
+  t, m_rows = q.shape[1], q.shape[1] * q.shape[2] // cache.kv_heads
   out = out[:, :, :m_rows] / jnp.maximum(denom[:, :, :m_rows],
                                          1e-30)[..., None]
-  out = out.reshape(b, kv, t, g, d)
-  return jnp.moveaxis(out, 2, 1).reshape(b, t, h, d)
+  return ungrouped(out, t)
 
 
 # ------------------------------------------------- in-kernel code unpacking

@@ -44,6 +44,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from turboquant_jax.cache import turboquant_cache
+from turboquant_jax.kernels.decode_attention import pallas_gpu as attention_gpu
 from turboquant_jax.quant import packing
 from turboquant_jax.quant import rotation
 from turboquant_jax.quant import turboquant
@@ -177,25 +178,13 @@ def _kernel(lengths_ref, k_ref, v_ref, rot_ref, k_thr, k_cen, v_thr, v_cen,
 
 
 def _columns(kq, vq) -> jax.Array:
-  """f32[D, 2, D]: [j, t, i] = Π_t[i, j] for t = keys, values (Πᵀ of a
-  matrix rotation, Π applied to the identity for a structured one)."""
-  def transposed(rot):
-    if rot.matrix is not None:
-      return rot.matrix.T
-    return rotation.apply(rot, jnp.eye(rot.dim, dtype=jnp.float32))
-  return jnp.stack([transposed(kq.rotation), transposed(vq.rotation)], 1)
+  """f32[D, 2, D]: [j, t, i] = Π_t[i, j] for t = keys, values."""
+  return jnp.stack([rotation.as_matrix(kq.rotation).T,
+                    rotation.as_matrix(vq.rotation).T], 1)
 
 
 def _spec(q: turboquant.Quantizer) -> dict:
   return dict(dim=q.dim, bits=q.mse_bits, correction=q.norm_correction)
-
-
-def _interpret_params(interpret):
-  if interpret is None:
-    interpret = jax.default_backend() != "gpu"
-  if interpret is True:
-    return plgpu.InterpretGPUParams()
-  return None if interpret is False else interpret
 
 
 def append(cache: turboquant_cache.TurboQuantCache, k: jax.Array,
@@ -223,7 +212,7 @@ def append(cache: turboquant_cache.TurboQuantCache, k: jax.Array,
       grid=(cache.batch, cache.kv_heads),
       grid_names=("b", "k"),
       scratch_types=[plgpu.SMEM((2, cache.head_dim), jnp.int32)],
-      interpret=_interpret_params(interpret))
+      interpret=attention_gpu.interpret_params(interpret))
   lengths = kernel(cache.lengths.astype(jnp.int32), keys, v[:, :, 0],
                    _columns(kq, vq), *tables, *refs)
   k_codes, k_norms, v_codes, v_norms = (r[...] for r in refs)
