@@ -423,9 +423,6 @@ def layer_steps():
 
 
 def _layer_steps(b):
-  h, kvh, d, cap, live, steps = 9, 3, 64, 9216, 8172, 20
-  q = jax.random.normal(jax.random.key(0), (b, h, d), jnp.bfloat16)
-  k = jax.random.normal(jax.random.key(1), (b, kvh, 1, d), jnp.bfloat16)
   variants = (("full", "xla", "xla", {}), ("full", "cudnn", "xla", {}),
               (4, None, "xla", {}),
               (4, None, "pallas_gpu", dict(rotate_in_kernel=False)),
@@ -437,36 +434,43 @@ def _layer_steps(b):
                                            rotate_in_kernel=False)),
               (3, None, "pallas_gpu", {}))
   for bits, impl, append_impl, opts in variants:
-    if bits == "full":
-      c = cache_lib.init(cache_lib.CacheConfig(kind="full",
-                                               dtype="bfloat16"),
-                         b, kvh, cap, d)
-    else:
-      c = _partial_cache(bits, b, kvh, cap, d, live)
-    c = jax.tree.map(jnp.copy, c)        # no leaf shares a buffer (donated)
-
-    def body(_, carry, impl=impl, opts=opts, append_impl=append_impl):
-      q, c = carry
-      if append_impl == "xla":
-        c = cache_lib.append(c, k, k)
-      else:
-        c = turboquant_cache.append(c, k, k, impl=append_impl)
-      o = da.decode_attention(q, c, c.lengths, impl=impl, **opts)
-      return q + (o[0, 0, 0] * 0).astype(q.dtype), c
-
-    fn = jax.jit(lambda q, c: jax.lax.fori_loop(0, steps, body, (q, c)),
-                 donate_argnums=1)
-    reset = lambda s: (s[0], dataclasses.replace(
-        s[1], lengths=jnp.full((b,), live, jnp.int32)))
     try:
-      ms, _ = timing.time_in_place_ms(lambda s: fn(*s), (q, c), reset,
-                                      warmup=1, reps=5)
+      us = _layer_us(b, bits, impl, append_impl, opts)
       print(f"B={b} layer {bits} attention {impl} append {append_impl} "
-            f"{opts}: "
-            f"{ms / steps * 1e3:.1f} us per step", flush=True)
+            f"{opts}: {us:.1f} us per step", flush=True)
     except Exception as e:  # noqa: BLE001 - a probe reports failures
       print(f"layer {bits} {impl} {append_impl} FAIL {type(e).__name__}: "
             f"{str(e)[:600]}", flush=True)
+
+
+def _layer_us(b, bits, impl, append_impl, opts) -> float:
+  """Device µs of one SmolLM2 layer's decode cache work (append, attend)."""
+  h, kvh, d, cap, live, steps = 9, 3, 64, 9216, 8172, 20
+  q = jax.random.normal(jax.random.key(0), (b, h, d), jnp.bfloat16)
+  k = jax.random.normal(jax.random.key(1), (b, kvh, 1, d), jnp.bfloat16)
+  if bits == "full":
+    c = cache_lib.init(cache_lib.CacheConfig(kind="full", dtype="bfloat16"),
+                       b, kvh, cap, d)
+  else:
+    c = _partial_cache(bits, b, kvh, cap, d, live)
+  c = jax.tree.map(jnp.copy, c)          # no leaf shares a buffer (donated)
+
+  def body(_, carry):
+    q, c = carry
+    if append_impl == "xla":
+      c = cache_lib.append(c, k, k)
+    else:
+      c = turboquant_cache.append(c, k, k, impl=append_impl)
+    o = da.decode_attention(q, c, c.lengths, impl=impl, **opts)
+    return q + (o[0, 0, 0] * 0).astype(q.dtype), c
+
+  fn = jax.jit(lambda q, c: jax.lax.fori_loop(0, steps, body, (q, c)),
+               donate_argnums=1)
+  reset = lambda s: (s[0], dataclasses.replace(
+      s[1], lengths=jnp.full((b,), live, jnp.int32)))
+  ms, _ = timing.time_in_place_ms(lambda s: fn(*s), (q, c), reset,
+                                  warmup=1, reps=5)
+  return ms / steps * 1e3
 
 
 def fused_append():

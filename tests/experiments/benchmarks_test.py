@@ -59,14 +59,18 @@ class KernelBenchTest(absltest.TestCase):
 
   def test_config_runs_the_kernel_defaults(self):
     # The sweep's explicit pallas_gpu options are the kernel's defaults
-    # (None resolves to on for layout="tokens"), so a plain run measures
+    # (None resolves to on for layout="tokens"; a None left in the config
+    # is the kernel's own per-shape default), so a plain run measures
     # what impl=None runs.
     options = dict(kernel_bench_config.get_config().pallas_gpu)
     defaults = decode_bench.kernel_defaults()
     tokens = defaults["layout"] == "tokens"
     for name, value in options.items():
       want = defaults[name]
-      self.assertEqual(value, tokens if want is None else want, name)
+      if value is None:
+        self.assertIsNone(want, name)
+      else:
+        self.assertEqual(value, tokens if want is None else want, name)
 
 
 class DecodeBenchTest(absltest.TestCase):

@@ -490,6 +490,12 @@ def fused_attention(inp: parts.KernelInputs, *, splits: int = 8,
 LAYOUTS = ("queries", "tokens")
 
 
+# rotate_in_kernel's default up to this head dim: its f16 rotation tiles
+# take 2·D²·2 bytes of SMEM (16 KB at D=64, 64 KB at 128, where they cost
+# programs per SM and more time than the XLA rotations they replace).
+ROTATE_IN_KERNEL_MAX_DIM = 64
+
+
 COMBINES = ("rows", "columns")
 
 
@@ -626,12 +632,16 @@ def attention(q: jax.Array, cache, lengths: jax.Array, *,
       no window, D <= 128 (else ignored): the kernel rotates the queries
       (Π_k q) and its outputs (Π_vᵀ) itself on the tensor cores, in f16,
       and the splits merge as with combine="columns": two XLA products
-      and a transpose fewer. None: on for "tokens". On the H200 (SmolLM2
-      decode, 9/3 heads, D=64, 8192 tokens) one layer's append + attention
-      took 40.8 µs against 48.4 at B=1 (3 bits: 38.7 against 47.4), and
-      99.2-105.1 against 103.6-104.4 at B=32; errors against the reference
-      3.2e-4 to 8.7e-4 of the output scale (results/decode_bench/h200_v8/
-      probes.txt).
+      and a transpose fewer. None: on for "tokens" at D <= 64
+      (ROTATE_IN_KERNEL_MAX_DIM). On the H200 (SmolLM2 decode, 9/3 heads,
+      D=64, 8192 tokens) one layer's append + attention took 40.8 µs
+      against 48.4 at B=1 (3 bits: 38.7 against 47.4), and 99.2-105.1
+      against 103.6-104.4 at B=32; errors against the reference 3.2e-4 to
+      8.7e-4 of the output scale (results/decode_bench/h200_v8/
+      probes.txt). At D=128 its rotation tiles (64 KB of SMEM) cost
+      programs per SM: B=8, 32/8 heads, S=128k, 4 bits 1.002 ms against
+      0.874 without (16k: 0.173 against 0.141; results/kernel_bench/
+      h200_device_time/).
     interpret: None uses Mosaic GPU interpret mode when the backend is not
       a GPU.
   """
@@ -660,7 +670,8 @@ def attention(q: jax.Array, cache, lengths: jax.Array, *,
   transpose_p = tokens if transpose_p is None else transpose_p
   skip_empty_splits = (tokens if skip_empty_splits is None
                        else skip_empty_splits)
-  rotate_in_kernel = tokens if rotate_in_kernel is None else rotate_in_kernel
+  if rotate_in_kernel is None:
+    rotate_in_kernel = tokens and q.shape[-1] <= ROTATE_IN_KERNEL_MAX_DIM
   interpret = interpret_params(interpret)
   if splits is None:
     splits = default_splits(cache, layout)

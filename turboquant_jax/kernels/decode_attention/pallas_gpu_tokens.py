@@ -18,14 +18,16 @@ quarter of the softmax and of the accumulator registers. Everything else
 (TMA pipeline, unpacking, centroid lookup, 24-byte rows, prod keys as sign
 parts, the XLA work before and after) is pallas_gpu's.
 
-With `rotate` (pallas_gpu's rotate_in_kernel, the default for one mse key
-part, one value part, no window, D <= 128) the kernel also takes the
-queries unrotated and the two rotations (f32 [D, D], converted to f16
-64 x 64 tiles in SMEM): before the tiles, Q_rotᵀ = Π_k · Qᵀ (one wgmma per
-tile pair, written back into the queries' SMEM); after them, Oᵀ = Π_vᵀ ·
-Oᵀ_rot, so what it writes is in the original domain and XLA only merges
-the splits. At B = 1 that took a SmolLM2 decode layer from 48.4 to 40.8 µs
-on the H200 (results/decode_bench/h200_v8/probes.txt).
+With `rotate` (pallas_gpu's rotate_in_kernel: possible for one mse key
+part, one value part, no window, D <= 128; the default at D <= 64) the
+kernel also takes the queries unrotated and the two rotations (f32 [D, D],
+converted to f16 64 x 64 tiles in SMEM): before the tiles, Q_rotᵀ = Π_k ·
+Qᵀ (one wgmma per tile pair, written back into the queries' SMEM); after
+them, Oᵀ = Π_vᵀ · Oᵀ_rot, so what it writes is in the original domain and
+XLA only merges the splits. At B = 1 that took a SmolLM2 decode layer from
+48.4 to 40.8 µs on the H200 (results/decode_bench/h200_v8/probes.txt); at
+D = 128 the 64 KB of rotation tiles cost more than they save (B=8, S=128k,
+4 bits: 1.002 ms against 0.874, results/kernel_bench/h200_device_time/).
 
 A wgmma reads A and B with one swizzle, so the V tiles are stored with
 Pᵀ's (32 bytes for 16 columns, 64 for 32, 128 for 64), unless Pᵀ goes
