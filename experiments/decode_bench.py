@@ -93,6 +93,22 @@ def decode_steps(model, tokens, caches, lengths, *, impl, steps: int):
   return jax.lax.fori_loop(0, steps, step, (tokens, caches))
 
 
+def filled_caches(model, config, batch: int, kind: str, key_bits,
+                  value_bits, append_impl: str) -> tuple:
+  """(tokens i32[B, 1], one cache per layer filled at config.context
+  tokens of config.capacity) for a row of config.caches."""
+  cfg = (cache_lib.CacheConfig(kind="full", dtype="bfloat16")
+         if kind == "full" else
+         cache_lib.CacheConfig(kind=kind, key_bits=key_bits,
+                               value_bits=value_bits, append_impl=append_impl))
+  caches = model.init_caches(batch, config.capacity, cfg, jax.random.key(1))
+  caches = tuple(_filled(c, jax.random.fold_in(jax.random.key(2), i),
+                         config.context) for i, c in enumerate(caches))
+  tokens = jax.random.randint(jax.random.key(3), (batch, 1), 0,
+                              SMOLLM2.vocab_size)
+  return tokens, caches
+
+
 def kernel_defaults() -> dict:
   """pallas_gpu.attention's default options (what impl=None runs on a GPU
   for a TurboQuant cache), recorded with each row that may use them."""
@@ -111,18 +127,10 @@ def run(config, workdir) -> list[dict]:
     for name, kind, kb, vb, impl, append_impl in config.caches:
       if (batch, name) in done:
         continue
-      cfg = (cache_lib.CacheConfig(kind="full", dtype="bfloat16")
-             if kind == "full" else
-             cache_lib.CacheConfig(kind=kind, key_bits=kb, value_bits=vb,
-                                   append_impl=append_impl))
-      caches = model.init_caches(batch, config.capacity, cfg,
-                                 jax.random.key(1))
-      caches = tuple(_filled(c, jax.random.fold_in(jax.random.key(2), i),
-                             config.context) for i, c in enumerate(caches))
+      tokens, caches = filled_caches(model, config, batch, kind, kb, vb,
+                                     append_impl)
       mem = cache_lib.memory(caches[0])
       lengths = caches[0].lengths
-      tokens = jax.random.randint(jax.random.key(3), (batch, 1), 0,
-                                  SMOLLM2.vocab_size)
       steps = config.steps_per_call
       # Each call appends `steps` tokens after the same `context` ones (the
       # lengths reset; what lies past them is overwritten), so every call

@@ -20,6 +20,7 @@ from configs import decode_bench as decode_bench_config
 from configs import kernel_bench as kernel_bench_config
 from experiments import decode_bench
 from experiments import kernel_bench
+from experiments.probes import step_trace
 from turboquant_jax import results
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
@@ -93,6 +94,42 @@ class DecodeBenchTest(absltest.TestCase):
     self.assertIsNone(by_cache["full-bf16"]["kernel_options"])
     self.assertEqual(by_cache["tq4"]["kernel_options"]["lookup_mode"], "prmt")
     self.assertIn("skip_empty_splits", by_cache["tq4"]["kernel_options"])
+
+
+class StepTraceTest(absltest.TestCase):
+
+  def test_summarize_per_step(self):
+    # Two steps of three kernels, names numbered as XLA numbers fusions.
+    events = [("loop_pad_fusion_12", 0, 2000), ("mosaic_kernel", 2500, 9000),
+              ("input_reduce_fusion.3", 12000, 3000),
+              ("loop_pad_fusion_13", 20000, 2000),
+              ("mosaic_kernel", 22500, 9000),
+              ("input_reduce_fusion.4", 32000, 3000)]
+    k = step_trace.summarize(events, steps=2)
+    self.assertEqual(k.launches, 3)
+    self.assertAlmostEqual(k.busy_us, 14.0)
+    self.assertAlmostEqual(k.span_us, 17.5)
+    self.assertEqual(k.by_name["loop_pad_fusion"], (1.0, 2.0))
+    self.assertEqual(k.by_name["input_reduce_fusion"], (1.0, 3.0))
+    self.assertEqual(step_trace.kernel_name("fusion_1_2"), "fusion")
+
+  def test_reads_a_trace(self):
+    # A CPU trace has no device plane: the host plane's events stand in,
+    # and the traced call is among them.
+    import jax  # pylint: disable=g-import-not-at-top
+    f = jax.jit(lambda x: (x @ x).sum())
+    x = jax.numpy.ones((64, 64))
+    f(x).block_until_ready()
+    with tempfile.TemporaryDirectory() as tmp:
+      jax.profiler.start_trace(tmp)
+      f(x).block_until_ready()
+      jax.profiler.stop_trace()
+      events = step_trace.kernel_events(tmp)
+    self.assertTrue(any("<lambda>" in name for name, _, _ in events),
+                    sorted({n for n, _, _ in events})[:20])
+    with tempfile.TemporaryDirectory() as tmp:
+      with self.assertRaises(FileNotFoundError):
+        step_trace.kernel_events(tmp)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,134 @@
+"""Every kernel of a real SmolLM2 decode step, from a profiler trace.
+
+Nsight Compute lists kernels of one layer's cache work outside the model
+(ncu_probe); what a decode loop really launches can differ (XLA fuses the
+cache's small ops with the model's, hoists loop invariants). This probe
+runs decode_bench's jitted loop (same model, caches, donation) once under
+`jax.profiler` and reads the trace back with `jax.profiler.ProfileData`:
+per cache, the kernels per step, their summed device time per step, the
+step's span (busy time plus gaps between launches), and the kernels that
+take the most time, names without their numeric suffixes.
+
+    python -m experiments.probes.step_trace [--batch=1] [--steps=8]
+        [--caches=full-bf16,tq4]   (names from configs/decode_bench.py)
+"""
+
+import collections
+import dataclasses
+import glob
+import os
+import re
+import sys
+import tempfile
+
+import jax
+from flax import nnx
+
+from configs import decode_bench as decode_bench_config
+from experiments import decode_bench
+from turboquant_jax import model as model_lib
+
+
+@dataclasses.dataclass
+class StepKernels:
+  """Kernels of `steps` decode steps on the device's kernel lines."""
+  launches: int
+  busy_us: float                       # summed kernel durations
+  span_us: float                       # first start to last end
+  by_name: dict[str, tuple[int, float]]  # name -> (launches, summed us)
+
+
+def _arg(name: str, default: str) -> str:
+  for a in sys.argv[1:]:
+    if a.startswith(f"--{name}="):
+      return a.split("=", 1)[1]
+  return default
+
+
+def kernel_name(name: str) -> str:
+  """A kernel's name without the numeric suffixes XLA numbers fusions
+  with (loop_pad_fusion_12 -> loop_pad_fusion)."""
+  return re.sub(r"([._]\d+)+$", "", name)
+
+
+def kernel_events(trace_dir: str) -> list[tuple[str, float, float]]:
+  """(name, start_ns, duration_ns) of every event on the first device
+  plane's kernel lines ("Stream ..."; all its lines if none is named so),
+  read from the newest .xplane.pb under trace_dir. Without a device (a
+  CPU smoke run) the host plane's events stand in: host calls, not
+  kernels."""
+  files = sorted(glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"),
+                           recursive=True), key=os.path.getmtime)
+  if not files:
+    raise FileNotFoundError(f"no .xplane.pb under {trace_dir}")
+  data = jax.profiler.ProfileData.from_file(files[-1])
+  planes = ([p for p in data.planes if p.name.startswith("/device:")]
+            or [p for p in data.planes if p.name == "/host:CPU"])
+  if not planes:
+    raise ValueError("the trace has no device or CPU plane: "
+                     f"{[p.name for p in data.planes]}")
+  lines = list(planes[0].lines)
+  streams = [ln for ln in lines if ln.name.startswith("Stream")] or lines
+  return [(e.name, e.start_ns, e.duration_ns)
+          for ln in streams for e in ln.events]
+
+
+def summarize(events, steps: int) -> StepKernels:
+  """Per-step counts and times of the kernel events of `steps` steps."""
+  if not events:
+    return StepKernels(0, 0.0, 0.0, {})
+  by_name = collections.defaultdict(lambda: [0, 0.0])
+  for name, _, dur in events:
+    entry = by_name[kernel_name(name)]
+    entry[0] += 1
+    entry[1] += dur / 1e3
+  start = min(s for _, s, _ in events)
+  end = max(s + d for _, s, d in events)
+  return StepKernels(
+      launches=round(len(events) / steps),
+      busy_us=sum(d for _, _, d in events) / 1e3 / steps,
+      span_us=(end - start) / 1e3 / steps,
+      by_name={k: (v[0] / steps, v[1] / steps) for k, v in by_name.items()})
+
+
+def trace_steps(name: str, batch: int, steps: int) -> StepKernels:
+  """Runs decode_bench's loop for cache `name` once (after a warm-up)
+  under the profiler; the kernels of its steps."""
+  config = decode_bench_config.get_config(
+      "scale=full" if jax.default_backend() == "gpu" else "scale=cpu")
+  row = {c[0]: c for c in config.caches}[name]
+  _, kind, kb, vb, impl, append_impl = row
+  model = model_lib.Transformer(decode_bench.SMOLLM2,
+                                rngs=nnx.Rngs(config.seed))
+  tokens, caches = decode_bench.filled_caches(model, config, batch, kind, kb,
+                                              vb, append_impl)
+  lengths = jax.numpy.copy(caches[0].lengths)   # the caches are donated
+  run = lambda tokens, caches: decode_bench.decode_steps(
+      model, tokens, caches, lengths, impl=impl, steps=steps)
+  tokens, caches = jax.block_until_ready(run(tokens, caches))
+  caches = tuple(dataclasses.replace(c, lengths=jax.numpy.copy(lengths))
+                 for c in caches)
+  with tempfile.TemporaryDirectory() as tmp:
+    jax.profiler.start_trace(tmp)
+    jax.block_until_ready(run(tokens, caches))
+    jax.profiler.stop_trace()
+    return summarize(kernel_events(tmp), steps)
+
+
+def main():
+  batch = int(_arg("batch", "1"))
+  steps = int(_arg("steps", "8"))
+  names = _arg("caches", "full-bf16,tq4").split(",")
+  print("jax", jax.__version__, jax.devices()[0].device_kind, f"B={batch}",
+        f"{steps} steps", flush=True)
+  for name in names:
+    k = trace_steps(name, batch, steps)
+    print(f"\n{name}: {k.launches} kernels a step, busy {k.busy_us:.1f} us, "
+          f"span {k.span_us:.1f} us a step", flush=True)
+    top = sorted(k.by_name.items(), key=lambda kv: -kv[1][1])[:25]
+    for kname, (count, us) in top:
+      print(f"  {us:8.1f} us  {count:6.1f} x  {kname[:90]}")
+
+
+if __name__ == "__main__":
+  main()
