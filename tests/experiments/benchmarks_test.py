@@ -20,6 +20,7 @@ from configs import decode_bench as decode_bench_config
 from configs import kernel_bench as kernel_bench_config
 from experiments import decode_bench
 from experiments import kernel_bench
+from experiments.probes import sass_census
 from experiments.probes import step_trace
 from turboquant_jax import results
 # pylint: enable=g-import-not-at-top,wrong-import-position
@@ -130,6 +131,48 @@ class StepTraceTest(absltest.TestCase):
     with tempfile.TemporaryDirectory() as tmp:
       with self.assertRaises(FileNotFoundError):
         step_trace.kernel_events(tmp)
+
+
+class SassCensusTest(absltest.TestCase):
+
+  # An nvdisasm-style listing: a prologue, a loop closed by a predicated
+  # backward branch to a label, a forward branch, and an exit.
+  LISTING = """
+        /*0000*/                   LDC R1, c[0x0][0x28] ;   /* 0x0 */
+        /*0010*/                   S2R R0, SR_TID.X ;
+.L_x_1:
+        /*0020*/                   PRMT R4, R2, 0x3210, R3 ;
+        /*0030*/                   LOP3.LUT R5, R4, 0x8888, RZ, 0x3c, !PT ;
+        /*0040*/                   PRMT R6, R4, 0x7654, R5 ;
+        /*0050*/                   HGMMA.64x16x16.F32 R24, gdesc[UR4], R24 ;
+        /*0060*/                   FFMA R7, R6, R6, R7 ;
+        /*0070*/              @!P0 BRA `(.L_x_2) ;
+        /*0080*/                   SYNCS.ARRIVE.TRANS64 RZ, [UR8], RZ ;
+        /*0090*/               @P1 BRA `(.L_x_1) ;
+.L_x_2:
+        /*00a0*/                   BRA 0x20 ;
+        /*00b0*/                   EXIT ;
+"""
+
+  def test_parses_instructions_labels_and_loops(self):
+    instrs, labels = sass_census.parse(self.LISTING)
+    self.assertLen(instrs, 12)
+    self.assertEqual(labels, {".L_x_1": 0x20, ".L_x_2": 0xa0})
+    self.assertEqual(instrs[3].opcode, "LOP3")
+    self.assertEqual(instrs[5].opcode, "HGMMA")
+    bodies = sass_census.loops(instrs, labels)
+    # BRA 0x20 closes 0x20-0xa0 (9), @P1 BRA .L_x_1 0x20-0x90 (8); the
+    # forward @!P0 BRA is no loop.
+    self.assertEqual([len(b) for b in bodies], [9, 8])
+    ops, classes = sass_census.census(bodies[1])
+    self.assertEqual(ops["PRMT"], 2)
+    self.assertEqual(classes["integer"], 3)
+    self.assertEqual(classes["tensor"], 1)
+    self.assertEqual(classes["f32"], 1)
+    self.assertEqual(classes["sync"], 1)
+    self.assertEqual(classes["control"], 2)
+    self.assertIn("loop of 9 instructions",
+                  sass_census.report(self.LISTING, minimum=5))
 
 
 if __name__ == "__main__":

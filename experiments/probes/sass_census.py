@@ -1,0 +1,179 @@
+"""Instruction census of the decode kernel's SASS: what one tile costs.
+
+Nsight Compute says the kernel is issue-bound (NOTES.md, session 6), so
+its speed is the number of instructions a thread issues per 64-token tile.
+This probe compiles the kernel at the B=8, D=128 benchmark shape with
+Mosaic GPU's SASS dump on (MOSAIC_GPU_DUMP_SASS, MOSAIC_GPU_DUMP_TO), finds
+the loops in the dump (backward branches), and prints, per loop of more
+than `--min=100` instructions, its length and its opcodes by count and by
+class (integer ALU, f32, conversions, shared/global memory, tensor cores,
+barriers and control): the static cost of one trip, per thread.
+
+    python -m experiments.probes.sass_census [--bits=4] [--dir=DUMP]
+(--dir: only parse an existing dump; on a CPU only that works.)
+"""
+
+import collections
+import dataclasses
+import glob
+import os
+import re
+import sys
+import tempfile
+
+_INSTR = re.compile(
+    r"/\*([0-9a-fA-F]{4,})\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_]*)"
+    r"((?:\.[A-Z0-9_]+)*)([^;]*);")
+_LABEL = re.compile(r"^\s*(\.L_x_\d+|\.L_\w+):")
+_TARGET = re.compile(r"`\((\.L_\w+)\)|\b(0x[0-9a-fA-F]+)\b")
+
+CLASSES = {
+    "integer": ("IADD3", "IADD", "LOP3", "LOP", "SHF", "SHL", "SHR", "PRMT",
+                "IMAD", "IMUL", "ISETP", "SEL", "LEA", "IABS", "IMNMX",
+                "BFE", "BFI", "POPC", "FLO", "BMSK", "SGXT", "VIADD",
+                "VIMNMX", "UIADD3", "ULOP3", "USHF", "UIMAD", "ULEA",
+                "USEL", "UISETP", "UPRMT", "UMOV", "MOV", "PLOP3", "P2R",
+                "R2P", "S2R", "S2UR", "CS2R", "R2UR"),
+    "f32": ("FFMA", "FMUL", "FADD", "FMNMX", "FSETP", "FSEL", "MUFU",
+            "FCHK", "FSWZADD"),
+    "f16": ("HFMA2", "HMUL2", "HADD2", "HMNMX2", "HSETP2"),
+    "convert": ("F2F", "F2FP", "I2F", "F2I", "I2FP", "F2IP", "FRND"),
+    "shared": ("LDS", "STS", "LDSM", "STSM", "ATOMS"),
+    "global": ("LDG", "STG", "LD", "ST", "RED", "ATOM", "LDC", "ULDC",
+               "UTMALDG", "UTMASTG", "UBLKCP", "UTMACMDFLUSH",
+               "UTMAPF"),
+    "tensor": ("HGMMA", "IGMMA", "QGMMA", "HMMA", "IMMA", "WARPGROUP"),
+    "sync": ("BAR", "SYNCS", "MEMBAR", "FENCE", "DEPBAR", "WARPSYNC",
+             "ARRIVES", "NANOSLEEP", "ERRBAR", "CCTL"),
+    "control": ("BRA", "BRX", "EXIT", "RET", "CALL", "BSSY", "BSYNC",
+                "YIELD", "NOP", "VOTE", "VOTEU", "SHFL", "ELECT"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Instr:
+  address: int
+  opcode: str          # without modifiers: PRMT, LOP3, HGMMA, ...
+  text: str            # opcode with modifiers and operands
+
+
+def parse(text: str) -> tuple[list[Instr], dict[str, int]]:
+  """Instructions of an nvdisasm/cuobjdump listing, and its labels'
+  addresses (the next instruction's)."""
+  instrs, labels, pending = [], {}, []
+  for line in text.splitlines():
+    label = _LABEL.match(line)
+    if label:
+      pending.append(label.group(1))
+      continue
+    m = _INSTR.search(line)
+    if not m:
+      continue
+    address = int(m.group(1), 16)
+    for name in pending:
+      labels[name] = address
+    pending = []
+    instrs.append(Instr(address, m.group(2),
+                        (m.group(2) + m.group(3) + m.group(4)).strip()))
+  return instrs, labels
+
+
+def loops(instrs: list[Instr], labels: dict[str, int]) -> list[list[Instr]]:
+  """The bodies of backward branches (target at or before the branch),
+  each from its target to the branch, longest first."""
+  out = []
+  for i, ins in enumerate(instrs):
+    if ins.opcode not in ("BRA", "BRX"):
+      continue
+    m = _TARGET.search(ins.text)
+    if not m:
+      continue
+    target = labels.get(m.group(1)) if m.group(1) else int(m.group(2), 16)
+    if target is None or target > ins.address:
+      continue
+    out.append([x for x in instrs[:i + 1] if x.address >= target])
+  return sorted(out, key=len, reverse=True)
+
+
+def classify(opcode: str) -> str:
+  for name, members in CLASSES.items():
+    if opcode in members:
+      return name
+  return "other"
+
+
+def census(body: list[Instr]) -> tuple[collections.Counter,
+                                       collections.Counter]:
+  """(opcodes by count, classes by count) of a loop body."""
+  ops = collections.Counter(i.opcode for i in body)
+  classes = collections.Counter()
+  for op, count in ops.items():
+    classes[classify(op)] += count
+  return ops, classes
+
+
+def report(text: str, minimum: int = 100) -> str:
+  instrs, labels = parse(text)
+  lines = [f"{len(instrs)} instructions, {len(labels)} labels"]
+  for body in loops(instrs, labels):
+    if len(body) < minimum:
+      continue
+    ops, classes = census(body)
+    lines.append(f"\nloop of {len(body)} instructions "
+                 f"(0x{body[0].address:x}-0x{body[-1].address:x})")
+    lines.append("  by class: " + ", ".join(
+        f"{k} {v}" for k, v in classes.most_common()))
+    lines.append("  by opcode: " + ", ".join(
+        f"{k} {v}" for k, v in ops.most_common(20)))
+  return "\n".join(lines)
+
+
+def _arg(name: str, default: str | None) -> str | None:
+  for a in sys.argv[1:]:
+    if a.startswith(f"--{name}="):
+      return a.split("=", 1)[1]
+  return default
+
+
+def _compile_kernel(dump_dir: str, bits: int) -> None:
+  """Compiles and runs one decode-attention call with the SASS dump on."""
+  os.environ["MOSAIC_GPU_DUMP_SASS"] = "1"
+  os.environ["MOSAIC_GPU_DUMP_TO"] = dump_dir
+  # pylint: disable=g-import-not-at-top (the dump flags must be set first)
+  import jax
+  from experiments import kernel_bench
+  from turboquant_jax import cache as cache_lib
+  from turboquant_jax.kernels import decode_attention as da
+  cfg = cache_lib.CacheConfig(key_bits=bits, value_bits=bits)
+  c = kernel_bench.random_cache(jax.random.key(4), cfg, 8, 8, 32768, 128)
+  q = jax.random.normal(jax.random.key(0), (8, 32, 128))
+  jax.block_until_ready(jax.jit(lambda q, c: da.decode_attention(
+      q, c, c.lengths, impl="pallas_gpu"))(q, c))
+
+
+def main():
+  minimum = int(_arg("min", "100"))
+  dump_dir = _arg("dir", None)
+  if dump_dir is None:
+    dump_dir = os.environ.get("OUT") or tempfile.mkdtemp()
+    dump_dir = os.path.join(dump_dir, "sass")
+    os.makedirs(dump_dir, exist_ok=True)
+    _compile_kernel(dump_dir, int(_arg("bits", "4")))
+  files = [f for f in glob.glob(os.path.join(dump_dir, "**", "*"),
+                                recursive=True) if os.path.isfile(f)]
+  found = False
+  for path in sorted(files):
+    with open(path, errors="replace") as f:
+      text = f.read()
+    if not _INSTR.search(text):
+      continue
+    found = True
+    print(f"== {os.path.relpath(path, dump_dir)}")
+    print(report(text, minimum))
+  if not found:
+    print(f"no SASS listing among {len(files)} files under {dump_dir}: "
+          f"{[os.path.basename(f) for f in files][:20]}")
+
+
+if __name__ == "__main__":
+  main()
