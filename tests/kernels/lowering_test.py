@@ -139,6 +139,18 @@ class GpuLoweringTest(parameterized.TestCase):
     self.assertNotIn("stablehlo.scatter", text)
     self.assertNotIn("stablehlo.dot_general", text)
 
+  def test_int8_lookup_feeds_int8_wgmma(self):
+    # prmt_lookup's int8 block (not yet in the kernel): the looked-up
+    # registers as int8 wgmma A operands, queries as a K-major B (the
+    # device probe's kernel, mosaic_gpu_probe --int8).
+    # pylint: disable-next=g-import-not-at-top
+    from experiments.probes import mosaic_gpu_probe
+    f = jax.jit(lambda w, q: mosaic_gpu_probe.int8_scores(w, q, None))
+    text = f.trace(jnp.zeros((64, 64), jnp.uint8),
+                   jnp.zeros((16, 128), jnp.int8)).lower(
+                       lowering_platforms=("cuda",)).as_text()
+    self.assertIn("mosaic_gpu", text)
+
   def test_mismatched_wgmma_swizzles_fail_to_lower(self):
     # The check has teeth: V tiles with 128-byte rows against a 32-byte Pᵀ
     # (the first v4 layout, which failed on the H200; transpose_p, now on
