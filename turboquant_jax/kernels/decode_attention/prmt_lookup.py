@@ -249,14 +249,23 @@ def int8_ptx(centroids) -> str:
   }}"""
 
 
+def int8_chunk(plane_bytes: int) -> int:
+  """Code bytes per int8 operand: 64 (128 columns, a 128-byte swizzle) or
+  the whole plane if narrower."""
+  return min(64, plane_bytes)
+
+
 def int8_order(plane_bytes: int) -> np.ndarray:
-  """Coordinate of each int8 column: the lookup of a [R, P] 4-bit code tile
-  in the WGMMA layout yields [R, 2P] in the WGMMA_8BIT layout, column
-  16t + 4j + b holding nibble b % 2 of byte 8t + 2j + b // 2, i.e.
+  """Coordinate of each int8 column, chunk after chunk: the lookup of a
+  [R, c] slice (bytes hc..hc+c-1, c = int8_chunk) of a 4-bit part's code
+  tile in the WGMMA layout yields [R, 2c] in the WGMMA_8BIT layout, column
+  16t + 4j + b holding nibble b % 2 of byte hc + 8t + 2j + b // 2, i.e.
   coordinate (that byte) + (b % 2)·P. Queries must be permuted alike."""
+  c = int8_chunk(plane_bytes)
   k = np.arange(2 * plane_bytes)
+  h, k = k // (2 * c), k % (2 * c)
   t, j, b = k // 16, (k % 16) // 4, k % 4
-  return 8 * t + 2 * j + b // 2 + (b % 2) * plane_bytes
+  return h * c + 8 * t + 2 * j + b // 2 + (b % 2) * plane_bytes
 
 
 def lookup_int8(words: jax.Array, centroids, interpret: bool) -> tuple:
