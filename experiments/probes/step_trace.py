@@ -51,12 +51,9 @@ def kernel_name(name: str) -> str:
   return re.sub(r"([._]\d+)+$", "", name)
 
 
-def kernel_events(trace_dir: str) -> list[tuple[str, float, float]]:
-  """(name, start_ns, duration_ns) of every event on the first device
-  plane's kernel lines ("Stream ..."; all its lines if none is named so),
-  read from the newest .xplane.pb under trace_dir. Without a device (a
-  CPU smoke run) the host plane's events stand in: host calls, not
-  kernels."""
+def _device_plane(trace_dir: str):
+  """The first device plane (the host CPU plane without one) of the
+  newest .xplane.pb under trace_dir."""
   files = sorted(glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"),
                            recursive=True), key=os.path.getmtime)
   if not files:
@@ -67,7 +64,22 @@ def kernel_events(trace_dir: str) -> list[tuple[str, float, float]]:
   if not planes:
     raise ValueError("the trace has no device or CPU plane: "
                      f"{[p.name for p in data.planes]}")
-  lines = list(planes[0].lines)
+  return planes[0]
+
+
+def line_names(trace_dir: str) -> dict[str, int]:
+  """{line name: events} of that plane: what the kernel lines were."""
+  return {ln.name: len(list(ln.events))
+          for ln in _device_plane(trace_dir).lines}
+
+
+def kernel_events(trace_dir: str) -> list[tuple[str, float, float]]:
+  """(name, start_ns, duration_ns) of every event on the first device
+  plane's kernel lines ("Stream ..."; all its lines if none is named so),
+  read from the newest .xplane.pb under trace_dir. Without a device (a
+  CPU smoke run) the host plane's events stand in: host calls, not
+  kernels."""
+  lines = list(_device_plane(trace_dir).lines)
   streams = [ln for ln in lines if ln.name.startswith("Stream")] or lines
   return [(e.name, e.start_ns, e.duration_ns)
           for ln in streams for e in ln.events]
@@ -112,6 +124,7 @@ def trace_steps(name: str, batch: int, steps: int) -> StepKernels:
     jax.profiler.start_trace(tmp)
     jax.block_until_ready(run(tokens, caches))
     jax.profiler.stop_trace()
+    print(f"{name}: trace lines {line_names(tmp)}", flush=True)
     return summarize(kernel_events(tmp), steps)
 
 
