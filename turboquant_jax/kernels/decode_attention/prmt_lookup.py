@@ -205,9 +205,9 @@ def _device_lookup(inputs, asm, outputs):
 
 # ------------------------------------------ 4-bit codes as int8 (tensor cores)
 #
-# A building block for scores on the int8 tensor cores (not yet used by the
-# kernel; experiments/probes/mosaic_gpu_probe.py --int8 checks it on the
-# device). The 16 centroids are rounded to int8 steps of max|c| / 127 and
+# Scores on the int8 tensor cores (the tokens kernel's key_int8 option;
+# experiments/probes/mosaic_gpu_probe.py --int8 checks the block alone on
+# the device; neither has run on one yet). The 16 centroids are rounded to int8 steps of max|c| / 127 and
 # split by sign: a prmt in its sign-replicate mode (selector bit 3 set)
 # returns 0x00 for a table byte below 0x80, so one prmt gives the positive
 # codes' steps (0 for codes < 8) and one the negative codes' magnitudes (0
