@@ -9,8 +9,9 @@ than `--min=100` instructions, its length and its opcodes by count and by
 class (integer ALU, f32, conversions, shared/global memory, tensor cores,
 barriers and control): the static cost of one trip, per thread.
 
-    python -m experiments.probes.sass_census [--bits=4] [--dir=DUMP]
-(--dir: only parse an existing dump; on a CPU only that works.)
+    python -m experiments.probes.sass_census [--bits=4] [--int8] [--dir=DUMP]
+(--int8: the key_int8 kernel; --dir: only parse an existing dump, which
+is all that works on a CPU.)
 """
 
 import collections
@@ -147,8 +148,20 @@ def _compile_kernel(dump_dir: str, bits: int) -> None:
   cfg = cache_lib.CacheConfig(key_bits=bits, value_bits=bits)
   c = kernel_bench.random_cache(jax.random.key(4), cfg, 8, 8, 32768, 128)
   q = jax.random.normal(jax.random.key(0), (8, 32, 128))
-  jax.block_until_ready(jax.jit(lambda q, c: da.decode_attention(
-      q, c, c.lengths, impl="pallas_gpu"))(q, c))
+  options = dict(key_int8=True) if "--int8" in sys.argv else {}
+  # Whether Mosaic GPU writes the listing under DUMP_TO or to stdout, it
+  # ends up in dump_dir: the process's stdout goes to a file meanwhile.
+  sys.stdout.flush()
+  saved = os.dup(1)
+  with open(os.path.join(dump_dir, "stdout.txt"), "w") as out:
+    os.dup2(out.fileno(), 1)
+    try:
+      jax.block_until_ready(jax.jit(lambda q, c: da.decode_attention(
+          q, c, c.lengths, impl="pallas_gpu", **options))(q, c))
+    finally:
+      sys.stdout.flush()
+      os.dup2(saved, 1)
+      os.close(saved)
 
 
 def main():

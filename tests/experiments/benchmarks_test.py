@@ -5,9 +5,12 @@ same code at full scale; here the XLA paths run on tiny shapes so that a
 broken driver is caught by CI, not on the lent GPU.
 """
 
+import contextlib
+import io
 import pathlib
 import sys
 import tempfile
+from unittest import mock
 
 from absl.testing import absltest
 
@@ -173,6 +176,19 @@ class SassCensusTest(absltest.TestCase):
     self.assertEqual(classes["control"], 2)
     self.assertIn("loop of 9 instructions",
                   sass_census.report(self.LISTING, minimum=5))
+
+  def test_reads_a_dump_folder(self):
+    # --dir: every file holding a listing is reported, others skipped.
+    with tempfile.TemporaryDirectory() as tmp:
+      pathlib.Path(tmp, "kernel.sass").write_text(self.LISTING)
+      pathlib.Path(tmp, "notes.txt").write_text("no instructions here")
+      out = io.StringIO()
+      with mock.patch.object(sys, "argv", ["x", f"--dir={tmp}", "--min=5"]):
+        with contextlib.redirect_stdout(out):
+          sass_census.main()
+    self.assertIn("== kernel.sass", out.getvalue())
+    self.assertNotIn("notes.txt", out.getvalue())
+    self.assertIn("loop of 9 instructions", out.getvalue())
 
 
 if __name__ == "__main__":
