@@ -19,7 +19,8 @@ skip_empty_splits checked and timed, split counts at two shapes;
 --append: the fused quantize-and-append kernel checked and timed;
 --rotate: combine="columns" and rotate_in_kernel checked, then timed per
 layer and at B=1; --int8: key_int8 checked, then timed against the f16
-path at B=8)
+path at B=8; --merge: the split merge's division last or in the weights,
+per layer)
 """
 
 import dataclasses
@@ -474,6 +475,27 @@ def _layer_us(b, bits, impl, append_impl, opts) -> float:
   return ms / steps * 1e3
 
 
+def merge_forms():
+  """One SmolLM2 decode layer (append + attend, defaults) with
+  finish_columns' division last against inside the splits' weights
+  (parts.NORMALIZED_WEIGHTS), two interleaved rounds, beside the full bf16
+  cache's XLA path. (A third form, one variadic reduce, was slower:
+  results/decode_bench/h200_v9/probes.txt.)"""
+  print("jax", jax.__version__, jax.devices()[0].device_kind, flush=True)
+  for b in (1, 32):
+    for rnd in range(2):
+      print(f"B={b} round {rnd}: full bf16 xla "
+            f"{_layer_us(b, 'full', 'xla', 'xla', {}):.1f} us", flush=True)
+      for normalized in (False, True):
+        parts.NORMALIZED_WEIGHTS = normalized
+        jax.clear_caches()        # _attention's traces hold the old form
+        for bits in (4, 3):
+          us = _layer_us(b, bits, None, "pallas_gpu", {})
+          print(f"B={b} round {rnd}: {bits}-bit, normalized weights "
+                f"{normalized}: {us:.1f} us", flush=True)
+  parts.NORMALIZED_WEIGHTS = False
+
+
 def int8_keys():
   """key_int8 (4-bit key scores on the int8 tensor cores) checked on the
   device against the reference (its rounded centroids: ~8e-3 of the output
@@ -597,6 +619,9 @@ def main():
     return
   if "--int8" in sys.argv:
     int8_keys()
+    return
+  if "--merge" in sys.argv:
+    merge_forms()
     return
   if "--splits1" in sys.argv:      # the same at B=1
     split_counts(1, (8, 16, 24, 36, 48, 72, 144), (16, 24, 48, 72))

@@ -336,6 +336,35 @@ class PallasGpuInterpretTest(parameterized.TestCase):
                                interpret=True, splits=2, key_int8=True)
     return got, want, float(jnp.max(jnp.abs(want)))
 
+  def test_columns_merge_forms_agree(self):
+    # parts.finish_columns with the division last or inside the weights:
+    # the same merge (to f32 rounding), equal to a direct one; an empty
+    # split (m = -inf, l = 0) and an all-empty query column included.
+    cache = self._cache(64, 4, 4, 0, (128, 70), 0)
+    rng = np.random.default_rng(0)
+    b, kv, ns, d, n = 2, 2, 3, 64, 16
+    acc = rng.standard_normal((b, kv, ns, d, n)).astype(np.float32)
+    m = rng.standard_normal((b, kv, ns, n)).astype(np.float32) * 5
+    l = rng.uniform(0.5, 3, (b, kv, ns, n)).astype(np.float32)
+    m[0, 1, 2], l[0, 1, 2], acc[0, 1, 2] = -np.inf, 0, 0
+    m[1, 0, :, 3], l[1, 0, :, 3], acc[1, 0, :, :, 3] = -np.inf, 0, 0
+    q = jnp.ones((b, 1, kv * 4, d))
+    top = m.max(2, keepdims=True)
+    w = np.where(np.isfinite(m), np.exp(m - np.where(np.isfinite(top), top,
+                                                     0)), 0)
+    want = (acc * w[:, :, :, None]).sum(2) / np.maximum(
+        (l * w).sum(2), 1e-30)[:, :, None]               # [B, K, D, N]
+    want = np.swapaxes(want, 2, 3)[:, :, :4].reshape(b, 1, kv * 4, d)
+    outs = {}
+    for normalized in (False, True):
+      with mock.patch.object(parts, "NORMALIZED_WEIGHTS", normalized):
+        outs[normalized] = [
+            np.asarray(parts.finish_columns(acc, m, l, q, cache,
+                                            rotated=r)) for r in (True, False)]
+    np.testing.assert_allclose(outs[False][0], want, rtol=1e-5, atol=1e-6)
+    for got, ref in zip(outs[True], outs[False]):
+      np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+
   def test_int8_queries_reconstruct(self):
     # hi + lo/256 times the scale gives the permuted queries to 1/(127 ·
     # 256) of their largest entry (lo clipped to ±127); rows past M zero.
