@@ -378,6 +378,25 @@ def int8_scores(words, q, interpret=None):
       interpret=interpret)(words, q, -q)
 
 
+def int8_transposed_store(x):
+  """int8 [64, 128] loaded in the WGMMA_8BIT layout and stored through a
+  transposed view of a [128, 64] tile: what int8 values (Vᵀ, a K-major A
+  operand) would need. Its layout check needs the device's architecture,
+  so only a GPU can lower it."""
+  def kernel(x_gmem, o_gmem, x_smem, t_smem, bar):
+    plgpu.copy_gmem_to_smem(x_gmem, x_smem, bar)
+    plgpu.barrier_wait(bar)
+    v = plgpu.load(x_smem, layout=L.WGMMA_8BIT, optimized=False)
+    t_smem.transpose((1, 0))[...] = v
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(t_smem, o_gmem)
+    plgpu.wait_smem_to_gmem(0)
+  return plgpu.kernel(
+      kernel, out_type=jax.ShapeDtypeStruct((128, 64), jnp.int8),
+      scratch_types=[_i8_tile(64, 128), _i8_tile(128, 64), plgpu.Barrier()],
+      interpret=INTERPRET)(x)
+
+
 def int8_probe():
   # pylint: disable=g-import-not-at-top
   from turboquant_jax.kernels.decode_attention import prmt_lookup
@@ -392,6 +411,10 @@ def int8_probe():
           lambda: np.asarray(int8_scores(jnp.asarray(words), jnp.asarray(q),
                                          INTERPRET), np.float32),
           want.astype(np.float32), tol=1e-7)
+  x = rng.integers(-127, 128, (64, 128)).astype(np.int8)
+  probe("int8 store through a transposed view",
+        lambda: np.asarray(int8_transposed_store(jnp.asarray(x)),
+                           np.float32), x.T.astype(np.float32), tol=1e-7)
 
 
 def main():
