@@ -318,12 +318,13 @@ class PallasGpuInterpretTest(parameterized.TestCase):
                                atol=self.TOL * scale)
 
   def test_int8_keys_on_the_exact_codebook(self):
-    # With the exact codebook the rounded centroids add ~0.4% to the keys'
-    # distortion: within 2e-2 of the output scale here (measured 8e-3).
+    # With the exact codebook the rounded centroids add 0.2-0.5% to the
+    # keys' distortion: within 2e-2 of the output scale here (measured
+    # 5.2e-3), and not the f16 path's error (4.2e-4 here): it does round.
     got, want, scale = self._int8_run(128, 4, 1, (128, 70))
     err = float(jnp.max(jnp.abs(got - want))) / scale
     self.assertLess(err, 2e-2)
-    self.assertGreater(err, 1e-4)    # it does round: not the f16 path
+    self.assertGreater(err, 2e-3)
 
   def _int8_run(self, dim, groups, tokens, lengths):
     seed = zlib.crc32(self.id().encode())
