@@ -16,7 +16,6 @@ import collections
 import functools
 import os
 import re
-import sys
 import time
 
 import jax
@@ -24,6 +23,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from experiments import decode_bench
+from experiments import probes
 from experiments import timing
 from turboquant_jax import cache as cache_lib
 from turboquant_jax import model as model_lib
@@ -57,10 +57,7 @@ def _cache_config(name):
 
 
 def main():
-  batch = 1
-  for a in sys.argv[1:]:
-    if a.startswith("--batch="):
-      batch = int(a.split("=")[1])
+  batch = int(probes.option("batch", "1"))
   print("jax", jax.__version__, jax.devices()[0].device_kind, flush=True)
   cfg = decode_bench.SMOLLM2
   model = model_lib.Transformer(cfg, rngs=nnx.Rngs(0))

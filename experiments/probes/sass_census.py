@@ -22,6 +22,8 @@ import re
 import sys
 import tempfile
 
+from experiments import probes
+
 _INSTR = re.compile(
     r"/\*([0-9a-fA-F]{4,})\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_]*)"
     r"((?:\.[A-Z0-9_]+)*)([^;]*);")
@@ -129,13 +131,6 @@ def report(text: str, minimum: int = 100) -> str:
   return "\n".join(lines)
 
 
-def _arg(name: str, default: str | None) -> str | None:
-  for a in sys.argv[1:]:
-    if a.startswith(f"--{name}="):
-      return a.split("=", 1)[1]
-  return default
-
-
 def _compile_kernel(dump_dir: str, bits: int) -> None:
   """Compiles and runs one decode-attention call with the SASS dump on."""
   os.environ["MOSAIC_GPU_DUMP_SASS"] = "1"
@@ -165,13 +160,13 @@ def _compile_kernel(dump_dir: str, bits: int) -> None:
 
 
 def main():
-  minimum = int(_arg("min", "100"))
-  dump_dir = _arg("dir", None)
+  minimum = int(probes.option("min", "100"))
+  dump_dir = probes.option("dir", None)
   if dump_dir is None:
     dump_dir = os.environ.get("OUT") or tempfile.mkdtemp()
     dump_dir = os.path.join(dump_dir, "sass")
     os.makedirs(dump_dir, exist_ok=True)
-    _compile_kernel(dump_dir, int(_arg("bits", "4")))
+    _compile_kernel(dump_dir, int(probes.option("bits", "4")))
   files = [f for f in glob.glob(os.path.join(dump_dir, "**", "*"),
                                 recursive=True) if os.path.isfile(f)]
   found = False

@@ -18,7 +18,6 @@ import dataclasses
 import glob
 import os
 import re
-import sys
 import tempfile
 
 import jax
@@ -26,6 +25,7 @@ from flax import nnx
 
 from configs import decode_bench as decode_bench_config
 from experiments import decode_bench
+from experiments import probes
 from turboquant_jax import model as model_lib
 
 
@@ -36,13 +36,6 @@ class StepKernels:
   busy_us: float                       # summed kernel durations
   span_us: float                       # first start to last end
   by_name: dict[str, tuple[int, float]]  # name -> (launches, summed us)
-
-
-def _arg(name: str, default: str) -> str:
-  for a in sys.argv[1:]:
-    if a.startswith(f"--{name}="):
-      return a.split("=", 1)[1]
-  return default
 
 
 def kernel_name(name: str) -> str:
@@ -129,9 +122,9 @@ def trace_steps(name: str, batch: int, steps: int) -> StepKernels:
 
 
 def main():
-  batch = int(_arg("batch", "1"))
-  steps = int(_arg("steps", "8"))
-  names = _arg("caches", "full-bf16,tq4").split(",")
+  batch = int(probes.option("batch", "1"))
+  steps = int(probes.option("steps", "8"))
+  names = probes.option("caches", "full-bf16,tq4").split(",")
   print("jax", jax.__version__, jax.devices()[0].device_kind, f"B={batch}",
         f"{steps} steps", flush=True)
   for name in names:

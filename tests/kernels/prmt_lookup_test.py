@@ -145,6 +145,20 @@ class Int8LookupTest(parameterized.TestCase):
         value = ((pos >> 8 * k) & 0xFF) - ((mag >> 8 * k) & 0xFF)
         self.assertEqual(value, steps[code], f"{word=:#06x} {k=}")
 
+  @parameterized.parameters((64, 0.0047), (128, 0.0018), (256, 0.0030))
+  def test_rounding_adds_little_distortion(self, dim, measured):
+    # The int8 steps add 0.2-0.5% to the 4-bit codebook's squared error
+    # (the README's and NOTES' figure): coordinates ~ N(0, 1/D), each
+    # code weighted by how often it occurs.
+    table = codebook.codebook(dim, 4)
+    step, _, _ = prmt_lookup.int8_tables(tuple(table))
+    rounding = prmt_lookup.int8_values(tuple(table)) * step - table
+    x = np.random.default_rng(0).standard_normal(400_000) / np.sqrt(dim)
+    code = np.searchsorted((table[:-1] + table[1:]) / 2, x)
+    extra = np.mean(rounding[code] ** 2) / np.mean((table[code] - x) ** 2)
+    self.assertBetween(extra, 0.0015, 0.005)
+    self.assertAlmostEqual(extra, measured, delta=2e-4)
+
   def test_interpret_lookup_and_order(self):
     # The interpret-mode stand-in: column c of G_pos - G_neg is the step of
     # coordinate int8_order[c] of each row (packing's 4-bit layout).

@@ -79,12 +79,13 @@ def _int8_width(spec: parts.PartSpec) -> int:
   return 2 * prmt_lookup.int8_chunk(spec.dim // 2)
 
 
-def _int8_smem(spec: parts.PartSpec, n: int) -> plgpu.SMEM:
-  """int8 [4·C, n, W]: a key part's queries as q_hi, -q_hi, q_lo, -q_lo,
-  each in C chunks of W coordinates (prmt_lookup.int8_order), rows of W
-  bytes (read as Qᵀ, a K-major B operand)."""
+def _int8_smem(spec: parts.PartSpec, kinds: int, rows: int) -> plgpu.SMEM:
+  """int8 [kinds·C, rows, W]: `kinds` operands of a key part, each in C
+  chunks of W coordinates (prmt_lookup.int8_order), rows of W bytes: the
+  queries (q_hi, -q_hi, q_lo, -q_lo, rows = N, read as Qᵀ: a K-major B
+  operand) or, in interpret mode, the looked-up keys (G_pos, G_neg)."""
   w = _int8_width(spec)
-  return plgpu.SMEM((4 * (spec.dim // w), n, w), jnp.int8,
+  return plgpu.SMEM((kinds * (spec.dim // w), rows, w), jnp.int8,
                     transforms=(plgpu.TilingTransform((8, w)),
                                 plgpu.SwizzleTransform(w)))
 
@@ -111,14 +112,6 @@ def int8_queries(q: jax.Array, n: int, spec: parts.PartSpec) -> tuple:
   return q8, (s * step).reshape(b * kv)
 
 
-def _int8_g_smem(spec: parts.PartSpec, rows: int) -> plgpu.SMEM:
-  """int8 [2·C, rows, W]: a key part's looked-up operands (interpret)."""
-  w = _int8_width(spec)
-  return plgpu.SMEM((2 * (spec.dim // w), rows, w), jnp.int8,
-                    transforms=(plgpu.TilingTransform((8, w)),
-                                plgpu.SwizzleTransform(w)))
-
-
 def int8_unsupported(specs, rows: int, rotate) -> str | None:
   """Why key_int8 cannot score these key parts, or None."""
   if rotate is not None:
@@ -132,37 +125,32 @@ def int8_unsupported(specs, rows: int, rotate) -> str | None:
       return (f"a key part of {spec.bits} bits, dim {spec.dim}"
               f"{', prod' if spec.prod else ''} (4-bit mse parts of dim "
               "64 or a multiple of 128 only)")
-    c = spec.centroids
-    if any(x > 0 for x in c[:8]) or any(x < 0 for x in c[8:]):
+    if not prmt_lookup.int8_supports(spec.centroids):
       return "a codebook not split by sign at its middle"
   return None
 
 
-def _int8_scores(code_ref, spec, q8, interpret: bool, g_smem=None) -> list:
-  """Issues the score wgmmas of one 4-bit key part on the int8 tensor
-  cores: returns [(G operand, B operand, kind)] for acc_hi (kind 0) and
-  acc_lo (kind 1), G from prmt_lookup.lookup_int8 (registers on the
-  device; `g_smem` in interpret mode, whose wgmma takes A from SMEM)."""
+def _int8_scores(code_ref, spec, q8, acc_hi, acc_lo, interpret: bool,
+                 g_smem=None) -> None:
+  """Issues one 4-bit key part's score wgmmas on the int8 tensor cores:
+  acc_hi += G_pos·q_hiᵀ + G_neg·(-q_hi)ᵀ, acc_lo likewise with q_lo, G
+  from prmt_lookup.lookup_int8 (registers on the device; through `g_smem`
+  in interpret mode, whose wgmma takes A from SMEM)."""
   words = base.load_codes(code_ref, spec, interpret)
   c = prmt_lookup.int8_chunk(spec.dim // 2)
   chunks = spec.dim // (2 * c)
-  ops = []
   for h in range(chunks):
     w = words if chunks == 1 else words[:, h * c:(h + 1) * c]
-    g_pos, g_neg = prmt_lookup.lookup_int8(w, spec.centroids, interpret)
+    gs = prmt_lookup.lookup_int8(w, spec.centroids, interpret)
     if g_smem is not None:
-      g_smem[2 * h] = g_pos
-      g_smem[2 * h + 1] = g_neg
-      g_pos, g_neg = g_smem.at[2 * h], g_smem.at[2 * h + 1]
-    for kind in (0, 1):                      # hi, lo
-      ops.append((g_pos, q8.at[(2 * kind) * chunks + h].transpose((1, 0)),
-                  kind))
-      ops.append((g_neg,
-                  q8.at[(2 * kind + 1) * chunks + h].transpose((1, 0)),
-                  kind))
-  if g_smem is not None:
-    plgpu.commit_smem()
-  return ops
+      for sign, g in enumerate(gs):
+        g_smem[2 * h + sign] = g
+      plgpu.commit_smem()
+      gs = (g_smem.at[2 * h], g_smem.at[2 * h + 1])
+    for kind, acc in enumerate((acc_hi, acc_lo)):
+      for sign, g in enumerate(gs):         # q8: hi, -hi, lo, -lo
+        plgpu.wgmma(acc, g, q8.at[(2 * kind + sign) * chunks + h]
+                    .transpose((1, 0)))
 
 
 def _swizzle(n: int) -> int:
@@ -341,10 +329,8 @@ def _kernel(lengths_ref, *refs, key_specs, value_specs, groups, split_len,
     scale · (acc_hi + acc_lo / 256) · norm."""
     def scores(g_smem, *acc_refs):
       for p, (ref, spec, q8) in enumerate(zip(kc, key_specs, q_smem)):
-        ops = _int8_scores(ref, spec, q8, interpret,
-                           g_smem[p] if g_smem else None)
-        for g, q, kind in ops:
-          plgpu.wgmma(acc_refs[2 * p + kind], g, q)
+        _int8_scores(ref, spec, q8, acc_refs[2 * p], acc_refs[2 * p + 1],
+                     interpret, g_smem[p] if g_smem else None)
       for ref, spec, first in zip(vc, value_specs, v_first):
         base._dequantize_into(ref, spec, v_pool, first, mode, interpret)
       plgpu.commit_smem()
@@ -356,7 +342,7 @@ def _kernel(lengths_ref, *refs, key_specs, value_specs, groups, split_len,
                              for _ in range(2 * nk)])
 
     if interpret:     # its wgmma takes A from SMEM (scoped apart from ACC)
-      raw = pl.run_scoped(accumulate, *[_int8_g_smem(spec, rows)
+      raw = pl.run_scoped(accumulate, *[_int8_smem(spec, 2, rows)
                                         for spec in key_specs])
     else:
       raw = accumulate()
@@ -495,7 +481,7 @@ def fused_attention(inp: parts.KernelInputs, *, splits: int = 8,
     reason = int8_unsupported(specs, rows, rotate)
     if reason:
       raise NotImplementedError(f"key_int8: {reason}")
-    scratch = [_int8_smem(s, n) for s in specs]
+    scratch = [_int8_smem(s, 4, n) for s in specs]
   else:
     scratch = [_columns_smem(base._groups(s), n) for s in specs]
   scratch += [plgpu.Barrier()]

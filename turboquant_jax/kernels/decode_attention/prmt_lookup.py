@@ -175,33 +175,43 @@ def _interpret_lookup(inputs, bits, centroids, fields):
           for f in range(fields) for h, plane in enumerate((first, second))]
 
 
-def _device_lookup(inputs, asm, outputs):
+def _device_lookup(inputs, asm, outputs, int8=False):
+  """Runs `asm` on every 16-bit register pair of the u8 inputs (WGMMA
+  layout), giving `outputs` arrays of 32-bit registers: f16 of the inputs'
+  shape (WGMMA layout), or with `int8` int8 of twice the columns
+  (WGMMA_8BIT layout: 4 codes per register where the input holds 2 bytes).
+  """
   # pylint: disable=g-import-not-at-top (Mosaic GPU internals, device only)
   from jax._src.lib.mlir import ir
   from jax._src.lib.mlir.dialects import arith
   from jax.experimental.mosaic import gpu as mgpu
   from jax.experimental.mosaic.gpu import utils as mgpu_utils
-  layout = plgpu.Layout.WGMMA
-  out = plgpu.ShapeDtypeStruct(inputs[0].shape, jnp.float16, layout=layout)
+  r, p = inputs[0].shape
+  out = (plgpu.ShapeDtypeStruct((r, 2 * p), jnp.int8,
+                                layout=plgpu.Layout.WGMMA_8BIT) if int8 else
+         plgpu.ShapeDtypeStruct((r, p), jnp.float16,
+                                layout=plgpu.Layout.WGMMA))
 
-  @plgpu.inline_mgpu(arg_types=(layout,) * len(inputs),
+  @plgpu.inline_mgpu(arg_types=(plgpu.Layout.WGMMA,) * len(inputs),
                      return_type=(out,) * outputs)
   def lookup(ctx, *xs):
     del ctx
     i16 = ir.IntegerType.get_signless(16)
     i32 = ir.IntegerType.get_signless(32)
-    f16x2 = ir.VectorType.get((2,), ir.F16Type.get())
+    vector = (ir.VectorType.get((4,), ir.IntegerType.get_signless(8)) if int8
+              else ir.VectorType.get((2,), ir.F16Type.get()))
     regs = [np.empty_like(xs[0].registers) for _ in range(outputs)]
     for idx, _ in np.ndenumerate(xs[0].registers):   # 2 bytes of each input
       ws = [arith.extui(i32, mgpu_utils.bitcast(x.registers[idx], i16))
             for x in xs]
       results = mgpu_utils.inline_ptx(asm, *ws, result_types=[i32] * outputs)
-      for r, value in zip(regs, results):
-        r[idx] = mgpu_utils.bitcast(value, f16x2)
-    return tuple(mgpu.FragmentedArray(_registers=r, _layout=xs[0].layout,
-                                      _is_signed=None) for r in regs)
+      for reg, value in zip(regs, results):
+        reg[idx] = mgpu_utils.bitcast(value, vector)
+    layout = mgpu.WGMMA_LAYOUT_8BIT if int8 else xs[0].layout
+    return tuple(mgpu.FragmentedArray(_registers=reg, _layout=layout,
+                                      _is_signed=True if int8 else None)
+                 for reg in regs)
   return list(lookup(*inputs))
-
 
 # ------------------------------------------ 4-bit codes as int8 (tensor cores)
 #
@@ -216,13 +226,20 @@ def _device_lookup(inputs, asm, outputs):
 # scale · (G_pos · q - G_neg · q) in int32 on the tensor cores.
 
 
+def int8_supports(centroids) -> bool:
+  """Whether the int8 lookup takes this codebook: 16 entries, the first 8
+  <= 0 and the last 8 >= 0 (so the sign is the code's top bit)."""
+  c = np.asarray(centroids, np.float64)
+  return c.shape == (16,) and not (np.any(c[:8] > 0) or np.any(c[8:] < 0))
+
+
 def int8_tables(centroids) -> tuple[float, list[int], list[int]]:
   """(scale, positive codes' steps, negative codes' magnitudes) of a
-  16-entry codebook whose first 8 entries are <= 0 and last 8 >= 0."""
-  c = np.asarray(centroids, np.float64)
-  if c.shape != (16,) or np.any(c[:8] > 0) or np.any(c[8:] < 0):
+  codebook int8_supports takes."""
+  if not int8_supports(centroids):
     raise ValueError("expected 16 centroids, the first 8 <= 0 and the last "
-                     f"8 >= 0, got {c}")
+                     f"8 >= 0, got {centroids}")
+  c = np.asarray(centroids, np.float64)
   scale = float(np.max(np.abs(c))) / 127
   return (scale, [int(round(x / scale)) for x in c[8:]],
           [int(round(-x / scale)) for x in c[:8]])
@@ -281,33 +298,5 @@ def lookup_int8(words: jax.Array, centroids, interpret: bool) -> tuple:
       g_neg = jnp.where(nib == code, jnp.int8(mag[code]), g_neg)
       g_pos = jnp.where(nib == code + 8, jnp.int8(pos[code]), g_pos)
     return g_pos, g_neg
-  return tuple(_device_lookup_int8(words, int8_ptx(centroids)))
+  return tuple(_device_lookup([words], int8_ptx(centroids), 2, int8=True))
 
-
-def _device_lookup_int8(words, asm):
-  # pylint: disable=g-import-not-at-top (Mosaic GPU internals, device only)
-  from jax._src.lib.mlir import ir
-  from jax._src.lib.mlir.dialects import arith
-  from jax.experimental.mosaic import gpu as mgpu
-  from jax.experimental.mosaic.gpu import utils as mgpu_utils
-  r, p = words.shape
-  out = plgpu.ShapeDtypeStruct((r, 2 * p), jnp.int8,
-                               layout=plgpu.Layout.WGMMA_8BIT)
-
-  @plgpu.inline_mgpu(arg_types=(plgpu.Layout.WGMMA,),
-                     return_type=(out, out))
-  def lookup(ctx, x):
-    del ctx
-    i16 = ir.IntegerType.get_signless(16)
-    i32 = ir.IntegerType.get_signless(32)
-    i8x4 = ir.VectorType.get((4,), ir.IntegerType.get_signless(8))
-    regs = [np.empty_like(x.registers) for _ in range(2)]
-    for idx, _ in np.ndenumerate(x.registers):   # 2 bytes -> 4 int8 each
-      w = arith.extui(i32, mgpu_utils.bitcast(x.registers[idx], i16))
-      results = mgpu_utils.inline_ptx(asm, w, result_types=[i32, i32])
-      for reg, value in zip(regs, results):
-        reg[idx] = mgpu_utils.bitcast(value, i8x4)
-    return tuple(mgpu.FragmentedArray(_registers=reg,
-                                      _layout=mgpu.WGMMA_LAYOUT_8BIT,
-                                      _is_signed=True) for reg in regs)
-  return lookup(words)
