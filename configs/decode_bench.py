@@ -27,13 +27,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
               ("tq3-xla-append", "turboquant", 3, 3, None, "xla"))
   c.steps_per_call = 32                 # decode steps in one jitted loop
   c.warmup = 2
-  c.reps = 10
+  c.rounds = 5                          # interleaved: every cache each round
+  c.reps = 6                            # timed calls per cache and round
   if scale == "cpu":
     c.caches = c.caches[:4]             # the last three need a GPU
     c.batches = (1,)
     c.context = 192
     c.capacity = 256
-    c.reps = 2
+    c.rounds = 2
+    c.reps = 1
     c.warmup = 1
     c.steps_per_call = 4
   elif scale != "full":

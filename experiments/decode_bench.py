@@ -6,8 +6,10 @@ filled with random contents at `context` tokens (building them by prefill
 would only cost time). Each row: `steps_per_call` greedy decode steps (1
 token per sequence through all 30 layers, appending to every cache) in one
 jitted `fori_loop` with the caches in its carry and donated, as in
-generation, so every cache is updated in place; step_ms = the median call
-over `reps` calls / steps_per_call; tokens_per_s = batch / step_ms;
+generation, so every cache is updated in place; the caches of a batch size
+are timed in `rounds` interleaved rounds of `reps` calls each; step_ms = the
+median call over all of them / steps_per_call (round_step_ms: each round's
+median, the spread); tokens_per_s = batch / step_ms;
 kernel_options = the `pallas_gpu` defaults impl=None runs a TurboQuant
 cache with on a GPU. (A jitted single step without donation copies every
 cache each call: 3.8x as many bytes for the full bf16 cache as for a
@@ -20,6 +22,7 @@ cache each call: 3.8x as many bytes for the full bf16 cache as for a
 import dataclasses
 import functools
 import inspect
+import statistics
 
 from absl import app
 from absl import flags
@@ -118,48 +121,73 @@ def kernel_defaults() -> dict:
 
 
 def run(config, workdir) -> list[dict]:
-  """Runs (or resumes) the sweep into workdir; returns all rows."""
+  """Runs (or resumes, a batch size at a time) the sweep into workdir;
+  returns all rows.
+
+  The caches of one batch size are timed in `config.rounds` interleaved
+  rounds (each round times every cache `reps` calls, starting one cache
+  later than the round before), so a drift of the device's clocks or of
+  the host over the run falls on every cache alike, not on whichever
+  comes last: step_ms is the median over every round's calls, and
+  round_step_ms the median of each round, their spread."""
   writer = results.Writer(workdir, config)
   done = writer.done_keys(("batch", "cache"))
   device = jax.devices()[0].device_kind
   model = model_lib.Transformer(SMOLLM2, rngs=nnx.Rngs(config.seed))
+  steps = config.steps_per_call
+  rounds = config.get("rounds", 1)
   for batch in config.batches:
-    for name, kind, kb, vb, impl, append_impl in config.caches:
-      if (batch, name) in done:
-        continue
-      tokens, caches = filled_caches(model, config, batch, kind, kb, vb,
-                                     append_impl)
-      mem = cache_lib.memory(caches[0])
-      lengths = caches[0].lengths
-      steps = config.steps_per_call
+    specs = [s for s in config.caches if (batch, s[0]) not in done]
+    states, steps_of, resets, calls, errors = {}, {}, {}, {}, {}
+    for name, kind, kb, vb, impl, append_impl in specs:
+      states[name] = filled_caches(model, config, batch, kind, kb, vb,
+                                   append_impl)
+      lengths = states[name][1][0].lengths
       # Each call appends `steps` tokens after the same `context` ones (the
       # lengths reset; what lies past them is overwritten), so every call
       # does the same work. Donated: one lengths buffer per cache.
-      reset = lambda state: (state[0], tuple(
+      resets[name] = lambda state, lengths=lengths: (state[0], tuple(
           dataclasses.replace(c, lengths=jnp.copy(lengths))
           for c in state[1]))
-      step = lambda state, impl=impl: decode_steps(
-          model, *state, lengths, impl=impl, steps=steps)
-      try:
-        ms, (tokens, caches) = timing.time_in_place_ms(
-            step, (tokens, caches), reset, warmup=config.warmup,
-            reps=config.reps)
-        ms, err = ms / steps, None
-      except Exception as e:   # a row records the failure
-        ms, err = None, f"{type(e).__name__}: {str(e)[:300]}"
+      steps_of[name] = lambda state, impl=impl, lengths=lengths: \
+          decode_steps(model, *state, lengths, impl=impl, steps=steps)
+      calls[name] = []
+    for rnd in range(rounds):
+      order = specs[rnd % len(specs):] + specs[:rnd % len(specs)] \
+          if specs else []
+      for name, *_ in order:
+        if name in errors:
+          continue
+        try:
+          times, states[name] = timing.in_place_times_ms(
+              steps_of[name], states[name], resets[name],
+              warmup=config.warmup if rnd == 0 else 0, reps=config.reps)
+          calls[name].append(times)
+        except Exception as e:   # a row records the failure
+          errors[name] = f"{type(e).__name__}: {str(e)[:300]}"
+    for name, kind, kb, vb, impl, append_impl in specs:
+      mem = cache_lib.memory(states[name][1][0])
+      err = errors.get(name)
+      ms = (None if err else
+            statistics.median(t for r in calls[name] for t in r) / steps)
       row = dict(model="SmolLM2-135M (random weights)", cache=name,
                  kind=kind, key_bits=kb, value_bits=vb, impl=impl,
                  append_impl=append_impl,
                  batch=batch, context=config.context, steps_per_call=steps,
                  step_ms=ms, tokens_per_s=batch / ms * 1e3 if ms else None,
+                 rounds=rounds,
+                 round_step_ms=None if err else [
+                     statistics.median(r) / steps for r in calls[name]],
                  bytes_per_token=mem["bytes_per_token"] * SMOLLM2.n_layers,
                  kernel_options=(kernel_defaults() if kind == "turboquant"
                                  and impl in (None, "pallas_gpu") else None),
                  device=device, error=err)
       writer.write(row)
-      print(f"B={batch:<3} {name:>10}: {ms} ms/step, "
-            f"{row['tokens_per_s']} tok/s {err or ''}")
-      del caches
+      spread = ("" if err else " rounds " + " ".join(
+          f"{x:.3f}" for x in row["round_step_ms"]))
+      print(f"B={batch:<3} {name:>15}: {ms} ms/step, "
+            f"{row['tokens_per_s']} tok/s{spread} {err or ''}")
+    del states
   return writer.rows()
 
 

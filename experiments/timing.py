@@ -26,6 +26,15 @@ def time_in_place_ms(step: Callable[[Any], Any], state, reset: Callable[
   the last one returned, reset (e.g. its lengths) so that every call does
   the same work. reset runs outside the timed region. Returns (ms, state).
   """
+  times, state = in_place_times_ms(step, state, reset, warmup=warmup,
+                                   reps=reps)
+  return statistics.median(times), state
+
+
+def in_place_times_ms(step: Callable[[Any], Any], state, reset: Callable[
+    [Any], Any], *, warmup: int, reps: int) -> tuple[list[float], Any]:
+  """time_in_place_ms's calls one by one: ([ms of each timed call], state).
+  """
   times = []
   for rep in range(warmup + reps):
     state = reset(state)
@@ -33,7 +42,7 @@ def time_in_place_ms(step: Callable[[Any], Any], state, reset: Callable[
     state = jax.block_until_ready(step(state))
     if rep >= warmup:
       times.append((time.perf_counter() - t0) * 1e3)
-  return statistics.median(times), state
+  return times, state
 
 
 def time_loop_ms(fn, first: jax.Array, *rest, loops: int, warmup: int,

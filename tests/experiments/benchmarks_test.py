@@ -84,14 +84,32 @@ class DecodeBenchTest(absltest.TestCase):
     config = decode_bench_config.get_config("scale=cpu")
     config.caches = config.caches[:2]          # full-bf16 and tq4 (compiles)
     config.reps = 1
+    config.rounds = 2
+    timed = []                                 # the cache type of each call
+    real = decode_bench.timing.in_place_times_ms
+
+    def recording(step, state, reset, **kw):
+      timed.append(type(state[1][0]).__name__)
+      return real(step, state, reset, **kw)
+
     with tempfile.TemporaryDirectory() as tmp:
-      rows = decode_bench.run(config, tmp)
+      with mock.patch.object(decode_bench.timing, "in_place_times_ms",
+                             recording):
+        rows = decode_bench.run(config, tmp)
+        self.assertLen(decode_bench.run(config, tmp), len(rows))  # resumed
+    # Interleaved: each round times every cache, one cache later each round.
+    self.assertEqual(timed, ["FullCache", "TurboQuantCache",
+                             "TurboQuantCache", "FullCache"])
     self.assertLen(rows, len(config.caches) * len(config.batches))
     by_cache = {r["cache"]: r for r in rows}
     for row in rows:
       self.assertIsNone(row["error"])
       self.assertGreater(row["tokens_per_s"], 0)
       self.assertEqual(row["steps_per_call"], config.steps_per_call)
+      self.assertLen(row["round_step_ms"], 2)
+      # The median of all calls lies between the rounds' medians.
+      self.assertBetween(row["step_ms"], min(row["round_step_ms"]),
+                         max(row["round_step_ms"]))
     self.assertLess(by_cache["tq4"]["bytes_per_token"],
                     by_cache["full-bf16"]["bytes_per_token"] / 3)
     # The kernel options impl=None would run on a GPU, for the record.
