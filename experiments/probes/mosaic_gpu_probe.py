@@ -5,7 +5,8 @@ OK or the error, so one device call answers several design questions.
 Run: python -m experiments.probes.mosaic_gpu_probe [--interpret]
 [--v4|--prmt|--int8] (--v4: only the probes of the transposed layout of
 kernel v4; --prmt: only the byte-permute centroid lookup, device only;
---int8: 4-bit codes looked up as int8 and scored on the int8 tensor cores.)
+--int8: 4-bit codes looked up as int8 and scored on the int8 tensor cores;
+--launch: what a Mosaic GPU launch costs inside a jitted loop.)
 """
 
 import sys
@@ -24,6 +25,11 @@ L = plgpu.Layout
 def run_kernel(body, x, out_shape, out_dtype, y=None):
   """body(x_smem, y_smem) -> array; stored and returned."""
   y = jnp.zeros((8, 128), jnp.float32) if y is None else y
+  return np.asarray(make_kernel(body, x, y, out_shape, out_dtype)(x, y))
+
+
+def make_kernel(body, x, y, out_shape, out_dtype):
+  """The plgpu.kernel of run_kernel: f(x, y) -> body's array, via SMEM."""
   def kernel(x_gmem, y_gmem, o_gmem, x_smem, y_smem, o_smem, bar):
     plgpu.copy_gmem_to_smem(x_gmem, x_smem, bar)
     plgpu.barrier_wait(bar)
@@ -39,7 +45,7 @@ def run_kernel(body, x, out_shape, out_dtype, y=None):
                                   plgpu.SMEM(out_shape, out_dtype),
                                   plgpu.Barrier()],
                    interpret=INTERPRET)
-  return np.asarray(f(x, y))
+  return f
 
 
 rng = np.random.default_rng(0)
@@ -417,8 +423,37 @@ def int8_probe():
                            np.float32), x.T.astype(np.float32), tol=1e-7)
 
 
+def launch_probe():
+  """Device µs per iteration of a jitted 200-iteration loop whose body is
+  10 small XLA steps (a reduction and an add, ~2 kernels each), alone and
+  each after a tiny Mosaic GPU kernel: the difference / 10 is what one
+  Mosaic GPU launch adds inside a loop (~1-2 µs for a kernel inside XLA's
+  CUDA graphs; several more for one launched from the host between them).
+  The loop itself costs ~15 µs an iteration (its predicate goes to the
+  host), hence the 10 steps."""
+  # pylint: disable=g-import-not-at-top
+  from experiments import timing
+  x = jnp.ones((64, 128), jnp.float32)
+  kern = make_kernel(lambda a, b: a[...] * 0.5, x, x, (64, 128), jnp.float32)
+
+  def xla_steps(x, mosaic):
+    for _ in range(10):
+      x = kern(x, x) if mosaic else x
+      x = x + jnp.sum(x) * 1e-6
+    return x
+
+  for name, mosaic in (("10 XLA steps", False),
+                       ("10 x (Mosaic GPU kernel + XLA step)", True)):
+    us = timing.time_loop_ms(lambda x, mosaic=mosaic: xla_steps(x, mosaic), x,
+                             loops=200, warmup=2, reps=10) * 1e3
+    print(f"{name:<44} {us:.2f} us an iteration", flush=True)
+
+
 def main():
   print("jax", jax.__version__, jax.devices()[0].device_kind)
+  if "--launch" in sys.argv:
+    launch_probe()
+    return
   if "--prmt" in sys.argv:
     prmt_lookup_probe()
     return

@@ -11,6 +11,8 @@ take the most time, names without their numeric suffixes.
 
     python -m experiments.probes.step_trace [--batch=1] [--steps=8]
         [--caches=full-bf16,tq4]   (names from configs/decode_bench.py)
+        [--hlo]   (instead: where XLA's command buffers (CUDA graphs) are
+                   in the compiled loop, and which custom calls they hold)
 """
 
 import collections
@@ -18,6 +20,7 @@ import dataclasses
 import glob
 import os
 import re
+import sys
 import tempfile
 
 import jax
@@ -96,9 +99,40 @@ def summarize(events, steps: int) -> StepKernels:
       by_name={k: (v[0] / steps, v[1] / steps) for k, v in by_name.items()})
 
 
-def trace_steps(name: str, batch: int, steps: int) -> StepKernels:
-  """Runs decode_bench's loop for cache `name` once (after a warm-up)
-  under the profiler; the kernels of its steps."""
+_COMPUTATION = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) .*\{$")
+
+
+def command_buffers(hlo: str) -> list[tuple[str, int, int, int]]:
+  """(computation, instructions, command-buffer calls, Mosaic GPU custom
+  calls) of each computation of an optimized HLO module that calls a
+  command buffer or a Mosaic GPU kernel, or is a command buffer: whether
+  the kernels run inside XLA's CUDA graphs or split them."""
+  found, name, counts = [], None, None
+  for line in hlo.splitlines():
+    head = _COMPUTATION.match(line)
+    if head:
+      name, counts = head.group(1), [0, 0, 0]
+    elif line.startswith("}") and name is not None:
+      if counts[1] or counts[2] or "command_buffer" in name:
+        found.append((name, *counts))
+      name = None
+    elif name is not None and " = " in line:
+      counts[0] += 1
+      counts[1] += "to_apply=%command_buffer" in line or (
+          "calls=%command_buffer" in line)
+      counts[2] += 'custom_call_target="mosaic_gpu' in line
+  return found
+
+
+def compiled_hlo(name: str, batch: int, steps: int) -> str:
+  """decode_bench's loop for cache `name`, compiled; its optimized HLO."""
+  model, tokens, caches, lengths, impl = _loop_inputs(name, batch)
+  return decode_bench.decode_steps.lower(
+      model, tokens, caches, lengths, impl=impl,
+      steps=steps).compile().as_text()
+
+
+def _loop_inputs(name: str, batch: int):
   config = decode_bench_config.get_config(
       "scale=full" if jax.default_backend() == "gpu" else "scale=cpu")
   row = {c[0]: c for c in config.caches}[name]
@@ -108,6 +142,13 @@ def trace_steps(name: str, batch: int, steps: int) -> StepKernels:
   tokens, caches = decode_bench.filled_caches(model, config, batch, kind, kb,
                                               vb, append_impl)
   lengths = jax.numpy.copy(caches[0].lengths)   # the caches are donated
+  return model, tokens, caches, lengths, impl
+
+
+def trace_steps(name: str, batch: int, steps: int) -> StepKernels:
+  """Runs decode_bench's loop for cache `name` once (after a warm-up)
+  under the profiler; the kernels of its steps."""
+  model, tokens, caches, lengths, impl = _loop_inputs(name, batch)
   run = lambda tokens, caches: decode_bench.decode_steps(
       model, tokens, caches, lengths, impl=impl, steps=steps)
   tokens, caches = jax.block_until_ready(run(tokens, caches))
@@ -128,6 +169,17 @@ def main():
   print("jax", jax.__version__, jax.devices()[0].device_kind, f"B={batch}",
         f"{steps} steps", flush=True)
   for name in names:
+    if "--hlo" in sys.argv:
+      hlo = compiled_hlo(name, batch, steps)
+      if os.environ.get("OUT"):
+        with open(os.path.join(os.environ["OUT"], f"{name}.hlo.txt"),
+                  "w") as f:
+          f.write(hlo)
+      print(f"\n{name}: computation, instructions, command-buffer calls, "
+            f"Mosaic GPU calls")
+      for row in command_buffers(hlo):
+        print("  ", *row)
+      continue
     k = trace_steps(name, batch, steps)
     print(f"\n{name}: {k.launches} kernels a step, busy {k.busy_us:.1f} us, "
           f"span {k.span_us:.1f} us a step", flush=True)
