@@ -27,8 +27,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.pallas_gpu = ml_collections.ConfigDict(dict(
       layout="tokens", lookup_mode="prmt", key_registers=True,
       transpose_p=True, skip_empty_splits=True,
-      rotate_in_kernel=ml_collections.config_dict.placeholder(bool),
-      key_int8=False))
+      rotate_in_kernel=ml_collections.config_dict.placeholder(bool)))
   c.max_xla_bytes = 8 * 2**30           # skip impl="xla" (it materializes
                                         # f32 K/V) when that would exceed this
   c.warmup = 3

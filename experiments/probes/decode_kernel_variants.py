@@ -18,9 +18,7 @@ skip_empty_splits checked and timed, split counts at two shapes;
 --layer: append + attend of one such layer, full against TurboQuant;
 --append: the fused quantize-and-append kernel checked and timed;
 --rotate: combine="columns" and rotate_in_kernel checked, then timed per
-layer and at B=1; --int8: key_int8 checked, then timed against the f16
-path at B=8; --merge: the split merge's division last or in the weights,
-per layer)
+layer and at B=1)
 """
 
 import dataclasses
@@ -475,56 +473,6 @@ def _layer_us(b, bits, impl, append_impl, opts) -> float:
   return ms / steps * 1e3
 
 
-def merge_forms():
-  """One SmolLM2 decode layer (append + attend, defaults) with
-  finish_columns' division last against inside the splits' weights
-  (parts.NORMALIZED_WEIGHTS), two interleaved rounds, beside the full bf16
-  cache's XLA path. (A third form, one variadic reduce, was slower:
-  results/decode_bench/h200_v9/probes.txt.)"""
-  print("jax", jax.__version__, jax.devices()[0].device_kind, flush=True)
-  for b in (1, 32):
-    for rnd in range(2):
-      print(f"B={b} round {rnd}: full bf16 xla "
-            f"{_layer_us(b, 'full', 'xla', 'xla', {}):.1f} us", flush=True)
-      for normalized in (False, True):
-        parts.NORMALIZED_WEIGHTS = normalized
-        jax.clear_caches()        # _attention's traces hold the old form
-        for bits in (4, 3):
-          us = _layer_us(b, bits, None, "pallas_gpu", {})
-          print(f"B={b} round {rnd}: {bits}-bit, normalized weights "
-                f"{normalized}: {us:.1f} us", flush=True)
-  parts.NORMALIZED_WEIGHTS = False
-
-
-def int8_keys():
-  """key_int8 (4-bit key scores on the int8 tensor cores) checked on the
-  device against the reference (its rounded centroids: 5.2e-3 of the
-  output scale in pallas_kernels_test's interpret-mode case, which bounds
-  it by 2e-2: the bar here too), then timed against the
-  f16 path in device time (20 calls a jitted loop) at B=8, 32/8 heads,
-  D=128, S = 32k and 128k, 4-bit keys and values, two interleaved rounds."""
-  print("jax", jax.__version__, jax.devices()[0].device_kind, flush=True)
-  for args, kw in (((128, 4, 4), {}), ((64, 8, 4), {}), ((256, 2, 4), {}),
-                   ((128, 8, 4), dict(tokens=3)),
-                   ((64, 4, 4), dict(lengths=(1, 333)))):
-    check(*args, mode="prmt", layout="tokens", key_int8=True, tol=2e-2, **kw)
-  q = jax.random.normal(jax.random.key(0), (8, 32, 128))
-  for s in (32768, 131072):
-    c = kernel_bench.random_cache(
-        jax.random.key(4), cache_lib.CacheConfig(key_bits=4, value_bits=4),
-        8, 8, s, 128)
-    for rnd in range(2):
-      for name, options in (("f16", {}), ("int8", dict(key_int8=True))):
-        fn = lambda q, c, options=options: da.decode_attention(
-            q, c, c.lengths, impl="pallas_gpu", **options)
-        try:
-          ms = timing.time_loop_ms(fn, q, c, loops=20, warmup=2, reps=10)
-          print(f"S={s} round {rnd} {name:<5} {ms:.3f} ms", flush=True)
-        except Exception as e:  # noqa: BLE001 - a probe reports failures
-          print(f"S={s} {name} FAIL {type(e).__name__}: {str(e)[:400]}",
-                flush=True)
-
-
 def fused_append():
   """The fused quantize-and-append kernel on the device: checked against
   the XLA path (bytes that differ, largest norm difference) on prefilled
@@ -617,12 +565,6 @@ def main():
     return
   if "--layer" in sys.argv:
     layer_steps()
-    return
-  if "--int8" in sys.argv:
-    int8_keys()
-    return
-  if "--merge" in sys.argv:
-    merge_forms()
     return
   if "--splits1" in sys.argv:      # the same at B=1
     split_counts(1, (8, 16, 24, 36, 48, 72, 144), (16, 24, 48, 72))

@@ -3,9 +3,8 @@
 Each probe is a tiny plgpu.kernel checked against numpy; the script prints
 OK or the error, so one device call answers several design questions.
 Run: python -m experiments.probes.mosaic_gpu_probe [--interpret]
-[--v4|--prmt|--int8] (--v4: only the probes of the transposed layout of
+[--v4|--prmt|--launch] (--v4: only the probes of the transposed layout of
 kernel v4; --prmt: only the byte-permute centroid lookup, device only;
---int8: 4-bit codes looked up as int8 and scored on the int8 tensor cores;
 --launch: what a Mosaic GPU launch costs inside a jitted loop.)
 """
 
@@ -328,101 +327,6 @@ def prmt_lookup_probe():
         cb16[codes & 15], tol=1e-6)
 
 
-# ---- Scores on the int8 tensor cores from 4-bit codes (prmt_lookup's
-# int8 block): lookup into two int8 register operands, two wgmmas.
-
-
-def _i8_tile(rows: int, cols: int = 128) -> plgpu.SMEM:
-  return plgpu.SMEM((rows, cols), jnp.int8,
-                    transforms=(plgpu.TilingTransform((8, cols)),
-                                plgpu.SwizzleTransform(cols)))
-
-
-def int8_scores(words, q, interpret=None):
-  """i32 [64, n] = (G_pos - G_neg) · qᵀ for u8 [64, P] 4-bit codes and q
-  int8 [n, 2P] (columns in prmt_lookup.int8_order). On the device the two
-  int8 operands stay in registers; interpret mode passes them via SMEM."""
-  # pylint: disable=g-import-not-at-top
-  from turboquant_jax.kernels.decode_attention import prmt_lookup
-  from turboquant_jax.quant import codebook
-  with jax.ensure_compile_time_eval():      # constants, also under jit
-    table = tuple(float(x) for x in codebook.codebook(2 * words.shape[1], 4))
-  n, cols = q.shape
-
-  def kernel(w_gmem, qp_gmem, qn_gmem, o_gmem, w_smem, qp_smem, qn_smem,
-             g_smem, o_smem, bar):
-    for src, dst in ((w_gmem, w_smem), (qp_gmem, qp_smem),
-                     (qn_gmem, qn_smem)):
-      plgpu.copy_gmem_to_smem(src, dst, bar)
-      plgpu.barrier_wait(bar)
-    w = plgpu.load(w_smem, layout=L.WGMMA, optimized=False)
-    g_pos, g_neg = prmt_lookup.lookup_int8(w, table,
-                                           interpret=interpret is not None)
-    if interpret is not None:        # interpret mode: A only from SMEM
-      g_smem[0] = g_pos
-      g_smem[1] = g_neg
-      plgpu.commit_smem()
-      g_pos, g_neg = g_smem.at[0], g_smem.at[1]
-
-    def mm(acc):
-      plgpu.wgmma(acc, g_pos, qp_smem.T)
-      plgpu.wgmma(acc, g_neg, qn_smem.T)
-      return acc[...]
-    o_smem[...] = pl.run_scoped(mm, plgpu.ACC((64, n), jnp.int32))
-    plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(o_smem, o_gmem)
-    plgpu.wait_smem_to_gmem(0)
-
-  g = plgpu.SMEM((2, 64, cols), jnp.int8,
-                 transforms=(plgpu.TilingTransform((8, cols)),
-                             plgpu.SwizzleTransform(cols)))
-  return plgpu.kernel(
-      kernel, out_type=jax.ShapeDtypeStruct((64, n), jnp.int32),
-      scratch_types=[plgpu.SMEM(words.shape, jnp.uint8), _i8_tile(n, cols),
-                     _i8_tile(n, cols), g, plgpu.SMEM((64, n), jnp.int32),
-                     plgpu.Barrier()],
-      interpret=interpret)(words, q, -q)
-
-
-def int8_transposed_store(x):
-  """int8 [64, 128] loaded in the WGMMA_8BIT layout and stored through a
-  transposed view of a [128, 64] tile: what int8 values (Vᵀ, a K-major A
-  operand) would need. Its layout check needs the device's architecture,
-  so only a GPU can lower it."""
-  def kernel(x_gmem, o_gmem, x_smem, t_smem, bar):
-    plgpu.copy_gmem_to_smem(x_gmem, x_smem, bar)
-    plgpu.barrier_wait(bar)
-    v = plgpu.load(x_smem, layout=L.WGMMA_8BIT, optimized=False)
-    t_smem.transpose((1, 0))[...] = v
-    plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(t_smem, o_gmem)
-    plgpu.wait_smem_to_gmem(0)
-  return plgpu.kernel(
-      kernel, out_type=jax.ShapeDtypeStruct((128, 64), jnp.int8),
-      scratch_types=[_i8_tile(64, 128), _i8_tile(128, 64), plgpu.Barrier()],
-      interpret=INTERPRET)(x)
-
-
-def int8_probe():
-  # pylint: disable=g-import-not-at-top
-  from turboquant_jax.kernels.decode_attention import prmt_lookup
-  from turboquant_jax.quant import codebook
-  for dim in (128,):
-    words = rng.integers(0, 256, (64, dim // 2)).astype(np.uint8)
-    q = rng.integers(-127, 128, (16, dim)).astype(np.int8)
-    nib = np.stack([words & 15, words >> 4], -1).reshape(64, dim)
-    steps = prmt_lookup.int8_values(tuple(codebook.codebook(dim, 4)))
-    want = steps[nib].astype(np.int64) @ q.astype(np.int64).T
-    probe(f"int8 lookup + two int8 wgmmas, D={dim}",
-          lambda: np.asarray(int8_scores(jnp.asarray(words), jnp.asarray(q),
-                                         INTERPRET), np.float32),
-          want.astype(np.float32), tol=1e-7)
-  x = rng.integers(-127, 128, (64, 128)).astype(np.int8)
-  probe("int8 store through a transposed view",
-        lambda: np.asarray(int8_transposed_store(jnp.asarray(x)),
-                           np.float32), x.T.astype(np.float32), tol=1e-7)
-
-
 def launch_probe():
   """Device µs per iteration of a jitted 200-iteration loop whose body is
   10 small XLA steps (a reduction and an add, ~2 kernels each), alone and
@@ -430,23 +334,27 @@ def launch_probe():
   Mosaic GPU launch adds inside a loop (~1-2 µs for a kernel inside XLA's
   CUDA graphs; several more for one launched from the host between them).
   The loop itself costs ~15 µs an iteration (its predicate goes to the
-  host), hence the 10 steps."""
+  host), hence the 10 steps. The kernel's shared memory is swept (three
+  f32 [rows, 128] buffers): whether switching the SM's shared-memory
+  carveout between XLA's kernels and a Mosaic GPU kernel is what costs."""
   # pylint: disable=g-import-not-at-top
   from experiments import timing
-  x = jnp.ones((64, 128), jnp.float32)
-  kern = make_kernel(lambda a, b: a[...] * 0.5, x, x, (64, 128), jnp.float32)
+  for rows in (0, 8, 64, 128):
+    x = jnp.ones((max(rows, 8), 128), jnp.float32)
+    kern = make_kernel(lambda a, b: a[...] * 0.5, x, x, x.shape,
+                       jnp.float32)
 
-  def xla_steps(x, mosaic):
-    for _ in range(10):
-      x = kern(x, x) if mosaic else x
-      x = x + jnp.sum(x) * 1e-6
-    return x
+    def xla_steps(x, kern=kern, mosaic=rows > 0):
+      for _ in range(10):
+        x = kern(x, x) if mosaic else x
+        x = x + jnp.sum(x) * 1e-6
+      return x
 
-  for name, mosaic in (("10 XLA steps", False),
-                       ("10 x (Mosaic GPU kernel + XLA step)", True)):
-    us = timing.time_loop_ms(lambda x, mosaic=mosaic: xla_steps(x, mosaic), x,
-                             loops=200, warmup=2, reps=10) * 1e3
-    print(f"{name:<44} {us:.2f} us an iteration", flush=True)
+    us = timing.time_loop_ms(xla_steps, x, loops=200, warmup=2,
+                             reps=10) * 1e3
+    name = ("10 XLA steps" if rows == 0 else
+            f"10 x (Mosaic GPU kernel, {3 * rows // 2} KB SMEM, + XLA step)")
+    print(f"{name:<52} {us:.2f} us an iteration", flush=True)
 
 
 def main():
@@ -456,9 +364,6 @@ def main():
     return
   if "--prmt" in sys.argv:
     prmt_lookup_probe()
-    return
-  if "--int8" in sys.argv:
-    int8_probe()
     return
   transposed_layout_probes()
   if "--v4" in sys.argv:

@@ -11,8 +11,7 @@ XLA work around it) gets its duration, throughput and stall reasons.
     (one SmolLM2-shaped decode layer at B=32: attention and append;
     smol_tq_b1, smol_full_b1 the same at B=1),
     append_xla, append_fused (one donated 4-bit append at that shape,
-    printing its optimized HLO); --normalized-weights: the split merge
-    with parts.NORMALIZED_WEIGHTS
+    printing its optimized HLO)
 """
 
 import ctypes
@@ -26,7 +25,6 @@ from experiments import kernel_bench
 from turboquant_jax import cache as cache_lib
 from turboquant_jax.cache import turboquant_cache
 from turboquant_jax.kernels import decode_attention as da
-from turboquant_jax.kernels.decode_attention import parts
 
 
 def _profiled(fn, *args):
@@ -98,8 +96,6 @@ def _append(impl, b=32, kvh=3, d=64, s=9216, live=8192):
 
 def main():
   case = sys.argv[1] if len(sys.argv) > 1 else "kernel4"
-  if "--normalized-weights" in sys.argv:   # parts.finish_columns' other form
-    parts.NORMALIZED_WEIGHTS = True
   {"kernel4": lambda: _kernel(4), "kernel3": lambda: _kernel(3),
    "cudnn": _cudnn, "smol_tq": lambda: _smol("tq"),
    "smol_full": lambda: _smol("full"),

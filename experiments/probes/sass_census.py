@@ -2,22 +2,32 @@
 
 Nsight Compute says the kernel is issue-bound (NOTES.md, session 6), so
 its speed is the number of instructions a thread issues per 64-token tile.
-This probe compiles the kernel at the B=8, D=128 benchmark shape with
-Mosaic GPU's SASS dump on (MOSAIC_GPU_DUMP_SASS, MOSAIC_GPU_DUMP_TO), finds
-the loops in the dump (backward branches), and prints, per loop of more
-than `--min=100` instructions, its length and its opcodes by count and by
-class (integer ALU, f32, conversions, shared/global memory, tensor cores,
-barriers and control): the static cost of one trip, per thread.
+This probe compiles the kernel with Mosaic GPU's dumps on
+(MOSAIC_GPU_DUMP_PTX / _SASS, MOSAIC_GPU_DUMP_TO), at the B=8, D=128
+benchmark shape or (`--smol`) SmolLM2's B=32 decode shape (9/3 heads,
+D=64, 8192 of 9216 tokens), finds the loops in the listing (backward
+branches), and prints, per loop of more than `--min=100` instructions, its
+length and its opcodes by count and by class (integer ALU, f32,
+conversions, shared/global memory, tensor cores, barriers and control):
+the static cost of one trip, per thread, and the registers ptxas used.
 
-    python -m experiments.probes.sass_census [--bits=4] [--int8] [--dir=DUMP]
-(--int8: the key_int8 kernel; --dir: only parse an existing dump, which
-is all that works on a CPU.)
+Where Mosaic GPU cannot disassemble (it found no nvdisasm on the lent
+H200), the dumped PTX is assembled with `ptxas -arch=sm_90a` and listed
+with `cuobjdump -sass`, taken from PATH, $CUDA_HOME/bin or
+/usr/local/cuda/bin (on a CPU machine: the nvidia-cuda-nvcc and
+nvidia-cuda-cuobjdump wheels carry both).
+
+    python -m experiments.probes.sass_census [--bits=4] [--smol] [--dir=DUMP]
+(--dir: only read an existing dump (SASS listings, or PTX to assemble),
+which is all that works on a CPU.)
 """
 
 import collections
 import dataclasses
 import glob
 import os
+import shutil
+import subprocess
 import re
 import sys
 import tempfile
@@ -131,9 +141,10 @@ def report(text: str, minimum: int = 100) -> str:
   return "\n".join(lines)
 
 
-def _compile_kernel(dump_dir: str, bits: int) -> None:
-  """Compiles and runs one decode-attention call with the SASS dump on."""
+def _compile_kernel(dump_dir: str, bits: int, smol: bool) -> None:
+  """Compiles and runs one decode-attention call with the dumps on."""
   os.environ["MOSAIC_GPU_DUMP_SASS"] = "1"
+  os.environ["MOSAIC_GPU_DUMP_PTX"] = "1"
   os.environ["MOSAIC_GPU_DUMP_TO"] = dump_dir
   # pylint: disable=g-import-not-at-top (the dump flags must be set first)
   import jax
@@ -141,9 +152,10 @@ def _compile_kernel(dump_dir: str, bits: int) -> None:
   from turboquant_jax import cache as cache_lib
   from turboquant_jax.kernels import decode_attention as da
   cfg = cache_lib.CacheConfig(key_bits=bits, value_bits=bits)
-  c = kernel_bench.random_cache(jax.random.key(4), cfg, 8, 8, 32768, 128)
-  q = jax.random.normal(jax.random.key(0), (8, 32, 128))
-  options = dict(key_int8=True) if "--int8" in sys.argv else {}
+  # (batch, query heads, KV heads, tokens, head dim)
+  b, h, kvh, s, d = (32, 9, 3, 8192, 64) if smol else (8, 32, 8, 32768, 128)
+  c = kernel_bench.random_cache(jax.random.key(4), cfg, b, kvh, s, d)
+  q = jax.random.normal(jax.random.key(0), (b, h, d))
   # Whether Mosaic GPU writes the listing under DUMP_TO or to stdout, it
   # ends up in dump_dir: the process's stdout goes to a file meanwhile.
   sys.stdout.flush()
@@ -152,11 +164,37 @@ def _compile_kernel(dump_dir: str, bits: int) -> None:
     os.dup2(out.fileno(), 1)
     try:
       jax.block_until_ready(jax.jit(lambda q, c: da.decode_attention(
-          q, c, c.lengths, impl="pallas_gpu", **options))(q, c))
+          q, c, c.lengths, impl="pallas_gpu"))(q, c))
     finally:
       sys.stdout.flush()
       os.dup2(saved, 1)
       os.close(saved)
+
+
+def cuda_tool(name: str) -> str | None:
+  """Path of a CUDA binary (ptxas, cuobjdump): PATH, $CUDA_HOME/bin,
+  /usr/local/cuda/bin."""
+  for d in (None, os.path.join(os.environ.get("CUDA_HOME", ""), "bin"),
+            "/usr/local/cuda/bin"):
+    found = shutil.which(name, path=d)
+    if found:
+      return found
+  return None
+
+
+def assemble(ptx_path: str, arch: str = "sm_90a") -> tuple[str, str]:
+  """(SASS listing, ptxas -v's report) of a PTX file."""
+  ptxas, cuobjdump = cuda_tool("ptxas"), cuda_tool("cuobjdump")
+  if not (ptxas and cuobjdump):
+    raise FileNotFoundError("ptxas and cuobjdump: not on PATH, $CUDA_HOME/"
+                            "bin or /usr/local/cuda/bin")
+  cubin = ptx_path + ".cubin"
+  report = subprocess.run([ptxas, f"-arch={arch}", "-v", "-o", cubin,
+                           ptx_path], check=True, capture_output=True,
+                          text=True)
+  sass = subprocess.run([cuobjdump, "-sass", cubin], check=True,
+                        capture_output=True, text=True)
+  return sass.stdout, report.stderr + report.stdout
 
 
 def main():
@@ -166,11 +204,12 @@ def main():
     dump_dir = os.environ.get("OUT") or tempfile.mkdtemp()
     dump_dir = os.path.join(dump_dir, "sass")
     os.makedirs(dump_dir, exist_ok=True)
-    _compile_kernel(dump_dir, int(probes.option("bits", "4")))
-  files = [f for f in glob.glob(os.path.join(dump_dir, "**", "*"),
-                                recursive=True) if os.path.isfile(f)]
+    _compile_kernel(dump_dir, int(probes.option("bits", "4")),
+                    "--smol" in sys.argv)
+  files = sorted(f for f in glob.glob(os.path.join(dump_dir, "**", "*"),
+                                      recursive=True) if os.path.isfile(f))
   found = False
-  for path in sorted(files):
+  for path in files:
     with open(path, errors="replace") as f:
       text = f.read()
     if not _INSTR.search(text):
@@ -178,9 +217,16 @@ def main():
     found = True
     print(f"== {os.path.relpath(path, dump_dir)}")
     print(report(text, minimum))
+  for path in [] if found else [f for f in files if f.endswith(".ptx")]:
+    found = True
+    text, ptxas_report = assemble(path)
+    registers = re.search(r"Used (\d+) registers", ptxas_report)
+    print(f"== {os.path.relpath(path, dump_dir)} (assembled here, "
+          f"{registers.group(1) if registers else '?'} registers)")
+    print(report(text, minimum))
   if not found:
-    print(f"no SASS listing among {len(files)} files under {dump_dir}: "
-          f"{[os.path.basename(f) for f in files][:20]}")
+    print(f"no SASS listing or PTX among {len(files)} files under "
+          f"{dump_dir}: {[os.path.basename(f) for f in files][:20]}")
 
 
 if __name__ == "__main__":

@@ -11,8 +11,8 @@ take the most time, names without their numeric suffixes.
 
     python -m experiments.probes.step_trace [--batch=1] [--steps=8]
         [--caches=full-bf16,tq4]   (names from configs/decode_bench.py)
-        [--hlo]   (instead: where XLA's command buffers (CUDA graphs) are
-                   in the compiled loop, and which custom calls they hold)
+        [--hlo]   (instead: the loop's optimized HLO, written to $OUT, and
+                   its Mosaic GPU calls and copies per computation)
 """
 
 import collections
@@ -102,25 +102,24 @@ def summarize(events, steps: int) -> StepKernels:
 _COMPUTATION = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) .*\{$")
 
 
-def command_buffers(hlo: str) -> list[tuple[str, int, int, int]]:
-  """(computation, instructions, command-buffer calls, Mosaic GPU custom
-  calls) of each computation of an optimized HLO module that calls a
-  command buffer or a Mosaic GPU kernel, or is a command buffer: whether
-  the kernels run inside XLA's CUDA graphs or split them."""
+def hlo_census(hlo: str) -> list[tuple[str, int, int, int]]:
+  """(computation, instructions, Mosaic GPU custom calls, copies) of each
+  computation of an optimized HLO module that has a Mosaic GPU call or a
+  copy: in a decode loop's body, the kernels and the buffer copies (e.g.
+  into the loop carry) that each step pays."""
   found, name, counts = [], None, None
   for line in hlo.splitlines():
     head = _COMPUTATION.match(line)
     if head:
       name, counts = head.group(1), [0, 0, 0]
     elif line.startswith("}") and name is not None:
-      if counts[1] or counts[2] or "command_buffer" in name:
+      if counts[1] or counts[2]:
         found.append((name, *counts))
       name = None
     elif name is not None and " = " in line:
       counts[0] += 1
-      counts[1] += "to_apply=%command_buffer" in line or (
-          "calls=%command_buffer" in line)
-      counts[2] += 'custom_call_target="mosaic_gpu' in line
+      counts[1] += 'custom_call_target="mosaic_gpu' in line
+      counts[2] += bool(re.search(r"\scopy\(", line))
   return found
 
 
@@ -175,9 +174,9 @@ def main():
         with open(os.path.join(os.environ["OUT"], f"{name}.hlo.txt"),
                   "w") as f:
           f.write(hlo)
-      print(f"\n{name}: computation, instructions, command-buffer calls, "
-            f"Mosaic GPU calls")
-      for row in command_buffers(hlo):
+      print(f"\n{name}: computation, instructions, Mosaic GPU calls, "
+            f"copies")
+      for row in hlo_census(hlo):
         print("  ", *row)
       continue
     k = trace_steps(name, batch, steps)

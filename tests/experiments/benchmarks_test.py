@@ -208,6 +208,56 @@ class SassCensusTest(absltest.TestCase):
     self.assertNotIn("notes.txt", out.getvalue())
     self.assertIn("loop of 9 instructions", out.getvalue())
 
+  def test_assembles_ptx_where_no_listing_is_found(self):
+    # A dump with PTX but no SASS: the PTX goes through ptxas and
+    # cuobjdump (stand-ins here) and their listing is reported.
+    with tempfile.TemporaryDirectory() as tmp:
+      pathlib.Path(tmp, "kernel.ptx").write_text(".version 8.0")
+      out = io.StringIO()
+      with mock.patch.object(sass_census, "assemble",
+                             return_value=(self.LISTING,
+                                           "ptxas info: Used 158 registers")
+                             ) as assemble, \
+          mock.patch.object(sys, "argv", ["x", f"--dir={tmp}", "--min=5"]), \
+          contextlib.redirect_stdout(out):
+        sass_census.main()
+    assemble.assert_called_once_with(str(pathlib.Path(tmp, "kernel.ptx")))
+    self.assertIn("== kernel.ptx (assembled here, 158 registers)",
+                  out.getvalue())
+    self.assertIn("loop of 9 instructions", out.getvalue())
+
+  def test_assemble_names_the_missing_tools(self):
+    with mock.patch.object(sass_census, "cuda_tool", return_value=None):
+      with self.assertRaisesRegex(FileNotFoundError, "ptxas and cuobjdump"):
+        sass_census.assemble("kernel.ptx")
+
+
+class HloCensusTest(absltest.TestCase):
+
+  HLO = """\
+%fused_add (p: f32[4]) -> f32[4] {
+  %p = f32[4]{0} parameter(0)
+  ROOT %add = f32[4]{0} add(%p, %p)
+}
+
+%body (t: (s32[1], u8[8])) -> (s32[1], u8[8]) {
+  %t = (s32[1]{0}, u8[8]{0}) parameter(0)
+  %call = (s32[1]{0}, u8[8]{0}) custom-call(%t), custom_call_target="mosaic_gpu_v2"
+  %gte = s32[1]{0} get-tuple-element(%call), index=0
+  %copy.1 = s32[1]{0} copy(%gte)
+  ROOT %tuple = (s32[1]{0}, u8[8]{0}) tuple(%copy.1, %gte)
+}
+
+ENTRY %main (a: s32[1]) -> s32[1] {
+  %a = s32[1]{0} parameter(0)
+  ROOT %copy_start = s32[1]{0} copy-start(%a)
+}
+"""
+
+  def test_counts_mosaic_calls_and_copies_per_computation(self):
+    # Only the body has either; copy-start is not a copy.
+    self.assertEqual(step_trace.hlo_census(self.HLO), [("body", 5, 1, 1)])
+
 
 if __name__ == "__main__":
   absltest.main()

@@ -139,26 +139,6 @@ class GpuLoweringTest(parameterized.TestCase):
     self.assertNotIn("stablehlo.scatter", text)
     self.assertNotIn("stablehlo.dot_general", text)
 
-  @parameterized.parameters((128, 4, 4, 4, 1, "mse"), (64, 4, 4, 8, 3, "mse"),
-                            (256, 4, 2, 3, 1, "mse"),
-                            (128, 4, 3, 4, 16, "mse"))
-  def test_int8_keys_lower(self, *shape):
-    # key_int8: 128- and 64-column int8 operands (D 128, 64), two per part
-    # (D 256), 16 to 64 query columns.
-    self.assertIn("mosaic_gpu", _lower(*shape, key_int8=True).as_text())
-
-  def test_int8_lookup_feeds_int8_wgmma(self):
-    # prmt_lookup's int8 block (not yet in the kernel): the looked-up
-    # registers as int8 wgmma A operands, queries as a K-major B (the
-    # device probe's kernel, mosaic_gpu_probe --int8).
-    # pylint: disable-next=g-import-not-at-top
-    from experiments.probes import mosaic_gpu_probe
-    f = jax.jit(lambda w, q: mosaic_gpu_probe.int8_scores(w, q, None))
-    text = f.trace(jnp.zeros((64, 64), jnp.uint8),
-                   jnp.zeros((16, 128), jnp.int8)).lower(
-                       lowering_platforms=("cuda",)).as_text()
-    self.assertIn("mosaic_gpu", text)
-
   def test_mismatched_wgmma_swizzles_fail_to_lower(self):
     # The check has teeth: V tiles with 128-byte rows against a 32-byte Pᵀ
     # (the first v4 layout, which failed on the H200; transpose_p, now on

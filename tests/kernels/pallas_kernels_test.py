@@ -6,7 +6,6 @@ S capacity, D head dim. On a TPU/GPU the same classes run compiled
 """
 
 import dataclasses
-from unittest import mock
 import zlib
 
 from absl.testing import absltest
@@ -22,8 +21,7 @@ from turboquant_jax.kernels import decode_attention as attn
 from turboquant_jax.kernels.decode_attention import pallas_gpu
 from turboquant_jax.kernels.decode_attention import pallas_gpu_tokens
 from turboquant_jax.kernels.decode_attention import parts
-from turboquant_jax.kernels.decode_attention import prmt_lookup
-from turboquant_jax.quant import codebook
+from turboquant_jax.quant import rotation
 
 import decode_attention_test as base
 
@@ -292,55 +290,10 @@ class PallasGpuInterpretTest(parameterized.TestCase):
     np.testing.assert_allclose(got, want, rtol=self.TOL,
                                atol=self.TOL * scale)
 
-  @parameterized.parameters((128, 4, 1, (128, 70)), (64, 3, 3, (128, 1)),
-                            (256, 2, 1, (97, 128)))
-  def test_int8_keys_exact_on_an_int8_codebook(self, dim, groups, tokens,
-                                               lengths):
-    # key_int8 scores 4-bit keys on the int8 tensor cores with centroids
-    # rounded to steps of max|c| / 127. With a codebook already on those
-    # steps its only rounding is the queries' (hi + lo/256 in int8), so it
-    # meets the reference at the f16 path's tolerance; D = 256 takes two
-    # int8 operands per part, D = 64 one of 64 columns.
-    exact = codebook.codebook
-
-    def on_steps(d, bits):
-      c = exact(d, bits)
-      if bits != 4:
-        return c
-      step = np.max(np.abs(c)) / 127
-      return np.round(c / step) * step
-
-    jax.clear_caches()        # no trace may keep the exact codebook
-    with mock.patch.object(codebook, "codebook", on_steps):
-      got, want, scale = self._int8_run(dim, groups, tokens, lengths)
-    jax.clear_caches()
-    np.testing.assert_allclose(got, want, rtol=self.TOL,
-                               atol=self.TOL * scale)
-
-  def test_int8_keys_on_the_exact_codebook(self):
-    # With the exact codebook the rounded centroids add 0.2-0.5% to the
-    # keys' distortion: within 2e-2 of the output scale here (measured
-    # 5.2e-3), and not the f16 path's error (4.2e-4 here): it does round.
-    got, want, scale = self._int8_run(128, 4, 1, (128, 70))
-    err = float(jnp.max(jnp.abs(got - want))) / scale
-    self.assertLess(err, 2e-2)
-    self.assertGreater(err, 2e-3)
-
-  def _int8_run(self, dim, groups, tokens, lengths):
-    seed = zlib.crc32(self.id().encode())
-    cache = self._cache(dim, 4, 3, 0, lengths, seed)
-    q = jax.random.normal(jax.random.key(seed + 1),
-                          (2, tokens, 2 * groups, dim))
-    lengths = jnp.array(lengths)
-    want = attn.chunk_attention(q, cache, lengths, impl="reference")
-    got = attn.chunk_attention(q, cache, lengths, impl="pallas_gpu",
-                               interpret=True, splits=2, key_int8=True)
-    return got, want, float(jnp.max(jnp.abs(want)))
-
-  def test_columns_merge_forms_agree(self):
-    # parts.finish_columns with the division last or inside the weights:
-    # the same merge (to f32 rounding), equal to a direct one; an empty
-    # split (m = -inf, l = 0) and an all-empty query column included.
+  def test_columns_merge_equals_a_direct_one(self):
+    # parts.finish_columns against a direct split merge, with acc in the
+    # original domain or rotated; an empty split (m = -inf, l = 0) and an
+    # all-empty query column included.
     cache = self._cache(64, 4, 4, 0, (128, 70), 0)
     rng = np.random.default_rng(0)
     b, kv, ns, d, n = 2, 2, 3, 64, 16
@@ -355,54 +308,16 @@ class PallasGpuInterpretTest(parameterized.TestCase):
                                                      0)), 0)
     want = (acc * w[:, :, :, None]).sum(2) / np.maximum(
         (l * w).sum(2), 1e-30)[:, :, None]               # [B, K, D, N]
-    want = np.swapaxes(want, 2, 3)[:, :, :4].reshape(b, 1, kv * 4, d)
-    outs = {}
-    for normalized in (False, True):
-      with mock.patch.object(parts, "NORMALIZED_WEIGHTS", normalized):
-        outs[normalized] = [
-            np.asarray(parts.finish_columns(acc, m, l, q, cache,
-                                            rotated=r)) for r in (True, False)]
-    np.testing.assert_allclose(outs[False][0], want, rtol=1e-5, atol=1e-6)
-    for got, ref in zip(outs[True], outs[False]):
-      np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
-
-  def test_int8_queries_reconstruct(self):
-    # hi + lo/256 times the scale gives the permuted queries to 1/(127 ·
-    # 256) of their largest entry (lo clipped to ±127); rows past M zero.
-    q = jax.random.normal(jax.random.key(0), (2, 3, 5, 128))
-    spec = parts.PartSpec(dim=128, bits=4, centroids=tuple(
-        codebook.codebook(128, 4).astype(np.float32)))
-    q8, scales = pallas_gpu_tokens.int8_queries(q, 16, spec)
-    self.assertEqual(q8.shape, (2 * 3 * 4, 16, 128))
-    step, _, _ = prmt_lookup.int8_tables(spec.centroids)
-    q8 = np.asarray(q8, np.float64).reshape(2, 3, 4, 16, 128)
-    approx = (q8[:, :, 0] + q8[:, :, 2] / 256) * (
-        np.asarray(scales).reshape(2, 3, 1, 1) / step)
-    want = np.asarray(q)[..., prmt_lookup.int8_order(64)]
-    big = np.max(np.abs(want), axis=(2, 3), keepdims=True)
-    np.testing.assert_array_less(np.abs(approx[:, :, :5] - want),
-                                 np.broadcast_to(big / (127 * 256) * 1.001,
-                                                 want.shape))
-    np.testing.assert_array_equal(q8[:, :, 1], -q8[:, :, 0])
-    np.testing.assert_array_equal(q8[:, :, 3], -q8[:, :, 2])
-    self.assertTrue(np.all(q8[:, :, :, 5:] == 0))
-
-  def test_int8_keys_refuse_other_parts(self):
-    cache = self._cache(128, 3, 3, 0, (128, 70), 0)
-    q = jnp.ones((2, 1, 8, 128))
-    with self.assertRaisesRegex(NotImplementedError, "4-bit mse"):
-      attn.decode_attention(q[:, 0], cache, cache.lengths,
-                            impl="pallas_gpu", interpret=True,
-                            key_int8=True)
-    with self.assertRaisesRegex(NotImplementedError, "dim 192"):
-      c192 = self._cache(192, 4, 4, 0, (128, 70), 0)
-      attn.decode_attention(jnp.ones((2, 8, 192)), c192, c192.lengths,
-                            impl="pallas_gpu", interpret=True,
-                            key_int8=True)
-    with self.assertRaisesRegex(ValueError, "rotate_in_kernel"):
-      attn.decode_attention(q[:, 0], cache, cache.lengths,
-                            impl="pallas_gpu", interpret=True,
-                            key_int8=True, rotate_in_kernel=True)
+    want = np.swapaxes(want, 2, 3)[:, :, :4]              # [B, K, 4, D]
+    got = parts.finish_columns(acc, m, l, q, cache, rotated=True)
+    np.testing.assert_allclose(np.asarray(got),
+                               want.reshape(b, 1, kv * 4, d), rtol=1e-5,
+                               atol=1e-6)
+    got = parts.finish_columns(acc, m, l, q, cache, rotated=False)
+    want = rotation.invert(cache.value_quantizer.rotation, jnp.asarray(want))
+    np.testing.assert_allclose(np.asarray(got),
+                               np.asarray(want).reshape(b, 1, kv * 4, d),
+                               rtol=1e-5, atol=1e-5)
 
   def test_step_rows_and_default_splits(self):
     step_rows = pallas_gpu_tokens.step_rows

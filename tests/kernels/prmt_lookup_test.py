@@ -19,18 +19,15 @@ _M32 = 0xFFFFFFFF
 
 
 def _prmt(a: int, b: int, sel: int) -> int:
-  """PTX prmt.b32 (default mode): byte k of the result is byte sel[k] & 7
-  of the 8 bytes {b, a} (0-3 from a, 4-7 from b), or with bit 3 of sel[k]
-  set that byte's sign bit replicated (0x00 or 0xFF)."""
+  """PTX prmt.b32 (default mode): byte k of the result is byte sel[k] of
+  the 8 bytes {b, a} (0-3 from a, 4-7 from b)."""
   pool = [(a >> 8 * i) & 0xFF for i in range(4)] + [
       (b >> 8 * i) & 0xFF for i in range(4)]
   out = 0
   for k in range(4):
     s = (sel >> 4 * k) & 0xF
-    byte = pool[s & 7]
-    if s & 8:
-      byte = 0xFF if byte & 0x80 else 0x00
-    out |= byte << 8 * k
+    assert s < 8, "sign-replicate mode is not used"
+    out |= pool[s] << 8 * k
   return out
 
 
@@ -123,58 +120,6 @@ class PrmtLookupTest(parameterized.TestCase):
     skewed[0] -= 0.01
     self.assertFalse(prmt_lookup.supports(4, tuple(skewed)))
     self.assertTrue(prmt_lookup.supports(2, (-1.0, 0.0, 0.5, 2.0)))
-
-
-class Int8LookupTest(parameterized.TestCase):
-
-  @parameterized.parameters(64, 128, 256)
-  def test_ptx_equals_the_int8_steps(self, dim):
-    # For every pair of packed bytes (4 nibbles): output byte k is nibble
-    # k's step, split by sign into the positive and the magnitude register.
-    table = codebook.codebook(dim, 4)
-    steps = prmt_lookup.int8_values(tuple(table))
-    scale, _, _ = prmt_lookup.int8_tables(tuple(table))
-    # Steps of max|c|/127: each centroid within half a step.
-    np.testing.assert_array_less(np.abs(steps * scale - table), scale / 2
-                                 + 1e-9)
-    asm = prmt_lookup.int8_ptx(tuple(table))
-    for word in range(0, 1 << 16, 3):
-      pos, mag = _run_ptx(asm, (word,), 2)
-      for k in range(4):
-        code = (word >> 4 * k) & 15
-        value = ((pos >> 8 * k) & 0xFF) - ((mag >> 8 * k) & 0xFF)
-        self.assertEqual(value, steps[code], f"{word=:#06x} {k=}")
-
-  @parameterized.parameters((64, 0.0047), (128, 0.0018), (256, 0.0030))
-  def test_rounding_adds_little_distortion(self, dim, measured):
-    # The int8 steps add 0.2-0.5% to the 4-bit codebook's squared error
-    # (the README's and NOTES' figure): coordinates ~ N(0, 1/D), each
-    # code weighted by how often it occurs.
-    table = codebook.codebook(dim, 4)
-    step, _, _ = prmt_lookup.int8_tables(tuple(table))
-    rounding = prmt_lookup.int8_values(tuple(table)) * step - table
-    x = np.random.default_rng(0).standard_normal(400_000) / np.sqrt(dim)
-    code = np.searchsorted((table[:-1] + table[1:]) / 2, x)
-    extra = np.mean(rounding[code] ** 2) / np.mean((table[code] - x) ** 2)
-    self.assertBetween(extra, 0.0015, 0.005)
-    self.assertAlmostEqual(extra, measured, delta=2e-4)
-
-  def test_interpret_lookup_and_order(self):
-    # The interpret-mode stand-in: column c of G_pos - G_neg is the step of
-    # coordinate int8_order[c] of each row (packing's 4-bit layout).
-    dim = 128
-    table = codebook.codebook(dim, 4)
-    rng = np.random.default_rng(0)
-    codes = rng.integers(0, 16, (64, dim))
-    words = packing.pack(jnp.asarray(codes, jnp.uint8), 4)
-    pos, neg = prmt_lookup.lookup_int8(words, tuple(table), interpret=True)
-    got = np.asarray(pos, np.int32) - np.asarray(neg, np.int32)
-    order = prmt_lookup.int8_order(dim // 2)
-    self.assertEqual(sorted(order), list(range(dim)))
-    want = prmt_lookup.int8_values(tuple(table))[codes[:, order]]
-    np.testing.assert_array_equal(got, want)
-    self.assertTrue(np.all(np.asarray(pos) >= 0) and np.all(
-        np.asarray(neg) >= 0))
 
 
 if __name__ == "__main__":

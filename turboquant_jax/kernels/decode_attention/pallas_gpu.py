@@ -225,24 +225,19 @@ def _dequantize_into(code_ref, spec, pool, first: int, mode,
     pool[first + g] = group
 
 
-def load_codes(code_ref, spec, interpret: bool) -> jax.Array:
-  """A code tile (u8 [R, P], or [R·P/16, 16] as _tma_rows cut it) -> u8
-  [R, P] in the WGMMA layout."""
+def dequantize_groups(code_ref, spec, mode, interpret: bool) -> list:
+  """A u8[R, P] code tile -> its centroids as f16 [R, 64] column groups
+  (WGMMA layout: a wgmma A operand as they are)."""
   row = _row_bytes(spec)
   rows = code_ref.shape[0] * code_ref.shape[1] // row
   if code_ref.shape != (rows, row) and interpret:
     # A _tma_rows tile. Interpret mode has no rule for reshaped refs (the
     # device has), so it reshapes the loaded value instead.
-    return code_ref[...].reshape(rows, row)
-  if code_ref.shape != (rows, row):
-    code_ref = code_ref.reshape(rows, row)
-  return plgpu.load(code_ref, layout=_L.WGMMA, optimized=False)
-
-
-def dequantize_groups(code_ref, spec, mode, interpret: bool) -> list:
-  """A u8[R, P] code tile -> its centroids as f16 [R, 64] column groups
-  (WGMMA layout: a wgmma A operand as they are)."""
-  words = load_codes(code_ref, spec, interpret)
+    words = code_ref[...].reshape(rows, row)
+  else:
+    if code_ref.shape != (rows, row):
+      code_ref = code_ref.reshape(rows, row)
+    words = plgpu.load(code_ref, layout=_L.WGMMA, optimized=False)
   if (mode == "prmt" and spec.bits in prmt_lookup.BITS
       and prmt_lookup.supports(spec.bits, spec.centroids)):
     # Coordinate chunks looked up from the packed bytes, no unpacking.
@@ -507,11 +502,10 @@ COMBINES = ("rows", "columns")
 @jax.jit(static_argnames=("scale", "splits", "lookup_mode", "layout",
                           "stages", "tile_rows", "key_registers",
                           "transpose_p", "skip_empty_splits", "combine",
-                          "rotate_in_kernel", "key_int8", "interpret"))
+                          "rotate_in_kernel", "interpret"))
 def _attention(q, cache, lengths, scale, splits, lookup_mode, layout,
                stages, tile_rows, key_registers, transpose_p,
-               skip_empty_splits, combine, rotate_in_kernel, key_int8,
-               interpret):
+               skip_empty_splits, combine, rotate_in_kernel, interpret):
   # Norms as stored (f16): the kernels convert per tile.
   inp = parts.prepare(q, cache, lengths, scale, norms_as_stored=True)
   if layout == "tokens":
@@ -520,7 +514,7 @@ def _attention(q, cache, lengths, scale, splits, lookup_mode, layout,
     run = functools.partial(pallas_gpu_tokens.fused_attention,
                             tile_rows=tile_rows, key_registers=key_registers,
                             skip_empty_splits=skip_empty_splits,
-                            transpose_p=transpose_p, key_int8=key_int8)
+                            transpose_p=transpose_p)
     rotate = None
     if rotate_in_kernel and _rotatable(inp, cache):
       rotate = (parts.grouped_queries(q, cache.kv_heads) * scale,
@@ -592,7 +586,6 @@ def attention(q: jax.Array, cache, lengths: jax.Array, *,
               transpose_p: bool | None = None,
               skip_empty_splits: bool | None = None,
               combine: str = "rows", rotate_in_kernel: bool | None = None,
-              key_int8: bool = False,
               interpret: bool | None = None) -> jax.Array:
   """q [B, T, H, D] over a TurboQuantCache -> f32[B, T, H, D].
 
@@ -649,14 +642,6 @@ def attention(q: jax.Array, cache, lengths: jax.Array, *,
       programs per SM: B=8, 32/8 heads, S=128k, 4 bits 1.002 ms against
       0.874 without (16k: 0.173 against 0.141; results/kernel_bench/
       h200_device_time/).
-    key_int8: layout="tokens", every key part 4-bit mse (else
-      NotImplementedError), not with rotate_in_kernel (off by default
-      with it): scores on the int8 tensor cores, the codes looked up as
-      int8 steps of max|c| / 127 by 1 xor and 2 prmt per 4 codes (the
-      f16 lookup: 14 instructions), queries as int8 hi + lo/256
-      (pallas_gpu_tokens.int8_queries). The rounded centroids are within
-      half a step of the codebook's (0.2-0.5% more key distortion at
-      head dims 64-256). Not yet run on a GPU: off by default.
     interpret: None uses Mosaic GPU interpret mode when the backend is not
       a GPU.
   """
@@ -676,22 +661,17 @@ def attention(q: jax.Array, cache, lengths: jax.Array, *,
     raise ValueError(f"{tile_rows=!r}: expected 64, 128 or 256 (64 for "
                      "layout='queries')")
   if layout == "queries" and (key_registers or transpose_p
-                              or skip_empty_splits or rotate_in_kernel
-                              or key_int8):
+                              or skip_empty_splits or rotate_in_kernel):
     raise ValueError(f"{key_registers=}, {transpose_p=}, "
-                     f"{skip_empty_splits=}, {rotate_in_kernel=}, "
-                     f"{key_int8=}: options of layout='tokens' only")
-  if key_int8 and rotate_in_kernel:
-    raise ValueError("key_int8 with rotate_in_kernel: the kernel's own "
-                     "query rotation is f16; pass rotate_in_kernel=False")
+                     f"{skip_empty_splits=}, {rotate_in_kernel=}: options "
+                     "of layout='tokens' only")
   tokens = layout == "tokens"
   key_registers = tokens if key_registers is None else key_registers
   transpose_p = tokens if transpose_p is None else transpose_p
   skip_empty_splits = (tokens if skip_empty_splits is None
                        else skip_empty_splits)
   if rotate_in_kernel is None:
-    rotate_in_kernel = (tokens and not key_int8
-                        and q.shape[-1] <= ROTATE_IN_KERNEL_MAX_DIM)
+    rotate_in_kernel = tokens and q.shape[-1] <= ROTATE_IN_KERNEL_MAX_DIM
   interpret = interpret_params(interpret)
   if splits is None:
     splits = default_splits(cache, layout)
@@ -699,4 +679,4 @@ def attention(q: jax.Array, cache, lengths: jax.Array, *,
   return _attention(q, cache, lengths, scale, splits, lookup_mode, layout,
                     stages, tile_rows, bool(key_registers), bool(transpose_p),
                     bool(skip_empty_splits), combine, bool(rotate_in_kernel),
-                    bool(key_int8), interpret)
+                    interpret)

@@ -29,12 +29,6 @@ XLA only merges the splits. At B = 1 that took a SmolLM2 decode layer from
 D = 128 the 64 KB of rotation tiles cost more than they save (B=8, S=128k,
 4 bits: 1.002 ms against 0.874, results/kernel_bench/h200_device_time/).
 
-With `key_int8` (an option, not yet run on a GPU) 4-bit key parts are
-scored on the int8 tensor cores: prmt_lookup's int8 lookup turns each
-code register into two int8 A operands (positive codes, negative codes'
-magnitudes), queries arrive as int8 hi and lo parts (int8_queries), and
-the int32 products are scaled back per tile (NOTES.md, session 8).
-
 A wgmma reads A and B with one swizzle, so the V tiles are stored with
 Pᵀ's (32 bytes for 16 columns, 64 for 32, 128 for 64), unless Pᵀ goes
 through a transposed view (transpose_p).
@@ -56,7 +50,6 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from turboquant_jax.kernels.decode_attention import pallas_gpu as base
 from turboquant_jax.kernels.decode_attention import parts
-from turboquant_jax.kernels.decode_attention import prmt_lookup
 
 ROWS, GROUP = base.ROWS, base.GROUP
 _L = plgpu.Layout
@@ -72,85 +65,6 @@ def _columns_smem(groups: int, n: int) -> plgpu.SMEM:
   return plgpu.SMEM((groups, n, GROUP), jnp.float16,
                     transforms=(plgpu.TilingTransform((8, GROUP)),
                                 plgpu.SwizzleTransform(128)))
-
-
-def _int8_width(spec: parts.PartSpec) -> int:
-  """Columns of one int8 key operand (2 codes a byte): 128 or the part."""
-  return 2 * prmt_lookup.int8_chunk(spec.dim // 2)
-
-
-def _int8_smem(spec: parts.PartSpec, kinds: int, rows: int) -> plgpu.SMEM:
-  """int8 [kinds·C, rows, W]: `kinds` operands of a key part, each in C
-  chunks of W coordinates (prmt_lookup.int8_order), rows of W bytes: the
-  queries (q_hi, -q_hi, q_lo, -q_lo, rows = N, read as Qᵀ: a K-major B
-  operand) or, in interpret mode, the looked-up keys (G_pos, G_neg)."""
-  w = _int8_width(spec)
-  return plgpu.SMEM((kinds * (spec.dim // w), rows, w), jnp.int8,
-                    transforms=(plgpu.TilingTransform((8, w)),
-                                plgpu.SwizzleTransform(w)))
-
-
-def int8_queries(q: jax.Array, n: int, spec: parts.PartSpec) -> tuple:
-  """f32 [B, K, M, Dp] (rotated, scaled) -> (int8 [B·K·4·C, n, W], f32
-  [B·K] scales): per (sequence, KV head) one scale s = max|q| / 127 and
-  q/s = hi + lo/256 in int8 (q to 1/32512 of its largest entry), the
-  coordinates in the order the int8 key lookup yields, rows past M zero.
-  The scale returned includes the codebook's int8 step."""
-  b, kv, m, d = q.shape
-  w = _int8_width(spec)
-  step, _, _ = prmt_lookup.int8_tables(spec.centroids)
-  q = q[..., prmt_lookup.int8_order(d // 2)]
-  s = jnp.max(jnp.abs(q), axis=(2, 3)) / 127
-  s = jnp.where(s > 0, s, 1.0)
-  x = q / s[..., None, None]
-  hi = jnp.round(x)
-  lo = jnp.clip(jnp.round((x - hi) * 256), -127, 127)
-  q8 = jnp.stack([hi, -hi, lo, -lo], 2).astype(jnp.int8)   # [B,K,4,M,D]
-  q8 = jnp.pad(q8, ((0, 0), (0, 0), (0, 0), (0, n - m), (0, 0)))
-  q8 = q8.reshape(b, kv, 4, n, d // w, w)
-  q8 = jnp.moveaxis(q8, 4, 3).reshape(b * kv * 4 * (d // w), n, w)
-  return q8, (s * step).reshape(b * kv)
-
-
-def int8_unsupported(specs, rows: int, rotate) -> str | None:
-  """Why key_int8 cannot score these key parts, or None."""
-  if rotate is not None:
-    return "the kernel's own query rotation is f16 (rotate_in_kernel=False)"
-  if rows != ROWS:
-    return f"tiles of {rows} tokens (the int8 operands are {ROWS} rows)"
-  for spec in specs:
-    plane = spec.dim // 2
-    if (spec.bits != 4 or spec.prod or spec.dim % 64
-        or plane % prmt_lookup.int8_chunk(plane)):
-      return (f"a key part of {spec.bits} bits, dim {spec.dim}"
-              f"{', prod' if spec.prod else ''} (4-bit mse parts of dim "
-              "64 or a multiple of 128 only)")
-    if not prmt_lookup.int8_supports(spec.centroids):
-      return "a codebook not split by sign at its middle"
-  return None
-
-
-def _int8_scores(code_ref, spec, q8, acc_hi, acc_lo, interpret: bool,
-                 g_smem=None) -> None:
-  """Issues one 4-bit key part's score wgmmas on the int8 tensor cores:
-  acc_hi += G_pos·q_hiᵀ + G_neg·(-q_hi)ᵀ, acc_lo likewise with q_lo, G
-  from prmt_lookup.lookup_int8 (registers on the device; through `g_smem`
-  in interpret mode, whose wgmma takes A from SMEM)."""
-  words = base.load_codes(code_ref, spec, interpret)
-  c = prmt_lookup.int8_chunk(spec.dim // 2)
-  chunks = spec.dim // (2 * c)
-  for h in range(chunks):
-    w = words if chunks == 1 else words[:, h * c:(h + 1) * c]
-    gs = prmt_lookup.lookup_int8(w, spec.centroids, interpret)
-    if g_smem is not None:
-      for sign, g in enumerate(gs):
-        g_smem[2 * h + sign] = g
-      plgpu.commit_smem()
-      gs = (g_smem.at[2 * h], g_smem.at[2 * h + 1])
-    for kind, acc in enumerate((acc_hi, acc_lo)):
-      for sign, g in enumerate(gs):         # q8: hi, -hi, lo, -lo
-        plgpu.wgmma(acc, g, q8.at[(2 * kind + sign) * chunks + h]
-                    .transpose((1, 0)))
 
 
 def _swizzle(n: int) -> int:
@@ -251,22 +165,18 @@ def _rotate_back(rot_ref, accs, barrier, n: int) -> tuple:
 def _kernel(lengths_ref, *refs, key_specs, value_specs, groups, split_len,
             kv_heads, splits, mode, interpret, n, rows, stages,
             key_registers, transpose_p, skip_empty_splits, window, tokens,
-            rotate, key_int8):
+            rotate):
   nk, nv = len(key_specs), len(value_specs)
   if rotate:              # Π_k, Π_v f32 [D, D]: the queries come unrotated
     (key_rot, value_rot), refs = refs[:2], refs[2:]
-  if key_int8:            # per key part f32 [B·K]: the int8 scores' scale
-    scale_refs, refs = refs[:nk], refs[nk:]
   (kc_refs, kn_refs, vc_refs, vn_refs, o_refs, ml_ref,
    program) = base._program_refs(refs, nk, nv, kv_heads, splits)
-  q_smem = refs[-1 - nk:-1]        # f16 [groups, N, 64] (or _int8_smem)
+  q_smem = refs[-1 - nk:-1]                          # [groups, N, 64] each
   if rotate:
     _rotate_queries(key_rot, q_smem[0], refs[-1], base._groups(key_specs[0]),
                     n)
   k_first, v_first = base._offsets(key_specs), base._offsets(value_specs)
   b, k = jax.lax.axis_index("b"), jax.lax.axis_index("k")
-  if key_int8:
-    int8_scales = [r[b * kv_heads + k] for r in scale_refs]
   # From the lengths as given: no XLA launch to clamp them.
   qlen, qend = parts.positions(lengths_ref[b], split_len * splits, window,
                                tokens)
@@ -293,8 +203,6 @@ def _kernel(lengths_ref, *refs, key_specs, value_specs, groups, split_len,
     kc, kn = tile[:nk], tile[nk:2 * nk]
     vc, vn = tile[2 * nk:2 * nk + nv], tile[2 * nk + nv:]
     accs, m_i, l_i = carry
-    if key_int8:
-      return int8_body(v_pool, p_smem, i, kc, kn, vc, vn, accs, m_i, l_i)
     if key_registers:       # K stays in registers: the wgmma's A operand
       k_tiles = [base.dequantize_groups(ref, spec, mode, interpret)
                  for ref, spec in zip(kc, key_specs)]
@@ -321,42 +229,6 @@ def _kernel(lengths_ref, *refs, key_specs, value_specs, groups, split_len,
     for part, norm_ref in zip(raw, kn):
       part = part * per_token(norm_ref)
       s = part if s is None else s + part
-    return softmax_values(s, v_pool, p_smem, i, vn, accs, m_i, l_i)
-
-  def int8_body(v_pool, p_smem, i, kc, kn, vc, vn, accs, m_i, l_i):
-    """body() with each 4-bit key part scored on the int8 tensor cores:
-    acc_hi, acc_lo = Σ G·q_hi, Σ G·q_lo (int32), the part's scores
-    scale · (acc_hi + acc_lo / 256) · norm."""
-    def scores(g_smem, *acc_refs):
-      for p, (ref, spec, q8) in enumerate(zip(kc, key_specs, q_smem)):
-        _int8_scores(ref, spec, q8, acc_refs[2 * p], acc_refs[2 * p + 1],
-                     interpret, g_smem[p] if g_smem else None)
-      for ref, spec, first in zip(vc, value_specs, v_first):
-        base._dequantize_into(ref, spec, v_pool, first, mode, interpret)
-      plgpu.commit_smem()
-      return [acc_ref[...] for acc_ref in acc_refs]
-
-    def accumulate(*g_smem):
-      return pl.run_scoped(functools.partial(scores, g_smem),
-                           *[plgpu.ACC(shape, jnp.int32)
-                             for _ in range(2 * nk)])
-
-    if interpret:     # its wgmma takes A from SMEM (scoped apart from ACC)
-      raw = pl.run_scoped(accumulate, *[_int8_smem(spec, 2, rows)
-                                        for spec in key_specs])
-    else:
-      raw = accumulate()
-    s = None
-    for p, norm_ref in enumerate(kn):
-      part = (raw[2 * p].astype(jnp.float32)
-              + raw[2 * p + 1].astype(jnp.float32) * (1 / 256))
-      part = part * (per_token(norm_ref) * int8_scales[p])
-      s = part if s is None else s + part
-    return softmax_values(s, v_pool, p_smem, i, vn, accs, m_i, l_i)
-
-  def softmax_values(s, v_pool, p_smem, i, vn, accs, m_i, l_i):
-    """The tile's online softmax over its scores s [rows, n] and the P·V
-    wgmmas: the new (accumulators, m, l)."""
     pos = first_pos + i * rows + token
     s = jnp.where((pos < qlen) & (pos <= limit), s, -jnp.inf)
     m_new = jnp.maximum(m_i, jnp.max(s, axis=0))                # [n]
@@ -440,8 +312,7 @@ def fused_attention(inp: parts.KernelInputs, *, splits: int = 8,
                     tile_rows: int = ROWS, key_registers: bool = False,
                     transpose_p: bool = False,
                     skip_empty_splits: bool = False, interpret=None,
-                    columns: bool = False, rotate=None,
-                    key_int8: bool = False):
+                    columns: bool = False, rotate=None):
   """Runs the kernel: (acc per value part [B,K,NS,M,Dp], m, l [B,K,NS,M]),
   or with `columns` as the kernel wrote them: acc [B,K,NS,Dp,N], m, l
   [B,K,NS,N] (all N query columns, no transpose).
@@ -460,11 +331,7 @@ def fused_attention(inp: parts.KernelInputs, *, splits: int = 8,
   of taking Pᵀ's 2n-byte rows). skip_empty_splits: programs whose split
   starts at or past the sequence's quantized length write the empty state
   and read nothing (a cache filled far below its capacity otherwise
-  streams every tile of the capacity, masked). key_int8: every key part
-  4-bit mse: its scores on the int8 tensor cores (prmt_lookup's int8
-  lookup, 1 xor and 2 prmt per 4 codes; queries as int8 hi + lo/256,
-  `int8_queries`), centroids rounded to steps of max|c| / 127; not with
-  `rotate`; 64-token tiles.
+  streams every tile of the capacity, masked).
   """
   base._check(inp, splits)
   specs, queries, codes, norms = base._kernel_specs(inp)
@@ -477,13 +344,7 @@ def fused_attention(inp: parts.KernelInputs, *, splits: int = 8,
   out_type = [jax.ShapeDtypeStruct((programs * base._groups(s), GROUP, n),
                                    jnp.float32) for s in inp.value_specs]
   out_type.append(jax.ShapeDtypeStruct((programs, 2, n), jnp.float32))
-  if key_int8:
-    reason = int8_unsupported(specs, rows, rotate)
-    if reason:
-      raise NotImplementedError(f"key_int8: {reason}")
-    scratch = [_int8_smem(s, 4, n) for s in specs]
-  else:
-    scratch = [_columns_smem(base._groups(s), n) for s in specs]
+  scratch = [_columns_smem(base._groups(s), n) for s in specs]
   scratch += [plgpu.Barrier()]
   kernel = plgpu.kernel(
       functools.partial(_kernel, key_specs=tuple(specs),
@@ -491,25 +352,19 @@ def fused_attention(inp: parts.KernelInputs, *, splits: int = 8,
                         split_len=cap // splits, kv_heads=kv, splits=splits,
                         mode=lookup_mode, interpret=interpret is not None,
                         n=n, rows=rows, stages=stages,
-                        key_registers=(key_registers and interpret is None
-                                       or key_int8),
+                        key_registers=key_registers and interpret is None,
                         transpose_p=transpose_p,
                         skip_empty_splits=skip_empty_splits,
                         window=inp.window, tokens=inp.tokens,
-                        rotate=rotate is not None, key_int8=key_int8),
+                        rotate=rotate is not None),
       out_type=out_type, scratch_types=scratch, grid=(b, kv, splits),
       grid_names=("b", "k", "s"), interpret=interpret)
   rotations = []
   if rotate is not None:
     q_raw, key_rot, value_rot = rotate
     queries, rotations = [q_raw], [key_rot, value_rot]
-  if key_int8:
-    q8s, scales = zip(*[int8_queries(q, n, spec)
-                        for q, spec in zip(queries, specs)])
-    operands = [*scales, *q8s]
-  else:
-    operands = [base._query_groups(q, n) for q in queries]
-  outs = kernel(inp.lengths, *rotations, *operands,
+  outs = kernel(inp.lengths, *rotations,
+                *[base._query_groups(q, n) for q in queries],
                 *map(base._tma_rows, codes), *norms,
                 *map(base._tma_rows, inp.value_codes), *inp.value_norms)
   nv = len(inp.value_specs)

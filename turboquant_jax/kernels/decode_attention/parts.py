@@ -252,8 +252,6 @@ def finish_columns(acc: jax.Array, m: jax.Array, l: jax.Array, q: jax.Array,
   """
   _, factor = _split_weights(m, jnp.max(m, axis=2))           # [B,K,NS,N]
   denom = jnp.maximum(jnp.sum(l * factor, axis=2), 1e-30)      # [B, K, N]
-  if NORMALIZED_WEIGHTS:    # the division inside the weights, before the sum
-    factor = factor / denom[:, :, None]
   a = jnp.sum(acc * factor[:, :, :, None, :], axis=2)          # [B,K,Dp,N]
   rot = cache.value_quantizer.rotation
   if rotated:
@@ -263,18 +261,8 @@ def finish_columns(acc: jax.Array, m: jax.Array, l: jax.Array, q: jax.Array,
   else:
     out = rotation.invert(rot, jnp.swapaxes(a, 2, 3))          # [B,K,N,D]
   t, m_rows = q.shape[1], q.shape[1] * q.shape[2] // cache.kv_heads
-  out = out[:, :, :m_rows]
-  if not NORMALIZED_WEIGHTS:
-    out = out / denom[:, :, :m_rows, None]
+  out = out[:, :, :m_rows] / denom[:, :, :m_rows, None]
   return ungrouped(out, t)
-
-
-# finish_columns' split merge: False divides by the softmax sum last (after
-# the weighted sum and the rotation back); True folds the division into the
-# splits' weights, so the weighted sum is the result and what follows is a
-# transpose and a slice (to time against each other on a GPU:
-# decode_kernel_variants --merge; the same result to f32 rounding).
-NORMALIZED_WEIGHTS = False
 
 
 # ------------------------------------------------- in-kernel code unpacking

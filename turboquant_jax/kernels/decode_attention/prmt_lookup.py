@@ -175,128 +175,32 @@ def _interpret_lookup(inputs, bits, centroids, fields):
           for f in range(fields) for h, plane in enumerate((first, second))]
 
 
-def _device_lookup(inputs, asm, outputs, int8=False):
+def _device_lookup(inputs, asm, outputs):
   """Runs `asm` on every 16-bit register pair of the u8 inputs (WGMMA
-  layout), giving `outputs` arrays of 32-bit registers: f16 of the inputs'
-  shape (WGMMA layout), or with `int8` int8 of twice the columns
-  (WGMMA_8BIT layout: 4 codes per register where the input holds 2 bytes).
-  """
+  layout): its `outputs` 32-bit results, as f16x2, fill that many f16
+  arrays of the inputs' shape (WGMMA layout)."""
   # pylint: disable=g-import-not-at-top (Mosaic GPU internals, device only)
   from jax._src.lib.mlir import ir
   from jax._src.lib.mlir.dialects import arith
   from jax.experimental.mosaic import gpu as mgpu
   from jax.experimental.mosaic.gpu import utils as mgpu_utils
-  r, p = inputs[0].shape
-  out = (plgpu.ShapeDtypeStruct((r, 2 * p), jnp.int8,
-                                layout=plgpu.Layout.WGMMA_8BIT) if int8 else
-         plgpu.ShapeDtypeStruct((r, p), jnp.float16,
-                                layout=plgpu.Layout.WGMMA))
+  layout = plgpu.Layout.WGMMA
+  out = plgpu.ShapeDtypeStruct(inputs[0].shape, jnp.float16, layout=layout)
 
-  @plgpu.inline_mgpu(arg_types=(plgpu.Layout.WGMMA,) * len(inputs),
+  @plgpu.inline_mgpu(arg_types=(layout,) * len(inputs),
                      return_type=(out,) * outputs)
   def lookup(ctx, *xs):
     del ctx
     i16 = ir.IntegerType.get_signless(16)
     i32 = ir.IntegerType.get_signless(32)
-    vector = (ir.VectorType.get((4,), ir.IntegerType.get_signless(8)) if int8
-              else ir.VectorType.get((2,), ir.F16Type.get()))
+    f16x2 = ir.VectorType.get((2,), ir.F16Type.get())
     regs = [np.empty_like(xs[0].registers) for _ in range(outputs)]
     for idx, _ in np.ndenumerate(xs[0].registers):   # 2 bytes of each input
       ws = [arith.extui(i32, mgpu_utils.bitcast(x.registers[idx], i16))
             for x in xs]
       results = mgpu_utils.inline_ptx(asm, *ws, result_types=[i32] * outputs)
       for reg, value in zip(regs, results):
-        reg[idx] = mgpu_utils.bitcast(value, vector)
-    layout = mgpu.WGMMA_LAYOUT_8BIT if int8 else xs[0].layout
-    return tuple(mgpu.FragmentedArray(_registers=reg, _layout=layout,
-                                      _is_signed=True if int8 else None)
-                 for reg in regs)
+        reg[idx] = mgpu_utils.bitcast(value, f16x2)
+    return tuple(mgpu.FragmentedArray(_registers=reg, _layout=xs[0].layout,
+                                      _is_signed=None) for reg in regs)
   return list(lookup(*inputs))
-
-# ------------------------------------------ 4-bit codes as int8 (tensor cores)
-#
-# Scores on the int8 tensor cores (the tokens kernel's key_int8 option;
-# experiments/probes/mosaic_gpu_probe.py --int8 checks the block alone on
-# the device; neither has run on one yet). The 16 centroids are rounded to int8 steps of max|c| / 127 and
-# split by sign: a prmt in its sign-replicate mode (selector bit 3 set)
-# returns 0x00 for a table byte below 0x80, so one prmt gives the positive
-# codes' steps (0 for codes < 8) and one the negative codes' magnitudes (0
-# for codes >= 8), 4 codes each from 2 packed bytes as they are: 1 xor and
-# 2 prmt per 4 codes (the f16 lookup above: 14). Scores are then
-# scale · (G_pos · q - G_neg · q) in int32 on the tensor cores.
-
-
-def int8_supports(centroids) -> bool:
-  """Whether the int8 lookup takes this codebook: 16 entries, the first 8
-  <= 0 and the last 8 >= 0 (so the sign is the code's top bit)."""
-  c = np.asarray(centroids, np.float64)
-  return c.shape == (16,) and not (np.any(c[:8] > 0) or np.any(c[8:] < 0))
-
-
-def int8_tables(centroids) -> tuple[float, list[int], list[int]]:
-  """(scale, positive codes' steps, negative codes' magnitudes) of a
-  codebook int8_supports takes."""
-  if not int8_supports(centroids):
-    raise ValueError("expected 16 centroids, the first 8 <= 0 and the last "
-                     f"8 >= 0, got {centroids}")
-  c = np.asarray(centroids, np.float64)
-  scale = float(np.max(np.abs(c))) / 127
-  return (scale, [int(round(x / scale)) for x in c[8:]],
-          [int(round(-x / scale)) for x in c[:8]])
-
-
-def int8_values(centroids) -> np.ndarray:
-  """The 16 centroids as the int8 lookup represents them (in steps)."""
-  _, pos, mag = int8_tables(centroids)
-  return np.array([-m for m in mag] + pos, np.int32)
-
-
-def int8_ptx(centroids) -> str:
-  """PTX: input $2 a u32 whose low 16 bits are two packed bytes (4
-  nibbles); output byte k of $0 (positive codes) and $1 (negative codes'
-  magnitudes) is nibble k's int8 step."""
-  _, pos, mag = int8_tables(centroids)
-  p0, p1 = _words(pos)
-  m0, m1 = _words(mag)
-  return f"""{{
-  .reg .b32 t;
-  xor.b32 t, $2, 0x8888;
-  prmt.b32 $0, {p0}, {p1}, t;
-  prmt.b32 $1, {m0}, {m1}, $2;
-  }}"""
-
-
-def int8_chunk(plane_bytes: int) -> int:
-  """Code bytes per int8 operand: 64 (128 columns, a 128-byte swizzle) or
-  the whole plane if narrower."""
-  return min(64, plane_bytes)
-
-
-def int8_order(plane_bytes: int) -> np.ndarray:
-  """Coordinate of each int8 column, chunk after chunk: the lookup of a
-  [R, c] slice (bytes hc..hc+c-1, c = int8_chunk) of a 4-bit part's code
-  tile in the WGMMA layout yields [R, 2c] in the WGMMA_8BIT layout, column
-  16t + 4j + b holding nibble b % 2 of byte hc + 8t + 2j + b // 2, i.e.
-  coordinate (that byte) + (b % 2)·P. Queries must be permuted alike."""
-  c = int8_chunk(plane_bytes)
-  k = np.arange(2 * plane_bytes)
-  h, k = k // (2 * c), k % (2 * c)
-  t, j, b = k // 16, (k % 16) // 4, k % 4
-  return h * c + 8 * t + 2 * j + b // 2 + (b % 2) * plane_bytes
-
-
-def lookup_int8(words: jax.Array, centroids, interpret: bool) -> tuple:
-  """A 4-bit part's u8 [R, P] code tile (WGMMA layout) -> (G_pos, G_neg):
-  int8 [R, 2P] (WGMMA_8BIT layout; columns in int8_order)."""
-  if interpret:           # selects on scalars (a kernel holds no arrays)
-    _, pos, mag = int8_tables(centroids)
-    r, p = words.shape
-    nib = jnp.stack([words & 15, words >> 4], -1).reshape(r, 2 * p)
-    g_pos = jnp.zeros(nib.shape, jnp.int8)
-    g_neg = jnp.zeros(nib.shape, jnp.int8)
-    for code in range(8):
-      g_neg = jnp.where(nib == code, jnp.int8(mag[code]), g_neg)
-      g_pos = jnp.where(nib == code + 8, jnp.int8(pos[code]), g_pos)
-    return g_pos, g_neg
-  return tuple(_device_lookup([words], int8_ptx(centroids), 2, int8=True))
-

@@ -107,18 +107,17 @@ def _per_row(is_key, key_value, value_value):
   return jnp.where(is_key, key_value, value_value)
 
 
-def _kernel(lengths_ref, k_ref, v_ref, rot_ref, k_thr, k_cen, v_thr, v_cen,
-            k_codes, k_norms, v_codes, v_norms, new_lengths_ref, codes_smem,
-            *, dim, key_spec, value_spec, capacity):
-  """Program (b, k): rotates, quantizes and writes the key and the value of
-  sequence b, head k at position lengths[b] (one or two coordinates of
-  each per thread), and sets new_lengths[b].
+def quantize_token(k_ref, v_ref, rot_ref, k_thr, k_cen, v_thr, v_cen,
+                   codes_smem, b, k, *, dim: int, key_spec: dict,
+                   value_spec: dict, norm_dtypes) -> list[tuple[list, jax.Array]]:
+  """Rotates and quantizes the key and the value of sequence b, head k (one
+  or two coordinates of each per thread of a warpgroup): per tensor (keys,
+  values), the packed bytes (i32 scalars in packing.pack's order) and the
+  norm as stored (norm_dtypes[0 or 1]; NaN for a non-finite input).
 
   rot_ref: f32[D, 2, D], rot[j, t, i] = Π_t[i, j] (column j of each
-  rotation, keys' then values', contiguous).
+  rotation, keys' then values', contiguous). codes_smem: i32[2, D] scratch.
   """
-  b, k = jax.lax.axis_index("b"), jax.lax.axis_index("k")
-  pos = lengths_ref[b]
   layout = plgpu.Layout.WG_STRIDED((2, dim), vec_size=min(2, dim // 64))
   is_key = plgpu.layout_cast(
       jax.lax.broadcasted_iota(jnp.int32, (2, dim), 0), layout) == 0
@@ -156,14 +155,32 @@ def _kernel(lengths_ref, k_ref, v_ref, rot_ref, k_thr, k_cen, v_thr, v_cen,
   c_squares = _split_sums(is_key, value * value) if correct else None
   codes_smem[...] = code
   plgpu.commit_smem()              # every thread reads every code below
-  for row, (spec, codes_ref, norms_ref) in enumerate((
-      (key_spec, k_codes, k_norms), (value_spec, v_codes, v_norms))):
+  out = []
+  for row, (spec, dtype) in enumerate(zip((key_spec, value_spec),
+                                          norm_dtypes)):
     norm = norms[row]
     if spec["correction"]:
       norm = norm / jnp.sqrt(c_squares[row])       # ‖c[idx]‖ > 0 always
-    stored = jnp.where(finite[row], norm, jnp.nan).astype(norms_ref.dtype)
+    stored = jnp.where(finite[row], norm, jnp.nan).astype(dtype)
     words = _pack([codes_smem[row, j] for j in range(dim)], dim,
                   spec["bits"])
+    out.append((words, stored))
+  return out
+
+
+def _kernel(lengths_ref, k_ref, v_ref, rot_ref, k_thr, k_cen, v_thr, v_cen,
+            k_codes, k_norms, v_codes, v_norms, new_lengths_ref, codes_smem,
+            *, dim, key_spec, value_spec, capacity):
+  """Program (b, k): quantize_token, its bytes and norms written at
+  position lengths[b], then new_lengths[b] set."""
+  b, k = jax.lax.axis_index("b"), jax.lax.axis_index("k")
+  pos = lengths_ref[b]
+  quantized = quantize_token(
+      k_ref, v_ref, rot_ref, k_thr, k_cen, v_thr, v_cen, codes_smem, b, k,
+      dim=dim, key_spec=key_spec, value_spec=value_spec,
+      norm_dtypes=(k_norms.dtype, v_norms.dtype))
+  for (words, stored), codes_ref, norms_ref in zip(
+      quantized, (k_codes, v_codes), (k_norms, v_norms)):
 
     @pl.when(pos < capacity)       # a full sequence drops its token
     def _(words=words, stored=stored, codes_ref=codes_ref,
