@@ -20,6 +20,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
               ("tq4", "turboquant", 4, 4, None, "pallas_gpu"),
               ("tq4-xla", "turboquant", 4, 4, "xla", "xla"),
               ("tq3", "turboquant", 3, 3, None, "pallas_gpu"),
+              # GPU only: append and attention as one kernel launch.
+              ("tq4-fused", "turboquant", 4, 4, None, "fused"),
+              ("tq3-fused", "turboquant", 3, 3, None, "fused"),
               # GPU only: cuDNN over the full cache in place (first run in
               # h200_v7); the append left to XLA (the default before v8).
               ("full-bf16-cudnn", "full", 16, 16, "cudnn", "xla"),
@@ -30,7 +33,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.rounds = 5                          # interleaved: every cache each round
   c.reps = 6                            # timed calls per cache and round
   if scale == "cpu":
-    c.caches = c.caches[:4]             # the last three need a GPU
+    c.caches = c.caches[:4]             # the others need a GPU
     c.batches = (1,)
     c.context = 192
     c.capacity = 256

@@ -18,7 +18,9 @@ skip_empty_splits checked and timed, split counts at two shapes;
 --layer: append + attend of one such layer, full against TurboQuant;
 --append: the fused quantize-and-append kernel checked and timed;
 --rotate: combine="columns" and rotate_in_kernel checked, then timed per
-layer and at B=1)
+layer and at B=1; --append-attention: pallas_gpu.append_attention (append
+and attention in one launch) checked, then one layer timed against the two
+launches it replaces)
 """
 
 import dataclasses
@@ -457,6 +459,9 @@ def _layer_us(b, bits, impl, append_impl, opts) -> float:
 
   def body(_, carry):
     q, c = carry
+    if append_impl == "fused":         # one launch: append and attend
+      o, c = pallas_gpu.append_attention(q[:, None], k, k, c, **opts)
+      return q + (o[0, 0, 0, 0] * 0).astype(q.dtype), c
     if append_impl == "xla":
       c = cache_lib.append(c, k, k)
     else:
@@ -556,7 +561,63 @@ def rotation_options():
   layer_steps()
 
 
+def append_attention_checks():
+  """pallas_gpu.append_attention on the device: output against the
+  reference over the XLA-appended cache, bytes written against XLA's
+  (ragged lengths: empty, mid, full), then one SmolLM2 decode layer's
+  device µs, append kernel + attention kernel against the fused launch,
+  two interleaved rounds at B = 1 and 32."""
+  print("jax", jax.__version__, jax.devices()[0].device_kind, flush=True)
+  for dim, groups, bits in ((64, 3, 4), (64, 3, 3), (128, 4, 4),
+                            (64, 8, 2)):
+    cap, b, kvh = 1024, 3, 2
+    keys = jax.random.split(jax.random.key(dim + bits), 6)
+    c = cache_lib.init(cache_lib.CacheConfig(key_bits=bits, value_bits=bits),
+                       b, kvh, cap, dim, key=keys[0])
+    c = cache_lib.prefill(
+        c, jax.random.normal(keys[1], (b, kvh, cap, dim)),
+        jax.random.normal(keys[2], (b, kvh, cap, dim)),
+        jnp.array([0, 700, cap], jnp.int32))
+    q = jax.random.normal(keys[3], (b, 1, kvh * groups, dim))
+    kn, vn = (jax.random.normal(x, (b, kvh, 1, dim)) for x in keys[4:])
+    try:
+      want_cache = jax.jit(lambda c, k, v: turboquant_cache.append(
+          c, k, v, impl="xla"))(c, kn, vn)
+      want = da.chunk_attention(q, want_cache, want_cache.lengths,
+                                impl="reference")
+      got, got_cache = pallas_gpu.append_attention(q, kn, vn, c)
+      err = float(jnp.max(jnp.abs(got - want)) / jnp.max(jnp.abs(want)))
+      differ = sum(int(jnp.sum(x != y)) for x, y in (
+          (got_cache.keys.codes, want_cache.keys.codes),
+          (got_cache.values.codes, want_cache.values.codes)))
+      same_len = bool(jnp.all(got_cache.lengths == want_cache.lengths))
+      ok = err < 5e-3 and differ <= 2 and same_len
+      print(f"check D={dim} G={groups} bits={bits}: rel err {err:.2e}, "
+            f"{differ} code bytes differ, lengths "
+            f"{'equal' if same_len else 'DIFFER'} "
+            f"{'OK' if ok else 'WRONG'}", flush=True)
+    except Exception as e:  # noqa: BLE001 - a probe reports failures
+      print(f"check D={dim} G={groups} bits={bits} FAIL "
+            f"{type(e).__name__}: {str(e)[:600]}", flush=True)
+  for b in (1, 32):
+    for rnd in range(2):
+      for bits in (4,):
+        for fused in (False, True):
+          try:
+            us = _layer_us(b, bits, None, "fused" if fused else "pallas_gpu",
+                           {})
+            print(f"B={b} round {rnd} {bits}-bit "
+                  f"{'fused' if fused else 'two launches'}: {us:.1f} us",
+                  flush=True)
+          except Exception as e:  # noqa: BLE001
+            print(f"B={b} {bits}-bit fused={fused} FAIL "
+                  f"{type(e).__name__}: {str(e)[:600]}", flush=True)
+
+
 def main():
+  if "--append-attention" in sys.argv:
+    append_attention_checks()
+    return
   if "--rotate" in sys.argv:
     rotation_options()
     return

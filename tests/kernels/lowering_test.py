@@ -139,6 +139,27 @@ class GpuLoweringTest(parameterized.TestCase):
     self.assertNotIn("stablehlo.scatter", text)
     self.assertNotIn("stablehlo.dot_general", text)
 
+  @parameterized.parameters((64, 4, 4, 3, {}), (64, 3, 3, 8, {}),
+                            (128, 4, 2, 4, {}),
+                            (64, 4, 4, 3, dict(rotate_in_kernel=False)))
+  def test_append_attention_lowers(self, dim, key_bits, value_bits, groups,
+                                   options):
+    # One kernel: the append program's scalar writes (24-byte rows through
+    # their 16-byte view at 3 bits) and its one-token tile next to the
+    # splits' pipeline.
+    cfg = cache_lib.CacheConfig(key_bits=key_bits, value_bits=value_bits)
+    cache = cache_lib.init(cfg, 2, 2, 1024, dim)
+    token = jnp.ones((2, 2, 1, dim), jnp.bfloat16)
+    q = jnp.ones((2, 1, 2 * groups, dim), jnp.bfloat16)
+    fn = jax.jit(lambda q, c, k: pallas_gpu.append_attention(
+        q, k, k, c, interpret=False, **options))
+    text = fn.trace(q, cache, token).lower(
+        lowering_platforms=("cuda",)).as_text()
+    self.assertEqual(text.count("stablehlo.custom_call @mosaic_gpu"), 1)
+    # The cache's four arrays are aliased to the kernel's outputs.
+    self.assertEqual(text.count("stablehlo.output_operand_alias<"), 4)
+    self.assertNotIn("stablehlo.scatter", text)
+
   def test_mismatched_wgmma_swizzles_fail_to_lower(self):
     # The check has teeth: V tiles with 128-byte rows against a 32-byte Pᵀ
     # (the first v4 layout, which failed on the H200; transpose_p, now on

@@ -88,7 +88,11 @@ class CacheConfig:
       (kernels/quantize_append) on a GPU where it supports the cache (one
       token, head dim a multiple of 64, integer bits up to 4, mse, 16/32-bit
       norms, no window or sink); every other append, and every append off
-      a GPU, is left to XLA. "xla": always XLA.
+      a GPU, is left to XLA. "xla": always XLA. "fused": in a model's
+      decode step (one token, attention impl None or "pallas_gpu", on a
+      GPU) the attention kernel itself quantizes and writes the token
+      (kernels.decode_attention.append_attention: one Mosaic GPU launch a
+      layer instead of two); every other append as "pallas_gpu".
   """
   kind: str = "turboquant"
   key_bits: float = 4
@@ -160,9 +164,9 @@ class CacheConfig:
     if self.sink and self.kind != "turboquant":
       raise ValueError(f"sink={self.sink} needs kind='turboquant', got "
                        f"kind={self.kind!r}")
-    if self.append_impl not in ("xla", "pallas_gpu"):
-      raise ValueError(f"append_impl={self.append_impl!r} must be 'xla' or "
-                       "'pallas_gpu'")
+    if self.append_impl not in ("xla", "pallas_gpu", "fused"):
+      raise ValueError(f"append_impl={self.append_impl!r} must be 'xla', "
+                       "'pallas_gpu' or 'fused'")
     if self.center_skip and not self.center_keys:
       raise ValueError(f"center_skip={self.center_skip} needs "
                        "center_keys=True")

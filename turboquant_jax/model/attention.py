@@ -105,6 +105,11 @@ class Attention(nnx.Module):
     q, k, v = self._qkv(x, positions)
     k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)       # [B, K, T, H]
     evicts = isinstance(cache, snapkv_cache.SnapKVCache)
+    if prefill_lengths is None and t == 1 and not evicts:
+      # One decode token: append and attend in one call (one kernel where
+      # the cache asks for append_impl="fused" and a GPU kernel fits).
+      o, cache = decode_attention.append_attention(q, k, v, cache, impl=impl)
+      return self._out(o), cache
     if prefill_lengths is None:
       cache = cache_lib.append(cache, k, v)
       # An evicting cache holds fewer slots than tokens seen.

@@ -9,6 +9,7 @@ specification.
 from typing import Literal
 
 import jax
+import jax.numpy as jnp
 
 from turboquant_jax.kernels.decode_attention import cudnn
 from turboquant_jax.kernels.decode_attention import reference
@@ -93,3 +94,29 @@ def decode_attention(q: jax.Array, cache, lengths: jax.Array, *,
     raise ValueError(f"q must be [batch, q_heads, head_dim], got {shape}")
   return chunk_attention(q[:, None], cache, lengths, impl=impl, scale=scale,
                          **kwargs)[:, 0]
+
+
+def append_attention(q: jax.Array, k: jax.Array, v: jax.Array, cache, *,
+                     impl: Impl | None = None, scale: float | None = None):
+  """One decode token: appends k, v [B, K, 1, D] at position
+  cache.lengths[b] and attends q [B, 1, H, D] over the cache, the token
+  included. Returns (f32[B, 1, H, D], the updated cache).
+
+  The same as cache_lib.append and then chunk_attention(lengths + 1). A
+  TurboQuant cache configured with append_impl="fused", on a GPU, with
+  impl None or "pallas_gpu", is appended and read by one kernel launch
+  (pallas_gpu.append_attention) where that kernel supports it.
+  """
+  # pylint: disable-next=g-import-not-at-top (the caches import this)
+  from turboquant_jax import cache as cache_lib
+  table = _impls()
+  if (getattr(cache.config, "append_impl", None) == "fused"
+      and impl in (None, "pallas_gpu") and "pallas_gpu" in table
+      and (impl == "pallas_gpu" or jax.default_backend() == "gpu")):
+    # pylint: disable-next=g-import-not-at-top (present: it is in table)
+    from turboquant_jax.kernels.decode_attention import pallas_gpu
+    if pallas_gpu.append_supported(q, cache) is None:
+      return pallas_gpu.append_attention(q, k, v, cache, scale=scale)
+  lengths = (cache.lengths + q.shape[1]).astype(jnp.int32)
+  cache = cache_lib.append(cache, k, v)
+  return chunk_attention(q, cache, lengths, impl=impl, scale=scale), cache

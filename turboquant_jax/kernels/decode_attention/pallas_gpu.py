@@ -42,6 +42,7 @@ clock over the whole grid, 1.04-1.34x at S = 128k for B = 8 and 32
 (results/kernel_bench/h200). NOTES.md has the measurements.
 """
 
+import dataclasses
 import functools
 
 import jax
@@ -532,6 +533,82 @@ def _attention(q, cache, lengths, scale, splits, lookup_mode, layout,
   acc, m, l = run(inp, splits=splits, lookup_mode=lookup_mode,
                   stages=stages, interpret=interpret)
   return parts.finish(acc, m, l, q, cache, lengths, scale)
+
+
+def append_supported(q: jax.Array, cache) -> str | None:
+  """None if append_attention can run q [B, T, H, D] over cache, else why
+  not."""
+  # pylint: disable-next=g-import-not-at-top (it imports this module)
+  from turboquant_jax.kernels.quantize_append import pallas_gpu as qa
+  return (parts.supported(cache) or qa.supported(cache, q.shape[1])
+          or (None if cache.head_dim <= 256 else
+              f"head_dim={cache.head_dim}: at most 256"))
+
+
+def append_attention(q: jax.Array, k: jax.Array, v: jax.Array, cache, *,
+                     scale: float | None = None, splits: int | None = None,
+                     stages: int = STAGES,
+                     rotate_in_kernel: bool | None = None,
+                     interpret: bool | None = None):
+  """One decode token in one launch: appends k, v [B, K, 1, D] to a
+  TurboQuantCache at position cache.lengths[b] and attends q [B, 1, H, D]
+  over the cache, that token included. Returns (f32[B, 1, H, D], the
+  cache with the token), as turboquant_cache.append and then attention()
+  with lengths + 1 would, under jit (a full sequence drops its token).
+
+  The layout="tokens" kernel with one more program per (sequence, KV
+  head): it quantizes the token (quantize_append's quantize_token), writes
+  it, and attends to it from its own registers while the other programs
+  read the tokens already in HBM (pallas_gpu_tokens.fused_attention's
+  `append`). Needs what the append kernel needs (quantize_append.
+  supported: mse, integer bits up to 4, head dim a multiple of 64, no
+  window, sink or 8-bit norms); NotImplementedError otherwise. Options as
+  in attention().
+  """
+  reason = append_supported(q, cache)
+  if reason:
+    raise NotImplementedError(reason)
+  if q.ndim != 4 or q.shape[1] != 1 or k.shape != (
+      cache.batch, cache.kv_heads, 1, cache.head_dim) or v.shape != k.shape:
+    raise ValueError(f"q {q.shape}, k {k.shape}, v {v.shape}: expected q "
+                     f"[B, 1, H, D] and k, v [{cache.batch}, "
+                     f"{cache.kv_heads}, 1, {cache.head_dim}]")
+  if not isinstance(stages, int) or stages < 1:
+    raise ValueError(f"{stages=!r}: expected an int >= 1")
+  if rotate_in_kernel is None:
+    rotate_in_kernel = q.shape[-1] <= ROTATE_IN_KERNEL_MAX_DIM
+  interpret = interpret_params(interpret)
+  if splits is None:
+    splits = default_splits(cache, "tokens")
+  scale = q.shape[-1] ** -0.5 if scale is None else scale
+  return _append_attention(q, k, v, cache, scale, splits, stages,
+                           bool(rotate_in_kernel), interpret)
+
+
+@jax.jit(static_argnames=("scale", "splits", "stages", "rotate_in_kernel",
+                          "interpret"))
+def _append_attention(q, k, v, cache, scale, splits, stages,
+                      rotate_in_kernel, interpret):
+  # pylint: disable-next=g-import-not-at-top (it imports this module)
+  from turboquant_jax.kernels.decode_attention import pallas_gpu_tokens
+  inp = parts.prepare(q, cache, cache.lengths, scale, norms_as_stored=True)
+  rotate = None
+  if rotate_in_kernel and _rotatable(inp, cache):
+    rotate = (parts.grouped_queries(q, cache.kv_heads) * scale,
+              rotation.as_matrix(cache.key_quantizer.rotation),
+              rotation.as_matrix(cache.value_quantizer.rotation))
+  ((acc,), m, l), (kc, kn, vc, vn, lengths) = (
+      pallas_gpu_tokens.fused_attention(
+          inp, splits=splits, lookup_mode="prmt", stages=stages,
+          key_registers=True, transpose_p=True, skip_empty_splits=True,
+          interpret=interpret, columns=True, rotate=rotate,
+          append=(cache, k, v)))
+  out = parts.finish_columns(acc, m, l, q, cache, rotated=rotate is not None)
+  cache = dataclasses.replace(
+      cache, keys=dataclasses.replace(cache.keys, codes=kc, norms=kn),
+      values=dataclasses.replace(cache.values, codes=vc, norms=vn),
+      lengths=lengths)
+  return out, cache
 
 
 def interpret_params(interpret) -> plgpu.InterpretGPUParams | None:

@@ -50,6 +50,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from turboquant_jax.kernels.decode_attention import pallas_gpu as base
 from turboquant_jax.kernels.decode_attention import parts
+from turboquant_jax.kernels.quantize_append import pallas_gpu as quantize_append_gpu
 
 ROWS, GROUP = base.ROWS, base.GROUP
 _L = plgpu.Layout
@@ -165,22 +166,36 @@ def _rotate_back(rot_ref, accs, barrier, n: int) -> tuple:
 def _kernel(lengths_ref, *refs, key_specs, value_specs, groups, split_len,
             kv_heads, splits, mode, interpret, n, rows, stages,
             key_registers, transpose_p, skip_empty_splits, window, tokens,
-            rotate):
+            rotate, append):
   nk, nv = len(key_specs), len(value_specs)
   if rotate:              # Π_k, Π_v f32 [D, D]: the queries come unrotated
     (key_rot, value_rot), refs = refs[:2], refs[2:]
+  if append:              # the token's k, v, rotation columns and tables
+    append_in, refs = refs[:7], refs[7:]
   (kc_refs, kn_refs, vc_refs, vn_refs, o_refs, ml_ref,
-   program) = base._program_refs(refs, nk, nv, kv_heads, splits)
+   program) = base._program_refs(refs, nk, nv, kv_heads,
+                                 splits + bool(append))
   q_smem = refs[-1 - nk:-1]                          # [groups, N, 64] each
   if rotate:
     _rotate_queries(key_rot, q_smem[0], refs[-1], base._groups(key_specs[0]),
                     n)
   k_first, v_first = base._offsets(key_specs), base._offsets(value_specs)
   b, k = jax.lax.axis_index("b"), jax.lax.axis_index("k")
-  # From the lengths as given: no XLA launch to clamp them.
-  qlen, qend = parts.positions(lengths_ref[b], split_len * splits, window,
-                               tokens)
-  first_pos = jax.lax.axis_index("s") * split_len
+  split, capacity = jax.lax.axis_index("s"), split_len * splits
+  first_pos = split * split_len
+  if append:
+    # lengths hold the tokens before this one, which goes to position
+    # old (dropped when the sequence is full). The splits read the `old`
+    # tokens already in HBM; program s = splits appends the new one and
+    # attends to it alone, from its own registers (row 0 of a tile).
+    old = lengths_ref[b]
+    is_new = split == splits
+    qlen = jnp.where(is_new, old + 1, jnp.minimum(old, capacity))
+    qend = jnp.minimum(old + 1, capacity)
+    first_pos = jnp.where(is_new, old, first_pos)
+  else:
+    # From the lengths as given: no XLA launch to clamp them.
+    qlen, qend = parts.positions(lengths_ref[b], capacity, window, tokens)
 
   shape = (rows, n)                                   # [tokens, queries]
   token = plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=_L.WGMMA)
@@ -284,27 +299,115 @@ def _kernel(lengths_ref, *refs, key_specs, value_specs, groups, split_len,
   k_pool = [] if key_registers else [base._group_smem(
       sum(base._groups(s) for s in key_specs), rows=rows)]
 
+  def scratch():
+    """SMEM of the tile body: the key pool (unless in registers), the
+    value pool, Pᵀ per value part."""
+    return [*k_pool, base._group_smem(
+        sum(base._groups(s) for s in value_specs),
+        128 if transpose_p else _swizzle(n), rows),
+            *[_p_smem(n, rows, transpose_p) for _ in range(nv)]]
+
   def attend():
-    accs_out, m_i, l_i = pl.run_scoped(
-        stream, *k_pool,
-        base._group_smem(sum(base._groups(s) for s in value_specs),
-                         128 if transpose_p else _swizzle(n), rows),
-        *[_p_smem(n, rows, transpose_p) for _ in range(nv)])
+    accs_out, m_i, l_i = pl.run_scoped(stream, *scratch())
     if rotate:            # the outputs leave in the original domain
       accs_out = (_rotate_back(value_rot, accs_out[0], refs[-1], n),)
     base._store_outputs(accs_out, m_i, jnp.sum(l_i, axis=0), o_refs,
                         ml_ref, program)
 
-  if not skip_empty_splits:
-    attend()
+  def empty():
+    base._store_outputs(accs, m0, jnp.sum(zeros(shape), axis=0), o_refs,
+                        ml_ref, program)
+
+  def attend_new():
+    """Program s = splits: quantize_token, written at position `old`, then
+    attention to that token alone: its codes and norms as row 0 of a tile
+    in SMEM (the other rows' norms zero, their scores masked), through the
+    same body as every tile."""
+    k_new, v_new, columns, k_thr, k_cen, v_thr, v_cen = append_in
+    dim = key_specs[0].dim
+    norm_refs = kn_refs + vn_refs
+    (key_words, key_norm), (value_words, value_norm) = pl.run_scoped(
+        lambda codes_smem: quantize_append_gpu.quantize_token(
+            k_new, v_new, columns, k_thr, k_cen, v_thr, v_cen, codes_smem,
+            b, k, dim=dim, key_spec=append[0], value_spec=append[1],
+            norm_dtypes=tuple(r.dtype for r in norm_refs)),
+        plgpu.SMEM((2, dim), jnp.int32))
+    written = ((key_words, key_norm, kc_refs[0], kn_refs[0], key_specs[0]),
+               (value_words, value_norm, vc_refs[0], vn_refs[0],
+                value_specs[0]))
+    appended = old < capacity
+
+    @pl.when(appended)
+    def _():
+      for words, norm, code_ref, norm_ref, spec in written:
+        p = base._row_bytes(spec)
+        for i, word in enumerate(words):
+          _store_byte(code_ref.at[b, k], old, i, p, word)
+        norm_ref[b, k, old] = norm
+
+    @pl.when(k == 0)
+    def _():
+      refs[-2 - nk][b] = jnp.minimum(old + 1, capacity)   # the new lengths
+
+    def one_tile(*smem):
+      head, tile = smem[:-4], smem[-4:]
+      k_pool, (v_pool, *p_smem) = ((None, head) if key_registers
+                                   else (head[0], head[1:]))
+      for (words, norm, _, _, spec), code_t, norm_t in zip(
+          written, tile[::2], tile[1::2]):
+        p = base._row_bytes(spec)
+        for i, word in enumerate(words):
+          _store_byte(code_t, 0, i, p, word)
+        norm_t[0] = norm
+        for r in range(1, rows):      # finite norms: masked rows weigh 0
+          norm_t[r] = jnp.zeros((), norm_t.dtype)
+      plgpu.commit_smem()
+      kc_t, kn_t, vc_t, vn_t = tile
+      return body(k_pool, v_pool, p_smem, (0,), kc_t, kn_t, vc_t, vn_t,
+                  (accs, m0, zeros(shape)))
+
+    def attend_one():
+      block = lambda spec: base._tile_specs((spec,), (), 0, rows)[0]
+      tile = []
+      for spec, norm_ref in ((key_specs[0], kn_refs[0]),
+                             (value_specs[0], vn_refs[0])):
+        tile += [plgpu.SMEM(block(spec).block_shape, jnp.uint8),
+                 plgpu.SMEM((rows,), norm_ref.dtype)]
+      accs_out, m_i, l_i = pl.run_scoped(one_tile, *scratch(), *tile)
+      if rotate:
+        accs_out = (_rotate_back(value_rot, accs_out[0], refs[-1], n),)
+      base._store_outputs(accs_out, m_i, jnp.sum(l_i, axis=0), o_refs,
+                          ml_ref, program)
+
+    pl.when(appended)(attend_one)
+    pl.when(jnp.logical_not(appended))(empty)
+
+  def splits_part():
+    if not skip_empty_splits:
+      attend()
+      return
+    # A split that starts at or past the quantized length has nothing to
+    # read: it writes the empty state (m = -inf, l = 0, zero accumulators,
+    # which finish() weighs by 0) without streaming its tiles.
+    live = first_pos < qlen
+    pl.when(live)(attend)
+    pl.when(jnp.logical_not(live))(empty)
+
+  if not append:
+    splits_part()
     return
-  # A split that starts at or past the quantized length has nothing to
-  # read: it writes the empty state (m = -inf, l = 0, zero accumulators,
-  # which finish() weighs by 0) without streaming its tiles.
-  live = first_pos < qlen
-  pl.when(live)(attend)
-  pl.when(jnp.logical_not(live))(lambda: base._store_outputs(
-      accs, m0, jnp.sum(zeros(shape), axis=0), o_refs, ml_ref, program))
+  pl.when(is_new)(attend_new)
+  pl.when(jnp.logical_not(is_new))(splits_part)
+
+
+def _store_byte(code_ref, token, i: int, row_bytes: int, word) -> None:
+  """Byte i of a token's packed row into code_ref [S, P], or into its
+  16-byte-row view [S·P/16, 16] where P is not a multiple of 16."""
+  if code_ref.shape[-1] == row_bytes:
+    code_ref[token, i] = word.astype(jnp.uint8)
+  else:
+    flat = token * row_bytes + i
+    code_ref[flat // 16, flat % 16] = word.astype(jnp.uint8)
 
 
 def fused_attention(inp: parts.KernelInputs, *, splits: int = 8,
@@ -312,10 +415,20 @@ def fused_attention(inp: parts.KernelInputs, *, splits: int = 8,
                     tile_rows: int = ROWS, key_registers: bool = False,
                     transpose_p: bool = False,
                     skip_empty_splits: bool = False, interpret=None,
-                    columns: bool = False, rotate=None):
+                    columns: bool = False, rotate=None, append=None):
   """Runs the kernel: (acc per value part [B,K,NS,M,Dp], m, l [B,K,NS,M]),
   or with `columns` as the kernel wrote them: acc [B,K,NS,Dp,N], m, l
   [B,K,NS,N] (all N query columns, no transpose).
+
+  append: None, or (cache, k, v [B, K, 1, D]) for a decode step whose
+  token is not in the cache yet (inp.lengths: the tokens before it; one
+  mse key part, one value part, quantize_append.supported): the kernel also
+  quantizes the token and writes it at position lengths[b] (program s =
+  NS of each (b, k), quantize_append's quantize_token), and that program
+  attends to the token alone, so the outputs hold NS + 1 splits. One
+  launch instead of the append kernel's and this one's. Returns
+  (the above, (key codes, key norms, value codes, value norms, lengths)
+  of the cache with the token written).
 
   rotate: None, or (q f32[B, K, M, D] scaled but not rotated, Π_k, Π_v f32
   [D, D]) for one mse key part and one value part, D <= 128: the kernel
@@ -340,10 +453,25 @@ def fused_attention(inp: parts.KernelInputs, *, splits: int = 8,
   cap = inp.value_codes[0].shape[2]
   rows = step_rows(cap // splits, [c.shape[-1] for c in codes
                                    + list(inp.value_codes)], tile_rows)
-  programs = b * kv * splits
+  out_splits = splits + (append is not None)
+  programs = b * kv * out_splits
   out_type = [jax.ShapeDtypeStruct((programs * base._groups(s), GROUP, n),
                                    jnp.float32) for s in inp.value_specs]
   out_type.append(jax.ShapeDtypeStruct((programs, 2, n), jnp.float32))
+  append_in, append_specs, code_arrays = [], None, [
+      *map(base._tma_rows, codes), *norms,
+      *map(base._tma_rows, inp.value_codes), *inp.value_norms]
+  if append is not None:
+    cache, k_new, v_new = append
+    kq, vq = cache.key_quantizer, cache.value_quantizer
+    append_specs = (quantize_append_gpu.spec(kq),
+                    quantize_append_gpu.spec(vq))
+    append_in = [quantize_append_gpu.centered_keys(cache, k_new),
+                 v_new[:, :, 0], quantize_append_gpu.columns(kq, vq),
+                 kq.thresholds, kq.centroids, vq.thresholds, vq.centroids]
+    # Written in place: refs that XLA aliases to the kernel's outputs.
+    code_arrays = [jax.new_ref(a) for a in code_arrays]
+    out_type.append(jax.ShapeDtypeStruct((b,), jnp.int32))   # new lengths
   scratch = [_columns_smem(base._groups(s), n) for s in specs]
   scratch += [plgpu.Barrier()]
   kernel = plgpu.kernel(
@@ -356,26 +484,38 @@ def fused_attention(inp: parts.KernelInputs, *, splits: int = 8,
                         transpose_p=transpose_p,
                         skip_empty_splits=skip_empty_splits,
                         window=inp.window, tokens=inp.tokens,
-                        rotate=rotate is not None),
-      out_type=out_type, scratch_types=scratch, grid=(b, kv, splits),
-      grid_names=("b", "k", "s"), interpret=interpret)
+                        rotate=rotate is not None, append=append_specs),
+      out_type=out_type, scratch_types=scratch,
+      grid=(b, kv, out_splits), grid_names=("b", "k", "s"),
+      interpret=interpret)
   rotations = []
   if rotate is not None:
     q_raw, key_rot, value_rot = rotate
     queries, rotations = [q_raw], [key_rot, value_rot]
-  outs = kernel(inp.lengths, *rotations,
-                *[base._query_groups(q, n) for q in queries],
-                *map(base._tma_rows, codes), *norms,
-                *map(base._tma_rows, inp.value_codes), *inp.value_norms)
+  outs = kernel(inp.lengths, *rotations, *append_in,
+                *[base._query_groups(q, n) for q in queries], *code_arrays)
   nv = len(inp.value_specs)
+  written = None
+  if append is not None:
+    stored = [r[...].reshape(a.shape) for r, a in zip(
+        code_arrays, [*codes, *norms, *inp.value_codes, *inp.value_norms])]
+    written, outs = (*stored, outs[-1]), outs[:-1]
+  result = _split_outputs(outs, nv, (b, kv, out_splits), m, n, columns)
+  return result if written is None else (result, written)
+
+
+def _split_outputs(outs, nv: int, grid: tuple[int, int, int], m: int,
+                   n: int, columns: bool):
+  """The kernel's outputs as (acc per value part, m, l): [B,K,NS,M,Dp] and
+  [B,K,NS,M], or with `columns` [B,K,NS,Dp,N] and [B,K,NS,N]."""
   if columns:
-    ml = outs[nv].reshape(b, kv, splits, 2, n)
-    return ([o.reshape(b, kv, splits, -1, n) for o in outs[:nv]],
+    ml = outs[nv].reshape(*grid, 2, n)
+    return ([o.reshape(*grid, -1, n) for o in outs[:nv]],
             ml[:, :, :, 0], ml[:, :, :, 1])
   accs = []
   for o in outs[:nv]:                          # [B·K·NS·Dp/64, 64, N]
-    o = o.reshape(programs, -1, GROUP, n)[..., :m]
+    o = o.reshape(grid[0] * grid[1] * grid[2], -1, GROUP, n)[..., :m]
     o = jnp.moveaxis(o, 3, 1)                  # [B·K·NS, M, Dp/64, 64]
-    accs.append(o.reshape(b, kv, splits, m, -1))
-  ml = outs[nv][..., :m].reshape(b, kv, splits, 2, m)
+    accs.append(o.reshape(*grid, m, -1))
+  ml = outs[nv][..., :m].reshape(*grid, 2, m)
   return accs, ml[:, :, :, 0], ml[:, :, :, 1]

@@ -109,7 +109,8 @@ def _per_row(is_key, key_value, value_value):
 
 def quantize_token(k_ref, v_ref, rot_ref, k_thr, k_cen, v_thr, v_cen,
                    codes_smem, b, k, *, dim: int, key_spec: dict,
-                   value_spec: dict, norm_dtypes) -> list[tuple[list, jax.Array]]:
+                   value_spec: dict,
+                   norm_dtypes) -> list[tuple[list, jax.Array]]:
   """Rotates and quantizes the key and the value of sequence b, head k (one
   or two coordinates of each per thread of a warpgroup): per tensor (keys,
   values), the packed bytes (i32 scalars in packing.pack's order) and the
@@ -156,14 +157,14 @@ def quantize_token(k_ref, v_ref, rot_ref, k_thr, k_cen, v_thr, v_cen,
   codes_smem[...] = code
   plgpu.commit_smem()              # every thread reads every code below
   out = []
-  for row, (spec, dtype) in enumerate(zip((key_spec, value_spec),
+  for row, (part, dtype) in enumerate(zip((key_spec, value_spec),
                                           norm_dtypes)):
     norm = norms[row]
-    if spec["correction"]:
+    if part["correction"]:
       norm = norm / jnp.sqrt(c_squares[row])       # ‖c[idx]‖ > 0 always
     stored = jnp.where(finite[row], norm, jnp.nan).astype(dtype)
     words = _pack([codes_smem[row, j] for j in range(dim)], dim,
-                  spec["bits"])
+                  part["bits"])
     out.append((words, stored))
   return out
 
@@ -194,14 +195,21 @@ def _kernel(lengths_ref, k_ref, v_ref, rot_ref, k_thr, k_cen, v_thr, v_cen,
     new_lengths_ref[b] = jnp.minimum(pos + 1, capacity)
 
 
-def _columns(kq, vq) -> jax.Array:
+def columns(kq, vq) -> jax.Array:
   """f32[D, 2, D]: [j, t, i] = Π_t[i, j] for t = keys, values."""
   return jnp.stack([rotation.as_matrix(kq.rotation).T,
                     rotation.as_matrix(vq.rotation).T], 1)
 
 
-def _spec(q: turboquant.Quantizer) -> dict:
+def spec(q: turboquant.Quantizer) -> dict:
+  """quantize_token's static description of a quantizer."""
   return dict(dim=q.dim, bits=q.mse_bits, correction=q.norm_correction)
+
+
+def centered_keys(cache, k: jax.Array) -> jax.Array:
+  """[B, K, D]: the token's keys as the cache quantizes them (centered
+  where the cache centers keys), from k [B, K, 1, D]."""
+  return turboquant_cache._center(cache, k)[:, :, 0]  # pylint: disable=protected-access
 
 
 def append(cache: turboquant_cache.TurboQuantCache, k: jax.Array,
@@ -218,20 +226,20 @@ def append(cache: turboquant_cache.TurboQuantCache, k: jax.Array,
   if reason:
     raise NotImplementedError(reason)
   kq, vq = cache.key_quantizer, cache.value_quantizer
-  keys = turboquant_cache._center(cache, k)[:, :, 0]  # pylint: disable=protected-access
+  keys = centered_keys(cache, k)
   tables = (kq.thresholds, kq.centroids, vq.thresholds, vq.centroids)
   refs = [jax.new_ref(a) for a in (cache.keys.codes, cache.keys.norms,
                                    cache.values.codes, cache.values.norms)]
   kernel = plgpu.kernel(
-      functools.partial(_kernel, dim=cache.head_dim, key_spec=_spec(kq),
-                        value_spec=_spec(vq), capacity=cache.capacity),
+      functools.partial(_kernel, dim=cache.head_dim, key_spec=spec(kq),
+                        value_spec=spec(vq), capacity=cache.capacity),
       out_type=jax.ShapeDtypeStruct((cache.batch,), jnp.int32),
       grid=(cache.batch, cache.kv_heads),
       grid_names=("b", "k"),
       scratch_types=[plgpu.SMEM((2, cache.head_dim), jnp.int32)],
       interpret=attention_gpu.interpret_params(interpret))
   lengths = kernel(cache.lengths.astype(jnp.int32), keys, v[:, :, 0],
-                   _columns(kq, vq), *tables, *refs)
+                   columns(kq, vq), *tables, *refs)
   k_codes, k_norms, v_codes, v_norms = (r[...] for r in refs)
   return dataclasses.replace(
       cache,
