@@ -10,6 +10,8 @@ interpret mode); `pytest -m slow` runs them.
 
 import dataclasses
 
+from unittest import mock
+
 from absl.testing import absltest
 from absl.testing import parameterized
 import jax
@@ -19,6 +21,8 @@ import pytest
 
 from turboquant_jax import cache as cache_lib
 from turboquant_jax.cache import turboquant_cache
+from turboquant_jax.kernels import decode_attention as attention
+from turboquant_jax.kernels.decode_attention import pallas_gpu as attention_gpu
 from turboquant_jax.kernels.quantize_append import pallas_gpu
 
 
@@ -60,28 +64,30 @@ def _stored(cache) -> list[np.ndarray]:
                     cache.values.norms)]
 
 
-class FusedAppendTest(parameterized.TestCase):
+def assert_same_append(ours, ref, before):
+  """ours wrote what ref wrote (the appended position), nothing else."""
+  np.testing.assert_array_equal(ours.lengths, ref.lengths)
+  written = np.zeros((ref.batch, ref.capacity), bool)
+  pos = np.asarray(before.lengths)
+  for b in range(ref.batch):
+    if pos[b] < ref.capacity:
+      written[b, pos[b]] = True
+  written = np.broadcast_to(written[:, None, :], (
+      ref.batch, ref.kv_heads, ref.capacity))          # [B, K, S]
+  for got, want, old in zip(_stored(ours), _stored(ref), _stored(before)):
+    # Nothing but the appended position changes, in any sequence.
+    np.testing.assert_array_equal(got[~written], old[~written])
+    new_got, new_want = got[written], want[written]
+    if got.dtype == np.uint8:
+      # Equal codes but for a coordinate within rounding of a threshold
+      # (the norms are summed in another order): at most one byte.
+      assert np.sum(new_got != new_want) <= 1, "more than one byte differs"
+    else:
+      np.testing.assert_allclose(new_got, new_want, rtol=8e-3,
+                                 equal_nan=True)
 
-  def assert_same_append(self, ours, ref, before):
-    np.testing.assert_array_equal(ours.lengths, ref.lengths)
-    written = np.zeros((ref.batch, ref.capacity), bool)
-    pos = np.asarray(before.lengths)
-    for b in range(ref.batch):
-      if pos[b] < ref.capacity:
-        written[b, pos[b]] = True
-    written = np.broadcast_to(written[:, None, :], (
-        ref.batch, ref.kv_heads, ref.capacity))          # [B, K, S]
-    for got, want, old in zip(_stored(ours), _stored(ref), _stored(before)):
-      # Nothing but the appended position changes, in any sequence.
-      np.testing.assert_array_equal(got[~written], old[~written])
-      new_got, new_want = got[written], want[written]
-      if got.dtype == np.uint8:
-        # Equal codes but for a coordinate within rounding of a threshold
-        # (the norms are summed in another order): at most one byte.
-        self.assertLessEqual(np.sum(new_got != new_want), 1)
-      else:
-        np.testing.assert_allclose(new_got, new_want, rtol=8e-3,
-                                   equal_nan=True)
+
+class FusedAppendTest(parameterized.TestCase):
 
   def check_equal_to_xla(self, dim, kb, vb, norm_dtype, correction,
                          centered, rot):
@@ -90,7 +96,7 @@ class FusedAppendTest(parameterized.TestCase):
                    norm_dtype=norm_dtype, norm_correction=correction,
                    center_keys=centered, rotation=rot)
     k, v = _token(seed, cache)
-    self.assert_same_append(_fused(cache, k, v), _xla(cache, k, v), cache)
+    assert_same_append(_fused(cache, k, v), _xla(cache, k, v), cache)
 
   @parameterized.parameters(
       # dim, key bits, value bits, norm dtype, correction, centered, rotation
@@ -116,7 +122,7 @@ class FusedAppendTest(parameterized.TestCase):
       k, v = _token(step, cache, jnp.float32)
       before = ours
       ours, ref = _fused(ours, k, v), _xla(ref, k, v)
-      self.assert_same_append(ours, ref, before)
+      assert_same_append(ours, ref, before)
     k_ours, v_ours = cache_lib.dequantize(ours)
     k_ref, v_ref = cache_lib.dequantize(ref)
     np.testing.assert_allclose(k_ours, k_ref, atol=2e-2)
@@ -145,7 +151,7 @@ class FusedAppendTest(parameterized.TestCase):
     k, v = _token(5, cache, jnp.float32)
     k = k.at[1, 0, 0, 3].set(jnp.nan).at[2, 0, 0, 0].set(jnp.inf)
     ours, ref = _fused(cache, k, v), _xla(cache, k, v)
-    self.assert_same_append(ours, ref, cache)
+    assert_same_append(ours, ref, cache)
     self.assertTrue(np.isnan(np.float32(ours.keys.norms[1, 0, 7])))
     self.assertTrue(np.isnan(np.float32(ours.keys.norms[2, 0, 23])))
     self.assertTrue(np.isfinite(np.float32(ours.values.norms[1, 0, 7])))
@@ -198,6 +204,99 @@ class FusedAppendTest(parameterized.TestCase):
     self.assertIsNone(pallas_gpu.supported(_cache(1, 64), 1))
     self.assertIn("not a TurboQuantCache", pallas_gpu.supported(
         cache_lib.init(cache_lib.CacheConfig(kind="full"), 1, 1, 8, 64), 1))
+
+
+
+
+# ---- The token appended by the attention kernel itself (append_impl
+# "fused"): pallas_gpu.append_attention in interpret mode.
+
+
+@jax.jit
+def _append_then_attend(q, cache, k, v):
+  """The reference: XLA's append, then the dequantize-and-attend spec."""
+  cache = _xla(cache, k, v)
+  return attention.chunk_attention(q, cache, cache.lengths,
+                                   impl="reference"), cache
+
+
+class AppendAttentionTest(parameterized.TestCase):
+
+  def check(self, dim, bits, groups, capacity=128, **options):
+    seed = dim + bits + groups
+    cache = _cache(seed, dim, capacity=capacity, heads=2, key_bits=bits,
+                   value_bits=bits)
+    k, v = _token(seed, cache)
+    q = jax.random.normal(jax.random.key(seed + 7),
+                          (cache.batch, 1, 2 * groups, dim))
+    out, ours = jax.jit(lambda q, c, k, v: attention_gpu.append_attention(
+        q, k, v, c, splits=2, interpret=True, **options))(q, cache, k, v)
+    want, ref = _append_then_attend(q, cache, k, v)
+    assert_same_append(ours, ref, cache)
+    # Sequence 0 held nothing before: its output is the new token's value
+    # alone, which only the appending program contributes.
+    scale = float(jnp.max(jnp.abs(want)))
+    np.testing.assert_allclose(out, want, atol=2e-3 * scale)
+
+  @parameterized.parameters(
+      (64, 4, 3, {}),                                # rotated in the kernel
+      (64, 3, 8, {}),                                # 24-byte rows
+      (64, 2, 1, dict(rotate_in_kernel=False)),      # XLA rotates
+  )
+  def test_equals_append_then_attend(self, dim, bits, groups, options):
+    self.check(dim, bits, groups, **options)
+
+  @pytest.mark.slow
+  def test_wider_heads(self):
+    self.check(128, 4, 4)
+    self.check(256, 3, 2, capacity=256)
+
+  def test_dispatch_fuses_only_when_asked(self):
+    # decode_attention.append_attention: a cache with append_impl="fused"
+    # and impl="pallas_gpu" goes through the one-launch kernel; other
+    # caches take the append and then the attention, with the same result.
+    for config in (dict(append_impl="fused"), dict(append_impl="xla"),
+                   dict(kind="full")):
+      cache = _cache(11, 64, capacity=128, heads=2, **config)
+      k, v = _token(11, cache)
+      q = jax.random.normal(jax.random.key(12), (cache.batch, 1, 6, 64))
+      calls = []
+      real = attention_gpu.append_attention
+
+      def spy(*args, real=real, calls=calls, **kw):
+        calls.append(1)
+        return real(*args, interpret=True, **kw)
+
+      # Under jit, as in a decode loop: the full sequence drops its token.
+      with mock.patch.object(attention_gpu, "append_attention", spy):
+        out, got = jax.jit(lambda q, k, v, c: attention.append_attention(
+            q, k, v, c, impl="pallas_gpu" if "append_impl" in config
+            else "xla"))(q, k, v, cache)
+      self.assertLen(calls, config.get("append_impl") == "fused")
+      want_cache = jax.jit(cache_lib.append)(cache, k, v) if config.get(
+          "kind") == "full" else _xla(cache, k, v)
+      np.testing.assert_array_equal(got.lengths, want_cache.lengths)
+      want = attention.chunk_attention(q, want_cache, want_cache.lengths,
+                                       impl="reference")
+      np.testing.assert_allclose(out, want, atol=3e-3 * float(
+          jnp.max(jnp.abs(want))))
+
+  def test_bad_input(self):
+    cache = _cache(13, 64, capacity=128, heads=2)
+    k, v = _token(13, cache)
+    with self.assertRaisesRegex(ValueError, "cache full"):   # eagerly
+      attention_gpu.append_attention(jnp.ones((4, 1, 4, 64)), k, v, cache)
+    with self.assertRaisesRegex(ValueError, "multiple of"):
+      attention_gpu.append_attention(jnp.ones((4, 1, 3, 64)), k, v, cache)
+    with self.assertRaisesRegex(ValueError, "expected q"):
+      attention_gpu.append_attention(jnp.ones((4, 2, 4, 64)), k, v, cache)
+    with self.assertRaisesRegex(ValueError, "expected q"):
+      attention_gpu.append_attention(jnp.ones((4, 1, 4, 64)), k[:, :1], v,
+                                     cache)
+    split = _cache(13, 64, capacity=128, key_bits=3.5)
+    with self.assertRaisesRegex(NotImplementedError, "fractional"):
+      attention_gpu.append_attention(jnp.ones((4, 1, 2, 64)), k[:, :1],
+                                     v[:, :1], split)
 
 
 if __name__ == "__main__":

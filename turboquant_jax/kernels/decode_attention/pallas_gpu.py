@@ -51,7 +51,9 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 import numpy as np
 
+from turboquant_jax.cache import common
 from turboquant_jax.kernels.decode_attention import parts
+from turboquant_jax.kernels.decode_attention import reference
 from turboquant_jax.kernels.decode_attention import prmt_lookup
 from turboquant_jax.quant import packing
 from turboquant_jax.quant import rotation
@@ -554,7 +556,8 @@ def append_attention(q: jax.Array, k: jax.Array, v: jax.Array, cache, *,
   TurboQuantCache at position cache.lengths[b] and attends q [B, 1, H, D]
   over the cache, that token included. Returns (f32[B, 1, H, D], the
   cache with the token), as turboquant_cache.append and then attention()
-  with lengths + 1 would, under jit (a full sequence drops its token).
+  with lengths + 1 would: eagerly a full sequence raises ValueError, under
+  jit it drops its token.
 
   The layout="tokens" kernel with one more program per (sequence, KV
   head): it quantizes the token (quantize_append's quantize_token), writes
@@ -565,14 +568,16 @@ def append_attention(q: jax.Array, k: jax.Array, v: jax.Array, cache, *,
   window, sink or 8-bit norms); NotImplementedError otherwise. Options as
   in attention().
   """
-  reason = append_supported(q, cache)
-  if reason:
-    raise NotImplementedError(reason)
   if q.ndim != 4 or q.shape[1] != 1 or k.shape != (
       cache.batch, cache.kv_heads, 1, cache.head_dim) or v.shape != k.shape:
     raise ValueError(f"q {q.shape}, k {k.shape}, v {v.shape}: expected q "
                      f"[B, 1, H, D] and k, v [{cache.batch}, "
                      f"{cache.kv_heads}, 1, {cache.head_dim}]")
+  reference.validate(q, cache, cache.lengths)
+  reason = append_supported(q, cache)
+  if reason:
+    raise NotImplementedError(reason)
+  common.check_append(cache, k, v)       # eagerly: past capacity raises
   if not isinstance(stages, int) or stages < 1:
     raise ValueError(f"{stages=!r}: expected an int >= 1")
   if rotate_in_kernel is None:
