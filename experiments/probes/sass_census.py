@@ -17,18 +17,20 @@ with `cuobjdump -sass`, taken from PATH, $CUDA_HOME/bin or
 /usr/local/cuda/bin (on a CPU machine: the nvidia-cuda-nvcc and
 nvidia-cuda-cuobjdump wheels carry both).
 
-    python -m experiments.probes.sass_census [--bits=4] [--smol] [--dir=DUMP]
-(--dir: only read an existing dump (SASS listings, or PTX to assemble),
-which is all that works on a CPU.)
+    python -m experiments.probes.sass_census [--bits=4] [--smol] [--fused]
+        [--dir=DUMP]
+(--fused: the kernel of pallas_gpu.append_attention, which also appends
+the decode token; --dir: only read an existing dump (SASS listings, or PTX
+to assemble), which is all that works on a CPU.)
 """
 
 import collections
 import dataclasses
 import glob
 import os
+import re
 import shutil
 import subprocess
-import re
 import sys
 import tempfile
 
@@ -141,7 +143,8 @@ def report(text: str, minimum: int = 100) -> str:
   return "\n".join(lines)
 
 
-def _compile_kernel(dump_dir: str, bits: int, smol: bool) -> None:
+def _compile_kernel(dump_dir: str, bits: int, smol: bool,
+                    fused: bool) -> None:
   """Compiles and runs one decode-attention call with the dumps on."""
   os.environ["MOSAIC_GPU_DUMP_SASS"] = "1"
   os.environ["MOSAIC_GPU_DUMP_PTX"] = "1"
@@ -151,6 +154,7 @@ def _compile_kernel(dump_dir: str, bits: int, smol: bool) -> None:
   from experiments import kernel_bench
   from turboquant_jax import cache as cache_lib
   from turboquant_jax.kernels import decode_attention as da
+  from turboquant_jax.kernels.decode_attention import pallas_gpu
   cfg = cache_lib.CacheConfig(key_bits=bits, value_bits=bits)
   # (batch, query heads, KV heads, tokens, head dim)
   b, h, kvh, s, d = (32, 9, 3, 8192, 64) if smol else (8, 32, 8, 32768, 128)
@@ -163,8 +167,14 @@ def _compile_kernel(dump_dir: str, bits: int, smol: bool) -> None:
   with open(os.path.join(dump_dir, "stdout.txt"), "w") as out:
     os.dup2(out.fileno(), 1)
     try:
-      jax.block_until_ready(jax.jit(lambda q, c: da.decode_attention(
-          q, c, c.lengths, impl="pallas_gpu"))(q, c))
+      if fused:               # the decode token appended by the kernel
+        c = dataclasses.replace(c, lengths=c.lengths - 1)
+        token = jax.numpy.ones((b, kvh, 1, d), jax.numpy.bfloat16)
+        jax.block_until_ready(pallas_gpu.append_attention(
+            q[:, None], token, token, c))
+      else:
+        jax.block_until_ready(jax.jit(lambda q, c: da.decode_attention(
+            q, c, c.lengths, impl="pallas_gpu"))(q, c))
     finally:
       sys.stdout.flush()
       os.dup2(saved, 1)
@@ -205,7 +215,7 @@ def main():
     dump_dir = os.path.join(dump_dir, "sass")
     os.makedirs(dump_dir, exist_ok=True)
     _compile_kernel(dump_dir, int(probes.option("bits", "4")),
-                    "--smol" in sys.argv)
+                    "--smol" in sys.argv, "--fused" in sys.argv)
   files = sorted(f for f in glob.glob(os.path.join(dump_dir, "**", "*"),
                                       recursive=True) if os.path.isfile(f))
   found = False

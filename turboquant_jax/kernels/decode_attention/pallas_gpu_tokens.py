@@ -20,14 +20,23 @@ parts, the XLA work before and after) is pallas_gpu's.
 
 With `rotate` (pallas_gpu's rotate_in_kernel: possible for one mse key
 part, one value part, no window, D <= 128; the default at D <= 64) the
-kernel also takes the queries unrotated and the two rotations (f32 [D, D],
-converted to f16 64 x 64 tiles in SMEM): before the tiles, Q_rotᵀ = Π_k ·
+kernel also takes the queries unrotated and the two rotations (f16 64 x 64
+tiles laid out by XLA, `rotation_tiles`, both fetched by TMA as the program
+starts, so the loads overlap the queries'): before the tiles, Q_rotᵀ = Π_k ·
 Qᵀ (one wgmma per tile pair, written back into the queries' SMEM); after
 them, Oᵀ = Π_vᵀ · Oᵀ_rot, so what it writes is in the original domain and
 XLA only merges the splits. At B = 1 that took a SmolLM2 decode layer from
 48.4 to 40.8 µs on the H200 (results/decode_bench/h200_v8/probes.txt); at
 D = 128 the 64 KB of rotation tiles cost more than they save (B=8, S=128k,
 4 bits: 1.002 ms against 0.874, results/kernel_bench/h200_device_time/).
+
+With `append` (pallas_gpu.append_attention: a decode token not yet in the
+cache) each (sequence, KV head) gets one more program, which quantizes the
+token as the append kernel does (quantize_append.quantize_token), writes
+it at position lengths[b] and attends to it alone (row 0 of a tile built
+in SMEM), while the others read the tokens before it: one launch a layer
+instead of two. On the H200 +3% decode tokens/s at B = 1, -13% at B = 32
+(results/decode_bench/h200_v10_fused/).
 
 A wgmma reads A and B with one swizzle, so the V tiles are stored with
 Pᵀ's (32 bytes for 16 columns, 64 for 32, 128 for 64), unless Pᵀ goes
@@ -50,7 +59,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from turboquant_jax.kernels.decode_attention import pallas_gpu as base
 from turboquant_jax.kernels.decode_attention import parts
-from turboquant_jax.kernels.quantize_append import pallas_gpu as quantize_append_gpu
+from turboquant_jax.kernels.quantize_append import pallas_gpu as append_gpu
 
 ROWS, GROUP = base.ROWS, base.GROUP
 _L = plgpu.Layout
@@ -98,25 +107,43 @@ def _p_smem(n: int, rows: int, transpose_p: bool) -> plgpu.SMEM:
                                 plgpu.SwizzleTransform(_swizzle(n))))
 
 
-def _square_tiles(groups: int) -> plgpu.SMEM:
-  """f16[groups², 64, 64]: a rotation as 64 x 64 tiles, wgmma's form."""
-  return plgpu.SMEM((groups * groups, GROUP, GROUP), jnp.float16,
-                    transforms=(plgpu.TilingTransform((8, GROUP)),
-                                plgpu.SwizzleTransform(128)))
+def _rotation_smem(groups: int) -> list:
+  """Scratch of rotate: f16[2·groups², 64, 64], Π_k's then Π_v's 64 x 64
+  tiles (rotation_tiles, wgmma's form), and one barrier per tile."""
+  return [plgpu.SMEM((2 * groups * groups, GROUP, GROUP), jnp.float16,
+                     transforms=(plgpu.TilingTransform((8, GROUP)),
+                                 plgpu.SwizzleTransform(128))),
+          plgpu.Barrier(num_barriers=2 * groups * groups)]
 
 
-def _load_rotation(rot_ref, tiles, stage, barrier, groups: int) -> None:
-  """tiles[r·G + c] = Π[64r:64r+64, 64c:64c+64] in f16 (Π: f32 [D, D] in
-  GMEM), through the f32 `stage` tile."""
-  for r in range(groups):
-    for c in range(groups):
-      plgpu.copy_gmem_to_smem(
-          rot_ref.at[pl.ds(r * GROUP, GROUP), pl.ds(c * GROUP, GROUP)],
-          stage, barrier)
-      plgpu.barrier_wait(barrier)
-      tiles[r * groups + c] = plgpu.load(stage, layout=_L.WGMMA).astype(
-          jnp.float16)
-  plgpu.commit_smem()
+def rotation_tiles(matrix: jax.Array) -> jax.Array:
+  """f32 [D, D] -> f16 [G², 64, 64], tile r·G + c = Π[64r:64r+64,
+  64c:64c+64] (G = D / 64): what the kernel's wgmmas read, in one TMA. A
+  rotation is fixed for the cache's life, so in a decode loop XLA computes
+  this once, outside the loop."""
+  g = matrix.shape[0] // GROUP
+  return matrix.reshape(g, GROUP, g, GROUP).transpose(0, 2, 1, 3).reshape(
+      g * g, GROUP, GROUP).astype(jnp.float16)
+
+
+def _fetch_rotations(key_rot, value_rot, tiles, barriers) -> None:
+  """Starts the TMAs of both rotations' tiles (GMEM f16 [G², 64, 64] each)
+  into tiles [2·G², 64, 64]; barriers[t] completes when tile t has landed.
+  Issued first thing, so the loads overlap the queries' and the tiles'."""
+  count = key_rot.shape[0]
+  for i, rot in enumerate((key_rot, value_rot)):
+    for t in range(count):
+      plgpu.copy_gmem_to_smem(rot.at[t], tiles.at[i * count + t],
+                              barriers.at[i * count + t])
+
+
+def _rotation(tiles, barriers, which: int, groups: int):
+  """Π_k's (which = 0) or Π_v's (1) tiles, once their TMAs have landed: a
+  [G², 64, 64] view."""
+  count = groups * groups
+  for t in range(count):
+    plgpu.barrier_wait(barriers.at[which * count + t])
+  return tiles.at[pl.ds(which * count, count)]
 
 
 def _rotate_columns(tiles, columns, groups: int, n: int,
@@ -136,31 +163,27 @@ def _rotate_columns(tiles, columns, groups: int, n: int,
   return out
 
 
-def _rotate_queries(rot_ref, q_smem, barrier, groups: int, n: int) -> None:
-  """q_smem (the queries as given, f16 [groups, n, 64]) <- Π_k q."""
-  def rotate(stage, tiles):
-    _load_rotation(rot_ref, tiles, stage, barrier, groups)
-    rotated = _rotate_columns(tiles, q_smem, groups, n, transposed=False)
-    for j, part in enumerate(rotated):     # every product read q_smem
-      q_smem.at[j].transpose((1, 0))[...] = part.astype(jnp.float16)
-    plgpu.commit_smem()
-  pl.run_scoped(rotate, plgpu.SMEM((GROUP, GROUP), jnp.float32),
-                _square_tiles(groups))
+def _rotate_queries(tiles, q_smem, groups: int, n: int) -> None:
+  """q_smem (the queries as given, f16 [groups, n, 64]) <- Π_k q (tiles:
+  Π_k's, f16 [groups², 64, 64])."""
+  rotated = _rotate_columns(tiles, q_smem, groups, n, transposed=False)
+  for j, part in enumerate(rotated):     # every product read q_smem
+    q_smem.at[j].transpose((1, 0))[...] = part.astype(jnp.float16)
+  plgpu.commit_smem()
 
 
-def _rotate_back(rot_ref, accs, barrier, n: int) -> tuple:
-  """Πᵀ·acc for one value part's accumulator groups (f32 [64, n] each)."""
+def _rotate_back(tiles, accs, n: int) -> tuple:
+  """Πᵀ·acc for one value part's accumulator groups (f32 [64, n] each;
+  tiles: Π_v's, f16 [groups², 64, 64])."""
   groups = len(accs)
 
-  def rotate(stage, tiles, columns):
-    _load_rotation(rot_ref, tiles, stage, barrier, groups)
+  def rotate(columns):
     for i, acc in enumerate(accs):
       columns.at[i].transpose((1, 0))[...] = acc.astype(jnp.float16)
     plgpu.commit_smem()
     return tuple(_rotate_columns(tiles, columns, groups, n,
                                  transposed=True))
-  return pl.run_scoped(rotate, plgpu.SMEM((GROUP, GROUP), jnp.float32),
-                       _square_tiles(groups), _columns_smem(groups, n))
+  return pl.run_scoped(rotate, _columns_smem(groups, n))
 
 
 def _kernel(lengths_ref, *refs, key_specs, value_specs, groups, split_len,
@@ -168,8 +191,13 @@ def _kernel(lengths_ref, *refs, key_specs, value_specs, groups, split_len,
             key_registers, transpose_p, skip_empty_splits, window, tokens,
             rotate, append):
   nk, nv = len(key_specs), len(value_specs)
-  if rotate:              # Π_k, Π_v f32 [D, D]: the queries come unrotated
-    (key_rot, value_rot), refs = refs[:2], refs[2:]
+  # The scratch at the end: with rotate the rotations' tiles and their two
+  # barriers, then the queries' SMEM per key part and a barrier.
+  scratch_count = nk + 1 + (2 if rotate else 0)
+  if rotate:              # Π_k, Π_v tiles (rotation_tiles): the queries
+    (key_rot, value_rot), refs = refs[:2], refs[2:]   # come unrotated
+    rot_tiles, rot_barriers = refs[-scratch_count:-nk - 1]
+    _fetch_rotations(key_rot, value_rot, rot_tiles, rot_barriers)
   if append:              # the token's k, v, rotation columns and tables
     append_in, refs = refs[:7], refs[7:]
   (kc_refs, kn_refs, vc_refs, vn_refs, o_refs, ml_ref,
@@ -177,8 +205,9 @@ def _kernel(lengths_ref, *refs, key_specs, value_specs, groups, split_len,
                                  splits + bool(append))
   q_smem = refs[-1 - nk:-1]                          # [groups, N, 64] each
   if rotate:
-    _rotate_queries(key_rot, q_smem[0], refs[-1], base._groups(key_specs[0]),
-                    n)
+    groups_k = base._groups(key_specs[0])
+    _rotate_queries(_rotation(rot_tiles, rot_barriers, 0, groups_k),
+                    q_smem[0], groups_k, n)
   k_first, v_first = base._offsets(key_specs), base._offsets(value_specs)
   b, k = jax.lax.axis_index("b"), jax.lax.axis_index("k")
   split, capacity = jax.lax.axis_index("s"), split_len * splits
@@ -310,11 +339,14 @@ def _kernel(lengths_ref, *refs, key_specs, value_specs, groups, split_len,
   def attend():
     accs_out, m_i, l_i = pl.run_scoped(stream, *scratch())
     if rotate:            # the outputs leave in the original domain
-      accs_out = (_rotate_back(value_rot, accs_out[0], refs[-1], n),)
+      accs_out = (_rotate_back(
+          _rotation(rot_tiles, rot_barriers, 1, groups_k), accs_out[0], n),)
     base._store_outputs(accs_out, m_i, jnp.sum(l_i, axis=0), o_refs,
                         ml_ref, program)
 
   def empty():
+    if rotate:            # no program leaves with a TMA in flight
+      _rotation(rot_tiles, rot_barriers, 1, groups_k)
     base._store_outputs(accs, m0, jnp.sum(zeros(shape), axis=0), o_refs,
                         ml_ref, program)
 
@@ -327,7 +359,7 @@ def _kernel(lengths_ref, *refs, key_specs, value_specs, groups, split_len,
     dim = key_specs[0].dim
     norm_refs = kn_refs + vn_refs
     (key_words, key_norm), (value_words, value_norm) = pl.run_scoped(
-        lambda codes_smem: quantize_append_gpu.quantize_token(
+        lambda codes_smem: append_gpu.quantize_token(
             k_new, v_new, columns, k_thr, k_cen, v_thr, v_cen, codes_smem,
             b, k, dim=dim, key_spec=append[0], value_spec=append[1],
             norm_dtypes=tuple(r.dtype for r in norm_refs)),
@@ -347,7 +379,8 @@ def _kernel(lengths_ref, *refs, key_specs, value_specs, groups, split_len,
 
     @pl.when(k == 0)
     def _():
-      refs[-2 - nk][b] = jnp.minimum(old + 1, capacity)   # the new lengths
+      # The new lengths: the last output, before the scratch.
+      refs[-1 - scratch_count][b] = jnp.minimum(old + 1, capacity)
 
     def one_tile(*smem):
       head, tile = smem[:-4], smem[-4:]
@@ -375,7 +408,9 @@ def _kernel(lengths_ref, *refs, key_specs, value_specs, groups, split_len,
                  plgpu.SMEM((rows,), norm_ref.dtype)]
       accs_out, m_i, l_i = pl.run_scoped(one_tile, *scratch(), *tile)
       if rotate:
-        accs_out = (_rotate_back(value_rot, accs_out[0], refs[-1], n),)
+        accs_out = (_rotate_back(
+            _rotation(rot_tiles, rot_barriers, 1, groups_k), accs_out[0],
+            n),)
       base._store_outputs(accs_out, m_i, jnp.sum(l_i, axis=0), o_refs,
                           ml_ref, program)
 
@@ -464,16 +499,19 @@ def fused_attention(inp: parts.KernelInputs, *, splits: int = 8,
   if append is not None:
     cache, k_new, v_new = append
     kq, vq = cache.key_quantizer, cache.value_quantizer
-    append_specs = (quantize_append_gpu.spec(kq),
-                    quantize_append_gpu.spec(vq))
-    append_in = [quantize_append_gpu.centered_keys(cache, k_new),
-                 v_new[:, :, 0], quantize_append_gpu.columns(kq, vq),
+    append_specs = (append_gpu.spec(kq),
+                    append_gpu.spec(vq))
+    append_in = [append_gpu.centered_keys(cache, k_new),
+                 v_new[:, :, 0], append_gpu.columns(kq, vq),
                  kq.thresholds, kq.centroids, vq.thresholds, vq.centroids]
     # Written in place: refs that XLA aliases to the kernel's outputs.
     code_arrays = [jax.new_ref(a) for a in code_arrays]
     out_type.append(jax.ShapeDtypeStruct((b,), jnp.int32))   # new lengths
   scratch = [_columns_smem(base._groups(s), n) for s in specs]
   scratch += [plgpu.Barrier()]
+  if rotate is not None:  # Π_k and Π_v tiles, fetched at the start
+    groups = base._groups(specs[0])
+    scratch = _rotation_smem(groups) + scratch
   kernel = plgpu.kernel(
       functools.partial(_kernel, key_specs=tuple(specs),
                         value_specs=inp.value_specs, groups=inp.groups,
@@ -491,7 +529,8 @@ def fused_attention(inp: parts.KernelInputs, *, splits: int = 8,
   rotations = []
   if rotate is not None:
     q_raw, key_rot, value_rot = rotate
-    queries, rotations = [q_raw], [key_rot, value_rot]
+    queries = [q_raw]
+    rotations = [rotation_tiles(key_rot), rotation_tiles(value_rot)]
   outs = kernel(inp.lengths, *rotations, *append_in,
                 *[base._query_groups(q, n) for q in queries], *code_arrays)
   nv = len(inp.value_specs)
