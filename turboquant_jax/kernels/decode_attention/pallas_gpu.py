@@ -53,8 +53,8 @@ import numpy as np
 
 from turboquant_jax.cache import common
 from turboquant_jax.kernels.decode_attention import parts
-from turboquant_jax.kernels.decode_attention import reference
 from turboquant_jax.kernels.decode_attention import prmt_lookup
+from turboquant_jax.kernels.decode_attention import reference
 from turboquant_jax.quant import packing
 from turboquant_jax.quant import rotation
 
@@ -542,9 +542,7 @@ def append_supported(q: jax.Array, cache) -> str | None:
   not."""
   # pylint: disable-next=g-import-not-at-top (it imports this module)
   from turboquant_jax.kernels.quantize_append import pallas_gpu as qa
-  return (parts.supported(cache) or qa.supported(cache, q.shape[1])
-          or (None if cache.head_dim <= 256 else
-              f"head_dim={cache.head_dim}: at most 256"))
+  return parts.supported(cache) or qa.supported(cache, q.shape[1])
 
 
 def append_attention(q: jax.Array, k: jax.Array, v: jax.Array, cache, *,
