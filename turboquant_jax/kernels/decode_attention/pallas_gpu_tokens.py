@@ -191,8 +191,8 @@ def _kernel(lengths_ref, *refs, key_specs, value_specs, groups, split_len,
             key_registers, transpose_p, skip_empty_splits, window, tokens,
             rotate, append):
   nk, nv = len(key_specs), len(value_specs)
-  # The scratch at the end: with rotate the rotations' tiles and their two
-  # barriers, then the queries' SMEM per key part and a barrier.
+  # The scratch at the end: with rotate the rotations' tiles and their
+  # barriers (one a tile), then the queries' SMEM per key part, a barrier.
   scratch_count = nk + 1 + (2 if rotate else 0)
   if rotate:              # Π_k, Π_v tiles (rotation_tiles): the queries
     (key_rot, value_rot), refs = refs[:2], refs[2:]   # come unrotated
