@@ -110,7 +110,7 @@ def append_attention(q: jax.Array, k: jax.Array, v: jax.Array, cache, *,
   # pylint: disable-next=g-import-not-at-top (the caches import this)
   from turboquant_jax import cache as cache_lib
   table = _impls()
-  if (getattr(cache.config, "append_impl", None) == "fused"
+  if (cache.config.append_impl == "fused"
       and impl in (None, "pallas_gpu") and "pallas_gpu" in table
       and (impl == "pallas_gpu" or jax.default_backend() == "gpu")):
     # pylint: disable-next=g-import-not-at-top (present: it is in table)
