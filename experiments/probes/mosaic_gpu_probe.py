@@ -27,9 +27,11 @@ def run_kernel(body, x, out_shape, out_dtype, y=None):
   return np.asarray(make_kernel(body, x, y, out_shape, out_dtype)(x, y))
 
 
-def make_kernel(body, x, y, out_shape, out_dtype):
-  """The plgpu.kernel of run_kernel: f(x, y) -> body's array, via SMEM."""
-  def kernel(x_gmem, y_gmem, o_gmem, x_smem, y_smem, o_smem, bar):
+def make_kernel(body, x, y, out_shape, out_dtype, unused_smem_kb: int = 0):
+  """The plgpu.kernel of run_kernel: f(x, y) -> body's array, via SMEM
+  (plus `unused_smem_kb` KB of shared memory it asks for and never uses)."""
+  def kernel(x_gmem, y_gmem, o_gmem, x_smem, y_smem, o_smem, bar, *unused):
+    del unused
     plgpu.copy_gmem_to_smem(x_gmem, x_smem, bar)
     plgpu.barrier_wait(bar)
     plgpu.copy_gmem_to_smem(y_gmem, y_smem, bar)
@@ -42,7 +44,9 @@ def make_kernel(body, x, y, out_shape, out_dtype):
                    scratch_types=[plgpu.SMEM(x.shape, x.dtype),
                                   plgpu.SMEM(y.shape, y.dtype),
                                   plgpu.SMEM(out_shape, out_dtype),
-                                  plgpu.Barrier()],
+                                  plgpu.Barrier()]
+                   + ([plgpu.SMEM((unused_smem_kb * 256,), jnp.float32)]
+                      if unused_smem_kb else []),
                    interpret=INTERPRET)
   return f
 
@@ -335,14 +339,17 @@ def launch_probe():
   CUDA graphs; several more for one launched from the host between them).
   The loop itself costs ~15 µs an iteration (its predicate goes to the
   host), hence the 10 steps. The kernel's shared memory is swept (three
-  f32 [rows, 128] buffers): whether switching the SM's shared-memory
-  carveout between XLA's kernels and a Mosaic GPU kernel is what costs."""
+  f32 [rows, 128] buffers), and at 8 rows the shared memory asked for
+  but not used (+unused KB): whether the cost follows the bytes moved
+  or the shared memory the SM must set aside (its carveout switched
+  between XLA's kernels and a Mosaic GPU kernel)."""
   # pylint: disable=g-import-not-at-top
   from experiments import timing
-  for rows in (0, 8, 64, 128):
+  for rows, unused in ((0, 0), (8, 0), (64, 0), (128, 0), (8, 84),
+                       (8, 180)):
     x = jnp.ones((max(rows, 8), 128), jnp.float32)
     kern = make_kernel(lambda a, b: a[...] * 0.5, x, x, x.shape,
-                       jnp.float32)
+                       jnp.float32, unused_smem_kb=unused)
 
     def xla_steps(x, kern=kern, mosaic=rows > 0):
       for _ in range(10):
@@ -353,7 +360,8 @@ def launch_probe():
     us = timing.time_loop_ms(xla_steps, x, loops=200, warmup=2,
                              reps=10) * 1e3
     name = ("10 XLA steps" if rows == 0 else
-            f"10 x (Mosaic GPU kernel, {3 * rows // 2} KB SMEM, + XLA step)")
+            f"10 x (Mosaic GPU kernel, {3 * rows // 2} KB SMEM"
+            + (f" +{unused} unused" if unused else "") + ", + XLA step)")
     print(f"{name:<52} {us:.2f} us an iteration", flush=True)
 
 

@@ -13,6 +13,12 @@ take the most time, names without their numeric suffixes.
         [--caches=full-bf16,tq4]   (names from configs/decode_bench.py)
         [--hlo]   (instead: the loop's optimized HLO, written to $OUT, and
                    its Mosaic GPU calls and copies per computation)
+
+Besides the kernels' own time it prints the idle time before each kind of
+kernel (from the previous kernel's end to its start, summed per step) and
+the host's busiest calls per step: where a step's wall time that no
+kernel fills goes (a launch gap that only some kernels pay, or host work
+such as command-buffer updates the GPU waits on).
 """
 
 import collections
@@ -81,6 +87,37 @@ def kernel_events(trace_dir: str) -> list[tuple[str, float, float]]:
           for ln in streams for e in ln.events]
 
 
+def host_events(trace_dir: str) -> list[tuple[str, float, float]]:
+  """(name, start_ns, duration_ns) of every event on the host CPU plane
+  of the newest .xplane.pb under trace_dir (XLA's thunks, CUDA driver
+  calls, Python)."""
+  files = sorted(glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"),
+                           recursive=True), key=os.path.getmtime)
+  if not files:
+    raise FileNotFoundError(f"no .xplane.pb under {trace_dir}")
+  plane = jax.profiler.ProfileData.from_file(files[-1]).find_plane_with_name(
+      "/host:CPU")
+  if plane is None:
+    return []
+  return [(e.name, e.start_ns, e.duration_ns)
+          for ln in plane.lines for e in ln.events]
+
+
+def gaps_before(events, steps: int) -> dict[str, tuple[float, float]]:
+  """{kernel name: (launches, summed idle us)} per step: for each kernel,
+  the time from the latest end of the kernels before it to its start
+  (0 where it overlaps them)."""
+  gaps = collections.defaultdict(lambda: [0, 0.0])
+  end = None
+  for name, start, dur in sorted(events, key=lambda e: e[1]):
+    entry = gaps[kernel_name(name)]
+    entry[0] += 1
+    if end is not None:
+      entry[1] += max(0.0, start - end) / 1e3
+    end = start + dur if end is None else max(end, start + dur)
+  return {k: (v[0] / steps, v[1] / steps) for k, v in gaps.items()}
+
+
 def summarize(events, steps: int) -> StepKernels:
   """Per-step counts and times of the kernel events of `steps` steps."""
   if not events:
@@ -144,9 +181,11 @@ def _loop_inputs(name: str, batch: int):
   return model, tokens, caches, lengths, impl
 
 
-def trace_steps(name: str, batch: int, steps: int) -> StepKernels:
+def trace_steps(name: str, batch: int, steps: int):
   """Runs decode_bench's loop for cache `name` once (after a warm-up)
-  under the profiler; the kernels of its steps."""
+  under the profiler; the kernels of its steps (StepKernels), the idle
+  time before each kind (gaps_before) and the host's calls (StepKernels
+  of the host plane's events)."""
   model, tokens, caches, lengths, impl = _loop_inputs(name, batch)
   run = lambda tokens, caches: decode_bench.decode_steps(
       model, tokens, caches, lengths, impl=impl, steps=steps)
@@ -158,7 +197,16 @@ def trace_steps(name: str, batch: int, steps: int) -> StepKernels:
     jax.block_until_ready(run(tokens, caches))
     jax.profiler.stop_trace()
     print(f"{name}: trace lines {line_names(tmp)}", flush=True)
-    return summarize(kernel_events(tmp), steps)
+    kernels = kernel_events(tmp)
+    return (summarize(kernels, steps), gaps_before(kernels, steps),
+            summarize(host_events(tmp), steps))
+
+
+def _print_top(by_name: dict[str, tuple[float, float]], n: int):
+  """The n names with the most summed us: us, launches, name."""
+  for kname, (count, us) in sorted(by_name.items(),
+                                   key=lambda kv: -kv[1][1])[:n]:
+    print(f"  {us:8.1f} us  {count:6.1f} x  {kname[:90]}")
 
 
 def main():
@@ -179,12 +227,15 @@ def main():
       for row in hlo_census(hlo):
         print("  ", *row)
       continue
-    k = trace_steps(name, batch, steps)
+    k, gaps, host = trace_steps(name, batch, steps)
     print(f"\n{name}: {k.launches} kernels a step, busy {k.busy_us:.1f} us, "
           f"span {k.span_us:.1f} us a step", flush=True)
-    top = sorted(k.by_name.items(), key=lambda kv: -kv[1][1])[:25]
-    for kname, (count, us) in top:
-      print(f"  {us:8.1f} us  {count:6.1f} x  {kname[:90]}")
+    _print_top(k.by_name, 25)
+    print(f"{name}: idle before each kind of kernel, per step "
+          f"(total {sum(g for _, g in gaps.values()):.1f} us)")
+    _print_top(gaps, 12)
+    print(f"{name}: host calls, summed per step")
+    _print_top(host.by_name, 15)
 
 
 if __name__ == "__main__":

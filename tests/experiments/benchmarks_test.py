@@ -134,6 +134,20 @@ class StepTraceTest(absltest.TestCase):
     self.assertEqual(k.by_name["loop_pad_fusion"], (1.0, 2.0))
     self.assertEqual(k.by_name["input_reduce_fusion"], (1.0, 3.0))
     self.assertEqual(step_trace.kernel_name("fusion_1_2"), "fusion")
+    gaps = step_trace.gaps_before(events, steps=2)
+    # mosaic_kernel: 0.5 us after the pad each step; the reduce 0.5 us
+    # after it; the second step's pad 5 us after the first step's reduce.
+    self.assertEqual(gaps["mosaic_kernel"], (1.0, 0.5))
+    self.assertEqual(gaps["input_reduce_fusion"], (1.0, 0.5))
+    self.assertEqual(gaps["loop_pad_fusion"], (1.0, 2.5))
+
+  def test_gaps_of_overlapping_kernels(self):
+    # A kernel that starts before the latest end has no gap; the gap of
+    # the next one counts from the latest end, not the last started.
+    events = [("a", 0, 10000), ("b", 1000, 2000), ("c", 12000, 1000)]
+    gaps = step_trace.gaps_before(events, steps=1)
+    self.assertEqual(gaps["b"], (1.0, 0.0))
+    self.assertEqual(gaps["c"], (1.0, 2.0))
 
   def test_reads_a_trace(self):
     # A CPU trace has no device plane: the host plane's events stand in,
@@ -147,8 +161,10 @@ class StepTraceTest(absltest.TestCase):
       f(x).block_until_ready()
       jax.profiler.stop_trace()
       events = step_trace.kernel_events(tmp)
+      host = step_trace.host_events(tmp)
     self.assertTrue(any("<lambda>" in name for name, _, _ in events),
                     sorted({n for n, _, _ in events})[:20])
+    self.assertTrue(any("<lambda>" in name for name, _, _ in host))
     with tempfile.TemporaryDirectory() as tmp:
       with self.assertRaises(FileNotFoundError):
         step_trace.kernel_events(tmp)
