@@ -73,6 +73,7 @@ _PARAM_RULES = {
     ("lm_head", "kernel"): (1, "vocab"),
 }
 _QUANTIZER_FIELDS = ("key_quantizer", "value_quantizer")
+_REPLICATED_FIELDS = ("rotation_tiles",)     # the same on every device
 
 
 def make_mesh(data: int = 1, model: int = 1,
@@ -185,6 +186,8 @@ def cache_specs(cache, mesh: jax.sharding.Mesh):
       continue
     if f.name in _QUANTIZER_FIELDS:
       fields[f.name] = _quantizer_specs(value, kv_heads, mesh)
+    elif f.name in _REPLICATED_FIELDS:
+      fields[f.name] = P()
     else:   # lengths [B] and every [B, K, ...] buffer
       fields[f.name] = jax.tree.map(lambda x: _kv_spec(x, mesh), value)
   return dataclasses.replace(cache, **fields)

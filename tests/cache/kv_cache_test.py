@@ -302,27 +302,33 @@ class MemoryTest(parameterized.TestCase):
     # Per vector: codes 64·4/8 = 32 bytes + fp16 norm 2 = 34 bytes; per
     # token 2 heads · 2 (k, v) · 34 = 136 bytes, 136 · 32 slots = 4352.
     # Fixed, per quantizer (keys, values): Haar rotation 64·64·4 = 16384,
-    # 16 centroids · 4 = 64, 15 thresholds · 4 = 60: 16508; two: 33016.
-    # Compression 512 / 136.25 ≈ 3.76.
+    # 16 centroids · 4 = 64, 15 thresholds · 4 = 60: 16508; two: 33016;
+    # plus both rotations as the GPU kernel's f16 tiles, 2 · 64·64·2 =
+    # 16384: 49400. Compression 512 / 136.25 ≈ 3.76.
     m = self._check(CacheConfig(kind="turboquant", key_bits=4, value_bits=4),
-                    total=33016 + 4352 + 8, fixed=33016, per_token=136.25)
+                    total=49400 + 4352 + 8, fixed=49400, per_token=136.25)
     self.assertAlmostEqual(m["compression_ratio"], 3.7578, places=4)
 
   @parameterized.named_parameters(
       # As test_turboquant_4bit, plus bf16 rings for keys and values:
       # 2 · B·K·W·D · 2 bytes = 2 · 2·2·4·64 · 2 = 4096 = 128 per token slot.
-      ("window", dict(window=4), 33016 + 4352 + 4096 + 8, 136 + 128 + 0.25),
+      # With a window the kernel does not rotate: no rotation tiles, the
+      # fixed part is the quantizers' 33016 bytes.
+      ("window", dict(window=4), 33016, 33016 + 4352 + 4096 + 8,
+       136 + 128 + 0.25),
       # As test_turboquant_4bit with a 1-byte norm code: per vector 32 + 1 =
       # 33 bytes, per token 2 · 2 · 33 = 132 bytes, · 32 slots = 4224. Plus
       # the code ranges: f32 (lo, hi) per sequence, head and norm field,
       # keys and values: 2 · B·K·1·2 · 4 bytes = 64 = 2 per token slot.
-      ("norm8", dict(norm_bits=8), 33016 + 4224 + 64 + 8, 132 + 2 + 0.25),
+      ("norm8", dict(norm_bits=8), 49400, 49400 + 4224 + 64 + 8,
+       132 + 2 + 0.25),
   )
-  def test_turboquant_4bit_with(self, option, total, per_token):
-    # The fixed part (rotations, codebooks) is that of test_turboquant_4bit.
+  def test_turboquant_4bit_with(self, option, fixed, total, per_token):
+    # The fixed part (rotations, their tiles, codebooks) as in
+    # test_turboquant_4bit.
     self._check(CacheConfig(kind="turboquant", key_bits=4, value_bits=4,
                             **option),
-                total=total, fixed=33016, per_token=per_token)
+                total=total, fixed=fixed, per_token=per_token)
 
   def test_turboquant_split_2p5(self):
     # 2.5 bits at D = 64: 32 outlier channels at 3 bits + 32 at 2 bits.

@@ -13,6 +13,8 @@ What only a device checks: the backend compilers, and the numbers
 (experiments/probes).
 """
 
+import dataclasses
+
 from absl.testing import absltest
 from absl.testing import parameterized
 import jax
@@ -101,6 +103,21 @@ class GpuLoweringTest(parameterized.TestCase):
     self.assertEqual(count(rotate_in_kernel=False), 2)
     self.assertEqual(count(rotate_in_kernel=True), 0)
     self.assertEqual(count(), 0 if dim <= 64 else 2)
+
+  def test_rotation_tiles_come_from_the_cache(self):
+    # init keeps the rotations as the kernel's f16 tiles: the kernel call
+    # converts nothing to f16 itself; a cache without them (made some
+    # other way) has them laid out at the call (two converts).
+    q, cache = _inputs(64, 4, 3, 4, 1, "mse")
+    f = _jitted("pallas_gpu")
+    count = lambda c: sum(
+        "stablehlo.convert" in line and "x64x64xf16>" in line
+        for line in f.trace(q, c).lower(
+            lowering_platforms=("cuda",)).as_text().splitlines())
+    self.assertIsNotNone(cache.rotation_tiles)
+    self.assertEqual(count(cache), 0)
+    self.assertEqual(count(dataclasses.replace(cache, rotation_tiles=None)),
+                     2)
 
   @parameterized.parameters(("bfloat16", 16), ("float32", 16),
                             ("float16", 8))

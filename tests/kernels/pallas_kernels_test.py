@@ -268,6 +268,29 @@ class PallasGpuInterpretTest(parameterized.TestCase):
                                  atol=self.TOL * scale)
       np.testing.assert_allclose(got, rows, rtol=close, atol=close * scale)
 
+  def test_kernel_reads_the_caches_rotation_tiles(self):
+    # init keeps Π_k's and Π_v's tiles (rotation.as_tiles); the kernel
+    # rotates with those: without them (laid out at the call) the same
+    # output, with another rotation's tiles a wrong one.
+    cache = self._cache(64, 4, 4, 0, (128, 70), 0)
+    np.testing.assert_array_equal(
+        cache.rotation_tiles[1],
+        rotation.as_tiles(cache.value_quantizer.rotation))
+    q = jax.random.normal(jax.random.key(5), (2, 8, 64))
+    run = lambda c: attn.decode_attention(
+        q, c, c.lengths, impl="pallas_gpu", interpret=True, splits=2,
+        rotate_in_kernel=True)
+    got = run(cache)
+    np.testing.assert_array_equal(
+        run(dataclasses.replace(cache, rotation_tiles=None)), got)
+    swapped = dataclasses.replace(cache,
+                                  rotation_tiles=cache.rotation_tiles[::-1])
+    want = attn.decode_attention(q, cache, cache.lengths, impl="reference")
+    self.assertGreater(float(jnp.max(jnp.abs(run(swapped) - want))),
+                       0.1 * float(jnp.max(jnp.abs(want))))
+    np.testing.assert_allclose(got, want, rtol=self.TOL,
+                               atol=self.TOL * float(jnp.max(jnp.abs(want))))
+
   @parameterized.parameters(("float16", 16), ("bfloat16", 16),
                             ("float32", 16), ("float16", 8))
   def test_tokens_layout_reads_norms_as_stored(self, norm_dtype, norm_bits):

@@ -60,9 +60,12 @@ def dequantize(cache) -> tuple[jax.Array, jax.Array]:
 
 
 def _quantizer_leaves(cache) -> list:
+  """What a cache holds that is fixed for its life: the quantizers and
+  the rotations' kernel tiles."""
   return [getattr(cache, name) for name in ("key_quantizer",
-                                            "value_quantizer")
-          if hasattr(cache, name)]
+                                            "value_quantizer",
+                                            "rotation_tiles")
+          if getattr(cache, name, None) is not None]
 
 
 def memory(cache) -> dict[str, float]:
@@ -72,7 +75,8 @@ def memory(cache) -> dict[str, float]:
     nbytes: every array the cache holds (codes, norms, windows, lengths,
       rotations, sketches, codebooks, outlier channel indices).
     fixed_nbytes: the part that does not grow with capacity or batch
-      (quantizer matrices, codebooks, outlier indices).
+      (quantizer matrices and their kernel tiles, codebooks, outlier
+      indices).
     bytes_per_token: (nbytes - fixed_nbytes) / (batch * capacity): keys and
       values of all KV heads of one token, norms, window share included.
     bits_per_coordinate: bytes_per_token * 8 / (2 * kv_heads * head_dim).

@@ -36,6 +36,7 @@ import jax.numpy as jnp
 from turboquant_jax.cache import common
 from turboquant_jax.cache.config import CacheConfig
 from turboquant_jax.quant import api
+from turboquant_jax.quant import rotation
 from turboquant_jax.quant import split
 from turboquant_jax.quant import turboquant
 
@@ -60,6 +61,13 @@ class TurboQuantCache:
       None.
     sink_keys, sink_values: [B, K, N, D] (config.dtype) the first N =
       config.sink tokens (keys centered like the codes), or None.
+    rotation_tiles: f16[2, G², 64, 64], Π_k's and Π_v's tiles (G = D / 64,
+      rotation.as_tiles) as the GPU decode kernel reads them where it
+      rotates queries and outputs itself, made once by init (integer bits,
+      mse keys, no window, D a multiple of 64 up to 128), else None. Fixed
+      for the cache's life like the rotations: kept here because XLA does
+      not hoist laying them out from a decode loop (two converts a layer
+      every step, 84 µs of a SmolLM2 step at B = 1 on the H200).
   """
   keys: api.AnyQuantized
   values: api.AnyQuantized
@@ -74,6 +82,7 @@ class TurboQuantCache:
   value_norm_range: jax.Array | None = None
   sink_keys: jax.Array | None = None
   sink_values: jax.Array | None = None
+  rotation_tiles: jax.Array | None = None
 
   @property
   def batch(self) -> int:
@@ -210,12 +219,31 @@ def init(config: CacheConfig, batch: int, kv_heads: int, capacity: int,
   key_mean = None
   if config.center_keys:
     key_mean = jnp.zeros((batch, kv_heads, head_dim), jnp.dtype(config.dtype))
+  tiles = None
+  if _kernel_rotates(config, head_dim):
+    tiles = jnp.stack([rotation.as_tiles(q.rotation) for q in (kq, vq)])
   return TurboQuantCache(
       keys=jax.tree.map(empty, keys), values=jax.tree.map(empty, values),
       key_quantizer=kq, value_quantizer=vq, window_keys=window,
       window_values=window, lengths=jnp.zeros((batch,), jnp.int32),
       config=config, key_mean=key_mean, key_norm_range=ranges[0],
-      value_norm_range=ranges[1], sink_keys=sink, sink_values=sink)
+      value_norm_range=ranges[1], sink_keys=sink, sink_values=sink,
+      rotation_tiles=tiles)
+
+
+# The largest head dim whose rotations init lays out as rotation_tiles (the
+# GPU kernel rotates in-kernel up to 128; its f16 tiles take 2·D²·2 bytes).
+_TILED_MAX_DIM = 128
+
+
+def _kernel_rotates(config: CacheConfig, head_dim: int) -> bool:
+  """Whether the GPU decode kernel can rotate this cache's queries and
+  outputs itself (one mse key part, one value part, no window, D a
+  multiple of 64 up to 128): then init keeps the rotations' tiles."""
+  return (float(config.key_bits).is_integer()
+          and float(config.value_bits).is_integer()
+          and config.key_method == "mse" and not config.window
+          and head_dim % 64 == 0 and head_dim <= _TILED_MAX_DIM)
 
 
 def _select_outliers(q, x: jax.Array, lengths: jax.Array):

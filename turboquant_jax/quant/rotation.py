@@ -121,3 +121,14 @@ def as_matrix(rot: Rotation) -> jax.Array:
   if rot.matrix is not None:
     return rot.matrix
   return apply(rot, jnp.eye(rot.dim, dtype=jnp.float32)).T
+
+
+def as_tiles(rot: Rotation, tile: int = 64) -> jax.Array:
+  """Π as f16[G², tile, tile] (G = D / tile), tile r·G + c = Π[tile·r :
+  tile·r + tile, tile·c : tile·c + tile]: the form the GPU decode kernel's
+  tensor-core products read in one copy each."""
+  if rot.dim % tile:
+    raise ValueError(f"dim={rot.dim}: expected a multiple of {tile=}")
+  g = rot.dim // tile
+  return as_matrix(rot).reshape(g, tile, g, tile).transpose(0, 2, 1, 3).reshape(
+      g * g, tile, tile).astype(jnp.float16)

@@ -520,9 +520,7 @@ def _attention(q, cache, lengths, scale, splits, lookup_mode, layout,
                             transpose_p=transpose_p)
     rotate = None
     if rotate_in_kernel and _rotatable(inp, cache):
-      rotate = (parts.grouped_queries(q, cache.kv_heads) * scale,
-                rotation.as_matrix(cache.key_quantizer.rotation),
-                rotation.as_matrix(cache.value_quantizer.rotation))
+      rotate = _rotate_inputs(q, cache, scale)
     if rotate is not None or (combine == "columns" and len(
         inp.value_specs) == 1 and not cache.config.window):
       (acc,), m, l = run(inp, splits=splits, lookup_mode=lookup_mode,
@@ -597,9 +595,7 @@ def _append_attention(q, k, v, cache, scale, splits, stages,
   inp = parts.prepare(q, cache, cache.lengths, scale, norms_as_stored=True)
   rotate = None
   if rotate_in_kernel and _rotatable(inp, cache):
-    rotate = (parts.grouped_queries(q, cache.kv_heads) * scale,
-              rotation.as_matrix(cache.key_quantizer.rotation),
-              rotation.as_matrix(cache.value_quantizer.rotation))
+    rotate = _rotate_inputs(q, cache, scale)
   ((acc,), m, l), (kc, kn, vc, vn, lengths) = (
       pallas_gpu_tokens.fused_attention(
           inp, splits=splits, lookup_mode="prmt", stages=stages,
@@ -631,6 +627,18 @@ def _rotatable(inp: parts.KernelInputs, cache) -> bool:
   return (len(inp.key_specs) == 1 and len(inp.value_specs) == 1
           and not inp.key_specs[0].prod and not cache.config.window
           and inp.key_specs[0].dim <= 128)
+
+
+def _rotate_inputs(q: jax.Array, cache, scale: float) -> tuple:
+  """The tokens kernel's `rotate`: the queries grouped and scaled, not
+  rotated, and Π_k's and Π_v's f16 tiles: the cache's rotation_tiles where
+  its init made them, else laid out here (in a decode loop XLA repeats
+  that every step: it does not hoist it, 84 µs a SmolLM2 step at B=1)."""
+  tiles = cache.rotation_tiles
+  if tiles is None:
+    tiles = [rotation.as_tiles(x.rotation)
+             for x in (cache.key_quantizer, cache.value_quantizer)]
+  return parts.grouped_queries(q, cache.kv_heads) * scale, tiles[0], tiles[1]
 
 
 def default_splits(cache, layout: str = "tokens") -> int:

@@ -21,8 +21,9 @@ parts, the XLA work before and after) is pallas_gpu's.
 With `rotate` (pallas_gpu's rotate_in_kernel: possible for one mse key
 part, one value part, no window, D <= 128; the default at D <= 64) the
 kernel also takes the queries unrotated and the two rotations (f16 64 x 64
-tiles laid out by XLA, `rotation_tiles`, both fetched by TMA as the program
-starts, so the loads overlap the queries'): before the tiles, Q_rotᵀ = Π_k ·
+tiles, `rotation.as_tiles`, made once by the cache's init, both fetched by
+TMA as the program starts, so the loads overlap the queries'): before the
+tiles, Q_rotᵀ = Π_k ·
 Qᵀ (one wgmma per tile pair, written back into the queries' SMEM); after
 them, Oᵀ = Π_vᵀ · Oᵀ_rot, so what it writes is in the original domain and
 XLA only merges the splits. At B = 1 that took a SmolLM2 decode layer from
@@ -109,21 +110,11 @@ def _p_smem(n: int, rows: int, transpose_p: bool) -> plgpu.SMEM:
 
 def _rotation_smem(groups: int) -> list:
   """Scratch of rotate: f16[2·groups², 64, 64], Π_k's then Π_v's 64 x 64
-  tiles (rotation_tiles, wgmma's form), and one barrier per tile."""
+  tiles (rotation.as_tiles, wgmma's form), and one barrier per tile."""
   return [plgpu.SMEM((2 * groups * groups, GROUP, GROUP), jnp.float16,
                      transforms=(plgpu.TilingTransform((8, GROUP)),
                                  plgpu.SwizzleTransform(128))),
           plgpu.Barrier(num_barriers=2 * groups * groups)]
-
-
-def rotation_tiles(matrix: jax.Array) -> jax.Array:
-  """f32 [D, D] -> f16 [G², 64, 64], tile r·G + c = Π[64r:64r+64,
-  64c:64c+64] (G = D / 64): what the kernel's wgmmas read, in one TMA. A
-  rotation is fixed for the cache's life, so in a decode loop XLA computes
-  this once, outside the loop."""
-  g = matrix.shape[0] // GROUP
-  return matrix.reshape(g, GROUP, g, GROUP).transpose(0, 2, 1, 3).reshape(
-      g * g, GROUP, GROUP).astype(jnp.float16)
 
 
 def _fetch_rotations(key_rot, value_rot, tiles, barriers) -> None:
@@ -194,7 +185,7 @@ def _kernel(lengths_ref, *refs, key_specs, value_specs, groups, split_len,
   # The scratch at the end: with rotate the rotations' tiles and their
   # barriers (one a tile), then the queries' SMEM per key part, a barrier.
   scratch_count = nk + 1 + (2 if rotate else 0)
-  if rotate:              # Π_k, Π_v tiles (rotation_tiles): the queries
+  if rotate:              # Π_k, Π_v tiles (rotation.as_tiles): the queries
     (key_rot, value_rot), refs = refs[:2], refs[2:]   # come unrotated
     rot_tiles, rot_barriers = refs[-scratch_count:-nk - 1]
     _fetch_rotations(key_rot, value_rot, rot_tiles, rot_barriers)
@@ -465,8 +456,9 @@ def fused_attention(inp: parts.KernelInputs, *, splits: int = 8,
   (the above, (key codes, key norms, value codes, value norms, lengths)
   of the cache with the token written).
 
-  rotate: None, or (q f32[B, K, M, D] scaled but not rotated, Π_k, Π_v f32
-  [D, D]) for one mse key part and one value part, D <= 128: the kernel
+  rotate: None, or (q f32[B, K, M, D] scaled but not rotated, Π_k's and
+  Π_v's f16 [G², 64, 64] tiles from rotation.as_tiles) for one mse key
+  part and one value part, D <= 128: the kernel
   rotates the queries itself (Π_k q, once per program, on the tensor
   cores in f16) and rotates its accumulators back (Π_vᵀ) before writing
   them, so XLA does neither product.
@@ -528,9 +520,8 @@ def fused_attention(inp: parts.KernelInputs, *, splits: int = 8,
       interpret=interpret)
   rotations = []
   if rotate is not None:
-    q_raw, key_rot, value_rot = rotate
+    q_raw, *rotations = rotate
     queries = [q_raw]
-    rotations = [rotation_tiles(key_rot), rotation_tiles(value_rot)]
   outs = kernel(inp.lengths, *rotations, *append_in,
                 *[base._query_groups(q, n) for q in queries], *code_arrays)
   nv = len(inp.value_specs)
