@@ -16,18 +16,20 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.capacity = 9216                     # a multiple of 64 * 16 splits
   # (name, kind, key_bits, value_bits, impl, append_impl): impl (of the
   # attention) None = best available; append_impl = CacheConfig's.
+  # tq4, tq3: the defaults ("auto": append and attention in one launch
+  # up to 64 sequence-heads, so at B=1 here, two launches at B=32).
   c.caches = (("full-bf16", "full", 16, 16, "xla", "xla"),
-              ("tq4", "turboquant", 4, 4, None, "pallas_gpu"),
+              ("tq4", "turboquant", 4, 4, None, "auto"),
               ("tq4-xla", "turboquant", 4, 4, "xla", "xla"),
-              ("tq3", "turboquant", 3, 3, None, "pallas_gpu"),
-              # GPU only: append and attention as one kernel launch.
+              ("tq3", "turboquant", 3, 3, None, "auto"),
+              # GPU only: one launch (fused) or two (the append kernel's
+              # and the attention's) at every batch size.
               ("tq4-fused", "turboquant", 4, 4, None, "fused"),
-              ("tq3-fused", "turboquant", 3, 3, None, "fused"),
+              ("tq4-two-launches", "turboquant", 4, 4, None, "pallas_gpu"),
               # GPU only: cuDNN over the full cache in place (first run in
               # h200_v7); the append left to XLA (the default before v8).
               ("full-bf16-cudnn", "full", 16, 16, "cudnn", "xla"),
-              ("tq4-xla-append", "turboquant", 4, 4, None, "xla"),
-              ("tq3-xla-append", "turboquant", 3, 3, None, "xla"))
+              ("tq4-xla-append", "turboquant", 4, 4, None, "xla"))
   c.steps_per_call = 32                 # decode steps in one jitted loop
   c.warmup = 2
   c.rounds = 5                          # interleaved: every cache each round

@@ -180,7 +180,7 @@ class FusedAppendTest(parameterized.TestCase):
       _fused(cache, k, k)
 
   def test_default_config_falls_back_to_xla_off_a_gpu(self):
-    self.assertEqual(cache_lib.CacheConfig().append_impl, "pallas_gpu")
+    self.assertEqual(cache_lib.CacheConfig().append_impl, "auto")
     cache = _cache(9, 64)
     k, v = _token(9, cache)
     if jax.default_backend() == "gpu":
@@ -197,8 +197,7 @@ class FusedAppendTest(parameterized.TestCase):
     with self.assertRaisesRegex(ValueError, "append_impl"):
       cache_lib.CacheConfig(append_impl="triton")
     # Other kinds ignore the field (their append is XLA's).
-    self.assertEqual(cache_lib.CacheConfig(kind="full").append_impl,
-                     "pallas_gpu")
+    self.assertEqual(cache_lib.CacheConfig(kind="full").append_impl, "auto")
 
   def test_supported_names_the_reason(self):
     self.assertIsNone(pallas_gpu.supported(_cache(1, 64), 1))
@@ -251,12 +250,27 @@ class AppendAttentionTest(parameterized.TestCase):
     self.check(128, 4, 4)
     self.check(256, 3, 2, capacity=256)
 
+  def test_auto_fuses_up_to_a_number_of_sequence_heads(self):
+    limit = attention.FUSED_MAX_SEQUENCE_HEADS
+    for impl, batch, heads, fuses in (
+        ("auto", limit // 2, 2, True), ("auto", limit // 2 + 1, 2, False),
+        ("auto", limit, 1, True), ("fused", limit + 1, 1, True),
+        ("pallas_gpu", 1, 1, False), ("xla", 1, 1, False)):
+      cache = cache_lib.init(cache_lib.CacheConfig(append_impl=impl), batch,
+                             heads, 64, 64)
+      self.assertEqual(attention.fuses_append(cache), fuses,
+                       (impl, batch, heads))
+
   def test_dispatch_fuses_only_when_asked(self):
-    # decode_attention.append_attention: a cache with append_impl="fused"
-    # and impl="pallas_gpu" goes through the one-launch kernel; other
-    # caches take the append and then the attention, with the same result.
-    for config in (dict(append_impl="fused"), dict(append_impl="xla"),
-                   dict(kind="full")):
+    # decode_attention.append_attention: a cache with append_impl="fused",
+    # or "auto" (the default) at few sequence-heads, and impl="pallas_gpu"
+    # goes through the one-launch kernel; other caches take the append and
+    # then the attention, with the same result.
+    for config, fuses in ((dict(append_impl="fused"), True),
+                          (dict(append_impl="auto"), True),
+                          (dict(append_impl="pallas_gpu"), False),
+                          (dict(append_impl="xla"), False),
+                          (dict(kind="full"), False)):
       cache = _cache(11, 64, capacity=128, heads=2, **config)
       k, v = _token(11, cache)
       q = jax.random.normal(jax.random.key(12), (cache.batch, 1, 6, 64))
@@ -272,7 +286,7 @@ class AppendAttentionTest(parameterized.TestCase):
         out, got = jax.jit(lambda q, k, v, c: attention.append_attention(
             q, k, v, c, impl="pallas_gpu" if "append_impl" in config
             else "xla"))(q, k, v, cache)
-      self.assertLen(calls, config.get("append_impl") == "fused")
+      self.assertLen(calls, fuses, config)
       want_cache = jax.jit(cache_lib.append)(cache, k, v) if config.get(
           "kind") == "full" else _xla(cache, k, v)
       np.testing.assert_array_equal(got.lengths, want_cache.lengths)

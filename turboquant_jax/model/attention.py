@@ -107,7 +107,7 @@ class Attention(nnx.Module):
     evicts = isinstance(cache, snapkv_cache.SnapKVCache)
     if prefill_lengths is None and t == 1 and not evicts:
       # One decode token: append and attend in one call (one kernel where
-      # the cache asks for append_impl="fused" and a GPU kernel fits).
+      # the cache's append_impl fuses and a GPU kernel fits).
       o, cache = decode_attention.append_attention(q, k, v, cache, impl=impl)
       return self._out(o), cache
     if prefill_lengths is None:

@@ -96,6 +96,22 @@ def decode_attention(q: jax.Array, cache, lengths: jax.Array, *,
                          **kwargs)[:, 0]
 
 
+# append_impl="auto" fuses the append into the attention kernel up to this
+# many (sequence, KV head) pairs. Measured on the H200 with SmolLM2 (3 KV
+# heads, 8k context, results/decode_bench/h200_v12*): one launch was faster
+# at B = 1, 4, 8 and 16 (3 to 48 pairs; +8% decode tokens/s at B = 1, +2%
+# at 16) and slower at B = 32 (96 pairs, -4%).
+FUSED_MAX_SEQUENCE_HEADS = 64
+
+
+def fuses_append(cache) -> bool:
+  """Whether cache's append_impl asks append_attention for one launch."""
+  impl = cache.config.append_impl
+  return impl == "fused" or (
+      impl == "auto"
+      and cache.batch * cache.kv_heads <= FUSED_MAX_SEQUENCE_HEADS)
+
+
 def append_attention(q: jax.Array, k: jax.Array, v: jax.Array, cache, *,
                      impl: Impl | None = None, scale: float | None = None):
   """One decode token: appends k, v [B, K, 1, D] at position
@@ -103,14 +119,15 @@ def append_attention(q: jax.Array, k: jax.Array, v: jax.Array, cache, *,
   included. Returns (f32[B, 1, H, D], the updated cache).
 
   The same as cache_lib.append and then chunk_attention(lengths + 1). A
-  TurboQuant cache configured with append_impl="fused", on a GPU, with
-  impl None or "pallas_gpu", is appended and read by one kernel launch
-  (pallas_gpu.append_attention) where that kernel supports it.
+  TurboQuant cache whose append_impl fuses (fuses_append: "fused", or
+  "auto" for a small batch), on a GPU, with impl None or "pallas_gpu", is
+  appended and read by one kernel launch (pallas_gpu.append_attention)
+  where that kernel supports it.
   """
   # pylint: disable-next=g-import-not-at-top (the caches import this)
   from turboquant_jax import cache as cache_lib
   table = _impls()
-  if (cache.config.append_impl == "fused"
+  if (fuses_append(cache)
       and impl in (None, "pallas_gpu") and "pallas_gpu" in table
       and (impl == "pallas_gpu" or jax.default_backend() == "gpu")):
     # pylint: disable-next=g-import-not-at-top (present: it is in table)
