@@ -192,6 +192,25 @@ class ShardingTest(parameterized.TestCase):
     self.assertEqual(row["quantizer_specs"], ["()"])
 
 
+class CacheSpecsTest(absltest.TestCase):
+
+  def test_rotation_tiles_are_replicated(self):
+    # f16[2, G², 64, 64] is no [B, K, ...] buffer: its leading axes must
+    # not go over "data" and "model" though 2 and 1 would divide them.
+    # pylint: disable=g-import-not-at-top (jax starts in the child first)
+    import jax
+    from jax.sharding import PartitionSpec as P
+    from turboquant_jax import cache as cache_lib
+    from turboquant_jax import sharding
+    # pylint: enable=g-import-not-at-top
+    cache = cache_lib.init(cache_lib.CacheConfig(), 2, 2, 64, 64)
+    mesh = jax.sharding.AbstractMesh((2, 1), ("data", "model"))
+    specs = sharding.cache_specs(cache, mesh)
+    self.assertEqual(cache.rotation_tiles.shape, (2, 1, 64, 64))
+    self.assertEqual(specs.rotation_tiles, P())
+    self.assertEqual(specs.keys.codes, P("data", "model", None, None))
+
+
 if __name__ == "__main__":
   if "--child" in sys.argv:
     _child()

@@ -32,7 +32,8 @@ Caches (every kind: full, turboquant, kivi). Leaves laid out [B, K, ...]
 (codes, norms, QJL signs, KIVI mins/scales, full-precision windows and
 rings) go batch over "data" and KV heads over "model"; `lengths` i32[B] over
 "data". Quantizers: a shared quantizer (integer bits: one rotation, one
-codebook for all heads) is replicated; the per-head split quantizers of
+codebook for all heads) is replicated, as are the rotations' kernel tiles
+(`rotation_tiles`); the per-head split quantizers of
 fractional bits (leaves stacked on a leading K axis) go over "model". The
 batch must divide by the data axis (else it is replicated too).
 
