@@ -53,14 +53,19 @@ def kernel_name(name: str) -> str:
   return re.sub(r"([._]\d+)+$", "", name)
 
 
-def _device_plane(trace_dir: str):
-  """The first device plane (the host CPU plane without one) of the
-  newest .xplane.pb under trace_dir."""
+def _newest_trace(trace_dir: str) -> jax.profiler.ProfileData:
+  """The newest .xplane.pb under trace_dir, read."""
   files = sorted(glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"),
                            recursive=True), key=os.path.getmtime)
   if not files:
     raise FileNotFoundError(f"no .xplane.pb under {trace_dir}")
-  data = jax.profiler.ProfileData.from_file(files[-1])
+  return jax.profiler.ProfileData.from_file(files[-1])
+
+
+def _device_plane(trace_dir: str):
+  """The first device plane (the host CPU plane without one) of the
+  newest .xplane.pb under trace_dir."""
+  data = _newest_trace(trace_dir)
   planes = ([p for p in data.planes if p.name.startswith("/device:")]
             or [p for p in data.planes if p.name == "/host:CPU"])
   if not planes:
@@ -91,12 +96,7 @@ def host_events(trace_dir: str) -> list[tuple[str, float, float]]:
   """(name, start_ns, duration_ns) of every event on the host CPU plane
   of the newest .xplane.pb under trace_dir (XLA's thunks, CUDA driver
   calls, Python)."""
-  files = sorted(glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"),
-                           recursive=True), key=os.path.getmtime)
-  if not files:
-    raise FileNotFoundError(f"no .xplane.pb under {trace_dir}")
-  plane = jax.profiler.ProfileData.from_file(files[-1]).find_plane_with_name(
-      "/host:CPU")
+  plane = _newest_trace(trace_dir).find_plane_with_name("/host:CPU")
   if plane is None:
     return []
   return [(e.name, e.start_ns, e.duration_ns)

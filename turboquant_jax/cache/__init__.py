@@ -59,7 +59,7 @@ def dequantize(cache) -> tuple[jax.Array, jax.Array]:
   return _module(cache.config.kind).dequantize(cache)
 
 
-def _quantizer_leaves(cache) -> list:
+def _fixed_leaves(cache) -> list:
   """What a cache holds that is fixed for its life: the quantizers and
   the rotations' kernel tiles."""
   return [getattr(cache, name) for name in ("key_quantizer",
@@ -83,7 +83,7 @@ def memory(cache) -> dict[str, float]:
     compression_ratio: a bf16 cache's bytes per token over ours.
   """
   total = common.nbytes(cache)
-  fixed = common.nbytes(_quantizer_leaves(cache))
+  fixed = common.nbytes(_fixed_leaves(cache))
   tokens = cache.batch * cache.capacity
   per_token = (total - fixed) / tokens
   coords = 2 * cache.kv_heads * cache.head_dim
