@@ -20,7 +20,8 @@ skip_empty_splits checked and timed, split counts at two shapes;
 --rotate: combine="columns" and rotate_in_kernel checked, then timed per
 layer and at B=1; --append-attention: pallas_gpu.append_attention (append
 and attention in one launch) checked, then one layer timed against the two
-launches it replaces)
+launches it replaces; --skeleton: 8 query columns, approximate exp and no
+automatic barriers checked, then timed in device time)
 """
 
 import dataclasses
@@ -612,7 +613,72 @@ def append_attention_checks():
                 f"{type(e).__name__}: {str(e)[:600]}", flush=True)
 
 
+_SKELETON_VARIANTS = {
+    "default": {},
+    "cols8": dict(min_columns=8),
+    "approx": dict(approx_math=True),
+    "nobar": dict(auto_barriers=False),
+    "all": dict(min_columns=8, approx_math=True, auto_barriers=False),
+}
+
+
+def skeleton():
+  """The per-tile work besides the lookup (NOTES.md, session 11): 8 query
+  columns instead of 16, exp as ex2.approx, no automatic barriers. Checks
+  "all" on many shapes (twice each, other lengths: a race shows as a
+  changing error), each option alone on one, then device time at B=8,
+  32/8 heads, D=128 (S=32k and 128k at 4 bits, 128k at 3, 2 and 3.5),
+  variants interleaved in two rounds, beside cuDNN bf16."""
+  print("jax", jax.__version__, jax.devices()[0].device_kind, flush=True)
+  every = _SKELETON_VARIANTS["all"]
+  for lengths in ((1024, 700), (333, 1)):
+    for args in ((128, 4, 4), (64, 8, 3), (256, 2, 2), (128, 3, 4),
+                 (64, 1, 4), (128, 4, 3.5), (128, 4, 2.5),
+                 (128, 1, 3, "prod")):
+      check(*args, mode="prmt", layout="tokens", lengths=lengths, **every)
+    check(128, 4, 4, window=5, mode="prmt", layout="tokens",
+          lengths=lengths, **every)
+    check(128, 8, 4, tokens=3, mode="prmt", layout="tokens",
+          lengths=lengths, **every)
+  for name, options in list(_SKELETON_VARIANTS.items())[1:4]:
+    print(f"alone: {name}", flush=True)
+    check(128, 4, 4, mode="prmt", layout="tokens", **options)
+  loop = lambda f, *a: timing.time_loop_ms(f, *a, loops=20, warmup=2,
+                                           reps=5)
+  for s, bits_list in ((32768, (4,)), (131072, (4, 3, 2, 3.5))):
+    qb, _ = _cudnn(8, 32, 8, 128, s)
+    kb = jax.random.normal(jax.random.key(1), (8, s, 8, 128), jnp.bfloat16)
+    cudnn = loop(lambda q, k: jax.nn.dot_product_attention(
+        q[:, None], k, k, implementation="cudnn")[:, 0], qb, kb)
+    print(f"S={s} cudnn device time {cudnn:.3f} ms", flush=True)
+    del kb
+    q = jax.random.normal(jax.random.key(0), (8, 32, 128))
+    for bits in bits_list:
+      c = kernel_bench.random_cache(
+          jax.random.key(4), cache_lib.CacheConfig(key_bits=bits,
+                                                   value_bits=bits),
+          8, 8, s, 128)
+      times = {name: [] for name in _SKELETON_VARIANTS}
+      for _ in range(2):
+        for name, options in _SKELETON_VARIANTS.items():
+          try:
+            times[name].append(loop(
+                lambda q, c, options=options: da.decode_attention(
+                    q, c, c.lengths, impl="pallas_gpu", **options), q, c))
+          except Exception as e:  # noqa: BLE001 - a probe reports failures
+            print(f"{name} FAIL {type(e).__name__}: {str(e)[:300]}",
+                  flush=True)
+      for name, ts in times.items():
+        if ts:
+          print(f"S={s} bits={bits:<3} {name:<8} {_ms(ts)}  "
+                f"x{cudnn / min(ts):.2f} vs cudnn", flush=True)
+      del c
+
+
 def main():
+  if "--skeleton" in sys.argv:
+    skeleton()
+    return
   if "--append-attention" in sys.argv:
     append_attention_checks()
     return

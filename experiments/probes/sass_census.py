@@ -18,12 +18,14 @@ with `cuobjdump -sass`, taken from PATH, $CUDA_HOME/bin or
 nvidia-cuda-cuobjdump wheels carry both).
 
     python -m experiments.probes.sass_census [--bits=4] [--smol] [--fused]
-        [--dir=DUMP]
+        [--options="{'min_columns': 8}"] [--dir=DUMP]
 (--fused: the kernel of pallas_gpu.append_attention, which also appends
-the decode token; --dir: only read an existing dump (SASS listings, or PTX
+the decode token; --options: keyword options of pallas_gpu.attention, a
+Python dict, dumped under sass_<options>; --dir: only read an existing dump (SASS listings, or PTX
 to assemble), which is all that works on a CPU.)
 """
 
+import ast
 import collections
 import dataclasses
 import glob
@@ -144,7 +146,7 @@ def report(text: str, minimum: int = 100) -> str:
 
 
 def _compile_kernel(dump_dir: str, bits: int, smol: bool,
-                    fused: bool) -> None:
+                    fused: bool, options: dict) -> None:
   """Compiles and runs one decode-attention call with the dumps on."""
   os.environ["MOSAIC_GPU_DUMP_SASS"] = "1"
   os.environ["MOSAIC_GPU_DUMP_PTX"] = "1"
@@ -174,7 +176,7 @@ def _compile_kernel(dump_dir: str, bits: int, smol: bool,
             q[:, None], token, token, c))
       else:
         jax.block_until_ready(jax.jit(lambda q, c: da.decode_attention(
-            q, c, c.lengths, impl="pallas_gpu"))(q, c))
+            q, c, c.lengths, impl="pallas_gpu", **options))(q, c))
     finally:
       sys.stdout.flush()
       os.dup2(saved, 1)
@@ -211,11 +213,15 @@ def main():
   minimum = int(probes.option("min", "100"))
   dump_dir = probes.option("dir", None)
   if dump_dir is None:
+    options = ast.literal_eval(probes.option("options", "{}"))
     dump_dir = os.environ.get("OUT") or tempfile.mkdtemp()
-    dump_dir = os.path.join(dump_dir, "sass")
+    tag = "".join(ch for ch in str(sorted(options.items()))
+                  if ch.isalnum() or ch in "_=")
+    dump_dir = os.path.join(dump_dir, "sass" + (f"_{tag}" if options
+                                                  else ""))
     os.makedirs(dump_dir, exist_ok=True)
     _compile_kernel(dump_dir, int(probes.option("bits", "4")),
-                    "--smol" in sys.argv, "--fused" in sys.argv)
+                    "--smol" in sys.argv, "--fused" in sys.argv, options)
   files = sorted(f for f in glob.glob(os.path.join(dump_dir, "**", "*"),
                                       recursive=True) if os.path.isfile(f))
   found = False

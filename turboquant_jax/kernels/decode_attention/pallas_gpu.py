@@ -505,10 +505,12 @@ COMBINES = ("rows", "columns")
 @jax.jit(static_argnames=("scale", "splits", "lookup_mode", "layout",
                           "stages", "tile_rows", "key_registers",
                           "transpose_p", "skip_empty_splits", "combine",
-                          "rotate_in_kernel", "interpret"))
+                          "rotate_in_kernel", "min_columns", "approx_math",
+                          "auto_barriers", "interpret"))
 def _attention(q, cache, lengths, scale, splits, lookup_mode, layout,
                stages, tile_rows, key_registers, transpose_p,
-               skip_empty_splits, combine, rotate_in_kernel, interpret):
+               skip_empty_splits, combine, rotate_in_kernel, min_columns,
+               approx_math, auto_barriers, interpret):
   # Norms as stored (f16): the kernels convert per tile.
   inp = parts.prepare(q, cache, lengths, scale, norms_as_stored=True)
   if layout == "tokens":
@@ -517,7 +519,9 @@ def _attention(q, cache, lengths, scale, splits, lookup_mode, layout,
     run = functools.partial(pallas_gpu_tokens.fused_attention,
                             tile_rows=tile_rows, key_registers=key_registers,
                             skip_empty_splits=skip_empty_splits,
-                            transpose_p=transpose_p)
+                            transpose_p=transpose_p, min_columns=min_columns,
+                            approx_math=approx_math,
+                            auto_barriers=auto_barriers)
     rotate = None
     if rotate_in_kernel and _rotatable(inp, cache):
       rotate = _rotate_inputs(q, cache, scale)
@@ -674,6 +678,8 @@ def attention(q: jax.Array, cache, lengths: jax.Array, *,
               transpose_p: bool | None = None,
               skip_empty_splits: bool | None = None,
               combine: str = "rows", rotate_in_kernel: bool | None = None,
+              min_columns: int = 16, approx_math: bool = False,
+              auto_barriers: bool = True,
               interpret: bool | None = None) -> jax.Array:
   """q [B, T, H, D] over a TurboQuantCache -> f32[B, T, H, D].
 
@@ -730,6 +736,12 @@ def attention(q: jax.Array, cache, lengths: jax.Array, *,
       programs per SM: B=8, 32/8 heads, S=128k, 4 bits 1.002 ms against
       0.874 without (16k: 0.173 against 0.141; results/kernel_bench/
       h200_device_time/).
+    min_columns: layout="tokens": 8 gives up to 8 queries per KV head (GQA
+      4 or 8 in decode) 8 query columns instead of 16 (needs transpose_p).
+    approx_math: layout="tokens": the softmax's exp as ex2.approx.
+    auto_barriers: layout="tokens": False drops Mosaic GPU's warpgroup
+      barriers around every SMEM store and TMA issue (the kernel's own
+      commit_smem barriers order its tiles; pallas_gpu_tokens).
     interpret: None uses Mosaic GPU interpret mode when the backend is not
       a GPU.
   """
@@ -749,10 +761,13 @@ def attention(q: jax.Array, cache, lengths: jax.Array, *,
     raise ValueError(f"{tile_rows=!r}: expected 64, 128 or 256 (64 for "
                      "layout='queries')")
   if layout == "queries" and (key_registers or transpose_p
-                              or skip_empty_splits or rotate_in_kernel):
+                              or skip_empty_splits or rotate_in_kernel
+                              or min_columns != 16 or approx_math
+                              or not auto_barriers):
     raise ValueError(f"{key_registers=}, {transpose_p=}, "
-                     f"{skip_empty_splits=}, {rotate_in_kernel=}: options "
-                     "of layout='tokens' only")
+                     f"{skip_empty_splits=}, {rotate_in_kernel=}, "
+                     f"{min_columns=}, {approx_math=}, {auto_barriers=}: "
+                     "options of layout='tokens' only")
   tokens = layout == "tokens"
   key_registers = tokens if key_registers is None else key_registers
   transpose_p = tokens if transpose_p is None else transpose_p
@@ -767,4 +782,5 @@ def attention(q: jax.Array, cache, lengths: jax.Array, *,
   return _attention(q, cache, lengths, scale, splits, lookup_mode, layout,
                     stages, tile_rows, bool(key_registers), bool(transpose_p),
                     bool(skip_empty_splits), combine, bool(rotate_in_kernel),
+                    min_columns, bool(approx_math), bool(auto_barriers),
                     interpret)

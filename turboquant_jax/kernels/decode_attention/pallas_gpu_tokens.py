@@ -67,8 +67,12 @@ ROWS, GROUP = base.ROWS, base.GROUP
 _L = plgpu.Layout
 
 
-def query_columns(m: int) -> int:
-  """N: the M query columns rounded up to a multiple of 16 (at most 64)."""
+def query_columns(m: int, minimum: int = 16) -> int:
+  """N: the M query columns rounded up to a multiple of 16 (at most 64), or
+  `minimum` = 8 columns where M <= 8 (a B operand of 16-byte rows: only
+  through transpose_p's views, whose rows are 128 bytes)."""
+  if minimum == 8 and m <= 8:
+    return 8
   return max(16, -(-m // 16) * 16)
 
 
@@ -442,7 +446,9 @@ def fused_attention(inp: parts.KernelInputs, *, splits: int = 8,
                     tile_rows: int = ROWS, key_registers: bool = False,
                     transpose_p: bool = False,
                     skip_empty_splits: bool = False, interpret=None,
-                    columns: bool = False, rotate=None, append=None):
+                    columns: bool = False, rotate=None, append=None,
+                    min_columns: int = 16, approx_math: bool = False,
+                    auto_barriers: bool = True):
   """Runs the kernel: (acc per value part [B,K,NS,M,Dp], m, l [B,K,NS,M]),
   or with `columns` as the kernel wrote them: acc [B,K,NS,Dp,N], m, l
   [B,K,NS,N] (all N query columns, no transpose).
@@ -473,11 +479,26 @@ def fused_attention(inp: parts.KernelInputs, *, splits: int = 8,
   starts at or past the sequence's quantized length write the empty state
   and read nothing (a cache filled far below its capacity otherwise
   streams every tile of the capacity, masked).
+
+  min_columns: 8 lets M <= 8 queries take 8 query columns instead of 16
+  (needs transpose_p): half the score, softmax and accumulator work at
+  GQA 4. approx_math: exp as ex2.approx (Mosaic GPU's approx_math; not
+  with `append`, whose quantization must equal XLA's bit for bit).
+  auto_barriers=False: Mosaic GPU's unsafe_no_auto_barriers (no warpgroup
+  barrier around every SMEM store and TMA issue); safe here because every
+  tile's reads of its pipeline slot end before the tile's last
+  commit_smem (a fence and a barrier), which the next TMA into that slot
+  follows; not with `append` (its quantization reads what it wrote).
   """
+  if min_columns not in (8, 16) or (min_columns == 8 and not transpose_p):
+    raise ValueError(f"{min_columns=}, {transpose_p=}: expected 16, or 8 "
+                     "with transpose_p")
+  if append is not None and (approx_math or not auto_barriers):
+    raise ValueError("approx_math and auto_barriers=False: not with append")
   base._check(inp, splits)
   specs, queries, codes, norms = base._kernel_specs(inp)
   b, kv, m, _ = inp.q[0].shape
-  n = query_columns(m)
+  n = query_columns(m, min_columns)
   cap = inp.value_codes[0].shape[2]
   rows = step_rows(cap // splits, [c.shape[-1] for c in codes
                                    + list(inp.value_codes)], tile_rows)
@@ -518,6 +539,9 @@ def fused_attention(inp: parts.KernelInputs, *, splits: int = 8,
                         rotate=rotate is not None, append=append_specs),
       out_type=out_type, scratch_types=scratch,
       grid=(b, kv, out_splits), grid_names=("b", "k", "s"),
+      compiler_params=plgpu.CompilerParams(
+          approx_math=approx_math,
+          unsafe_no_auto_barriers=not auto_barriers),
       interpret=interpret)
   rotations = []
   if rotate is not None:
