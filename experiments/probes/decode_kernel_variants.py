@@ -707,7 +707,43 @@ def skeleton_tune():
       print(f"S=131072 bits=4 {name:<9} {_ms(ts)}", flush=True)
 
 
+def skeleton_rows():
+  """With the three skeleton options on: 64- against 128-token pipeline
+  steps over several batch sizes, lengths and widths (B, 32 query / 8 KV
+  heads, D=128), device time, two interleaved rounds."""
+  print("jax", jax.__version__, jax.devices()[0].device_kind, flush=True)
+  every = _SKELETON_VARIANTS["all"]
+  variants = {"rows64": every, "rows128": dict(every, tile_rows=128)}
+  loop = lambda f, *a: timing.time_loop_ms(f, *a, loops=20, warmup=2,
+                                           reps=5)
+  for b, s, bits_list in ((8, 32768, (4, 2)), (8, 131072, (3, 2, 3.5)),
+                          (1, 131072, (4, 3.5)), (1, 16384, (4, 3.5)),
+                          (32, 32768, (4,))):
+    q = jax.random.normal(jax.random.key(0), (b, 32, 128))
+    for bits in bits_list:
+      c = kernel_bench.random_cache(
+          jax.random.key(4), cache_lib.CacheConfig(key_bits=bits,
+                                                   value_bits=bits),
+          b, 8, s, 128)
+      times = {name: [] for name in variants}
+      for _ in range(2):
+        for name, options in variants.items():
+          try:
+            times[name].append(loop(
+                lambda q, c, options=options: da.decode_attention(
+                    q, c, c.lengths, impl="pallas_gpu", **options), q, c))
+          except Exception as e:  # noqa: BLE001 - a probe reports failures
+            print(f"{name} FAIL {type(e).__name__}: {str(e)[:300]}",
+                  flush=True)
+      print(f"B={b:<2} S={s:<6} bits={bits:<3} " + "  ".join(
+          f"{name} {_ms(ts)}" for name, ts in times.items()), flush=True)
+      del c
+
+
 def main():
+  if "--skeleton-rows" in sys.argv:
+    skeleton_rows()
+    return
   if "--skeleton-tune" in sys.argv:
     skeleton_tune()
     return
