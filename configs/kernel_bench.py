@@ -26,8 +26,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # `options`.
   c.pallas_gpu = ml_collections.ConfigDict(dict(
       layout="tokens", lookup_mode="prmt", key_registers=True,
-      transpose_p=True, skip_empty_splits=True,
-      rotate_in_kernel=ml_collections.config_dict.placeholder(bool)))
+      transpose_p=True, skip_empty_splits=True, approx_math=True,
+      rotate_in_kernel=ml_collections.config_dict.placeholder(bool),
+      min_columns=ml_collections.config_dict.placeholder(int),
+      auto_barriers=ml_collections.config_dict.placeholder(bool)))
   c.max_xla_bytes = 8 * 2**30           # skip impl="xla" (it materializes
                                         # f32 K/V) when that would exceed this
   c.warmup = 3

@@ -605,7 +605,7 @@ def _append_attention(q, k, v, cache, scale, splits, stages,
           inp, splits=splits, lookup_mode="prmt", stages=stages,
           key_registers=True, transpose_p=True, skip_empty_splits=True,
           interpret=interpret, columns=True, rotate=rotate,
-          append=(cache, k, v)))
+          append=(cache, k, v), min_columns=8))
   out = parts.finish_columns(acc, m, l, q, cache, rotated=rotate is not None)
   cache = dataclasses.replace(
       cache, keys=dataclasses.replace(cache.keys, codes=kc, norms=kn),
@@ -678,8 +678,9 @@ def attention(q: jax.Array, cache, lengths: jax.Array, *,
               transpose_p: bool | None = None,
               skip_empty_splits: bool | None = None,
               combine: str = "rows", rotate_in_kernel: bool | None = None,
-              min_columns: int = 16, approx_math: bool = False,
-              auto_barriers: bool = True,
+              min_columns: int | None = None,
+              approx_math: bool | None = None,
+              auto_barriers: bool | None = None,
               interpret: bool | None = None) -> jax.Array:
   """q [B, T, H, D] over a TurboQuantCache -> f32[B, T, H, D].
 
@@ -737,11 +738,19 @@ def attention(q: jax.Array, cache, lengths: jax.Array, *,
       0.874 without (16k: 0.173 against 0.141; results/kernel_bench/
       h200_device_time/).
     min_columns: layout="tokens": 8 gives up to 8 queries per KV head (GQA
-      4 or 8 in decode) 8 query columns instead of 16 (needs transpose_p).
-    approx_math: layout="tokens": the softmax's exp as ex2.approx.
-    auto_barriers: layout="tokens": False drops Mosaic GPU's warpgroup
-      barriers around every SMEM store and TMA issue (the kernel's own
-      commit_smem barriers order its tiles; pallas_gpu_tokens).
+      up to 8 in decode) 8 query columns instead of 16: half the scores,
+      softmax and accumulators at GQA 4. Needs transpose_p. None: 8 where
+      transpose_p is on, else 16.
+    approx_math: layout="tokens": the softmax's exp as ex2.approx (Mosaic
+      GPU's approx_math). None: on for "tokens".
+    auto_barriers: layout="tokens": Mosaic GPU's warpgroup barriers around
+      every SMEM store and TMA issue; the kernel's own commit_smem barriers
+      already order its tiles (pallas_gpu_tokens.fused_attention). None:
+      off for "tokens". With the two options above, on the H200 (B=8,
+      32/8 heads, D=128, S=128k, device time) 4 bits took 0.72-0.74 ms
+      against 0.88, 2 bits 0.59-0.61 against 0.79: ptxas 133 registers
+      against 158, 740 instructions a tile against 907 (NOTES.md,
+      session 11).
     interpret: None uses Mosaic GPU interpret mode when the backend is not
       a GPU.
   """
@@ -762,8 +771,8 @@ def attention(q: jax.Array, cache, lengths: jax.Array, *,
                      "layout='queries')")
   if layout == "queries" and (key_registers or transpose_p
                               or skip_empty_splits or rotate_in_kernel
-                              or min_columns != 16 or approx_math
-                              or not auto_barriers):
+                              or min_columns not in (None, 16) or approx_math
+                              or auto_barriers is False):
     raise ValueError(f"{key_registers=}, {transpose_p=}, "
                      f"{skip_empty_splits=}, {rotate_in_kernel=}, "
                      f"{min_columns=}, {approx_math=}, {auto_barriers=}: "
@@ -775,6 +784,10 @@ def attention(q: jax.Array, cache, lengths: jax.Array, *,
                        else skip_empty_splits)
   if rotate_in_kernel is None:
     rotate_in_kernel = tokens and q.shape[-1] <= ROTATE_IN_KERNEL_MAX_DIM
+  if min_columns is None:
+    min_columns = 8 if transpose_p else 16
+  approx_math = tokens if approx_math is None else approx_math
+  auto_barriers = not tokens if auto_barriers is None else auto_barriers
   interpret = interpret_params(interpret)
   if splits is None:
     splits = default_splits(cache, layout)
