@@ -50,6 +50,9 @@ _OPTIONS = [
     dict(combine="columns"),
     dict(rotate_in_kernel=False),      # the default at D <= 64 where a
     dict(rotate_in_kernel=True),       # cache allows it
+    # Before session 11's defaults: 16 query columns, the library exp,
+    # Mosaic GPU's automatic barriers.
+    dict(min_columns=16, approx_math=False, auto_barriers=True),
 ]
 
 
@@ -90,6 +93,18 @@ class GpuLoweringTest(parameterized.TestCase):
       self.skipTest("more than 64 query rows")
     text = _lower(*shape, **options).as_text()
     self.assertIn("mosaic_gpu", text)
+
+  def test_math_and_barrier_options_reach_the_kernel(self):
+    # approx_math (the default for layout="tokens") puts ex2.approx in the
+    # Mosaic GPU module; auto_barriers=True adds a warpgroup barrier around
+    # every SMEM store and TMA issue (more ops: a longer module; its
+    # strings are interned, so bar.sync itself is listed once either way).
+    shape = (128, 4, 4, 4, 1, "mse")
+    text = lambda **o: _lower(*shape, **o).as_text()
+    default = text()
+    self.assertIn("ex2.approx", default)
+    self.assertNotIn("ex2.approx", text(approx_math=False))
+    self.assertGreater(len(text(auto_barriers=True)), len(default) + 1000)
 
   @parameterized.parameters(64, 128)
   def test_rotation_in_kernel_leaves_xla_no_product(self, dim):

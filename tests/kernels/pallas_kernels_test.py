@@ -166,6 +166,44 @@ class PallasGpuInterpretTest(parameterized.TestCase):
                                atol=self.TOL * scale)
 
   @parameterized.named_parameters(
+      dict(testcase_name="d128_gqa4", dim=128, groups=4, tokens=1,
+           lengths=(128, 77)),
+      dict(testcase_name="d64_gqa3_length1", dim=64, groups=3, tokens=1,
+           lengths=(1, 100)),
+      dict(testcase_name="d64_gqa8", dim=64, groups=8, tokens=1,
+           lengths=(65, 128)),
+      dict(testcase_name="d64_gqa3_chunk2", dim=64, groups=3, tokens=2,
+           lengths=(2, 127)))
+  def test_eight_query_columns(self, dim, groups, tokens, lengths):
+    # Up to 8 queries per KV head take 8 query columns (the default with
+    # transpose_p): the kernel writes [.., D, 8] columns and agrees with
+    # the reference and with 16 columns.
+    cache = self._cache(dim, 4, 3, 0, lengths, dim + groups)
+    q = jax.random.normal(jax.random.key(groups),
+                          (2, tokens, 2 * groups, dim))
+    lengths = jnp.array(lengths)
+    want = attn.chunk_attention(q, cache, lengths, impl="reference")
+    run = lambda **o: attn.chunk_attention(
+        q, cache, lengths, impl="pallas_gpu", interpret=True, splits=2, **o)
+    got = run()
+    scale = float(jnp.max(jnp.abs(want)))
+    np.testing.assert_allclose(got, want, rtol=self.TOL,
+                               atol=self.TOL * scale)
+    np.testing.assert_allclose(got, run(min_columns=16), rtol=0,
+                               atol=1e-3 * scale)
+    inp = parts.prepare(q, cache, lengths, dim ** -0.5)
+    (acc,), _, _ = pallas_gpu_tokens.fused_attention(
+        inp, splits=2, lookup_mode="prmt", transpose_p=True, min_columns=8,
+        interpret=pallas_gpu.interpret_params(True), columns=True)
+    self.assertEqual(acc.shape[-1], 8)
+
+  def test_query_columns(self):
+    qc = pallas_gpu_tokens.query_columns
+    self.assertEqual([qc(m, 8) for m in (1, 4, 8, 9, 16, 24)],
+                     [8, 8, 8, 16, 16, 32])
+    self.assertEqual([qc(m) for m in (1, 8, 17, 64)], [16, 16, 32, 64])
+
+  @parameterized.named_parameters(
       dict(testcase_name="decode", window=0, tokens=1, lengths=(1, 200)),
       dict(testcase_name="window_holds_all_of_one", window=4, tokens=1,
            lengths=(3, 200)),
@@ -386,7 +424,12 @@ class PallasGpuInterpretTest(parameterized.TestCase):
                          (dict(tile_rows=96), "tile_rows"),
                          (dict(tile_rows=128, layout="queries"), "tile_rows"),
                          (dict(transpose_p=True, layout="queries"),
-                          "transpose_p")):
+                          "transpose_p"),
+                         (dict(approx_math=True, layout="queries"),
+                          "approx_math"),
+                         (dict(min_columns=8, transpose_p=False),
+                          "min_columns"),
+                         (dict(min_columns=12), "min_columns")):
       with self.assertRaisesRegex(ValueError, name):
         attn.decode_attention(jnp.ones((2, 4, 64)), cache, jnp.array([3, 4]),
                               impl="pallas_gpu", **kwargs)

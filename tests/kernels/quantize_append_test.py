@@ -23,6 +23,8 @@ from turboquant_jax import cache as cache_lib
 from turboquant_jax.cache import turboquant_cache
 from turboquant_jax.kernels import decode_attention as attention
 from turboquant_jax.kernels.decode_attention import pallas_gpu as attention_gpu
+from turboquant_jax.kernels.decode_attention import pallas_gpu_tokens
+from turboquant_jax.kernels.decode_attention import parts
 from turboquant_jax.kernels.quantize_append import pallas_gpu
 
 
@@ -311,6 +313,15 @@ class AppendAttentionTest(parameterized.TestCase):
     with self.assertRaisesRegex(NotImplementedError, "fractional"):
       attention_gpu.append_attention(jnp.ones((4, 1, 2, 64)), k[:, :1],
                                      v[:, :1], split)
+    # The appending program's quantization must equal XLA's bit for bit
+    # and reads what it wrote: no approximate math, no dropped barriers.
+    q = jnp.ones((4, 1, 4, 64))
+    inp = parts.prepare(q, cache, cache.lengths, 0.125)
+    for option in (dict(approx_math=True), dict(auto_barriers=False)):
+      with self.assertRaisesRegex(ValueError, "not with append"):
+        pallas_gpu_tokens.fused_attention(
+            inp, splits=2, transpose_p=True, append=(cache, k, v),
+            interpret=attention_gpu.interpret_params(True), **option)
 
 
 if __name__ == "__main__":
