@@ -100,7 +100,10 @@ def decode_attention(q: jax.Array, cache, lengths: jax.Array, *,
 # many (sequence, KV head) pairs. Measured on the H200 with SmolLM2 (3 KV
 # heads, 8k context, results/decode_bench/h200_v12*): one launch was faster
 # at B = 1, 4, 8 and 16 (3 to 48 pairs; +8-10% decode tokens/s at B = 1, +2%
-# at 16) and slower at B = 32 (96 pairs, -4 to -5%).
+# at 16) and slower at B = 32 (96 pairs, -4 to -5%). Measured before
+# kernel v7 (session 11), which sped up the separate attention kernel more
+# than the fused one (no approximate exp or dropped barriers there): the
+# crossover may now be lower; not re-measured.
 FUSED_MAX_SEQUENCE_HEADS = 64
 
 

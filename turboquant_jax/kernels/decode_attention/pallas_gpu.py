@@ -39,7 +39,9 @@ Speed (H200): this layout ("queries", v3) 0.4-1.1x cuDNN bf16
 (results/kernel_bench/h200_v3); the default layout="tokens" (v4,
 pallas_gpu_tokens.py) with its byte-permute lookup 0.47-1.44x in wall
 clock over the whole grid, 1.04-1.34x at S = 128k for B = 8 and 32
-(results/kernel_bench/h200). NOTES.md has the measurements.
+(results/kernel_bench/h200); kernel v7 in device time 1.06-1.65x at 2-4
+bits and S >= 16k (results/kernel_bench/h200_v7). NOTES.md has the
+measurements.
 """
 
 import dataclasses

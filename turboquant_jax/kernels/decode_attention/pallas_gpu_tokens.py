@@ -47,9 +47,12 @@ through a transposed view (transpose_p).
 Status: the default layout. On the H200 (B=8, S=128k, 4 bits) it took
 1.68-1.84 ms against 2.15-2.25 for layout="queries" (145 registers against
 255) with the poly16 lookup; with the byte-permute lookup, keys from
-registers and the transposed Pᵀ (the defaults since 2026-11-29) 1.16-1.22
-ms, 1.15x cuDNN bf16. The pipeline streaming the same bytes with no work
-takes 0.46-0.51 ms (experiments/probes/decode_kernel_variants.py, NOTES.md).
+registers and the transposed Pᵀ 1.16-1.22 ms, 1.15x cuDNN bf16; with 8
+query columns, ex2.approx and no automatic barriers (v7, the defaults
+since session 11) 0.73 ms in device time, 1.35x cuDNN bf16 (133 registers,
+740 instructions a tile; results/kernel_bench/h200_v7). The pipeline
+streaming the same bytes with no work takes 0.46-0.51 ms
+(experiments/probes/decode_kernel_variants.py, NOTES.md).
 """
 
 import functools
