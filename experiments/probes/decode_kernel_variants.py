@@ -31,6 +31,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from experiments import kernel_bench
 from experiments import timing
@@ -40,6 +41,7 @@ from turboquant_jax.kernels import decode_attention as da
 from turboquant_jax.kernels.decode_attention import pallas_gpu
 from turboquant_jax.kernels.decode_attention import pallas_gpu_tokens
 from turboquant_jax.kernels.decode_attention import parts
+from turboquant_jax.kernels.decode_attention import prmt_lookup
 
 
 def check(dim, groups, bits, method="mse", window=0, tokens=1, s=1024,
@@ -740,7 +742,60 @@ def skeleton_rows():
       del c
 
 
+def _ptx4_three_tables(centroids) -> str:
+  """prmt_lookup._ptx4 before session 11: the negated high bytes looked up
+  from a third table (two more immediates) instead of set by an OR."""
+  mags = np.asarray(centroids[8:], np.float16).view(np.uint16).astype(int)
+  words = prmt_lookup._words  # pylint: disable=protected-access
+  high = [m >> 8 for m in mags]
+  (l0, l1), (h0, h1) = words([m & 0xFF for m in mags]), words(high)
+  n0, n1 = words([x | 0x80 for x in high])
+  return f"""{{
+  .reg .b32 t, u, m, lo4, hp4, hn4, hi4, sel;
+  shr.b32 t, $2, 3;
+  and.b32 t, t, 0x1111;
+  xor.b32 u, t, 0x1111;
+  mul.lo.u32 m, u, 7;
+  xor.b32 m, m, $2;
+  and.b32 m, m, 0x7777;
+  prmt.b32 lo4, {l0}, {l1}, m;
+  prmt.b32 hp4, {h0}, {h1}, m;
+  prmt.b32 hn4, {n0}, {n1}, m;
+  shl.b32 sel, u, 2;
+  or.b32 sel, sel, 0x3210;
+  prmt.b32 hi4, hp4, hn4, sel;
+  prmt.b32 $0, lo4, hi4, 0x6240;
+  prmt.b32 $1, lo4, hi4, 0x7351;
+  }}"""
+
+
+def or_sign():
+  """The 4-bit lookup with the sign bits set by an OR (today's) against
+  the third table lookup it replaced: checks, then B=8, S=128k device time
+  at 4 and 3.5 bits, alternating (each variant retraced: the PTX is a
+  module global)."""
+  print("jax", jax.__version__, jax.devices()[0].device_kind, flush=True)
+  for args in ((128, 4, 4), (64, 8, 4), (128, 4, 3.5)):
+    check(*args, mode="prmt", layout="tokens")
+  real = prmt_lookup._ptx4  # pylint: disable=protected-access
+  q = jax.random.normal(jax.random.key(0), (8, 32, 128))
+  for bits in (4, 3.5):
+    c = _b8_cache(bits)
+    for _ in range(2):
+      for name, ptx in (("or", real), ("table", _ptx4_three_tables)):
+        prmt_lookup._ptx4 = ptx  # pylint: disable=protected-access
+        jax.clear_caches()
+        t = timing.time_loop_ms(lambda q, c: da.decode_attention(
+            q, c, c.lengths, impl="pallas_gpu"), q, c, loops=20, warmup=2,
+                                reps=5)
+        print(f"bits={bits} {name:<5} {t:.3f} ms", flush=True)
+    prmt_lookup._ptx4 = real  # pylint: disable=protected-access
+
+
 def main():
+  if "--or-sign" in sys.argv:
+    or_sign()
+    return
   if "--skeleton-rows" in sys.argv:
     skeleton_rows()
     return

@@ -22,10 +22,10 @@ PTX reads the packed bytes as they are, with no unpacking:
   pair, ~8 integer ops build the selector of 4 codes, 2 prmt look up their
   low and high bytes and 2 prmt interleave them: ~3 ops per code.
 - 4 bits: the codebook is symmetric (c[15 - n] = -c[n]), so its 8
-  non-negative values, as low-byte, high-byte and negated-high-byte
-  tables, fit in six immediates; 6 integer ops turn 4 nibbles into
-  magnitude indices and signs, 4 prmt look up and merge by sign, 2 prmt
-  interleave into two f16x2: ~3 ops per code.
+  non-negative values, as low-byte and high-byte tables, fit in four
+  immediates; 6 integer ops turn 4 nibbles into magnitude indices and
+  signs, 2 prmt look up, an OR sets the sign bits and a prmt merges by
+  sign, 2 prmt interleave into two f16x2: ~3 ops per code.
 
 Against ~6 for shift/mask unpacking plus the f16 polynomial (counts of the
 instructions written, not timings).
@@ -114,11 +114,12 @@ def _ptx3(centroids) -> str:
 
 def _ptx4(centroids) -> str:
   mags = np.asarray(centroids[8:], np.float16).view(np.uint16).astype(int)
-  high = [m >> 8 for m in mags]
   l0, l1 = _words([m & 0xFF for m in mags])
-  h0, h1 = _words(high)
-  n0, n1 = _words([x | 0x80 for x in high])
-  # n >= 8 is +c[n] = +mag[n & 7]; n < 8 is -c[15 - n] = -mag[7 - n].
+  h0, h1 = _words([m >> 8 for m in mags])
+  # n >= 8 is +c[n] = +mag[n & 7]; n < 8 is -c[15 - n] = -mag[7 - n]. The
+  # negated high bytes are the high bytes with the sign bit set: an OR, not
+  # a third table lookup (whose two immediates ptxas moves into a register
+  # for every prmt: one prmt and one move fewer per 4 codes).
   return f"""{{
   .reg .b32 t, u, m, lo4, hp4, hn4, hi4, sel;
   shr.b32 t, $2, 3;
@@ -129,7 +130,7 @@ def _ptx4(centroids) -> str:
   and.b32 m, m, 0x7777;
   prmt.b32 lo4, {l0}, {l1}, m;
   prmt.b32 hp4, {h0}, {h1}, m;
-  prmt.b32 hn4, {n0}, {n1}, m;
+  or.b32 hn4, hp4, 0x80808080;
   shl.b32 sel, u, 2;
   or.b32 sel, sel, 0x3210;
   prmt.b32 hi4, hp4, hn4, sel;
