@@ -119,7 +119,9 @@ def _ptx4(centroids) -> str:
   # n >= 8 is +c[n] = +mag[n & 7]; n < 8 is -c[15 - n] = -mag[7 - n]. The
   # negated high bytes are the high bytes with the sign bit set: an OR, not
   # a third table lookup (whose two immediates ptxas moves into a register
-  # for every prmt: one prmt and one move fewer per 4 codes).
+  # for every prmt: one prmt and one move fewer per 4 codes). On the H200
+  # no faster beyond the noise (B=8, S=128k: 0.742-0.747 ms against
+  # 0.738; results/kernel_bench/h200_v7/probes.txt); kept as the simpler.
   return f"""{{
   .reg .b32 t, u, m, lo4, hp4, hn4, hi4, sel;
   shr.b32 t, $2, 3;
