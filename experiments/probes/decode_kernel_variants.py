@@ -21,7 +21,9 @@ skip_empty_splits checked and timed, split counts at two shapes;
 layer and at B=1; --append-attention: pallas_gpu.append_attention (append
 and attention in one launch) checked, then one layer timed against the two
 launches it replaces; --skeleton: 8 query columns, approximate exp and no
-automatic barriers checked, then timed in device time)
+automatic barriers checked, then timed in device time against the kernel
+before them; --skeleton-tune: stages, splits, steps with them;
+--skeleton-rows: 64- against 128-token steps at several shapes)
 """
 
 import dataclasses
@@ -31,7 +33,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from experiments import kernel_bench
 from experiments import timing
@@ -41,7 +42,6 @@ from turboquant_jax.kernels import decode_attention as da
 from turboquant_jax.kernels.decode_attention import pallas_gpu
 from turboquant_jax.kernels.decode_attention import pallas_gpu_tokens
 from turboquant_jax.kernels.decode_attention import parts
-from turboquant_jax.kernels.decode_attention import prmt_lookup
 
 
 def check(dim, groups, bits, method="mse", window=0, tokens=1, s=1024,
@@ -615,13 +615,34 @@ def append_attention_checks():
                 f"{type(e).__name__}: {str(e)[:600]}", flush=True)
 
 
+# The kernel before session 11 (16 query columns, the library exp, Mosaic
+# GPU's automatic barriers), each change alone, and all three (today's
+# defaults).
+_BEFORE = dict(min_columns=16, approx_math=False, auto_barriers=True)
 _SKELETON_VARIANTS = {
-    "default": {},
-    "cols8": dict(min_columns=8),
-    "approx": dict(approx_math=True),
-    "nobar": dict(auto_barriers=False),
-    "all": dict(min_columns=8, approx_math=True, auto_barriers=False),
+    "before": _BEFORE,
+    "cols8": dict(_BEFORE, min_columns=8),
+    "approx": dict(_BEFORE, approx_math=True),
+    "nobar": dict(_BEFORE, auto_barriers=False),
+    "all": {},
 }
+
+
+def _device_rounds(variants: dict, q, c, rounds: int = 2) -> dict:
+  """{name: [device ms of each round]} of decode_attention(q, c) with each
+  variant's options (timing.time_loop_ms, 20 calls a loop), the variants
+  interleaved; a variant that fails prints why and gets no times."""
+  times = {name: [] for name in variants}
+  for _ in range(rounds):
+    for name, options in variants.items():
+      try:
+        times[name].append(timing.time_loop_ms(
+            lambda q, c, options=options: da.decode_attention(
+                q, c, c.lengths, impl="pallas_gpu", **options), q, c,
+            loops=20, warmup=2, reps=5))
+      except Exception as e:  # noqa: BLE001 - a probe reports failures
+        print(f"{name} FAIL {type(e).__name__}: {str(e)[:300]}", flush=True)
+  return times
 
 
 def skeleton():
@@ -632,7 +653,7 @@ def skeleton():
   32/8 heads, D=128 (S=32k and 128k at 4 bits, 128k at 3, 2 and 3.5),
   variants interleaved in two rounds, beside cuDNN bf16."""
   print("jax", jax.__version__, jax.devices()[0].device_kind, flush=True)
-  every = _SKELETON_VARIANTS["all"]
+  every = dict(min_columns=8, approx_math=True, auto_barriers=False)
   for lengths in ((1024, 700), (333, 1)):
     for args in ((128, 4, 4), (64, 8, 3), (256, 2, 2), (128, 3, 4),
                  (64, 1, 4), (128, 4, 3.5), (128, 4, 2.5),
@@ -663,16 +684,7 @@ def skeleton():
           jax.random.key(4), cache_lib.CacheConfig(key_bits=bits,
                                                    value_bits=bits),
           8, 8, s, 128)
-      times = {name: [] for name in _SKELETON_VARIANTS}
-      for _ in range(2):
-        for name, options in _SKELETON_VARIANTS.items():
-          try:
-            times[name].append(loop(
-                lambda q, c, options=options: da.decode_attention(
-                    q, c, c.lengths, impl="pallas_gpu", **options), q, c))
-          except Exception as e:  # noqa: BLE001 - a probe reports failures
-            print(f"{name} FAIL {type(e).__name__}: {str(e)[:300]}",
-                  flush=True)
+      times = _device_rounds(_SKELETON_VARIANTS, q, c)
       for name, ts in times.items():
         if ts:
           print(f"S={s} bits={bits:<3} {name:<8} {_ms(ts)}  "
@@ -684,26 +696,12 @@ def skeleton_tune():
   """With the three skeleton options on: stages, splits and 128-token
   steps at B=8, S=128k, 4 bits, device time, two interleaved rounds."""
   print("jax", jax.__version__, jax.devices()[0].device_kind, flush=True)
-  every = _SKELETON_VARIANTS["all"]
-  variants = {"all": every,
-              "stages3": dict(every, stages=3),
-              "splits32": dict(every, splits=32),
-              "splits8": dict(every, splits=8),
-              "rows128": dict(every, tile_rows=128),
-              "nokeyregs": dict(every, key_registers=False)}
-  loop = lambda f, *a: timing.time_loop_ms(f, *a, loops=20, warmup=2,
-                                           reps=5)
+  variants = {"all": {}, "stages3": dict(stages=3),
+              "splits32": dict(splits=32), "splits8": dict(splits=8),
+              "rows128": dict(tile_rows=128),
+              "nokeyregs": dict(key_registers=False)}
   q = jax.random.normal(jax.random.key(0), (8, 32, 128))
-  c = _b8_cache(4)
-  times = {name: [] for name in variants}
-  for _ in range(2):
-    for name, options in variants.items():
-      try:
-        times[name].append(loop(
-            lambda q, c, options=options: da.decode_attention(
-                q, c, c.lengths, impl="pallas_gpu", **options), q, c))
-      except Exception as e:  # noqa: BLE001 - a probe reports failures
-        print(f"{name} FAIL {type(e).__name__}: {str(e)[:300]}", flush=True)
+  times = _device_rounds(variants, q, _b8_cache(4))
   for name, ts in times.items():
     if ts:
       print(f"S=131072 bits=4 {name:<9} {_ms(ts)}", flush=True)
@@ -714,10 +712,7 @@ def skeleton_rows():
   steps over several batch sizes, lengths and widths (B, 32 query / 8 KV
   heads, D=128), device time, two interleaved rounds."""
   print("jax", jax.__version__, jax.devices()[0].device_kind, flush=True)
-  every = _SKELETON_VARIANTS["all"]
-  variants = {"rows64": every, "rows128": dict(every, tile_rows=128)}
-  loop = lambda f, *a: timing.time_loop_ms(f, *a, loops=20, warmup=2,
-                                           reps=5)
+  variants = {"rows64": {}, "rows128": dict(tile_rows=128)}
   for b, s, bits_list in ((8, 32768, (4, 2)), (8, 131072, (3, 2, 3.5)),
                           (1, 131072, (4, 3.5)), (1, 16384, (4, 3.5)),
                           (32, 32768, (4,))):
@@ -727,75 +722,13 @@ def skeleton_rows():
           jax.random.key(4), cache_lib.CacheConfig(key_bits=bits,
                                                    value_bits=bits),
           b, 8, s, 128)
-      times = {name: [] for name in variants}
-      for _ in range(2):
-        for name, options in variants.items():
-          try:
-            times[name].append(loop(
-                lambda q, c, options=options: da.decode_attention(
-                    q, c, c.lengths, impl="pallas_gpu", **options), q, c))
-          except Exception as e:  # noqa: BLE001 - a probe reports failures
-            print(f"{name} FAIL {type(e).__name__}: {str(e)[:300]}",
-                  flush=True)
+      times = _device_rounds(variants, q, c)
       print(f"B={b:<2} S={s:<6} bits={bits:<3} " + "  ".join(
           f"{name} {_ms(ts)}" for name, ts in times.items()), flush=True)
       del c
 
 
-def _ptx4_three_tables(centroids) -> str:
-  """prmt_lookup._ptx4 before session 11: the negated high bytes looked up
-  from a third table (two more immediates) instead of set by an OR."""
-  mags = np.asarray(centroids[8:], np.float16).view(np.uint16).astype(int)
-  words = prmt_lookup._words  # pylint: disable=protected-access
-  high = [m >> 8 for m in mags]
-  (l0, l1), (h0, h1) = words([m & 0xFF for m in mags]), words(high)
-  n0, n1 = words([x | 0x80 for x in high])
-  return f"""{{
-  .reg .b32 t, u, m, lo4, hp4, hn4, hi4, sel;
-  shr.b32 t, $2, 3;
-  and.b32 t, t, 0x1111;
-  xor.b32 u, t, 0x1111;
-  mul.lo.u32 m, u, 7;
-  xor.b32 m, m, $2;
-  and.b32 m, m, 0x7777;
-  prmt.b32 lo4, {l0}, {l1}, m;
-  prmt.b32 hp4, {h0}, {h1}, m;
-  prmt.b32 hn4, {n0}, {n1}, m;
-  shl.b32 sel, u, 2;
-  or.b32 sel, sel, 0x3210;
-  prmt.b32 hi4, hp4, hn4, sel;
-  prmt.b32 $0, lo4, hi4, 0x6240;
-  prmt.b32 $1, lo4, hi4, 0x7351;
-  }}"""
-
-
-def or_sign():
-  """The 4-bit lookup with the sign bits set by an OR (today's) against
-  the third table lookup it replaced: checks, then B=8, S=128k device time
-  at 4 and 3.5 bits, alternating (each variant retraced: the PTX is a
-  module global)."""
-  print("jax", jax.__version__, jax.devices()[0].device_kind, flush=True)
-  for args in ((128, 4, 4), (64, 8, 4), (128, 4, 3.5)):
-    check(*args, mode="prmt", layout="tokens")
-  real = prmt_lookup._ptx4  # pylint: disable=protected-access
-  q = jax.random.normal(jax.random.key(0), (8, 32, 128))
-  for bits in (4, 3.5):
-    c = _b8_cache(bits)
-    for _ in range(2):
-      for name, ptx in (("or", real), ("table", _ptx4_three_tables)):
-        prmt_lookup._ptx4 = ptx  # pylint: disable=protected-access
-        jax.clear_caches()
-        t = timing.time_loop_ms(lambda q, c: da.decode_attention(
-            q, c, c.lengths, impl="pallas_gpu"), q, c, loops=20, warmup=2,
-                                reps=5)
-        print(f"bits={bits} {name:<5} {t:.3f} ms", flush=True)
-    prmt_lookup._ptx4 = real  # pylint: disable=protected-access
-
-
 def main():
-  if "--or-sign" in sys.argv:
-    or_sign()
-    return
   if "--skeleton-rows" in sys.argv:
     skeleton_rows()
     return

@@ -337,6 +337,10 @@ def _kernel(lengths_ref, *refs, key_specs, value_specs, groups, split_len,
 
   def attend():
     accs_out, m_i, l_i = pl.run_scoped(stream, *scratch())
+    # What follows reuses the loop's SMEM: every warp past its last tile
+    # first (without auto_barriers nothing else orders that; once a
+    # program).
+    plgpu.commit_smem()
     if rotate:            # the outputs leave in the original domain
       accs_out = (_rotate_back(
           _rotation(rot_tiles, rot_barriers, 1, groups_k), accs_out[0], n),)
