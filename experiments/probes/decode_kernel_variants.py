@@ -22,7 +22,8 @@ layer and at B=1; --append-attention: pallas_gpu.append_attention (append
 and attention in one launch) checked, then one layer timed against the two
 launches it replaces; --skeleton: 8 query columns, approximate exp and no
 automatic barriers checked, then timed in device time against the kernel
-before them; --skeleton-tune: stages, splits, steps with them;
+before them (--skeleton-checks: the checks and the defaults' time
+only); --skeleton-tune: stages, splits, steps with them;
 --skeleton-rows: 64- against 128-token steps at several shapes)
 """
 
@@ -653,6 +654,16 @@ def skeleton():
   32/8 heads, D=128 (S=32k and 128k at 4 bits, 128k at 3, 2 and 3.5),
   variants interleaved in two rounds, beside cuDNN bf16."""
   print("jax", jax.__version__, jax.devices()[0].device_kind, flush=True)
+  skeleton_checks()
+  for name, options in list(_SKELETON_VARIANTS.items())[1:4]:
+    print(f"alone: {name}", flush=True)
+    check(128, 4, 4, mode="prmt", layout="tokens", **options)
+  skeleton_times()
+
+
+def skeleton_checks():
+  """Today's defaults against the reference on 10 shapes, twice each with
+  other lengths (a race between warps shows as a changing error)."""
   every = dict(min_columns=8, approx_math=True, auto_barriers=False)
   for lengths in ((1024, 700), (333, 1)):
     for args in ((128, 4, 4), (64, 8, 3), (256, 2, 2), (128, 3, 4),
@@ -663,12 +674,15 @@ def skeleton():
           lengths=lengths, **every)
     check(128, 8, 4, tokens=3, mode="prmt", layout="tokens",
           lengths=lengths, **every)
-  for name, options in list(_SKELETON_VARIANTS.items())[1:4]:
-    print(f"alone: {name}", flush=True)
-    check(128, 4, 4, mode="prmt", layout="tokens", **options)
+
+
+def skeleton_times(shapes=((32768, (4,)), (131072, (4, 3, 2, 3.5))),
+                   variants=None):
+  """Device time of the skeleton variants at B=8, 32/8 heads, D=128 for
+  each (S, widths), interleaved in two rounds, beside cuDNN bf16."""
   loop = lambda f, *a: timing.time_loop_ms(f, *a, loops=20, warmup=2,
                                            reps=5)
-  for s, bits_list in ((32768, (4,)), (131072, (4, 3, 2, 3.5))):
+  for s, bits_list in shapes:
     qb, _ = _cudnn(8, 32, 8, 128, s)
     # Separate keys and values: with one array for both, the value reads
     # hit L2 (measured: 0.564 ms at 128k against 1.0 with two).
@@ -684,7 +698,7 @@ def skeleton():
           jax.random.key(4), cache_lib.CacheConfig(key_bits=bits,
                                                    value_bits=bits),
           8, 8, s, 128)
-      times = _device_rounds(_SKELETON_VARIANTS, q, c)
+      times = _device_rounds(variants or _SKELETON_VARIANTS, q, c)
       for name, ts in times.items():
         if ts:
           print(f"S={s} bits={bits:<3} {name:<8} {_ms(ts)}  "
@@ -729,6 +743,11 @@ def skeleton_rows():
 
 
 def main():
+  if "--skeleton-checks" in sys.argv:   # checks, then the defaults timed
+    print("jax", jax.__version__, jax.devices()[0].device_kind, flush=True)
+    skeleton_checks()
+    skeleton_times(((131072, (4,)),), {"defaults": {}})
+    return
   if "--skeleton-rows" in sys.argv:
     skeleton_rows()
     return
