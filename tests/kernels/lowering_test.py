@@ -53,6 +53,7 @@ _OPTIONS = [
     # Before session 11's defaults: 16 query columns, the library exp,
     # Mosaic GPU's automatic barriers.
     dict(min_columns=16, approx_math=False, auto_barriers=True),
+    dict(overlap_values=False),
 ]
 
 

@@ -197,6 +197,30 @@ class PallasGpuInterpretTest(parameterized.TestCase):
         interpret=pallas_gpu.interpret_params(True), columns=True)
     self.assertEqual(acc.shape[-1], 8)
 
+  @parameterized.named_parameters(
+      dict(testcase_name="d128_b4", dim=128, key_bits=4, value_bits=4,
+           method="mse"),
+      dict(testcase_name="d128_split_parts", dim=128, key_bits=3.5,
+           value_bits=2.5, method="mse"),
+      dict(testcase_name="d64_prod_keys", dim=64, key_bits=3, value_bits=2,
+           method="prod"))
+  def test_values_unpacked_after_the_scores(self, dim, key_bits, value_bits,
+                                            method):
+    # overlap_values=False unpacks the value tiles after the score wgmma
+    # (one commit_smem for them and Pᵀ): the same result.
+    cache = self._cache(dim, key_bits, value_bits, 0, (128, 50), dim,
+                        method)
+    q = jax.random.normal(jax.random.key(7), (2, 8, dim))
+    want = attn.decode_attention(q, cache, cache.lengths, impl="reference")
+    run = lambda **o: attn.decode_attention(
+        q, cache, cache.lengths, impl="pallas_gpu", interpret=True,
+        splits=2, **o)
+    got = run(overlap_values=False)
+    scale = float(jnp.max(jnp.abs(want)))
+    np.testing.assert_allclose(got, want, rtol=self.TOL,
+                               atol=self.TOL * scale)
+    np.testing.assert_allclose(got, run(), rtol=1e-6, atol=1e-6 * scale)
+
   def test_query_columns(self):
     qc = pallas_gpu_tokens.query_columns
     self.assertEqual([qc(m, 8) for m in (1, 4, 8, 9, 16, 24)],
@@ -427,6 +451,8 @@ class PallasGpuInterpretTest(parameterized.TestCase):
                           "transpose_p"),
                          (dict(approx_math=True, layout="queries"),
                           "approx_math"),
+                         (dict(overlap_values=False, layout="queries"),
+                          "overlap_values"),
                          (dict(min_columns=8, transpose_p=False),
                           "min_columns"),
                          (dict(min_columns=12), "min_columns")):

@@ -508,11 +508,11 @@ COMBINES = ("rows", "columns")
                           "stages", "tile_rows", "key_registers",
                           "transpose_p", "skip_empty_splits", "combine",
                           "rotate_in_kernel", "min_columns", "approx_math",
-                          "auto_barriers", "interpret"))
+                          "auto_barriers", "overlap_values", "interpret"))
 def _attention(q, cache, lengths, scale, splits, lookup_mode, layout,
                stages, tile_rows, key_registers, transpose_p,
                skip_empty_splits, combine, rotate_in_kernel, min_columns,
-               approx_math, auto_barriers, interpret):
+               approx_math, auto_barriers, overlap_values, interpret):
   # Norms as stored (f16): the kernels convert per tile.
   inp = parts.prepare(q, cache, lengths, scale, norms_as_stored=True)
   if layout == "tokens":
@@ -523,7 +523,8 @@ def _attention(q, cache, lengths, scale, splits, lookup_mode, layout,
                             skip_empty_splits=skip_empty_splits,
                             transpose_p=transpose_p, min_columns=min_columns,
                             approx_math=approx_math,
-                            auto_barriers=auto_barriers)
+                            auto_barriers=auto_barriers,
+                            overlap_values=overlap_values)
     rotate = None
     if rotate_in_kernel and _rotatable(inp, cache):
       rotate = _rotate_inputs(q, cache, scale)
@@ -684,6 +685,7 @@ def attention(q: jax.Array, cache, lengths: jax.Array, *,
               min_columns: int | None = None,
               approx_math: bool | None = None,
               auto_barriers: bool | None = None,
+              overlap_values: bool = True,
               interpret: bool | None = None) -> jax.Array:
   """q [B, T, H, D] over a TurboQuantCache -> f32[B, T, H, D].
 
@@ -754,6 +756,9 @@ def attention(q: jax.Array, cache, lengths: jax.Array, *,
       against 0.88, 2 bits 0.59-0.61 against 0.79: ptxas 133 registers
       against 158, 740 instructions a tile against 907 (NOTES.md,
       session 11).
+    overlap_values: layout="tokens": unpack the value tiles while the
+      score wgmma runs (True) or after it (False: the key tiles' registers
+      are free by then; not yet timed on a GPU).
     interpret: None uses Mosaic GPU interpret mode when the backend is not
       a GPU.
   """
@@ -775,11 +780,12 @@ def attention(q: jax.Array, cache, lengths: jax.Array, *,
   if layout == "queries" and (key_registers or transpose_p
                               or skip_empty_splits or rotate_in_kernel
                               or min_columns not in (None, 16) or approx_math
-                              or auto_barriers is False):
+                              or auto_barriers is False
+                              or not overlap_values):
     raise ValueError(f"{key_registers=}, {transpose_p=}, "
                      f"{skip_empty_splits=}, {rotate_in_kernel=}, "
-                     f"{min_columns=}, {approx_math=}, {auto_barriers=}: "
-                     "options of layout='tokens' only")
+                     f"{min_columns=}, {approx_math=}, {auto_barriers=}, "
+                     f"{overlap_values=}: options of layout='tokens' only")
   tokens = layout == "tokens"
   key_registers = tokens if key_registers is None else key_registers
   transpose_p = tokens if transpose_p is None else transpose_p
@@ -799,4 +805,4 @@ def attention(q: jax.Array, cache, lengths: jax.Array, *,
                     stages, tile_rows, bool(key_registers), bool(transpose_p),
                     bool(skip_empty_splits), combine, bool(rotate_in_kernel),
                     min_columns, bool(approx_math), bool(auto_barriers),
-                    interpret)
+                    bool(overlap_values), interpret)

@@ -188,7 +188,7 @@ def _rotate_back(tiles, accs, n: int) -> tuple:
 def _kernel(lengths_ref, *refs, key_specs, value_specs, groups, split_len,
             kv_heads, splits, mode, interpret, n, rows, stages,
             key_registers, transpose_p, skip_empty_splits, window, tokens,
-            rotate, append):
+            rotate, append, overlap_values):
   nk, nv = len(key_specs), len(value_specs)
   # The scratch at the end: with rotate the rotations' tiles and their
   # barriers (one a tile), then the queries' SMEM per key part, a barrier.
@@ -256,18 +256,26 @@ def _kernel(lengths_ref, *refs, key_specs, value_specs, groups, split_len,
       k_tiles = [[k_pool.at[first + j] for j in range(base._groups(spec))]
                  for spec, first in zip(key_specs, k_first)]
 
+    def unpack_values():
+      for ref, spec, first in zip(vc, value_specs, v_first):
+        base._dequantize_into(ref, spec, v_pool, first, mode, interpret)
+
     def scores(*acc_refs):
       for tiles, qs, acc_ref in zip(k_tiles, q_smem, acc_refs):
         for j, k_tile in enumerate(tiles):
           plgpu.wgmma(acc_ref, k_tile, qs.at[j].transpose((1, 0)))
-      # The values are unpacked while the tensor cores score the keys.
-      for ref, spec, first in zip(vc, value_specs, v_first):
-        base._dequantize_into(ref, spec, v_pool, first, mode, interpret)
-      plgpu.commit_smem()
+      if overlap_values:
+        # The values are unpacked while the tensor cores score the keys.
+        unpack_values()
+        plgpu.commit_smem()
       return [acc_ref[...] for acc_ref in acc_refs]
 
     raw = pl.run_scoped(scores, *[plgpu.ACC(shape, jnp.float32)
                                   for _ in key_specs])
+    if not overlap_values:
+      # After the score wgmma: the key tiles (registers) are dead by now,
+      # and one commit_smem below covers the value and Pᵀ stores.
+      unpack_values()
     s = None
     for part, norm_ref in zip(raw, kn):
       part = part * per_token(norm_ref)
@@ -455,7 +463,7 @@ def fused_attention(inp: parts.KernelInputs, *, splits: int = 8,
                     skip_empty_splits: bool = False, interpret=None,
                     columns: bool = False, rotate=None, append=None,
                     min_columns: int = 16, approx_math: bool = False,
-                    auto_barriers: bool = True):
+                    auto_barriers: bool = True, overlap_values: bool = True):
   """Runs the kernel: (acc per value part [B,K,NS,M,Dp], m, l [B,K,NS,M]),
   or with `columns` as the kernel wrote them: acc [B,K,NS,Dp,N], m, l
   [B,K,NS,N] (all N query columns, no transpose).
@@ -496,6 +504,11 @@ def fused_attention(inp: parts.KernelInputs, *, splits: int = 8,
   tile's reads of its pipeline slot end before the tile's last
   commit_smem (a fence and a barrier), which the next TMA into that slot
   follows; not with `append` (its quantization reads what it wrote).
+  overlap_values=False: the value tiles are unpacked after the score
+  wgmma has finished instead of while it runs, so the key tiles held in
+  registers for it are dead by then (fewer live registers: ptxas holds
+  134 with the overlap at B=8, D=128, 4 bits, and a 4th program per SM
+  needs <= 128), and one commit_smem a tile fewer. Not yet timed.
   """
   if min_columns not in (8, 16) or (min_columns == 8 and not transpose_p):
     raise ValueError(f"{min_columns=}, {transpose_p=}: expected 16, or 8 "
@@ -543,7 +556,8 @@ def fused_attention(inp: parts.KernelInputs, *, splits: int = 8,
                         transpose_p=transpose_p,
                         skip_empty_splits=skip_empty_splits,
                         window=inp.window, tokens=inp.tokens,
-                        rotate=rotate is not None, append=append_specs),
+                        rotate=rotate is not None, append=append_specs,
+                        overlap_values=overlap_values),
       out_type=out_type, scratch_types=scratch,
       grid=(b, kv, out_splits), grid_names=("b", "k", "s"),
       compiler_params=plgpu.CompilerParams(
