@@ -3,9 +3,14 @@
 The decode kernels take as long with no unpacking (probe "nodeq") and at
 any pipeline depth (decode_kernel_variants --stages). This probe times the
 skeleton: the same grid (B, K, splits) and emit_pipeline over the same
-code and norm arrays, with a body that reads nothing, for several tokens
-per step and depths; beside it, XLA reading the same bytes (a sum) and
-the parts of pallas_gpu.attention outside the kernel (prepare).
+code and norm arrays (norms f16, as the kernel reads them), with a body
+that reads nothing, for several tokens per step and depths, with and
+without Mosaic GPU's automatic barriers (the kernel runs without them since
+session 11); beside it, XLA reading the same bytes (a sum) and the parts
+of pallas_gpu.attention outside the kernel (prepare). Device time
+(timing.time_loop_ms: 20 calls a jitted loop), as kernel_bench; before
+session 11 this probe timed wall clock, a dispatch included (its
+0.46-0.51 ms in NOTES.md).
 Run: python -m experiments.probes.pipeline_probe
 """
 
@@ -17,13 +22,15 @@ import jax.numpy as jnp
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from experiments import kernel_bench
+from experiments import timing
 from turboquant_jax import cache as cache_lib
 from turboquant_jax.kernels.decode_attention import parts
 
 B, KV, S, D, H = 8, 8, 131072, 128, 32
 
 
-def _stream_kernel(*refs, rows, split_len, stages, n_in):
+def _stream_kernel(token, *refs, rows, split_len, stages, n_in):
+  del token                   # only orders the calls of a timed loop
   ins = refs[:n_in]
   b, k = jax.lax.axis_index("b"), jax.lax.axis_index("k")
   tile0 = jax.lax.axis_index("s") * split_len // rows
@@ -43,49 +50,54 @@ def _stream_kernel(*refs, rows, split_len, stages, n_in):
                           *[r.at[b, k] for r in ins])
 
 
-def stream(arrays, rows, splits, stages):
-  f = plgpu.kernel(
+def stream(arrays, rows, splits, stages, auto_barriers=True):
+  """f(token f32[1], *arrays): the pipeline over arrays (token unused)."""
+  return plgpu.kernel(
       functools.partial(_stream_kernel, rows=rows, split_len=S // splits,
                         stages=stages, n_in=len(arrays)),
       out_type=jax.ShapeDtypeStruct((128,), jnp.float32),
-      grid=(B, KV, splits), grid_names=("b", "k", "s"))
-  return jax.jit(f)
+      grid=(B, KV, splits), grid_names=("b", "k", "s"),
+      compiler_params=plgpu.CompilerParams(
+          unsafe_no_auto_barriers=not auto_barriers))
 
 
 def main():
   print("jax", jax.__version__, jax.devices()[0].device_kind, flush=True)
   cfg = cache_lib.CacheConfig(key_bits=4, value_bits=4)
   c = kernel_bench.random_cache(jax.random.key(4), cfg, B, KV, S, D)
-  arrays = [c.keys.codes, c.keys.norms.astype(jnp.float32),
-            c.values.codes, c.values.norms.astype(jnp.float32)]
+  arrays = [c.keys.codes, c.keys.norms, c.values.codes, c.values.norms]
   nbytes = sum(a.nbytes for a in arrays)
   print(f"arrays {[(a.shape, str(a.dtype)) for a in arrays]} "
         f"{nbytes / 1e9:.3f} GB", flush=True)
 
+  token = jnp.zeros((1,), jnp.float32)
+
   def report(name, fn, *args):
     try:
-      t = kernel_bench.time_ms(fn, *args, warmup=3, reps=20)
+      t = timing.time_loop_ms(fn, token, *args, loops=20, warmup=2, reps=5)
       print(f"{name:<44} {t:.3f} ms  {nbytes / t / 1e9:.2f} TB/s",
             flush=True)
     except Exception as e:  # noqa: BLE001 - a probe reports every failure
       print(f"{name:<44} FAIL {type(e).__name__}: {str(e)[:300]}",
             flush=True)
 
-  report("xla sum of the same bytes", jax.jit(lambda *a: sum(
-      jnp.sum(x.astype(jnp.float32)) for x in a)), *arrays)
-  for rows, splits, stages in ((64, 8, 2), (64, 8, 4), (64, 16, 4),
-                               (128, 8, 2), (128, 8, 4), (256, 8, 2),
+  report("xla sum of the same bytes", lambda t, *a: t + sum(
+      jnp.sum(x.astype(jnp.float32)) for x in a), *arrays)
+  for rows, splits, stages in ((64, 16, 2), (64, 16, 4), (64, 32, 2),
+                               (128, 16, 2), (128, 8, 4), (256, 8, 2),
                                (256, 8, 3), (512, 8, 2)):
-    report(f"pipeline only rows={rows} splits={splits} stages={stages}",
-           stream(arrays, rows, splits, stages), *arrays)
+    for barriers in (True, False):
+      report(f"pipeline only rows={rows} splits={splits} stages={stages}"
+             f"{'' if barriers else ' no auto barriers'}",
+             stream(arrays, rows, splits, stages, barriers), *arrays)
   codes_only = [arrays[0], arrays[2]]
-  report("pipeline only, codes only rows=64 stages=2",
-         stream(codes_only, 64, 8, 2), *codes_only)
-  report("pipeline only, codes only rows=256 stages=2",
-         stream(codes_only, 256, 8, 2), *codes_only)
+  report("pipeline only, codes only rows=64 splits=16 stages=2",
+         stream(codes_only, 64, 16, 2, False), *codes_only)
+  report("pipeline only, codes only rows=256 splits=8 stages=2",
+         stream(codes_only, 256, 8, 2, False), *codes_only)
   q = jax.random.normal(jax.random.key(0), (B, 1, H, D))
   report("prepare (XLA before the kernel)",
-         jax.jit(lambda q, c: parts.prepare(q, c, c.lengths, 0.1).q), q, c)
+         lambda t, q, c: parts.prepare(q + t[0], c, c.lengths, 0.1).q, q, c)
 
 
 if __name__ == "__main__":
