@@ -7,7 +7,9 @@ XLA work around it) gets its duration, throughput and stall reasons.
 
     ncu --profile-from-start off --section SpeedOfLight ... \
         python3 -m experiments.probes.ncu_probe kernel4   # B=8 S=32k 4-bit
-    cases: kernel4, kernel3 (pallas_gpu), cudnn (bf16), smol_tq, smol_full
+    cases: kernel4, kernel3 (pallas_gpu), cudnn (bf16), b1_split,
+    b1_kernel4, cudnn_b1 (B=1, S=16k: 3.5 bits, 4 bits, cuDNN bf16),
+    smol_tq, smol_full
     (one SmolLM2-shaped decode layer at B=32: attention and append;
     smol_tq_b1, smol_full_b1 the same at B=1),
     append_xla, append_fused (one donated 4-bit append at that shape,
@@ -97,6 +99,12 @@ def _append(impl, b=32, kvh=3, d=64, s=9216, live=8192):
 def main():
   case = sys.argv[1] if len(sys.argv) > 1 else "kernel4"
   {"kernel4": lambda: _kernel(4), "kernel3": lambda: _kernel(3),
+   # B=1, S=16k: the outlier-split width (two parts) slower than cuDNN
+   # where 4 bits is faster (results/kernel_bench/h200_v7): every kernel
+   # of one call, XLA's included.
+   "b1_split": lambda: _kernel(3.5, b=1, s=16384),
+   "b1_kernel4": lambda: _kernel(4, b=1, s=16384),
+   "cudnn_b1": lambda: _cudnn(b=1, s=16384),
    "cudnn": _cudnn, "smol_tq": lambda: _smol("tq"),
    "smol_full": lambda: _smol("full"),
    "smol_tq_b1": lambda: _smol("tq", b=1),
