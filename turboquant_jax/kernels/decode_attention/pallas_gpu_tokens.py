@@ -227,8 +227,12 @@ def _kernel(lengths_ref, *refs, key_specs, value_specs, groups, split_len,
 
   shape = (rows, n)                                   # [tokens, queries]
   token = plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=_L.WGMMA)
-  query = plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=_L.WGMMA)
-  limit = qend - 1 + query // groups                  # causal limit per query
+  limit = None
+  if tokens > 1:
+    # Query m may see up to qend - 1 + m // G. With one query token every
+    # position below qlen (<= qend) is visible: no causal mask to build.
+    query = plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=_L.WGMMA)
+    limit = qend - 1 + query // groups
 
   def per_token(norm_ref):
     """A [rows] norm tile broadcast along the query columns."""
@@ -281,7 +285,10 @@ def _kernel(lengths_ref, *refs, key_specs, value_specs, groups, split_len,
       part = part * per_token(norm_ref)
       s = part if s is None else s + part
     pos = first_pos + i * rows + token
-    s = jnp.where((pos < qlen) & (pos <= limit), s, -jnp.inf)
+    visible = pos < qlen
+    if limit is not None:
+      visible = visible & (pos <= limit)
+    s = jnp.where(visible, s, -jnp.inf)
     m_new = jnp.maximum(m_i, jnp.max(s, axis=0))                # [n]
     m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
     alpha = jnp.exp(m_i - m_safe)
