@@ -95,6 +95,20 @@ class GpuLoweringTest(parameterized.TestCase):
     text = _lower(*shape, **options).as_text()
     self.assertIn("mosaic_gpu", text)
 
+  def test_pipeline_probe_lowers(self):
+    # experiments/probes/pipeline_probe: the bare TMA pipeline over the
+    # cache's arrays, with and without automatic barriers (device only).
+    # pylint: disable-next=g-import-not-at-top
+    from experiments.probes import pipeline_probe as pp
+    arrays = [jax.ShapeDtypeStruct((pp.B, pp.KV, pp.S, 64), jnp.uint8),
+              jax.ShapeDtypeStruct((pp.B, pp.KV, pp.S), jnp.float16)] * 2
+    token = jax.ShapeDtypeStruct((1,), jnp.float32)
+    texts = [jax.jit(pp.stream(arrays, 64, 16, 2, barriers)).trace(
+        token, *arrays).lower(lowering_platforms=("cuda",)).as_text()
+             for barriers in (True, False)]
+    self.assertIn("mosaic_gpu", texts[1])
+    self.assertGreater(len(texts[0]), len(texts[1]))
+
   def test_math_and_barrier_options_reach_the_kernel(self):
     # approx_math (the default for layout="tokens") puts ex2.approx in the
     # Mosaic GPU module; auto_barriers=True adds a warpgroup barrier around
