@@ -565,12 +565,15 @@ def rotation_options():
   layer_steps()
 
 
-def append_attention_checks():
+def append_attention_checks(options: dict | None = None):
   """pallas_gpu.append_attention on the device: output against the
   reference over the XLA-appended cache, bytes written against XLA's
   (ragged lengths: empty, mid, full), then one SmolLM2 decode layer's
   device µs, append kernel + attention kernel against the fused launch,
-  two interleaved rounds at B = 1 and 32."""
+  two interleaved rounds at B = 1 and 32. options: append_attention's
+  (e.g. auto_barriers=False): the checks use them, and the timings add
+  the fused launch with them."""
+  options = options or {}
   print("jax", jax.__version__, jax.devices()[0].device_kind, flush=True)
   for dim, groups, bits in ((64, 3, 4), (64, 3, 3), (128, 4, 4),
                             (64, 8, 2)):
@@ -590,7 +593,8 @@ def append_attention_checks():
       want = da.chunk_attention(q, want_cache, want_cache.lengths,
                                 impl="reference")
       # Under jit: eagerly, a full sequence is an error (cache full).
-      got, got_cache = jax.jit(pallas_gpu.append_attention)(q, kn, vn, c)
+      got, got_cache = jax.jit(functools.partial(
+          pallas_gpu.append_attention, **options))(q, kn, vn, c)
       err = float(jnp.max(jnp.abs(got - want)) / jnp.max(jnp.abs(want)))
       differ = sum(int(jnp.sum(x != y)) for x, y in (
           (got_cache.keys.codes, want_cache.keys.codes),
@@ -606,11 +610,13 @@ def append_attention_checks():
             f"{type(e).__name__}: {str(e)[:600]}", flush=True)
   for b in (1, 32):
     for rnd in range(2):
-      for append_impl in ("pallas_gpu", "fused"):
+      variants = [("pallas_gpu", {}), ("fused", {})]
+      variants += [("fused", options)] if options else []
+      for append_impl, opts in variants:
         try:
-          us = _layer_us(b, 4, None, append_impl, {})
-          print(f"B={b} round {rnd} 4-bit append {append_impl}: {us:.1f} us",
-                flush=True)
+          us = _layer_us(b, 4, None, append_impl, opts)
+          print(f"B={b} round {rnd} 4-bit append {append_impl} {opts}: "
+                f"{us:.1f} us", flush=True)
         except Exception as e:  # noqa: BLE001 - a probe reports failures
           print(f"B={b} 4-bit append {append_impl} FAIL "
                 f"{type(e).__name__}: {str(e)[:600]}", flush=True)
@@ -757,8 +763,9 @@ def main():
   if "--skeleton" in sys.argv:
     skeleton()
     return
-  if "--append-attention" in sys.argv:
-    append_attention_checks()
+  if "--append-attention" in sys.argv:    # --no-barriers: that option too
+    append_attention_checks(dict(auto_barriers=False)
+                            if "--no-barriers" in sys.argv else None)
     return
   if "--rotate" in sys.argv:
     rotation_options()

@@ -188,7 +188,8 @@ class GpuLoweringTest(parameterized.TestCase):
 
   @parameterized.parameters((64, 4, 4, 3, {}), (64, 3, 3, 8, {}),
                             (128, 4, 2, 4, {}),
-                            (64, 4, 4, 3, dict(rotate_in_kernel=False)))
+                            (64, 4, 4, 3, dict(rotate_in_kernel=False)),
+                            (64, 4, 4, 3, dict(auto_barriers=False)))
   def test_append_attention_lowers(self, dim, key_bits, value_bits, groups,
                                    options):
     # One kernel: the append program's scalar writes (24-byte rows through

@@ -554,6 +554,7 @@ def append_attention(q: jax.Array, k: jax.Array, v: jax.Array, cache, *,
                      scale: float | None = None, splits: int | None = None,
                      stages: int = STAGES,
                      rotate_in_kernel: bool | None = None,
+                     auto_barriers: bool = True,
                      interpret: bool | None = None):
   """One decode token in one launch: appends k, v [B, K, 1, D] to a
   TurboQuantCache at position cache.lengths[b] and attends q [B, 1, H, D]
@@ -569,7 +570,8 @@ def append_attention(q: jax.Array, k: jax.Array, v: jax.Array, cache, *,
   `append`). Needs what the append kernel needs (quantize_append.
   supported: mse, integer bits up to 4, head dim a multiple of 64, no
   window, sink or 8-bit norms); NotImplementedError otherwise. Options as
-  in attention().
+  in attention(); auto_barriers=False is written and checked in interpret
+  mode, not yet run on a GPU (so on by default here).
   """
   if q.ndim != 4 or q.shape[1] != 1 or k.shape != (
       cache.batch, cache.kv_heads, 1, cache.head_dim) or v.shape != k.shape:
@@ -590,13 +592,14 @@ def append_attention(q: jax.Array, k: jax.Array, v: jax.Array, cache, *,
     splits = default_splits(cache, "tokens")
   scale = q.shape[-1] ** -0.5 if scale is None else scale
   return _append_attention(q, k, v, cache, scale, splits, stages,
-                           bool(rotate_in_kernel), interpret)
+                           bool(rotate_in_kernel), bool(auto_barriers),
+                           interpret)
 
 
 @jax.jit(static_argnames=("scale", "splits", "stages", "rotate_in_kernel",
-                          "interpret"))
+                          "auto_barriers", "interpret"))
 def _append_attention(q, k, v, cache, scale, splits, stages,
-                      rotate_in_kernel, interpret):
+                      rotate_in_kernel, auto_barriers, interpret):
   # pylint: disable-next=g-import-not-at-top (it imports this module)
   from turboquant_jax.kernels.decode_attention import pallas_gpu_tokens
   inp = parts.prepare(q, cache, cache.lengths, scale, norms_as_stored=True)
@@ -608,7 +611,8 @@ def _append_attention(q, k, v, cache, scale, splits, stages,
           inp, splits=splits, lookup_mode="prmt", stages=stages,
           key_registers=True, transpose_p=True, skip_empty_splits=True,
           interpret=interpret, columns=True, rotate=rotate,
-          append=(cache, k, v), min_columns=8))
+          append=(cache, k, v), min_columns=8,
+          auto_barriers=auto_barriers))
   out = parts.finish_columns(acc, m, l, q, cache, rotated=rotate is not None)
   cache = dataclasses.replace(
       cache, keys=dataclasses.replace(cache.keys, codes=kc, norms=kn),

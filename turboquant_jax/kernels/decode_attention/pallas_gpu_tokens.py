@@ -382,6 +382,7 @@ def _kernel(lengths_ref, *refs, key_specs, value_specs, groups, split_len,
             b, k, dim=dim, key_spec=append[0], value_spec=append[1],
             norm_dtypes=tuple(r.dtype for r in norm_refs)),
         plgpu.SMEM((2, dim), jnp.int32))
+    plgpu.commit_smem()     # one_tile's scope reuses codes_smem's bytes
     written = ((key_words, key_norm, kc_refs[0], kn_refs[0], key_specs[0]),
                (value_words, value_norm, vc_refs[0], vn_refs[0],
                 value_specs[0]))
@@ -425,6 +426,7 @@ def _kernel(lengths_ref, *refs, key_specs, value_specs, groups, split_len,
         tile += [plgpu.SMEM(block(spec).block_shape, jnp.uint8),
                  plgpu.SMEM((rows,), norm_ref.dtype)]
       accs_out, m_i, l_i = pl.run_scoped(one_tile, *scratch(), *tile)
+      plgpu.commit_smem()   # as in attend(): the epilogue reuses the SMEM
       if rotate:
         accs_out = (_rotate_back(
             _rotation(rot_tiles, rot_barriers, 1, groups_k), accs_out[0],
@@ -510,7 +512,9 @@ def fused_attention(inp: parts.KernelInputs, *, splits: int = 8,
   barrier around every SMEM store and TMA issue); safe here because every
   tile's reads of its pipeline slot end before the tile's last
   commit_smem (a fence and a barrier), which the next TMA into that slot
-  follows; not with `append` (its quantization reads what it wrote).
+  follows, and a commit_smem separates every scope from the next one that
+  reuses its bytes (with `append` too: quantize_token orders its own
+  codes by one).
   overlap_values=False: the value tiles are unpacked after the score
   wgmma has finished instead of while it runs, so the key tiles held in
   registers for it are dead by then (fewer live registers: ptxas holds
@@ -520,8 +524,8 @@ def fused_attention(inp: parts.KernelInputs, *, splits: int = 8,
   if min_columns not in (8, 16) or (min_columns == 8 and not transpose_p):
     raise ValueError(f"{min_columns=}, {transpose_p=}: expected 16, or 8 "
                      "with transpose_p")
-  if append is not None and (approx_math or not auto_barriers):
-    raise ValueError("approx_math and auto_barriers=False: not with append")
+  if append is not None and approx_math:
+    raise ValueError("approx_math: not with append")
   base._check(inp, splits)
   specs, queries, codes, norms = base._kernel_specs(inp)
   b, kv, m, _ = inp.q[0].shape
