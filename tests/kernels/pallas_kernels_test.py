@@ -168,13 +168,21 @@ class PallasGpuInterpretTest(parameterized.TestCase):
   @parameterized.named_parameters(
       dict(testcase_name="d128_gqa4", dim=128, groups=4, tokens=1,
            lengths=(128, 77)),
+      dict(testcase_name="d64_gqa3_chunk2", dim=64, groups=3, tokens=2,
+           lengths=(2, 127)))
+  def test_eight_query_columns(self, **case):
+    self.check_eight_query_columns(**case)
+
+  @parameterized.named_parameters(
       dict(testcase_name="d64_gqa3_length1", dim=64, groups=3, tokens=1,
            lengths=(1, 100)),
       dict(testcase_name="d64_gqa8", dim=64, groups=8, tokens=1,
-           lengths=(65, 128)),
-      dict(testcase_name="d64_gqa3_chunk2", dim=64, groups=3, tokens=2,
-           lengths=(2, 127)))
-  def test_eight_query_columns(self, dim, groups, tokens, lengths):
+           lengths=(65, 128)))
+  @pytest.mark.slow   # ~5 s each in interpret mode
+  def test_eight_query_columns_more(self, **case):
+    self.check_eight_query_columns(**case)
+
+  def check_eight_query_columns(self, dim, groups, tokens, lengths):
     # Up to 8 queries per KV head take 8 query columns (the default with
     # transpose_p): the kernel writes [.., D, 8] columns and agrees with
     # the reference and with 16 columns.
@@ -197,15 +205,16 @@ class PallasGpuInterpretTest(parameterized.TestCase):
         interpret=pallas_gpu.interpret_params(True), columns=True)
     self.assertEqual(acc.shape[-1], 8)
 
-  @parameterized.named_parameters(
-      dict(testcase_name="d128_b4", dim=128, key_bits=4, value_bits=4,
-           method="mse"),
-      dict(testcase_name="d128_split_parts", dim=128, key_bits=3.5,
-           value_bits=2.5, method="mse"),
-      dict(testcase_name="d64_prod_keys", dim=64, key_bits=3, value_bits=2,
-           method="prod"))
-  def test_values_unpacked_after_the_scores(self, dim, key_bits, value_bits,
-                                            method):
+  def test_values_unpacked_after_the_scores(self):
+    self.check_values_unpacked_after_the_scores(128, 3.5, 2.5, "mse")
+
+  @pytest.mark.slow   # ~6 s each in interpret mode
+  def test_values_unpacked_after_the_scores_more(self):
+    self.check_values_unpacked_after_the_scores(128, 4, 4, "mse")
+    self.check_values_unpacked_after_the_scores(64, 3, 2, "prod")
+
+  def check_values_unpacked_after_the_scores(self, dim, key_bits,
+                                             value_bits, method):
     # overlap_values=False unpacks the value tiles after the score wgmma
     # (one commit_smem for them and Pᵀ): the same result.
     cache = self._cache(dim, key_bits, value_bits, 0, (128, 50), dim,
