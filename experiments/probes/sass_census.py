@@ -21,8 +21,9 @@ nvidia-cuda-cuobjdump wheels carry both).
         [--options="{'min_columns': 8}"] [--dir=DUMP]
 (--fused: the kernel of pallas_gpu.append_attention, which also appends
 the decode token; --options: keyword options of pallas_gpu.attention, a
-Python dict, dumped under sass_<options>; --dir: only read an existing dump (SASS listings, or PTX
-to assemble), which is all that works on a CPU.)
+Python dict, dumped under sass_<options>; --dir: only read an existing
+dump (SASS listings, or PTX to assemble), which is all that works on a
+CPU.)
 """
 
 import ast

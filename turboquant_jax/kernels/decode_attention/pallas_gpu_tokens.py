@@ -51,8 +51,8 @@ registers and the transposed Pᵀ 1.16-1.22 ms, 1.15x cuDNN bf16; with 8
 query columns, ex2.approx and no automatic barriers (v7, the defaults
 since session 11) 0.73 ms in device time, 1.35x cuDNN bf16 (133 registers,
 740 instructions a tile; results/kernel_bench/h200_v7). The pipeline
-streaming the same bytes with no work takes 0.46-0.51 ms
-(experiments/probes/decode_kernel_variants.py, NOTES.md).
+streaming the same bytes with no work took 0.46-0.51 ms in wall clock, a
+dispatch included (experiments/probes/pipeline_probe.py, NOTES.md).
 """
 
 import functools
