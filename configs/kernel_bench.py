@@ -27,7 +27,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.pallas_gpu = ml_collections.ConfigDict(dict(
       layout="tokens", lookup_mode="prmt", key_registers=True,
       transpose_p=True, skip_empty_splits=True, approx_math=True,
-      overlap_values=True,
+      overlap_values=ml_collections.config_dict.placeholder(bool),
       rotate_in_kernel=ml_collections.config_dict.placeholder(bool),
       min_columns=ml_collections.config_dict.placeholder(int),
       auto_barriers=ml_collections.config_dict.placeholder(bool)))

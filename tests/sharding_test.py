@@ -21,6 +21,9 @@ _MESHES = ((2, 4), (4, 2))           # (data, model); K = 4 divides both
 _KINDS = ("full", "turboquant", "turboquant_split", "kivi")
 # K = 4 KV heads on 8 model shards: KV heads replicated (N = 8 still split).
 _FALLBACK = ("turboquant_split", 1, 8)
+# What a cache keeps per KV head on a leading K axis, not [B, K, ...].
+_PER_HEAD = ("key_quantizer", "value_quantizer", "key_split_rotation",
+             "value_split_rotation")
 _CASES = tuple((k, d, m) for k in _KINDS for d, m in _MESHES) + (_FALLBACK,)
 _DECODE_STEPS = 3
 # Tensor parallelism splits the o_proj / down_proj contractions and sums the
@@ -83,9 +86,9 @@ def _child() -> None:
     return out, caches
 
   def buffers(cache):
-    """The [B, K, ...] leaves (codes, norms, windows), not the quantizers."""
-    no_quantizers = {n: None for n in ("key_quantizer", "value_quantizer")
-                     if hasattr(cache, n)}
+    """The [B, K, ...] leaves (codes, norms, windows), not the quantizers
+    or their folded split rotations ([K, D, D])."""
+    no_quantizers = {n: None for n in _PER_HEAD if hasattr(cache, n)}
     return [x for x in jax.tree.leaves(
         dataclasses.replace(cache, **no_quantizers)) if x.ndim >= 3]
 
@@ -115,8 +118,7 @@ def _child() -> None:
           cache_leaf_shapes=sorted({str(x.shape) for x in buffers(first)}),
           quantizer_specs=sorted({
               spec(x)
-              for name in ("key_quantizer", "value_quantizer")
-              if hasattr(s_caches[0], name)
+              for name in _PER_HEAD if hasattr(s_caches[0], name)
               for x in jax.tree.leaves(getattr(s_caches[0], name))}),
           out_cache_specs=sorted({spec(x) for x in buffers(out_caches[0])}),
           constrained_specs=sorted({spec(x)
@@ -209,6 +211,24 @@ class CacheSpecsTest(absltest.TestCase):
     self.assertEqual(cache.rotation_tiles.shape, (2, 1, 64, 64))
     self.assertEqual(specs.rotation_tiles, P())
     self.assertEqual(specs.keys.codes, P("data", "model", None, None))
+
+  def test_split_rotations_go_with_their_heads(self):
+    # f32[K, D, D] per KV head, like the split quantizers' leaves: over
+    # "model" where K divides it, else replicated.
+    # pylint: disable=g-import-not-at-top (jax starts in the child first)
+    import jax
+    from jax.sharding import PartitionSpec as P
+    from turboquant_jax import cache as cache_lib
+    from turboquant_jax import sharding
+    # pylint: enable=g-import-not-at-top
+    cfg = cache_lib.CacheConfig(key_bits=2.5, value_bits=3.5)
+    for kv_heads, expected in ((2, P("model", None, None)), (3, P())):
+      cache = cache_lib.init(cfg, 2, kv_heads, 64, 64)
+      specs = sharding.cache_specs(
+          cache, jax.sharding.AbstractMesh((1, 2), ("data", "model")))
+      self.assertEqual(cache.key_split_rotation.shape, (kv_heads, 64, 64))
+      self.assertEqual(specs.key_split_rotation, expected)
+      self.assertEqual(specs.value_split_rotation, expected)
 
 
 if __name__ == "__main__":

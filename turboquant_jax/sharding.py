@@ -34,7 +34,8 @@ rings) go batch over "data" and KV heads over "model"; `lengths` i32[B] over
 "data". Quantizers: a shared quantizer (integer bits: one rotation, one
 codebook for all heads) is replicated, as are the rotations' kernel tiles
 (`rotation_tiles`); the per-head split quantizers of
-fractional bits (leaves stacked on a leading K axis) go over "model". The
+fractional bits (leaves stacked on a leading K axis) and their folded
+rotations (`key_split_rotation`, [K, D, D]) go over "model". The
 batch must divide by the data axis (else it is replicated too).
 
 The GPU kernels (pallas_gpu decode attention, the fused append) are custom
@@ -75,6 +76,7 @@ _PARAM_RULES = {
 }
 _QUANTIZER_FIELDS = ("key_quantizer", "value_quantizer")
 _REPLICATED_FIELDS = ("rotation_tiles",)     # the same on every device
+_PER_HEAD_FIELDS = ("key_split_rotation", "value_split_rotation")  # [K, ...]
 
 
 def make_mesh(data: int = 1, model: int = 1,
@@ -189,6 +191,9 @@ def cache_specs(cache, mesh: jax.sharding.Mesh):
       fields[f.name] = _quantizer_specs(value, kv_heads, mesh)
     elif f.name in _REPLICATED_FIELDS:
       fields[f.name] = P()
+    elif f.name in _PER_HEAD_FIELDS:
+      fields[f.name] = (P(MODEL, None, None)
+                        if _divides(mesh, MODEL, kv_heads) else P())
     else:   # lengths [B] and every [B, K, ...] buffer
       fields[f.name] = jax.tree.map(lambda x: _kv_spec(x, mesh), value)
   return dataclasses.replace(cache, **fields)

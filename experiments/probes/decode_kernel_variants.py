@@ -24,9 +24,16 @@ launches it replaces; --skeleton: 8 query columns, approximate exp and no
 automatic barriers checked, then timed in device time against the kernel
 before them (--skeleton-checks: the checks and the defaults' time
 only); --skeleton-tune: stages, splits, steps with them;
---skeleton-rows: 64- against 128-token steps at several shapes)
+--skeleton-rows: 64- against 128-token steps at several shapes;
+--compare="{'name': {options}, ...}": today's defaults and each named set
+of pallas_gpu.attention options checked on 4 shapes, then timed in
+interleaved rounds at B=8, S=128k, 4 and 3.5 bits or at
+--shapes="((B, S, (bits, ...)), ...)"; --no-checks: times only;
+--split-fold: outlier-split caches with and without their folded
+rotations, checked and timed)
 """
 
+import ast
 import dataclasses
 import functools
 import sys
@@ -36,6 +43,7 @@ import jax
 import jax.numpy as jnp
 
 from experiments import kernel_bench
+from experiments import probes
 from experiments import timing
 from turboquant_jax import cache as cache_lib
 from turboquant_jax.cache import turboquant_cache
@@ -748,7 +756,93 @@ def skeleton_rows():
       del c
 
 
+def compare(variants: dict, shapes=((8, 131072, (4, 3.5)),),
+            checks: bool = True) -> None:
+  """Each named set of options (and today's defaults, "defaults") checked
+  on 4 shapes (D 128/64, GQA 4/8/1, 4, 3, 3.5 bits, prod keys, a chunk of
+  3), then device time for each (B, S, widths) of `shapes` (32/8 heads,
+  D=128) beside cuDNN bf16, two interleaved rounds."""
+  print("jax", jax.__version__, jax.devices()[0].device_kind, flush=True)
+  variants = {"defaults": {}, **variants}
+  for name, options in variants.items() if checks else ():
+    print(f"checks: {name} {options}", flush=True)
+    for args, kwargs in (((128, 4, 4), {}), ((64, 8, 3),
+                                             dict(lengths=(333, 1))),
+                         ((128, 4, 3.5), dict(tokens=3)),
+                         ((128, 1, 3, "prod"), {})):
+      check(*args, mode="prmt", layout="tokens", **kwargs, **options)
+  loop = lambda f, *a: timing.time_loop_ms(f, *a, loops=20, warmup=2,
+                                           reps=5)
+  for b, s, bits_list in shapes:
+    qb, _ = _cudnn(b, 32, 8, 128, s)
+    kb, vb = (jax.random.normal(jax.random.key(i), (b, s, 8, 128),
+                                jnp.bfloat16) for i in (1, 2))
+    cudnn = loop(lambda q, k, v: jax.nn.dot_product_attention(
+        q[:, None], k, v, implementation="cudnn")[:, 0], qb, kb, vb)
+    del kb, vb
+    q = jax.random.normal(jax.random.key(0), (b, 32, 128))
+    for bits in bits_list:
+      c = kernel_bench.random_cache(
+          jax.random.key(4), cache_lib.CacheConfig(key_bits=bits,
+                                                   value_bits=bits),
+          b, 8, s, 128)
+      times = _device_rounds(variants, q, c)
+      print(f"B={b:<2} S={s:<6} bits={bits:<3} cudnn {cudnn:.3f}  " +
+            "  ".join(f"{name} {_ms(ts)} (x{cudnn / min(ts):.2f})"
+                      for name, ts in times.items() if ts), flush=True)
+      del c
+
+
+def split_fold(shapes=((1, 16384, (3.5, 2.5)), (1, 32768, (3.5, 2.5)),
+                       (1, 65536, (3.5,)), (8, 16384, (3.5,)),
+                       (8, 131072, (3.5, 2.5)))) -> None:
+  """Outlier-split caches with their folded rotations (one XLA product
+  each way, split.folded_rotation; the default) against without (a gather,
+  two products and two scatters): checks on 4 shapes, then device time
+  beside cuDNN bf16 (32/8 heads, D=128), two interleaved rounds."""
+  print("jax", jax.__version__, jax.devices()[0].device_kind, flush=True)
+  for args in ((128, 4, 3.5), (128, 4, 2.5), (64, 8, 3.5),
+               (128, 1, 3.5, "prod")):
+    check(*args, mode="prmt", layout="tokens")
+  loop = lambda f, *a: timing.time_loop_ms(f, *a, loops=20, warmup=2,
+                                           reps=5)
+  attend = lambda q, c: da.decode_attention(q, c, c.lengths,
+                                            impl="pallas_gpu")
+  for b, s, bits_list in shapes:
+    qb, _ = _cudnn(b, 32, 8, 128, s)
+    kb, vb = (jax.random.normal(jax.random.key(i), (b, s, 8, 128),
+                                jnp.bfloat16) for i in (1, 2))
+    cudnn = loop(lambda q, k, v: jax.nn.dot_product_attention(
+        q[:, None], k, v, implementation="cudnn")[:, 0], qb, kb, vb)
+    del kb, vb
+    q = jax.random.normal(jax.random.key(0), (b, 32, 128))
+    for bits in bits_list:
+      folded = kernel_bench.random_cache(
+          jax.random.key(4), cache_lib.CacheConfig(key_bits=bits,
+                                                   value_bits=bits),
+          b, 8, s, 128)
+      caches = {"folded": folded, "unfolded": dataclasses.replace(
+          folded, key_split_rotation=None, value_split_rotation=None)}
+      times = {name: [] for name in caches}
+      for _ in range(2):
+        for name, c in caches.items():
+          times[name].append(loop(attend, q, c))
+      print(f"B={b:<2} S={s:<6} bits={bits:<3} cudnn {cudnn:.3f}  " +
+            "  ".join(f"{name} {_ms(ts)} (x{cudnn / min(ts):.2f})"
+                      for name, ts in times.items()), flush=True)
+      del folded, caches
+
+
 def main():
+  if "--split-fold" in sys.argv:
+    split_fold()
+    return
+  if probes.option("compare", None) is not None:
+    compare(ast.literal_eval(probes.option("compare", None)),
+            ast.literal_eval(probes.option("shapes",
+                                           "((8, 131072, (4, 3.5)),)")),
+            "--no-checks" not in sys.argv)
+    return
   if "--skeleton-checks" in sys.argv:   # checks, then the defaults timed
     print("jax", jax.__version__, jax.devices()[0].device_kind, flush=True)
     skeleton_checks()

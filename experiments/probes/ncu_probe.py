@@ -13,9 +13,11 @@ XLA work around it) gets its duration, throughput and stall reasons.
     (one SmolLM2-shaped decode layer at B=32: attention and append;
     smol_tq_b1, smol_full_b1 the same at B=1),
     append_xla, append_fused (one donated 4-bit append at that shape,
-    printing its optimized HLO)
+    printing its optimized HLO); --options="{...}": keyword options of
+    pallas_gpu.attention for the pallas_gpu cases
 """
 
+import ast
 import ctypes
 import dataclasses
 import sys
@@ -24,6 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from experiments import kernel_bench
+from experiments import probes
 from turboquant_jax import cache as cache_lib
 from turboquant_jax.cache import turboquant_cache
 from turboquant_jax.kernels import decode_attention as da
@@ -41,11 +44,12 @@ def _profiled(fn, *args):
 
 
 def _kernel(bits, b=8, h=32, kvh=8, d=128, s=32768):
+  options = ast.literal_eval(probes.option("options", "{}"))
   cfg = cache_lib.CacheConfig(key_bits=bits, value_bits=bits)
   c = kernel_bench.random_cache(jax.random.key(4), cfg, b, kvh, s, d)
   q = jax.random.normal(jax.random.key(0), (b, h, d))
   _profiled(jax.jit(lambda q, c: da.decode_attention(
-      q, c, c.lengths, impl="pallas_gpu")), q, c)
+      q, c, c.lengths, impl="pallas_gpu", **options)), q, c)
 
 
 def _cudnn(b=8, h=32, kvh=8, d=128, s=131072):

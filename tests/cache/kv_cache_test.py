@@ -16,6 +16,7 @@ import pytest
 from turboquant_jax import cache as cache_lib
 from turboquant_jax.cache import CacheConfig
 from turboquant_jax.cache import kivi_cache
+from turboquant_jax.quant import split
 
 B, K, S, D = 2, 2, 16, 64
 
@@ -273,6 +274,27 @@ class AccuracyTest(parameterized.TestCase):
                                        .max(-1))), 0.0)
 
 
+class SplitRotationTest(parameterized.TestCase):
+
+  def test_folded_rotations_follow_the_chosen_channels(self):
+    # Given a 3.5-bit key, 4-bit value cache (only the keys split).
+    cfg = CacheConfig(kind="turboquant", key_bits=3.5, value_bits=4)
+    cache = cache_lib.init(cfg, B, K, S, D, key=jax.random.key(0))
+    self.assertIsNone(cache.value_split_rotation)
+    fold = lambda q: jax.vmap(split.folded_rotation)(q)
+    np.testing.assert_array_equal(cache.key_split_rotation,
+                                  fold(cache.key_quantizer))
+    # When prefill picks the outlier channels (the planted ones, 3 mod 16).
+    k, v = _kv(5, 12)
+    filled = cache_lib.prefill(cache, k, v, jnp.array([12, 7]))
+    # Then the channels moved and the folded rotations moved with them.
+    self.assertFalse(np.array_equal(filled.key_quantizer.outlier_channels,
+                                    cache.key_quantizer.outlier_channels))
+    np.testing.assert_array_equal(filled.key_split_rotation,
+                                  fold(filled.key_quantizer))
+    self.assertEqual(filled.key_split_rotation.shape, (K, D, D))
+
+
 class MemoryTest(parameterized.TestCase):
   """memory() against byte counts written out by hand.
 
@@ -336,11 +358,12 @@ class MemoryTest(parameterized.TestCase):
     # = 12 bytes; 2-bit codes 32·2/8 = 8 bytes; two fp16 norms 4 bytes:
     # 24 bytes (= 3 bits per coordinate). Per token 2·2·24 = 96 bytes.
     # Fixed per KV head: outlier quantizer 32·32·4 + 8·4 + 7·4 = 4156,
-    # regular 32·32·4 + 4·4 + 3·4 = 4124, channel indices 2 · 32 · 4 = 256:
-    # 8536; · 2 heads · 2 (keys, values) = 34144.
+    # regular 32·32·4 + 4·4 + 3·4 = 4124, channel indices 2 · 32 · 4 = 256,
+    # the folded rotation (split.folded_rotation) 64·64·4 = 16384: 24920;
+    # · 2 heads · 2 (keys, values) = 99680.
     self._check(CacheConfig(kind="turboquant", key_bits=2.5,
                             value_bits=2.5),
-                total=34144 + 96 * 32 + 8, fixed=34144, per_token=96.25)
+                total=99680 + 96 * 32 + 8, fixed=99680, per_token=96.25)
 
   def test_turboquant_prod_split_norm8(self):
     # 2.5-bit prod keys at D = 64: each part (32 channels) stores codes, a

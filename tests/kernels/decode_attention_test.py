@@ -4,6 +4,7 @@ Notation: B batch, T query tokens, H query heads, K KV heads, G = H / K query
 heads per KV head, S capacity, D head dim.
 """
 
+import dataclasses
 import zlib
 
 from absl.testing import absltest
@@ -16,6 +17,7 @@ import pytest
 from turboquant_jax import cache as cache_lib
 from turboquant_jax.cache import CacheConfig
 from turboquant_jax.kernels import decode_attention as attn
+from turboquant_jax.kernels.decode_attention import parts
 from turboquant_jax.kernels.decode_attention import reference
 
 LN3 = float(np.log(3.0))
@@ -330,6 +332,43 @@ class ImplTest(parameterized.TestCase):
       attn.decode_attention(jnp.zeros((2, 5, 64)), cache,
                             jnp.array([1, 1]), impl=self.IMPL,
                             **self.IMPL_KWARGS)
+
+
+class FoldedSplitRotationTest(parameterized.TestCase):
+  """parts.prepare / parts.finish with a split cache's folded rotations
+  (one product each way) equal the per-part gathers, products and
+  scatters they replace."""
+
+  @parameterized.parameters((2.5, 3.5, "prod"), (3.5, 4, "mse"),
+                            (3, 2.5, "mse"))
+  def test_equal_without_them(self, key_bits, value_bits, method):
+    # Given a split cache with a window and a 3-token chunk of queries.
+    b, kv, s, d, g, t = 2, 2, 16, 64, 3, 3
+    cfg = CacheConfig(kind="turboquant", key_bits=key_bits,
+                      value_bits=value_bits, key_method=method, window=4)
+    keys = jax.random.split(jax.random.key(11), 6)
+    k = jax.random.normal(keys[0], (b, kv, s, d)) * 2.0
+    v = jax.random.normal(keys[1], (b, kv, s, d))
+    lengths = jnp.array([16, 9])
+    folded = cache_lib.prefill(cache_lib.init(cfg, b, kv, s, d), k, v,
+                               lengths)
+    plain = dataclasses.replace(folded, key_split_rotation=None,
+                                value_split_rotation=None)
+    q = jax.random.normal(keys[2], (b, t, kv * g, d))
+    # Then the kernels' inputs agree part by part.
+    a, z = (parts.prepare(q, c, lengths, 0.125) for c in (folded, plain))
+    for x, y in zip(a.q + [u for u in a.sq if u is not None],
+                    z.q + [u for u in z.sq if u is not None]):
+      np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-5)
+    # And so do the merged outputs of the same partial softmax state.
+    ns, m = 4, t * g
+    acc = [jax.random.normal(keys[3 + i], (b, kv, ns, m, spec.dim))
+           for i, spec in enumerate(a.value_specs)]
+    mx = jax.random.normal(keys[5], (b, kv, ns, m))
+    l = jnp.exp(mx) + 1.0
+    got, want = (parts.finish(acc, mx, l, q, c, lengths, 0.125)
+                 for c in (folded, plain))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.slow

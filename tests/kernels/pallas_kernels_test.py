@@ -434,6 +434,21 @@ class PallasGpuInterpretTest(parameterized.TestCase):
     self.assertEqual(pallas_gpu.default_splits(smol(32)), 8)
     self.assertEqual(pallas_gpu.default_splits(smol(4)), 16)  # 192 programs
 
+  def test_default_overlap_values(self):
+    # Unpacking V under the score wgmma where a program streams few tiles
+    # (B = 1, S = 16k: 128 splits of 2 tiles), after it where each streams
+    # many (B = 8, S = 128k: 16 splits of 128 tiles; 128-token steps: 64).
+    shape = lambda b, s: jax.eval_shape(
+        lambda: cache_lib.init(CacheConfig(key_bits=4), b, 8, s, 128))
+    for b, s, rows, want in ((1, 16384, 64, True), (1, 65536, 64, True),
+                             (8, 131072, 64, False), (8, 131072, 128, False),
+                             (1, 131072, 64, False)):
+      cache = shape(b, s)
+      splits = pallas_gpu.default_splits(cache)
+      self.assertEqual(
+          pallas_gpu.default_overlap_values(cache, splits, rows), want,
+          (b, s, rows, splits))
+
   def test_unsupported_raises_not_implemented(self):
     # Parts of 32 channels (2.5 bits at D = 64) and more than 64 query
     # rows: NotImplementedError, which lets impl=None fall back to "xla".

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import turboquant_jax as tq
+from turboquant_jax.quant import rotation
 from turboquant_jax.quant import split
 
 
@@ -230,6 +231,29 @@ class ReconstructionTest(parameterized.TestCase):
     expected = np.einsum("yd,abd->yab", np.asarray(y, np.float64),
                          np.asarray(tq.dequantize(sq, sqt), np.float64))
     np.testing.assert_allclose(scores, expected, rtol=1e-5, atol=1e-5)
+
+
+class FoldedRotationTest(parameterized.TestCase):
+
+  @parameterized.parameters("haar", "hadamard")
+  def test_one_matrix_gathers_and_rotates_both_parts(self, kind):
+    # Given a 2.5-bit split at D = 64 with scattered outlier channels.
+    sq = tq.with_outlier_channels(
+        tq.make_quantizer(jax.random.key(3), 64, 2.5, rotation=kind),
+        jnp.array([1, 5, 6, 9, 10, 20, 21, 22, 30, 31, 33, 35, 40, 41, 47,
+                   49, 50, 51, 52, 53, 54, 55, 56, 57, 58, 59, 60, 61, 62,
+                   63, 0, 2]))
+    x = jax.random.normal(jax.random.key(4), (5, 64))
+    e = split.folded_rotation(sq)
+    # Then E x is each part's rotated channels, the outliers first.
+    want = jnp.concatenate(
+        [rotation.apply(p.rotation, jnp.take(x, ch, axis=-1))
+         for p, ch in ((sq.outlier, sq.outlier_channels),
+                       (sq.regular, sq.regular_channels))], axis=-1)
+    np.testing.assert_allclose(x @ e.T, want, atol=2e-5)
+    # And Eᵀ undoes it: each part's inverse rotation back at its channels.
+    np.testing.assert_allclose(want @ e, x, atol=2e-5)
+    np.testing.assert_allclose(e @ e.T, np.eye(64), atol=2e-5)
 
 
 class TransformTest(absltest.TestCase):

@@ -60,11 +60,13 @@ def dequantize(cache) -> tuple[jax.Array, jax.Array]:
 
 
 def _fixed_leaves(cache) -> list:
-  """What a cache holds that is fixed for its life: the quantizers and
-  the rotations' kernel tiles."""
+  """What a cache holds that is fixed for its life (or set once by
+  prefill): the quantizers and the rotations' kernel forms."""
   return [getattr(cache, name) for name in ("key_quantizer",
                                             "value_quantizer",
-                                            "rotation_tiles")
+                                            "rotation_tiles",
+                                            "key_split_rotation",
+                                            "value_split_rotation")
           if getattr(cache, name, None) is not None]
 
 
@@ -75,8 +77,8 @@ def memory(cache) -> dict[str, float]:
     nbytes: every array the cache holds (codes, norms, windows, lengths,
       rotations, sketches, codebooks, outlier channel indices).
     fixed_nbytes: the part that does not grow with capacity or batch
-      (quantizer matrices and their kernel tiles, codebooks, outlier
-      indices).
+      (quantizer matrices and their kernel forms: tiles, folded split
+      rotations; codebooks, outlier indices).
     bytes_per_token: (nbytes - fixed_nbytes) / (batch * capacity): keys and
       values of all KV heads of one token, norms, window share included.
     bits_per_coordinate: bytes_per_token * 8 / (2 * kv_heads * head_dim).

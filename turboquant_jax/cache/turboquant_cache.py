@@ -68,6 +68,13 @@ class TurboQuantCache:
       for the cache's life like the rotations: kept here because XLA does
       not hoist laying them out from a decode loop (two converts a layer
       every step, 84 µs of a SmolLM2 step at B = 1 on the H200).
+    key_split_rotation, value_split_rotation: f32[K, D, D] per KV head,
+      split.folded_rotation of that tensor's SplitQuantizer (both parts'
+      channel gathers and rotations as one matrix) where its bits are
+      fractional, else None. Made by init and again by prefill (which
+      chooses the outlier channels); the decode kernels' XLA work then
+      rotates queries and outputs by one product each (parts.prepare,
+      parts.finish) instead of a gather, two products and two scatters.
   """
   keys: api.AnyQuantized
   values: api.AnyQuantized
@@ -83,6 +90,8 @@ class TurboQuantCache:
   sink_keys: jax.Array | None = None
   sink_values: jax.Array | None = None
   rotation_tiles: jax.Array | None = None
+  key_split_rotation: jax.Array | None = None
+  value_split_rotation: jax.Array | None = None
 
   @property
   def batch(self) -> int:
@@ -228,7 +237,16 @@ def init(config: CacheConfig, batch: int, kv_heads: int, capacity: int,
       window_values=window, lengths=jnp.zeros((batch,), jnp.int32),
       config=config, key_mean=key_mean, key_norm_range=ranges[0],
       value_norm_range=ranges[1], sink_keys=sink, sink_values=sink,
-      rotation_tiles=tiles)
+      rotation_tiles=tiles, key_split_rotation=_split_rotation(kq),
+      value_split_rotation=_split_rotation(vq))
+
+
+def _split_rotation(q) -> jax.Array | None:
+  """f32[K, D, D]: split.folded_rotation per KV head, or None for a
+  quantizer shared by all heads (integer bits)."""
+  if not isinstance(q, split.SplitQuantizer):
+    return None
+  return jax.vmap(split.folded_rotation)(q)
 
 
 # The largest head dim whose rotations init lays out as rotation_tiles (the
@@ -320,9 +338,12 @@ def _prefill(cache, k, v, lengths):
     cache = dataclasses.replace(cache, key_mean=_prefill_mean(
         k, lengths, cache.key_mean.dtype, cache.config.center_skip))
     k = _center(cache, k)
+  kq = _select_outliers(cache.key_quantizer, k, lengths)
+  vq = _select_outliers(cache.value_quantizer, v, lengths)
   cache = dataclasses.replace(
-      cache, key_quantizer=_select_outliers(cache.key_quantizer, k, lengths),
-      value_quantizer=_select_outliers(cache.value_quantizer, v, lengths))
+      cache, key_quantizer=kq, value_quantizer=vq,
+      key_split_rotation=_split_rotation(kq),
+      value_split_rotation=_split_rotation(vq))
   positions = jnp.broadcast_to(jnp.arange(k.shape[2]), (k.shape[0],
                                                         k.shape[2]))
   # Padding tokens past a sequence's length are never read (masked), and a

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from turboquant_jax.quant import rotation
 from turboquant_jax.quant import turboquant
 
 
@@ -137,6 +138,23 @@ def with_outlier_channels(sq: SplitQuantizer,
   channels = jnp.sort(jnp.asarray(channels, jnp.int32))
   return dataclasses.replace(sq, outlier_channels=channels,
                              regular_channels=complement(channels, sq.dim))
+
+
+def folded_rotation(sq: SplitQuantizer) -> jax.Array:
+  """f32[D, D] E with E x = concat(Π_o x[outliers], Π_r x[regulars]).
+
+  Both parts' channel gathers and rotations as one matrix: rows [0, O) hold
+  Π_o at the outlier columns, rows [O, D) Π_r at the regular ones. E is
+  orthogonal, so Eᵀ [y_o, y_r] puts both parts' inverse rotations back at
+  their channels. A decode kernel's XLA work then takes one product each
+  way instead of a gather, two products and two scatters.
+  """
+  num = sq.outlier_channels.shape[-1]
+  e = jnp.zeros((sq.dim, sq.dim), jnp.float32)
+  e = e.at[:num, sq.outlier_channels].set(
+      rotation.as_matrix(sq.outlier.rotation))
+  return e.at[num:, sq.regular_channels].set(
+      rotation.as_matrix(sq.regular.rotation))
 
 
 def select_outliers(x: jax.Array, num: int) -> jax.Array:

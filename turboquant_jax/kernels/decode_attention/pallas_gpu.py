@@ -504,6 +504,12 @@ ROTATE_IN_KERNEL_MAX_DIM = 64
 COMBINES = ("rows", "columns")
 
 
+# overlap_values' default: on up to this many tiles a program (latency
+# bound: the value unpacking hides under the score wgmma), off above (the
+# key tiles' registers freed first; faster at B = 8 and 32 on the H200).
+OVERLAP_MAX_TILES = 8
+
+
 @jax.jit(static_argnames=("scale", "splits", "lookup_mode", "layout",
                           "stages", "tile_rows", "key_registers",
                           "transpose_p", "skip_empty_splits", "combine",
@@ -679,6 +685,12 @@ def default_splits(cache, layout: str = "tokens") -> int:
   return enough[0] if enough else (longer[-1] if longer else splits)
 
 
+def default_overlap_values(cache, splits: int, tile_rows: int = ROWS) -> bool:
+  """overlap_values' default for layout="tokens": on where a program
+  streams at most OVERLAP_MAX_TILES tiles of `tile_rows` tokens."""
+  return cache.capacity // (splits * tile_rows) <= OVERLAP_MAX_TILES
+
+
 def attention(q: jax.Array, cache, lengths: jax.Array, *,
               scale: float | None = None, splits: int | None = None,
               lookup_mode: str = "prmt", layout: str = "tokens",
@@ -690,7 +702,7 @@ def attention(q: jax.Array, cache, lengths: jax.Array, *,
               min_columns: int | None = None,
               approx_math: bool | None = None,
               auto_barriers: bool | None = None,
-              overlap_values: bool = True,
+              overlap_values: bool | None = None,
               interpret: bool | None = None) -> jax.Array:
   """q [B, T, H, D] over a TurboQuantCache -> f32[B, T, H, D].
 
@@ -763,7 +775,16 @@ def attention(q: jax.Array, cache, lengths: jax.Array, *,
       session 11).
     overlap_values: layout="tokens": unpack the value tiles while the
       score wgmma runs (True) or after it (False: the key tiles' registers
-      are free by then; not yet timed on a GPU).
+      are free by then; ptxas 104 registers against 128 at B=8, D=128, 4
+      bits). None: True where a program streams at most
+      OVERLAP_MAX_TILES tiles, else False. On the H200 (device time, two
+      rounds) False took B=8, S=128k 0.57-0.58 ms against 0.60 at 2 bits,
+      0.63-0.64 against 0.65-0.66 at 3, 0.78-0.79 against 0.83 at 3.5,
+      0.70 alike at 4; B=8, S=16k, 3.5 bits 0.145-0.154 against 0.163; but
+      B=1, S=16k (2 tiles a program) 0.057-0.067 against 0.054-0.055 at
+      2.5 bits and 0.059-0.062 against 0.054 at 3.5, where a program's
+      latency, not the SM's throughput, sets the time (NOTES.md, session
+      12).
     interpret: None uses Mosaic GPU interpret mode when the backend is not
       a GPU.
   """
@@ -786,7 +807,7 @@ def attention(q: jax.Array, cache, lengths: jax.Array, *,
                               or skip_empty_splits or rotate_in_kernel
                               or min_columns not in (None, 16) or approx_math
                               or auto_barriers is False
-                              or not overlap_values):
+                              or overlap_values is False):
     raise ValueError(f"{key_registers=}, {transpose_p=}, "
                      f"{skip_empty_splits=}, {rotate_in_kernel=}, "
                      f"{min_columns=}, {approx_math=}, {auto_barriers=}, "
@@ -805,6 +826,9 @@ def attention(q: jax.Array, cache, lengths: jax.Array, *,
   interpret = interpret_params(interpret)
   if splits is None:
     splits = default_splits(cache, layout)
+  if overlap_values is None:
+    overlap_values = not tokens or default_overlap_values(cache, splits,
+                                                          tile_rows)
   scale = q.shape[-1] ** -0.5 if scale is None else scale
   return _attention(q, cache, lengths, scale, splits, lookup_mode, layout,
                     stages, tile_rows, bool(key_registers), bool(transpose_p),

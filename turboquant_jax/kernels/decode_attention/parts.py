@@ -153,13 +153,23 @@ def prepare(q: jax.Array, cache, lengths: jax.Array, scale: float,
   # 8-bit norm codes are decoded here, by XLA, to f32.
   keys, values = turboquant_cache.tensors(cache)
   as_norms = lambda x: x if norms_as_stored else x.astype(jnp.float32)
+  folded = cache.key_split_rotation
+  if folded is not None:
+    # Both parts' gathers and rotations in one product (outliers first).
+    y_all = jnp.einsum("bkmd,ked->bkme", qh, folded, precision=_HI) * scale
+  offset = 0
   for kq, kqt, ch in _parts(cache.key_quantizer, keys):
     def rotate(quant, y, ch=ch):
       if ch is not None:
         y = jnp.take(y, ch, axis=-1)
       return rotation.apply(quant.rotation, y) * scale
-    y_rot = (jax.vmap(rotate, in_axes=(0, 1, 0), out_axes=1)(kq, qh, ch)
-             if stacked else rotate(kq, qh))
+    if folded is not None:
+      y_rot = y_all[..., offset:offset + kq.dim]
+      offset += kq.dim
+    elif stacked:
+      y_rot = jax.vmap(rotate, in_axes=(0, 1, 0), out_axes=1)(kq, qh, ch)
+    else:
+      y_rot = rotate(kq, qh)
     spec = _spec(kq)
     qs.append(y_rot)
     kcodes.append(kqt.codes)
@@ -222,18 +232,24 @@ def finish(acc: list[jax.Array], m: jax.Array, l: jax.Array, q: jax.Array,
   inv = (1.0 / jnp.maximum(denom, 1e-30))[..., None]
   # Normalized before the rotation back (linear), so that the division
   # joins the sum over splits and the product is the last step.
-  out = jnp.zeros((b, kv, t * g, d), jnp.float32)
   vq_all = cache.value_quantizer
   stacked = isinstance(vq_all, split.SplitQuantizer)
-  for a, (vq, _, ch) in zip(acc, _parts(vq_all, cache.values)):
-    a = jnp.sum(a * factor[..., None], axis=2) * inv          # [B, K, M, Dp]
-    if stacked:
-      a = jax.vmap(lambda qq, y: rotation.invert(qq.rotation, y),
-                   in_axes=(0, 1), out_axes=1)(vq, a)
-      out = jax.vmap(lambda o, y, c: o.at[..., c].set(y), in_axes=(1, 1, 0),
-                     out_axes=1)(out, a, ch)
-    else:
-      out = out + rotation.invert(vq.rotation, a)
+  merged = [jnp.sum(a * factor[..., None], axis=2) * inv      # [B, K, M, Dp]
+            for a in acc]
+  if cache.value_split_rotation is not None:
+    # Both parts' rotations back and scatters as one product (Eᵀ).
+    out = jnp.einsum("bkme,ked->bkmd", jnp.concatenate(merged, axis=-1),
+                     cache.value_split_rotation, precision=_HI)
+  else:
+    out = jnp.zeros((b, kv, t * g, d), jnp.float32)
+    for a, (vq, _, ch) in zip(merged, _parts(vq_all, cache.values)):
+      if stacked:
+        a = jax.vmap(lambda qq, y: rotation.invert(qq.rotation, y),
+                     in_axes=(0, 1), out_axes=1)(vq, a)
+        out = jax.vmap(lambda o, y, c: o.at[..., c].set(y),
+                       in_axes=(1, 1, 0), out_axes=1)(out, a, ch)
+      else:
+        out = out + rotation.invert(vq.rotation, a)
   if w:
     out = out + jnp.einsum("bkmw,bkwd->bkmd", pw * inv,
                            cache.window_values.astype(jnp.float32),
