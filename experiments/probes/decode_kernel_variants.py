@@ -756,6 +756,26 @@ def skeleton_rows():
       del c
 
 
+def _cudnn_device_ms(b: int, s: int) -> float:
+  """cuDNN bf16 decode attention's device ms at B=b, S=s, 32/8 heads,
+  D=128, separate K and V arrays (one array for both lets the value reads
+  hit L2)."""
+  qb, _ = _cudnn(b, 32, 8, 128, s)
+  kb, vb = (jax.random.normal(jax.random.key(i), (b, s, 8, 128),
+                              jnp.bfloat16) for i in (1, 2))
+  return timing.time_loop_ms(
+      lambda q, k, v: jax.nn.dot_product_attention(
+          q[:, None], k, v, implementation="cudnn")[:, 0], qb, kb, vb,
+      loops=20, warmup=2, reps=5)
+
+
+def _random_cache(bits, b: int, s: int):
+  """A full TurboQuant cache of random codes, 8 KV heads, D=128."""
+  return kernel_bench.random_cache(
+      jax.random.key(4), cache_lib.CacheConfig(key_bits=bits,
+                                               value_bits=bits), b, 8, s, 128)
+
+
 def compare(variants: dict, shapes=((8, 131072, (4, 3.5)),),
             checks: bool = True) -> None:
   """Each named set of options (and today's defaults, "defaults") checked
@@ -771,21 +791,11 @@ def compare(variants: dict, shapes=((8, 131072, (4, 3.5)),),
                          ((128, 4, 3.5), dict(tokens=3)),
                          ((128, 1, 3, "prod"), {})):
       check(*args, mode="prmt", layout="tokens", **kwargs, **options)
-  loop = lambda f, *a: timing.time_loop_ms(f, *a, loops=20, warmup=2,
-                                           reps=5)
   for b, s, bits_list in shapes:
-    qb, _ = _cudnn(b, 32, 8, 128, s)
-    kb, vb = (jax.random.normal(jax.random.key(i), (b, s, 8, 128),
-                                jnp.bfloat16) for i in (1, 2))
-    cudnn = loop(lambda q, k, v: jax.nn.dot_product_attention(
-        q[:, None], k, v, implementation="cudnn")[:, 0], qb, kb, vb)
-    del kb, vb
+    cudnn = _cudnn_device_ms(b, s)
     q = jax.random.normal(jax.random.key(0), (b, 32, 128))
     for bits in bits_list:
-      c = kernel_bench.random_cache(
-          jax.random.key(4), cache_lib.CacheConfig(key_bits=bits,
-                                                   value_bits=bits),
-          b, 8, s, 128)
+      c = _random_cache(bits, b, s)
       times = _device_rounds(variants, q, c)
       print(f"B={b:<2} S={s:<6} bits={bits:<3} cudnn {cudnn:.3f}  " +
             "  ".join(f"{name} {_ms(ts)} (x{cudnn / min(ts):.2f})"
@@ -804,29 +814,20 @@ def split_fold(shapes=((1, 16384, (3.5, 2.5)), (1, 32768, (3.5, 2.5)),
   for args in ((128, 4, 3.5), (128, 4, 2.5), (64, 8, 3.5),
                (128, 1, 3.5, "prod")):
     check(*args, mode="prmt", layout="tokens")
-  loop = lambda f, *a: timing.time_loop_ms(f, *a, loops=20, warmup=2,
-                                           reps=5)
   attend = lambda q, c: da.decode_attention(q, c, c.lengths,
                                             impl="pallas_gpu")
   for b, s, bits_list in shapes:
-    qb, _ = _cudnn(b, 32, 8, 128, s)
-    kb, vb = (jax.random.normal(jax.random.key(i), (b, s, 8, 128),
-                                jnp.bfloat16) for i in (1, 2))
-    cudnn = loop(lambda q, k, v: jax.nn.dot_product_attention(
-        q[:, None], k, v, implementation="cudnn")[:, 0], qb, kb, vb)
-    del kb, vb
+    cudnn = _cudnn_device_ms(b, s)
     q = jax.random.normal(jax.random.key(0), (b, 32, 128))
     for bits in bits_list:
-      folded = kernel_bench.random_cache(
-          jax.random.key(4), cache_lib.CacheConfig(key_bits=bits,
-                                                   value_bits=bits),
-          b, 8, s, 128)
+      folded = _random_cache(bits, b, s)
       caches = {"folded": folded, "unfolded": dataclasses.replace(
           folded, key_split_rotation=None, value_split_rotation=None)}
       times = {name: [] for name in caches}
       for _ in range(2):
         for name, c in caches.items():
-          times[name].append(loop(attend, q, c))
+          times[name].append(timing.time_loop_ms(
+              attend, q, c, loops=20, warmup=2, reps=5))
       print(f"B={b:<2} S={s:<6} bits={bits:<3} cudnn {cudnn:.3f}  " +
             "  ".join(f"{name} {_ms(ts)} (x{cudnn / min(ts):.2f})"
                       for name, ts in times.items()), flush=True)

@@ -36,10 +36,13 @@ def _stream_kernel(token, *refs, rows, split_len, stages, n_in):
   tile0 = jax.lax.axis_index("s") * split_len // rows
 
   def spec(r):
+    # A tile of `rows` tokens: rows·N/S of an array's N rows (codes may be
+    # viewed as wider rows than a token's, `widened`).
     shape = r.shape[2:]
+    box = rows * shape[0] // S
     if len(shape) == 1:
-      return plgpu.BlockSpec((rows,), lambda i: (tile0 + i,))
-    return plgpu.BlockSpec((rows, shape[1]), lambda i: (tile0 + i, 0))
+      return plgpu.BlockSpec((box,), lambda i: (tile0 + i,))
+    return plgpu.BlockSpec((box, shape[1]), lambda i: (tile0 + i, 0))
 
   def body(idx, *tiles):
     del idx, tiles
@@ -48,6 +51,14 @@ def _stream_kernel(token, *refs, rows, split_len, stages, n_in):
                       in_specs=[spec(r) for r in ins],
                       max_concurrent_steps=stages)(
                           *[r.at[b, k] for r in ins])
+
+
+def widened(codes: jax.Array, width: int) -> jax.Array:
+  """u8[B, K, S, P] viewed as rows of `width` bytes, [B, K, S·P/width,
+  width]: the same bytes, so a tile's TMA box moves them as fewer, wider
+  rows (the kernel could view them back in SMEM as it does 16-byte rows)."""
+  b, k, s, p = codes.shape
+  return codes.reshape(b, k, s * p // width, width)
 
 
 def stream(arrays, rows, splits, stages, auto_barriers=True):
@@ -95,6 +106,12 @@ def main():
          stream(codes_only, 64, 16, 2, False), *codes_only)
   report("pipeline only, codes only rows=256 splits=8 stages=2",
          stream(codes_only, 256, 8, 2, False), *codes_only)
+  # Does the TMA row width matter? The same bytes as 16-byte rows (how
+  # parts of 24 bytes travel), and as 128- and 256-byte rows.
+  for width in (16, 128, 256):
+    wide = [widened(a, width) if a.ndim == 4 else a for a in arrays]
+    report(f"pipeline only, codes as {width}-byte rows rows=64 splits=16",
+           stream(wide, 64, 16, 2, False), *wide)
   q = jax.random.normal(jax.random.key(0), (B, 1, H, D))
   report("prepare (XLA before the kernel)",
          lambda t, q, c: parts.prepare(q + t[0], c, c.lengths, 0.1).q, q, c)

@@ -14,6 +14,7 @@ What only a device checks: the backend compilers, and the numbers
 """
 
 import dataclasses
+import functools
 
 from absl.testing import absltest
 from absl.testing import parameterized
@@ -108,6 +109,15 @@ class GpuLoweringTest(parameterized.TestCase):
              for barriers in (True, False)]
     self.assertIn("mosaic_gpu", texts[1])
     self.assertGreater(len(texts[0]), len(texts[1]))
+    # The codes as wider (or 16-byte) TMA rows: the same tokens a tile.
+    for width in (16, 256):
+      wide = [jax.eval_shape(functools.partial(pp.widened, width=width), a)
+              if len(a.shape) == 4 else a for a in arrays]
+      self.assertEqual(wide[0].shape, (pp.B, pp.KV, pp.S * 64 // width,
+                                       width))
+      text = jax.jit(pp.stream(wide, 64, 16, 2, False)).trace(
+          token, *wide).lower(lowering_platforms=("cuda",)).as_text()
+      self.assertIn("mosaic_gpu", text)
 
   def test_math_and_barrier_options_reach_the_kernel(self):
     # approx_math (the default for layout="tokens") puts ex2.approx in the

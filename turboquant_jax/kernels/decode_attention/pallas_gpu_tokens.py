@@ -50,9 +50,12 @@ Status: the default layout. On the H200 (B=8, S=128k, 4 bits) it took
 registers and the transposed Pᵀ 1.16-1.22 ms, 1.15x cuDNN bf16; with 8
 query columns, ex2.approx and no automatic barriers (v7, the defaults
 since session 11) 0.73 ms in device time, 1.35x cuDNN bf16 (133 registers,
-740 instructions a tile; results/kernel_bench/h200_v7). The pipeline
-streaming the same bytes with no work took 0.46-0.51 ms in wall clock, a
-dispatch included (experiments/probes/pipeline_probe.py, NOTES.md).
+740 instructions a tile; results/kernel_bench/h200_v7); with no causal
+mask for one query token (128 registers: 4 programs per SM) and the
+values unpacked after the score product on long splits (overlap_values)
+0.70 ms, 1.42x (results/kernel_bench/h200). The pipeline streaming the
+same bytes with no work takes 0.33-0.34 ms in device time
+(experiments/probes/pipeline_probe.py, NOTES.md).
 """
 
 import functools
@@ -517,9 +520,10 @@ def fused_attention(inp: parts.KernelInputs, *, splits: int = 8,
   codes by one).
   overlap_values=False: the value tiles are unpacked after the score
   wgmma has finished instead of while it runs, so the key tiles held in
-  registers for it are dead by then (fewer live registers: ptxas holds
-  134 with the overlap at B=8, D=128, 4 bits, and a 4th program per SM
-  needs <= 128), and one commit_smem a tile fewer. Not yet timed.
+  registers for it are dead by then (ptxas on the H200, B=8, D=128, 4
+  bits: 104 registers against 128 with the overlap), and one commit_smem
+  a tile fewer. pallas_gpu.attention's default takes it where a program
+  streams more than OVERLAP_MAX_TILES tiles.
   """
   if min_columns not in (8, 16) or (min_columns == 8 and not transpose_p):
     raise ValueError(f"{min_columns=}, {transpose_p=}: expected 16, or 8 "
