@@ -664,8 +664,9 @@ def default_splits(cache, layout: str = "tokens") -> int:
   """Sequence splits so that B·K·NS programs fill the GPU's 132 SMs: 2
   programs per SM for layout="queries" (255 registers), 4 for "tokens"
   (v4's 145 registers; at B=8, S=128k 16 splits took 1.68 ms against 1.84
-  for 8; v7 holds 134, so 3 run at once, and 16 and 32 splits took
-  0.723-0.735 ms against 0.78 for 8), in powers of two. Where that is
+  for 8; v7 held 134, 3 at once, and 16 and 32 splits took 0.723-0.735
+  ms against 0.78 for 8; today's 128 registers let 4 run at once, as
+  planned), in powers of two. Where that is
   still less than one program per SM (small B·K), any divisor of the
   capacity's tiles, each split at least MIN_SPLIT_TILES tiles long: at
   B=1, 3 KV heads, D=64, 8192 of 9216
