@@ -6,11 +6,14 @@ skeleton: the same grid (B, K, splits) and emit_pipeline over the same
 code and norm arrays (norms f16, as the kernel reads them), with a body
 that reads nothing, for several tokens per step and depths, with and
 without Mosaic GPU's automatic barriers (the kernel runs without them since
-session 11); beside it, XLA reading the same bytes (a sum) and the parts
-of pallas_gpu.attention outside the kernel (prepare). Device time
-(timing.time_loop_ms: 20 calls a jitted loop), as kernel_bench; before
-session 11 this probe timed wall clock, a dispatch included (its
-0.46-0.51 ms in NOTES.md).
+session 11), with the codes moved as 16-, 128- or 256-byte TMA rows
+instead of a token's 64, and over a 3-bit cache's arrays; beside it, XLA
+reading the same bytes (a sum) and the parts of pallas_gpu.attention
+outside the kernel (prepare). Device time (timing.time_loop_ms: 20 calls
+a jitted loop), as kernel_bench; before session 11 this probe timed wall
+clock, a dispatch included (its 0.46-0.51 ms in NOTES.md). Session 12:
+0.325-0.341 ms (3.3-3.4 TB/s) at B=8, S=128k, 4 bits, every step size,
+depth and split count (results/kernel_bench/h200/probes.txt).
 Run: python -m experiments.probes.pipeline_probe
 """
 
@@ -84,9 +87,12 @@ def main():
   token = jnp.zeros((1,), jnp.float32)
 
   def report(name, fn, *args):
+    """Device ms of fn(token, *args), and the rate of the arrays among
+    args (all of them are read)."""
+    moved = sum(a.nbytes for a in args if isinstance(a, jax.Array))
     try:
       t = timing.time_loop_ms(fn, token, *args, loops=20, warmup=2, reps=5)
-      print(f"{name:<44} {t:.3f} ms  {nbytes / t / 1e9:.2f} TB/s",
+      print(f"{name:<44} {t:.3f} ms  {moved / t / 1e9:.2f} TB/s",
             flush=True)
     except Exception as e:  # noqa: BLE001 - a probe reports every failure
       print(f"{name:<44} FAIL {type(e).__name__}: {str(e)[:300]}",
@@ -112,8 +118,18 @@ def main():
     wide = [widened(a, width) if a.ndim == 4 else a for a in arrays]
     report(f"pipeline only, codes as {width}-byte rows rows=64 splits=16",
            stream(wide, 64, 16, 2, False), *wide)
+  # The floor at 3 bits (48-byte rows; 3.5x cuDNN would be ~0.285 ms).
+  del arrays, wide, codes_only
+  c3 = kernel_bench.random_cache(
+      jax.random.key(4), cache_lib.CacheConfig(key_bits=3, value_bits=3),
+      B, KV, S, D)
+  arrays3 = [c3.keys.codes, c3.keys.norms, c3.values.codes, c3.values.norms]
+  for rows, splits in ((64, 16), (128, 16)):
+    report(f"3-bit arrays, pipeline only rows={rows} splits={splits}",
+           stream(arrays3, rows, splits, 2, False), *arrays3)
+  del arrays3, c3
   q = jax.random.normal(jax.random.key(0), (B, 1, H, D))
-  report("prepare (XLA before the kernel)",
+  report("prepare (XLA before the kernel; rate of q only)",
          lambda t, q, c: parts.prepare(q + t[0], c, c.lengths, 0.1).q, q, c)
 
 
