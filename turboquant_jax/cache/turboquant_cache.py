@@ -74,7 +74,8 @@ class TurboQuantCache:
       fractional, else None. Made by init and again by prefill (which
       chooses the outlier channels); the decode kernels' XLA work then
       rotates queries and outputs by one product each (parts.prepare,
-      parts.finish) instead of a gather, two products and two scatters.
+      parts.finish): not a gather and two products before the kernel, two
+      products and two scatters after it.
   """
   keys: api.AnyQuantized
   values: api.AnyQuantized

@@ -147,7 +147,8 @@ def folded_rotation(sq: SplitQuantizer) -> jax.Array:
   Π_o at the outlier columns, rows [O, D) Π_r at the regular ones. E is
   orthogonal, so Eᵀ [y_o, y_r] puts both parts' inverse rotations back at
   their channels. A decode kernel's XLA work then takes one product each
-  way instead of a gather, two products and two scatters.
+  way: not a gather and two products before the kernel, two products and
+  two scatters after it.
   """
   num = sq.outlier_channels.shape[-1]
   e = jnp.zeros((sq.dim, sq.dim), jnp.float32)
