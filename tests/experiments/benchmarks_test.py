@@ -56,6 +56,10 @@ class KernelBenchTest(absltest.TestCase):
       text = table.read_text()
       self.assertIn("## B = 1", text)
       self.assertIn("Quantize-and-append", text)
+      # Each append row names its impl; the quantize rows get a section.
+      self.assertIn("| B | tokens | bits | impl | ms | tokens/s |", text)
+      self.assertIn("| 1 | 1 | 4 | xla |", text)
+      self.assertIn("## Quantize vectors", text)
       # A second run resumes: no row is written twice.
       kernel_bench.run(config, tmp)
       again = results.read_rows(pathlib.Path(tmp) / results.RESULTS_FILE)
