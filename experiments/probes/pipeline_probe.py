@@ -7,11 +7,13 @@ code and norm arrays (norms f16, as the kernel reads them), with a body
 that reads nothing, for several tokens per step and depths, with and
 without Mosaic GPU's automatic barriers (the kernel runs without them since
 session 11), with the codes moved as 16-, 128- or 256-byte TMA rows
-instead of a token's 64, and over a 3-bit cache's arrays; beside it, XLA
-reading the same bytes (a sum) and the parts of pallas_gpu.attention
-outside the kernel (prepare). Device time (timing.time_loop_ms: 20 calls
-a jitted loop), as kernel_bench; before session 11 this probe timed wall
-clock, a dispatch included (its 0.46-0.51 ms in NOTES.md). Session 12:
+instead of a token's 64, with a warp-specialized pipeline (a memory
+warpgroup issuing the copies), and over a 3-bit cache's arrays; beside
+it, XLA reading the same bytes (a sum) and the parts of
+pallas_gpu.attention outside the kernel (prepare). Device time
+(timing.time_loop_ms: 20 calls a jitted loop), as kernel_bench; before
+session 11 this probe timed wall clock, a dispatch included (its
+0.46-0.51 ms in NOTES.md). Session 12:
 0.325-0.341 ms (3.3-3.4 TB/s) at B=8, S=128k, 4 bits, every step size,
 depth and split count (results/kernel_bench/h200/probes.txt).
 Run: python -m experiments.probes.pipeline_probe
@@ -32,7 +34,8 @@ from turboquant_jax.kernels.decode_attention import parts
 B, KV, S, D, H = 8, 8, 131072, 128, 32
 
 
-def _stream_kernel(token, *refs, rows, split_len, stages, n_in):
+def _stream_kernel(token, *refs, rows, split_len, stages, n_in,
+                   warp_specialized):
   del token                   # only orders the calls of a timed loop
   ins = refs[:n_in]
   b, k = jax.lax.axis_index("b"), jax.lax.axis_index("k")
@@ -50,10 +53,17 @@ def _stream_kernel(token, *refs, rows, split_len, stages, n_in):
   def body(idx, *tiles):
     del idx, tiles
 
+  tiles = [r.at[b, k] for r in ins]
+  if warp_specialized:
+    # One warpgroup only issues the copies, one (empty) consumes them.
+    plgpu.emit_pipeline_warp_specialized(
+        body, grid=(split_len // rows,), memory_registers=40,
+        in_specs=[spec(r) for r in ins], max_concurrent_steps=stages,
+        wg_axis="wg", num_compute_wgs=1)(*tiles)
+    return
   plgpu.emit_pipeline(body, grid=(split_len // rows,),
                       in_specs=[spec(r) for r in ins],
-                      max_concurrent_steps=stages)(
-                          *[r.at[b, k] for r in ins])
+                      max_concurrent_steps=stages)(*tiles)
 
 
 def widened(codes: jax.Array, width: int) -> jax.Array:
@@ -64,13 +74,19 @@ def widened(codes: jax.Array, width: int) -> jax.Array:
   return codes.reshape(b, k, s * p // width, width)
 
 
-def stream(arrays, rows, splits, stages, auto_barriers=True):
-  """f(token f32[1], *arrays): the pipeline over arrays (token unused)."""
+def stream(arrays, rows, splits, stages, auto_barriers=True,
+           warp_specialized=False):
+  """f(token f32[1], *arrays): the pipeline over arrays (token unused);
+  warp_specialized: a memory warpgroup beside the (empty) compute one
+  (emit_pipeline_warp_specialized), as flash-attention kernels stream."""
   return plgpu.kernel(
       functools.partial(_stream_kernel, rows=rows, split_len=S // splits,
-                        stages=stages, n_in=len(arrays)),
+                        stages=stages, n_in=len(arrays),
+                        warp_specialized=warp_specialized),
       out_type=jax.ShapeDtypeStruct((128,), jnp.float32),
       grid=(B, KV, splits), grid_names=("b", "k", "s"),
+      num_threads=2 if warp_specialized else None,
+      thread_name="wg" if warp_specialized else None,
       compiler_params=plgpu.CompilerParams(
           unsafe_no_auto_barriers=not auto_barriers))
 
@@ -118,6 +134,12 @@ def main():
     wide = [widened(a, width) if a.ndim == 4 else a for a in arrays]
     report(f"pipeline only, codes as {width}-byte rows rows=64 splits=16",
            stream(wide, 64, 16, 2, False), *wide)
+  # A memory warpgroup issuing the copies (how cuDNN-class kernels stream;
+  # cuDNN bf16 reads its 4.29 GB at 4.3 TB/s on this shape).
+  for rows, stages in ((64, 2), (64, 4), (128, 4)):
+    report(f"warp-specialized pipeline rows={rows} splits=16 "
+           f"stages={stages}",
+           stream(arrays, rows, 16, stages, False, True), *arrays)
   # The floor at 3 bits (48-byte rows; 3.5x cuDNN would be ~0.285 ms).
   del arrays, wide, codes_only
   c3 = kernel_bench.random_cache(

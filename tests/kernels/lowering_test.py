@@ -118,6 +118,10 @@ class GpuLoweringTest(parameterized.TestCase):
       text = jax.jit(pp.stream(wide, 64, 16, 2, False)).trace(
           token, *wide).lower(lowering_platforms=("cuda",)).as_text()
       self.assertIn("mosaic_gpu", text)
+    # And with a memory warpgroup beside the compute one.
+    text = jax.jit(pp.stream(arrays, 64, 16, 4, False, True)).trace(
+        token, *arrays).lower(lowering_platforms=("cuda",)).as_text()
+    self.assertIn("mosaic_gpu", text)
 
   def test_math_and_barrier_options_reach_the_kernel(self):
     # approx_math (the default for layout="tokens") puts ex2.approx in the
