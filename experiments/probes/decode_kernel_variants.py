@@ -29,8 +29,8 @@ only); --skeleton-tune: stages, splits, steps with them;
 of pallas_gpu.attention options checked on 4 shapes, then timed in
 interleaved rounds at B=8, S=128k, 4 and 3.5 bits or at
 --shapes="((B, S, (bits, ...)), ...)"; --no-checks: times only;
---split-fold: outlier-split caches with and without their folded
-rotations, checked and timed)
+--split-fold: outlier-split caches with their folded rotations stored
+and derived in each call, checked and timed)
 """
 
 import ast
@@ -144,12 +144,24 @@ def occupancy():
           f"{t if t is None else round(t, 3)} ms {err}", flush=True)
 
 
-def _b8_cache(bits):
-  """A random full cache at B=8, 8 KV heads, S=128k, D=128."""
+def _cudnn_device_ms(b: int, s: int) -> float:
+  """cuDNN bf16 decode attention's device ms at B=b, S=s, 32/8 heads,
+  D=128, separate K and V arrays (one array for both lets the value reads
+  hit L2: 0.564 ms at B=8, S=128k against 1.0 with two)."""
+  q, k, v = (jax.random.normal(jax.random.key(i), shape, jnp.bfloat16)
+             for i, shape in ((0, (b, 1, 32, 128)), (1, (b, s, 8, 128)),
+                              (2, (b, s, 8, 128))))
+  return timing.time_loop_ms(
+      lambda q, k, v: jax.nn.dot_product_attention(
+          q, k, v, implementation="cudnn"), q, k, v,
+      loops=20, warmup=2, reps=5)
+
+
+def _random_cache(bits, b: int = 8, s: int = 131072):
+  """A full TurboQuant cache of random codes, 8 KV heads, D=128."""
   return kernel_bench.random_cache(
       jax.random.key(4), cache_lib.CacheConfig(key_bits=bits,
-                                               value_bits=bits),
-      8, 8, 131072, 128)
+                                               value_bits=bits), b, 8, s, 128)
 
 
 def pipeline_depth():
@@ -157,7 +169,7 @@ def pipeline_depth():
   B=8, S=128k: whether the kernel waits on HBM latency, not arithmetic."""
   q = jax.random.normal(jax.random.key(0), (8, 32, 128))
   for bits in (4, 3):
-    c = _b8_cache(bits)
+    c = _random_cache(bits)
     base = pallas_gpu.default_splits(c)
     runs = [("tokens", st, base) for st in (2, 3, 4, 6, 8)]
     runs += [("tokens", 4, base * 2), ("tokens", 4, base * 4),
@@ -232,7 +244,7 @@ def diagnose():
   splits = 16
   q = jax.random.normal(jax.random.key(0), (8, 32, 128))
   for bits in (4, 2):
-    c = _b8_cache(bits)
+    c = _random_cache(bits)
     runs = [(layout, v) for layout in ("tokens", "queries")
             for v in ("real", "bits", "nodeq")]
     runs += [("tokens", "stages4")]
@@ -278,7 +290,7 @@ def v5():
     check(128, 8, 4, tokens=3, mode=mode, layout="tokens", **extra)
   q = jax.random.normal(jax.random.key(0), (8, 32, 128))
   for bits in (4, 3, 2):
-    c = _b8_cache(bits)
+    c = _random_cache(bits)
     for name, options in _V5_VARIANTS.items():
       f = jax.jit(lambda q, c, options=options: da.decode_attention(
           q, c, c.lengths, impl="pallas_gpu", splits=16, **options))
@@ -311,7 +323,7 @@ def v6():
   _, cudnn = _cudnn(8, 32, 8, 128, 131072)
   q = jax.random.normal(jax.random.key(0), (8, 32, 128))
   for bits in (3, 4, 2, 3.5, 2.5):
-    c = _b8_cache(bits)
+    c = _random_cache(bits)
     fns = {name: jax.jit(lambda q, c, options=options: da.decode_attention(
         q, c, c.lengths, impl="pallas_gpu", splits=16, **options))
            for name, options in _V6_VARIANTS.items()}
@@ -340,7 +352,7 @@ def norms():
         transpose_p=True)
     return parts.finish(acc, m, l, q, c, c.lengths, scale)
   for bits in (4, 3):
-    c = _b8_cache(bits)
+    c = _random_cache(bits)
     fns = {name: jax.jit(functools.partial(run, as_stored=stored))
            for name, stored in (("f16 norms", True), ("f32 norms", False))}
     for name, ts in _interleaved(fns, q, c).items():
@@ -694,24 +706,12 @@ def skeleton_times(shapes=((32768, (4,)), (131072, (4, 3, 2, 3.5))),
                    variants=None):
   """Device time of the skeleton variants at B=8, 32/8 heads, D=128 for
   each (S, widths), interleaved in two rounds, beside cuDNN bf16."""
-  loop = lambda f, *a: timing.time_loop_ms(f, *a, loops=20, warmup=2,
-                                           reps=5)
   for s, bits_list in shapes:
-    qb, _ = _cudnn(8, 32, 8, 128, s)
-    # Separate keys and values: with one array for both, the value reads
-    # hit L2 (measured: 0.564 ms at 128k against 1.0 with two).
-    kb, vb = (jax.random.normal(jax.random.key(i), (8, s, 8, 128),
-                                jnp.bfloat16) for i in (1, 2))
-    cudnn = loop(lambda q, k, v: jax.nn.dot_product_attention(
-        q[:, None], k, v, implementation="cudnn")[:, 0], qb, kb, vb)
+    cudnn = _cudnn_device_ms(8, s)
     print(f"S={s} cudnn device time {cudnn:.3f} ms", flush=True)
-    del kb, vb
     q = jax.random.normal(jax.random.key(0), (8, 32, 128))
     for bits in bits_list:
-      c = kernel_bench.random_cache(
-          jax.random.key(4), cache_lib.CacheConfig(key_bits=bits,
-                                                   value_bits=bits),
-          8, 8, s, 128)
+      c = _random_cache(bits, 8, s)
       times = _device_rounds(variants or _SKELETON_VARIANTS, q, c)
       for name, ts in times.items():
         if ts:
@@ -729,7 +729,7 @@ def skeleton_tune():
               "rows128": dict(tile_rows=128),
               "nokeyregs": dict(key_registers=False)}
   q = jax.random.normal(jax.random.key(0), (8, 32, 128))
-  times = _device_rounds(variants, q, _b8_cache(4))
+  times = _device_rounds(variants, q, _random_cache(4))
   for name, ts in times.items():
     if ts:
       print(f"S=131072 bits=4 {name:<9} {_ms(ts)}", flush=True)
@@ -746,34 +746,11 @@ def skeleton_rows():
                           (32, 32768, (4,))):
     q = jax.random.normal(jax.random.key(0), (b, 32, 128))
     for bits in bits_list:
-      c = kernel_bench.random_cache(
-          jax.random.key(4), cache_lib.CacheConfig(key_bits=bits,
-                                                   value_bits=bits),
-          b, 8, s, 128)
+      c = _random_cache(bits, b, s)
       times = _device_rounds(variants, q, c)
       print(f"B={b:<2} S={s:<6} bits={bits:<3} " + "  ".join(
           f"{name} {_ms(ts)}" for name, ts in times.items()), flush=True)
       del c
-
-
-def _cudnn_device_ms(b: int, s: int) -> float:
-  """cuDNN bf16 decode attention's device ms at B=b, S=s, 32/8 heads,
-  D=128, separate K and V arrays (one array for both lets the value reads
-  hit L2)."""
-  qb, _ = _cudnn(b, 32, 8, 128, s)
-  kb, vb = (jax.random.normal(jax.random.key(i), (b, s, 8, 128),
-                              jnp.bfloat16) for i in (1, 2))
-  return timing.time_loop_ms(
-      lambda q, k, v: jax.nn.dot_product_attention(
-          q[:, None], k, v, implementation="cudnn")[:, 0], qb, kb, vb,
-      loops=20, warmup=2, reps=5)
-
-
-def _random_cache(bits, b: int, s: int):
-  """A full TurboQuant cache of random codes, 8 KV heads, D=128."""
-  return kernel_bench.random_cache(
-      jax.random.key(4), cache_lib.CacheConfig(key_bits=bits,
-                                               value_bits=bits), b, 8, s, 128)
 
 
 def compare(variants: dict, shapes=((8, 131072, (4, 3.5)),),
@@ -806,10 +783,13 @@ def compare(variants: dict, shapes=((8, 131072, (4, 3.5)),),
 def split_fold(shapes=((1, 16384, (3.5, 2.5)), (1, 32768, (3.5, 2.5)),
                        (1, 65536, (3.5,)), (8, 16384, (3.5,)),
                        (8, 131072, (3.5, 2.5)))) -> None:
-  """Outlier-split caches with their folded rotations (one XLA product
-  each way, split.folded_rotation; the default) against without (a gather,
-  two products and two scatters): checks on 4 shapes, then device time
-  beside cuDNN bf16 (32/8 heads, D=128), two interleaved rounds."""
+  """Outlier-split caches with their folded rotations stored (one XLA
+  product each way, split.folded_rotation; the default) against without
+  (parts.prepare / finish then derive them in each call, a scatter per
+  tensor; session 12's "unfolded" times in results/kernel_bench/h200/
+  probes.txt were the per-part path since removed: a gather, two products
+  and two scatters): checks on 4 shapes, then device time beside cuDNN
+  bf16 (32/8 heads, D=128), two interleaved rounds."""
   print("jax", jax.__version__, jax.devices()[0].device_kind, flush=True)
   for args in ((128, 4, 3.5), (128, 4, 2.5), (64, 8, 3.5),
                (128, 1, 3.5, "prod")):

@@ -69,7 +69,8 @@ def _stream_kernel(token, *refs, rows, split_len, stages, n_in,
 def widened(codes: jax.Array, width: int) -> jax.Array:
   """u8[B, K, S, P] viewed as rows of `width` bytes, [B, K, S·P/width,
   width]: the same bytes, so a tile's TMA box moves them as fewer, wider
-  rows (the kernel could view them back in SMEM as it does 16-byte rows)."""
+  rows. (The kernel cannot yet take such rows: its SMEM view back to
+  [rows, P] does not lower for rows of 32 bytes or more; NOTES.md.)"""
   b, k, s, p = codes.shape
   return codes.reshape(b, k, s * p // width, width)
 

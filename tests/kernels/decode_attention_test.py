@@ -19,6 +19,8 @@ from turboquant_jax.cache import CacheConfig
 from turboquant_jax.kernels import decode_attention as attn
 from turboquant_jax.kernels.decode_attention import parts
 from turboquant_jax.kernels.decode_attention import reference
+from turboquant_jax.quant import rotation
+from turboquant_jax.quant import split
 
 LN3 = float(np.log(3.0))
 
@@ -335,9 +337,11 @@ class ImplTest(parameterized.TestCase):
 
 
 class FoldedSplitRotationTest(parameterized.TestCase):
-  """parts.prepare / parts.finish with a split cache's folded rotations
-  (one product each way) equal the per-part gathers, products and
-  scatters they replace."""
+  """parts.prepare / parts.finish over a split cache's stored folded
+  rotations (one product each way) equal the same with them derived in the
+  call (a cache built without them), and the prepared queries are each
+  part's channels rotated by its own rotation (the definition). The
+  merge's result against the reference: ImplTest's split cases."""
 
   @parameterized.parameters((2.5, 3.5, "prod"), (3.5, 4, "mse"),
                             (3, 2.5, "mse"))
@@ -360,6 +364,16 @@ class FoldedSplitRotationTest(parameterized.TestCase):
     for x, y in zip(a.q + [u for u in a.sq if u is not None],
                     z.q + [u for u in z.sq if u is not None]):
       np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-5)
+    kq = folded.key_quantizer
+    if isinstance(kq, split.SplitQuantizer):
+      qh = parts.grouped_queries(q, kv)                     # [B, K, M, D]
+      for got_part, part, ch in ((a.q[0], kq.outlier, kq.outlier_channels),
+                                 (a.q[1], kq.regular, kq.regular_channels)):
+        want_part = jax.vmap(
+            lambda p, y, c: rotation.apply(p.rotation, jnp.take(y, c, -1)),
+            in_axes=(0, 1, 0), out_axes=1)(part, qh, ch) * 0.125
+        np.testing.assert_allclose(got_part, want_part, rtol=1e-5,
+                                   atol=1e-5)
     # And so do the merged outputs of the same partial softmax state.
     ns, m = 4, t * g
     acc = [jax.random.normal(keys[3 + i], (b, kv, ns, m, spec.dim))

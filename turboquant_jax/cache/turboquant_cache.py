@@ -75,7 +75,10 @@ class TurboQuantCache:
       chooses the outlier channels); the decode kernels' XLA work then
       rotates queries and outputs by one product each (parts.prepare,
       parts.finish): not a gather and two products before the kernel, two
-      products and two scatters after it.
+      products and two scatters after it. Derivable from the quantizers
+      (parts does so for a cache without them); kept, like rotation_tiles,
+      so that a decode step does not rebuild them (stored against derived
+      not yet timed).
   """
   keys: api.AnyQuantized
   values: api.AnyQuantized
@@ -238,13 +241,14 @@ def init(config: CacheConfig, batch: int, kv_heads: int, capacity: int,
       window_values=window, lengths=jnp.zeros((batch,), jnp.int32),
       config=config, key_mean=key_mean, key_norm_range=ranges[0],
       value_norm_range=ranges[1], sink_keys=sink, sink_values=sink,
-      rotation_tiles=tiles, key_split_rotation=_split_rotation(kq),
-      value_split_rotation=_split_rotation(vq))
+      rotation_tiles=tiles, key_split_rotation=split_rotation(kq),
+      value_split_rotation=split_rotation(vq))
 
 
-def _split_rotation(q) -> jax.Array | None:
-  """f32[K, D, D]: split.folded_rotation per KV head, or None for a
-  quantizer shared by all heads (integer bits)."""
+def split_rotation(q) -> jax.Array | None:
+  """f32[K, D, D]: split.folded_rotation per KV head (the form init and
+  prefill keep as key_split_rotation / value_split_rotation), or None for
+  a quantizer shared by all heads (integer bits)."""
   if not isinstance(q, split.SplitQuantizer):
     return None
   return jax.vmap(split.folded_rotation)(q)
@@ -343,8 +347,8 @@ def _prefill(cache, k, v, lengths):
   vq = _select_outliers(cache.value_quantizer, v, lengths)
   cache = dataclasses.replace(
       cache, key_quantizer=kq, value_quantizer=vq,
-      key_split_rotation=_split_rotation(kq),
-      value_split_rotation=_split_rotation(vq))
+      key_split_rotation=split_rotation(kq),
+      value_split_rotation=split_rotation(vq))
   positions = jnp.broadcast_to(jnp.arange(k.shape[2]), (k.shape[0],
                                                         k.shape[2]))
   # Padding tokens past a sequence's length are never read (masked), and a

@@ -114,11 +114,18 @@ def _spec(q: turboquant.Quantizer) -> PartSpec:
 
 
 def _parts(q, qt):
-  """[(quantizer, tensor, channels or None)] of a plain or split pair."""
+  """[(quantizer, tensor)] of a plain or split pair (outliers first)."""
   if isinstance(q, split.SplitQuantizer):
-    return [(q.outlier, qt.outlier, q.outlier_channels),
-            (q.regular, qt.regular, q.regular_channels)]
-  return [(q, qt, None)]
+    return [(q.outlier, qt.outlier), (q.regular, qt.regular)]
+  return [(q, qt)]
+
+
+def _split_rotation(stored, quantizer) -> jax.Array | None:
+  """A split tensor's folded rotations f32[K, D, D]: the cache's, or made
+  here (a scatter each call) for a cache built without them; None for a
+  quantizer shared by all heads."""
+  return (stored if stored is not None
+          else turboquant_cache.split_rotation(quantizer))
 
 
 def supported(cache) -> str | None:
@@ -128,7 +135,7 @@ def supported(cache) -> str | None:
   if cache.config.sink:
     return (f"sink={cache.config.sink}: kernels do not read the "
             "full-precision sink tokens")
-  for q, _, _ in _parts(cache.key_quantizer, cache.keys) + _parts(
+  for q, _ in _parts(cache.key_quantizer, cache.keys) + _parts(
       cache.value_quantizer, cache.values):
     if q.dim % 8:
       raise NotImplementedError(f"part dim {q.dim} must be a multiple of 8")
@@ -143,7 +150,7 @@ def prepare(q: jax.Array, cache, lengths: jax.Array, scale: float,
   (a kernel that converts per tile saves a pass over every norm); 8-bit
   norm codes are decoded to f32 either way.
   """
-  b, t, h, d = q.shape
+  _, t, h, _ = q.shape
   kv, cap, w = cache.kv_heads, cache.capacity, cache.config.window
   g = h // kv
   qh = grouped_queries(q, kv)                                 # [B, K, M, D]
@@ -153,23 +160,17 @@ def prepare(q: jax.Array, cache, lengths: jax.Array, scale: float,
   # 8-bit norm codes are decoded here, by XLA, to f32.
   keys, values = turboquant_cache.tensors(cache)
   as_norms = lambda x: x if norms_as_stored else x.astype(jnp.float32)
-  folded = cache.key_split_rotation
+  folded = _split_rotation(cache.key_split_rotation, cache.key_quantizer)
   if folded is not None:
     # Both parts' gathers and rotations in one product (outliers first).
     y_all = jnp.einsum("bkmd,ked->bkme", qh, folded, precision=_HI) * scale
   offset = 0
-  for kq, kqt, ch in _parts(cache.key_quantizer, keys):
-    def rotate(quant, y, ch=ch):
-      if ch is not None:
-        y = jnp.take(y, ch, axis=-1)
-      return rotation.apply(quant.rotation, y) * scale
+  for kq, kqt in _parts(cache.key_quantizer, keys):
     if folded is not None:
       y_rot = y_all[..., offset:offset + kq.dim]
       offset += kq.dim
-    elif stacked:
-      y_rot = jax.vmap(rotate, in_axes=(0, 1, 0), out_axes=1)(kq, qh, ch)
     else:
-      y_rot = rotate(kq, qh)
+      y_rot = rotation.apply(kq.rotation, qh) * scale
     spec = _spec(kq)
     qs.append(y_rot)
     kcodes.append(kqt.codes)
@@ -188,7 +189,7 @@ def prepare(q: jax.Array, cache, lengths: jax.Array, scale: float,
       kcoefs.append(None)
     kspecs.append(spec)
   vcodes, vnorms, vspecs = [], [], []
-  for vq, vqt, _ in _parts(cache.value_quantizer, values):
+  for vq, vqt in _parts(cache.value_quantizer, values):
     vcodes.append(vqt.codes)
     vnorms.append(as_norms(vqt.norms))
     vspecs.append(_spec(vq))
@@ -208,7 +209,7 @@ def finish(acc: list[jax.Array], m: jax.Array, l: jax.Array, q: jax.Array,
   acc: per value part f32[B, K, NS, M, Dp] (unnormalized, rotated domain);
   m, l: f32[B, K, NS, M] running max and sum of each sequence split.
   """
-  b, t, h, d = q.shape
+  _, t, h, _ = q.shape
   kv, cap, w = cache.kv_heads, cache.capacity, cache.config.window
   g = h // kv
   m_all = jnp.max(m, axis=2)                                  # [B, K, M]
@@ -232,24 +233,15 @@ def finish(acc: list[jax.Array], m: jax.Array, l: jax.Array, q: jax.Array,
   inv = (1.0 / jnp.maximum(denom, 1e-30))[..., None]
   # Normalized before the rotation back (linear), so that the division
   # joins the sum over splits and the product is the last step.
-  vq_all = cache.value_quantizer
-  stacked = isinstance(vq_all, split.SplitQuantizer)
   merged = [jnp.sum(a * factor[..., None], axis=2) * inv      # [B, K, M, Dp]
             for a in acc]
-  if cache.value_split_rotation is not None:
+  folded = _split_rotation(cache.value_split_rotation, cache.value_quantizer)
+  if folded is not None:
     # Both parts' rotations back and scatters as one product (Eᵀ).
     out = jnp.einsum("bkme,ked->bkmd", jnp.concatenate(merged, axis=-1),
-                     cache.value_split_rotation, precision=_HI)
+                     folded, precision=_HI)
   else:
-    out = jnp.zeros((b, kv, t * g, d), jnp.float32)
-    for a, (vq, _, ch) in zip(merged, _parts(vq_all, cache.values)):
-      if stacked:
-        a = jax.vmap(lambda qq, y: rotation.invert(qq.rotation, y),
-                     in_axes=(0, 1), out_axes=1)(vq, a)
-        out = jax.vmap(lambda o, y, c: o.at[..., c].set(y),
-                       in_axes=(1, 1, 0), out_axes=1)(out, a, ch)
-      else:
-        out = out + rotation.invert(vq.rotation, a)
+    out = rotation.invert(cache.value_quantizer.rotation, merged[0])
   if w:
     out = out + jnp.einsum("bkmw,bkwd->bkmd", pw * inv,
                            cache.window_values.astype(jnp.float32),
