@@ -30,7 +30,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       overlap_values=ml_collections.config_dict.placeholder(bool),
       rotate_in_kernel=ml_collections.config_dict.placeholder(bool),
       min_columns=ml_collections.config_dict.placeholder(int),
-      auto_barriers=ml_collections.config_dict.placeholder(bool)))
+      auto_barriers=ml_collections.config_dict.placeholder(bool),
+      tma_row_bytes=ml_collections.config_dict.placeholder(int)))
   c.max_xla_bytes = 8 * 2**30           # skip impl="xla" (it materializes
                                         # f32 K/V) when that would exceed this
   c.warmup = 3

@@ -30,7 +30,10 @@ of pallas_gpu.attention options checked on 4 shapes, then timed in
 interleaved rounds at B=8, S=128k, 4 and 3.5 bits or at
 --shapes="((B, S, (bits, ...)), ...)"; --no-checks: times only;
 --split-fold: outlier-split caches with their folded rotations stored
-and derived in each call, checked and timed)
+and derived in each call, checked and timed; --split-xla: the folded
+rotations' products at each einsum precision, alone and in the call;
+--lookup-pipes: the lookup's PTX with integer work on the FMA pipe against
+session 12's, checked and timed)
 """
 
 import ast
@@ -780,13 +783,41 @@ def compare(variants: dict, shapes=((8, 131072, (4, 3.5)),),
       del c
 
 
+def _variant_rows(shapes, variants: dict, prepare) -> None:
+  """Prints, for each (B, S, widths) of `shapes` (32/8 heads, D=128) and
+  width, cuDNN bf16's device time and each variant's, two interleaved
+  rounds: prepare(value, cache) sets a variant up (a module global, say)
+  and returns the cache to attend, or None to skip it there. Jit caches
+  are cleared before each, so a patched global is compiled in."""
+  attend = lambda q, c: da.decode_attention(q, c, c.lengths,
+                                            impl="pallas_gpu")
+  for b, s, bits_list in shapes:
+    cudnn = _cudnn_device_ms(b, s)
+    q = jax.random.normal(jax.random.key(0), (b, 32, 128))
+    for bits in bits_list:
+      base_cache = _random_cache(bits, b, s)
+      times = {name: [] for name in variants}
+      for _ in range(2):
+        for name, value in variants.items():
+          c = prepare(value, base_cache)
+          if c is None:
+            continue
+          jax.clear_caches()
+          times[name].append(timing.time_loop_ms(
+              attend, q, c, loops=20, warmup=2, reps=5))
+      print(f"B={b:<2} S={s:<6} bits={bits:<3} cudnn {cudnn:.3f}  " +
+            "  ".join(f"{name} {_ms(ts)} (x{cudnn / min(ts):.2f})"
+                      for name, ts in times.items() if ts), flush=True)
+      del base_cache
+
+
 def split_fold(shapes=((1, 16384, (3.5, 2.5)), (1, 32768, (3.5, 2.5)),
                        (1, 65536, (3.5,)), (8, 16384, (3.5,)),
                        (8, 131072, (3.5, 2.5)))) -> None:
   """Outlier-split caches with their folded rotations stored (one XLA
   product each way, split.folded_rotation; the default) against without
   (parts.prepare / finish then derive them in each call, a scatter per
-  tensor; session 12's "unfolded" times in results/kernel_bench/h200/
+  tensor; session 12's "unfolded" times in results/kernel_bench/h200_v8/
   probes.txt were the per-part path since removed: a gather, two products
   and two scatters): checks on 4 shapes, then device time beside cuDNN
   bf16 (32/8 heads, D=128), two interleaved rounds."""
@@ -794,27 +825,83 @@ def split_fold(shapes=((1, 16384, (3.5, 2.5)), (1, 32768, (3.5, 2.5)),
   for args in ((128, 4, 3.5), (128, 4, 2.5), (64, 8, 3.5),
                (128, 1, 3.5, "prod")):
     check(*args, mode="prmt", layout="tokens")
-  attend = lambda q, c: da.decode_attention(q, c, c.lengths,
-                                            impl="pallas_gpu")
-  for b, s, bits_list in shapes:
-    cudnn = _cudnn_device_ms(b, s)
-    q = jax.random.normal(jax.random.key(0), (b, 32, 128))
-    for bits in bits_list:
-      folded = _random_cache(bits, b, s)
-      caches = {"folded": folded, "unfolded": dataclasses.replace(
-          folded, key_split_rotation=None, value_split_rotation=None)}
-      times = {name: [] for name in caches}
-      for _ in range(2):
-        for name, c in caches.items():
-          times[name].append(timing.time_loop_ms(
-              attend, q, c, loops=20, warmup=2, reps=5))
-      print(f"B={b:<2} S={s:<6} bits={bits:<3} cudnn {cudnn:.3f}  " +
-            "  ".join(f"{name} {_ms(ts)} (x{cudnn / min(ts):.2f})"
-                      for name, ts in times.items()), flush=True)
-      del folded, caches
+  _variant_rows(shapes, {"folded": False, "unfolded": True},
+                lambda unfold, c: dataclasses.replace(
+                    c, key_split_rotation=None, value_split_rotation=None)
+                if unfold else c)
+
+
+def split_xla(shapes=((1, 16384, (3.5, 2.5)), (1, 32768, (3.5,)),
+                      (8, 16384, (3.5,)))) -> None:
+  """The XLA work around the kernel of an outlier-split cache: the folded
+  rotations' products at each einsum precision (parts.
+  SPLIT_ROTATION_PRECISION), alone and in the whole call; checks on 3
+  shapes per precision, then device time beside cuDNN bf16 and a 4-bit
+  cache (one rotation, no split), two interleaved rounds."""
+  print("jax", jax.__version__, jax.devices()[0].device_kind, flush=True)
+  hi = jax.lax.Precision
+  precisions = {"highest": hi.HIGHEST, "high": hi.HIGH, "default": hi.DEFAULT}
+  for b in (1, 8):
+    qh = jax.random.normal(jax.random.key(0), (b, 8, 4, 128))
+    rot = jax.random.normal(jax.random.key(1), (8, 128, 128))
+    exact = jnp.einsum("bkmd,ked->bkme", qh, rot, precision=hi.HIGHEST)
+    for name, p in precisions.items():
+      f = lambda q, r, p=p: jnp.einsum("bkmd,ked->bkme", q, r, precision=p)
+      err = float(jnp.max(jnp.abs(jax.jit(f)(qh, rot) - exact))
+                  / jnp.max(jnp.abs(exact)))
+      t = timing.time_loop_ms(f, qh, rot, loops=20, warmup=2, reps=5)
+      print(f"einsum B={b} {name:<8} {t * 1e3:.1f} us  rel err {err:.1e}",
+            flush=True)
+  for name, p in precisions.items():
+    parts.SPLIT_ROTATION_PRECISION = p
+    jax.clear_caches()
+    print(f"checks: {name}", flush=True)
+    for args in ((128, 4, 3.5), (128, 4, 2.5), (128, 1, 3.5, "prod")):
+      check(*args, mode="prmt", layout="tokens")
+
+  def prepare(precision, c):
+    if precision != hi.HIGHEST and c.key_split_rotation is None:
+      return None                    # a 4-bit cache has no split product
+    parts.SPLIT_ROTATION_PRECISION = precision
+    return c
+  _variant_rows([(b, s, (4, *bits)) for b, s, bits in shapes], precisions,
+                prepare)
+  parts.SPLIT_ROTATION_PRECISION = hi.HIGHEST
+
+
+def lookup_pipes(shapes=((8, 131072, (4, 2, 3)), (32, 32768, (4, 2)),
+                         (1, 16384, (4, 2)))) -> None:
+  """The byte-permute lookup's PTX with integer work moved to the FMA pipe
+  (prmt_lookup.FMA_PIPE, the default) against session 12's: checks of
+  both on 4 shapes (2, 3, 4 bits and a split), then device time beside
+  cuDNN bf16 (32/8 heads, D=128), two interleaved rounds (each variant
+  recompiled: the PTX is a module constant)."""
+  # pylint: disable-next=g-import-not-at-top
+  from turboquant_jax.kernels.decode_attention import prmt_lookup
+  print("jax", jax.__version__, jax.devices()[0].device_kind, flush=True)
+  variants = {"fma": True, "alu": False}
+  for name, value in variants.items():
+    prmt_lookup.FMA_PIPE = value
+    jax.clear_caches()
+    print(f"checks: {name}", flush=True)
+    for args in ((128, 4, 4), (128, 4, 2), (64, 8, 3), (128, 4, 3.5)):
+      check(*args, mode="prmt", layout="tokens")
+
+  def prepare(value, c):
+    prmt_lookup.FMA_PIPE = value
+    return c
+  _variant_rows(shapes, variants, prepare)
+  prmt_lookup.FMA_PIPE = True
 
 
 def main():
+  if "--lookup-pipes" in sys.argv:
+    shapes = probes.option("shapes", None)
+    lookup_pipes(*([ast.literal_eval(shapes)] if shapes else []))
+    return
+  if "--split-xla" in sys.argv:
+    split_xla()
+    return
   if "--split-fold" in sys.argv:
     split_fold()
     return

@@ -15,7 +15,11 @@ pallas_gpu.attention outside the kernel (prepare). Device time
 session 11 this probe timed wall clock, a dispatch included (its
 0.46-0.51 ms in NOTES.md). Session 12:
 0.325-0.341 ms (3.3-3.4 TB/s) at B=8, S=128k, 4 bits, every step size,
-depth and split count (results/kernel_bench/h200/probes.txt).
+depth and split count (results/kernel_bench/h200_v8/probes.txt); session
+13: 0.280 ms (3.95 TB/s) as 128-byte rows, 0.525 as 16-byte rows, 0.302
+warp-specialized at 4 stages, 0.30 ms for a 3-bit cache's 0.84 GB
+(results/kernel_bench/h200/probes.txt). The kernel now moves its codes as
+128-byte rows (pallas_gpu tma_row_bytes).
 Run: python -m experiments.probes.pipeline_probe
 """
 
@@ -69,8 +73,7 @@ def _stream_kernel(token, *refs, rows, split_len, stages, n_in,
 def widened(codes: jax.Array, width: int) -> jax.Array:
   """u8[B, K, S, P] viewed as rows of `width` bytes, [B, K, S·P/width,
   width]: the same bytes, so a tile's TMA box moves them as fewer, wider
-  rows. (The kernel cannot yet take such rows: its SMEM view back to
-  [rows, P] does not lower for rows of 32 bytes or more; NOTES.md.)"""
+  rows, as pallas_gpu._tma_rows gives the kernel."""
   b, k, s, p = codes.shape
   return codes.reshape(b, k, s * p // width, width)
 

@@ -7,9 +7,11 @@ This probe compiles the kernel with Mosaic GPU's dumps on
 benchmark shape or (`--smol`) SmolLM2's B=32 decode shape (9/3 heads,
 D=64, 8192 of 9216 tokens), finds the loops in the listing (backward
 branches), and prints, per loop of more than `--min=100` instructions, its
-length and its opcodes by count and by class (integer ALU, f32,
-conversions, shared/global memory, tensor cores, barriers and control):
-the static cost of one trip, per thread, and the registers ptxas used.
+length and its opcodes by count, by class (integer ALU, f32,
+conversions, shared/global memory, tensor cores, barriers and control)
+and by math pipe (ALU, which issues a warp every 2 cycles, against FMA;
+`PIPES`): the static cost of one trip, per thread, and the registers
+ptxas used.
 
 Where Mosaic GPU cannot disassemble (it found no nvdisasm on the lent
 H200), the dumped PTX is assembled with `ptxas -arch=sm_90a` and listed
@@ -120,6 +122,34 @@ def classify(opcode: str) -> str:
   return "other"
 
 
+# The math pipe an instruction issues to on GH100 (NVIDIA's description:
+# the ALU pipe takes integer instructions other than IMAD, logic, bit
+# manipulation and data movement, 16 lanes a sub-partition, so 2 cycles a
+# warp; FMA-heavy takes IMAD and FP32, FMA-lite FP32; FP16x2 issues to
+# both; forums.developer.nvidia.com/t/302018 and /108729). Where the
+# sources are silent (VIADD, FP32 min/max and compares, MOV) this is a
+# guess; Nsight Compute's pipe utilization is the measurement.
+PIPES = {
+    "alu": ("IADD3", "IADD", "LOP3", "LOP", "SHF", "SHL", "SHR", "PRMT",
+            "LEA", "ISETP", "SEL", "IABS", "IMNMX", "BMSK", "SGXT", "PLOP3",
+            "FMNMX", "FSETP", "FSEL", "MOV", "P2R", "R2P", "VIMNMX"),
+    "fma": ("IMAD", "IMUL", "FFMA", "FMUL", "FADD", "HFMA2", "HMUL2",
+            "HADD2", "VIADD"),
+}
+
+
+def pipe(ins: Instr) -> str:
+  """"alu", "fma" or "other" (PIPES); IMAD.HI and IMAD.WIDE, which on the
+  H200 cost more than the shifts they replaced (NOTES.md, session 13),
+  count as "fma_wide"."""
+  if ins.opcode == "IMAD" and re.match(r"IMAD\.(HI|WIDE)", ins.text):
+    return "fma_wide"
+  for name, members in PIPES.items():
+    if ins.opcode in members:
+      return name
+  return "other"
+
+
 def census(body: list[Instr]) -> tuple[collections.Counter,
                                        collections.Counter]:
   """(opcodes by count, classes by count) of a loop body."""
@@ -141,6 +171,9 @@ def report(text: str, minimum: int = 100) -> str:
                  f"(0x{body[0].address:x}-0x{body[-1].address:x})")
     lines.append("  by class: " + ", ".join(
         f"{k} {v}" for k, v in classes.most_common()))
+    pipes = collections.Counter(pipe(i) for i in body)
+    lines.append("  by pipe: " + ", ".join(
+        f"{k} {v}" for k, v in pipes.most_common()))
     lines.append("  by opcode: " + ", ".join(
         f"{k} {v}" for k, v in ops.most_common(20)))
   return "\n".join(lines)

@@ -214,6 +214,17 @@ class SassCensusTest(absltest.TestCase):
     self.assertEqual(classes["control"], 2)
     self.assertIn("loop of 9 instructions",
                   sass_census.report(self.LISTING, minimum=5))
+    # By pipe: PRMT, LOP3, PRMT on the ALU pipe, FFMA on the FMA pipe.
+    pipes = [sass_census.pipe(i) for i in bodies[1]]
+    self.assertEqual(pipes.count("alu"), 3)
+    self.assertEqual(pipes.count("fma"), 1)
+    self.assertIn("by pipe: other 4, alu 3, fma 1",
+                  sass_census.report(self.LISTING, minimum=5))
+    wide, plain = (sass_census.parse(
+        f"/*0000*/ {op} R7, R0, -0x7, R7 ;")[0][0]
+                   for op in ("IMAD.HI.U32", "IMAD"))
+    self.assertEqual((sass_census.pipe(wide), sass_census.pipe(plain)),
+                     ("fma_wide", "fma"))
 
   def test_reads_a_dump_folder(self):
     # --dir: every file holding a listing is reported, others skipped.

@@ -55,6 +55,9 @@ _OPTIONS = [
     # Mosaic GPU's automatic barriers.
     dict(min_columns=16, approx_math=False, auto_barriers=True),
     dict(overlap_values=False),
+    # Codes as a token's row (16-byte rows where it is not a multiple of
+    # 16), the layout before session 13's 128-byte rows.
+    dict(tma_row_bytes=16),
 ]
 
 
@@ -203,12 +206,13 @@ class GpuLoweringTest(parameterized.TestCase):
   @parameterized.parameters((64, 4, 4, 3, {}), (64, 3, 3, 8, {}),
                             (128, 4, 2, 4, {}),
                             (64, 4, 4, 3, dict(rotate_in_kernel=False)),
-                            (64, 4, 4, 3, dict(auto_barriers=False)))
+                            (64, 4, 4, 3, dict(auto_barriers=False)),
+                            (64, 3, 3, 8, dict(tma_row_bytes=16)))
   def test_append_attention_lowers(self, dim, key_bits, value_bits, groups,
                                    options):
     # One kernel: the append program's scalar writes (24-byte rows through
-    # their 16-byte view at 3 bits) and its one-token tile next to the
-    # splits' pipeline.
+    # their 128-byte view at 3 bits, or 16-byte with tma_row_bytes=16) and
+    # its one-token tile next to the splits' pipeline.
     cfg = cache_lib.CacheConfig(key_bits=key_bits, value_bits=value_bits)
     cache = cache_lib.init(cfg, 2, 2, 1024, dim)
     token = jnp.ones((2, 2, 1, dim), jnp.bfloat16)

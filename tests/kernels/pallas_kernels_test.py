@@ -153,8 +153,9 @@ class PallasGpuInterpretTest(parameterized.TestCase):
       dict(testcase_name="d64_b3_24byte_rows_128_token_steps", dim=64,
            bits=3, rows=128, lengths=(5, 128)))
   def test_tokens_layout_longer_steps(self, dim, bits, rows, lengths):
-    # tile_rows tokens per pipeline step (one split of 128 tokens; 24-byte
-    # rows travel as 192 TMA rows of 16 bytes), Pᵀ through a transposed view.
+    # tile_rows tokens per pipeline step (one split of 128 tokens; a tile
+    # of 24-byte rows travels as 24 TMA rows of 128 bytes), Pᵀ through a
+    # transposed view.
     cache = self._cache(dim, bits, bits, 0, lengths, rows)
     q = jax.random.normal(jax.random.key(rows), (2, 8, dim))
     want = attn.decode_attention(q, cache, cache.lengths, impl="reference")
@@ -204,6 +205,58 @@ class PallasGpuInterpretTest(parameterized.TestCase):
         inp, splits=2, lookup_mode="prmt", transpose_p=True, min_columns=8,
         interpret=pallas_gpu.interpret_params(True), columns=True)
     self.assertEqual(acc.shape[-1], 8)
+
+  @parameterized.named_parameters(
+      dict(testcase_name="d128_b4_64byte_rows", dim=128, key_bits=4,
+           value_bits=4, method="mse", rows=64),
+      dict(testcase_name="d128_split_32_24_16byte_rows_128_token_steps",
+           dim=128, key_bits=3.5, value_bits=2.5, method="mse", rows=128))
+  def test_tma_row_widths(self, **case):
+    self.check_tma_row_widths(**case)
+
+  @parameterized.named_parameters(
+      dict(testcase_name="d64_b3_24byte_rows", dim=64, key_bits=3,
+           value_bits=3, method="mse", rows=64),
+      dict(testcase_name="d128_b3_48byte_rows", dim=128, key_bits=3,
+           value_bits=3, method="mse", rows=128),
+      dict(testcase_name="d64_prod_8byte_signs", dim=64, key_bits=3,
+           value_bits=4, method="prod", rows=64))
+  @pytest.mark.slow   # ~6 s each in interpret mode
+  def test_tma_row_widths_more(self, **case):
+    self.check_tma_row_widths(**case)
+
+  def check_tma_row_widths(self, dim, key_bits, value_bits, method, rows):
+    # The codes as 128-byte TMA rows (the default) or as a token's row
+    # (16-byte rows where that is not a multiple of 16): the same bytes
+    # viewed back as [rows, P], so the same words reach the lookup and the
+    # outputs are equal bit for bit, and equal to the reference.
+    cache = self._cache(dim, key_bits, value_bits, 0, (128, 71), dim + rows,
+                        method)
+    q = jax.random.normal(jax.random.key(rows), (2, 8, dim))
+    want = attn.decode_attention(q, cache, cache.lengths, impl="reference")
+    run = lambda width: attn.decode_attention(
+        q, cache, cache.lengths, impl="pallas_gpu", interpret=True,
+        splits=1, tile_rows=rows, tma_row_bytes=width)
+    wide = run(128)
+    scale = float(jnp.max(jnp.abs(want)))
+    np.testing.assert_allclose(wide, want, rtol=self.TOL,
+                               atol=self.TOL * scale)
+    np.testing.assert_array_equal(wide, run(16))
+    np.testing.assert_array_equal(wide, run(None))
+
+  def test_tma_rows_view(self):
+    # _tma_rows: a token's packed row as it is where its bytes are a
+    # multiple of the width, else the same bytes as rows of that width.
+    codes = jnp.arange(2 * 3 * 64 * 24, dtype=jnp.int32).astype(
+        jnp.uint8).reshape(2, 3, 64, 24)
+    for width, shape in ((16, (2, 3, 96, 16)), (128, (2, 3, 12, 128))):
+      view = pallas_gpu._tma_rows(codes, width)
+      self.assertEqual(view.shape, shape)
+      np.testing.assert_array_equal(view.reshape(codes.shape), codes)
+    wide = jnp.zeros((1, 1, 64, 128), jnp.uint8)
+    self.assertIs(pallas_gpu._tma_rows(wide, 128), wide)
+    self.assertEqual(pallas_gpu._tma_rows(codes[..., :16], 16).shape,
+                     (2, 3, 64, 16))
 
   def test_values_unpacked_after_the_scores(self):
     self.check_values_unpacked_after_the_scores(128, 3.5, 2.5, "mse")
@@ -479,7 +532,10 @@ class PallasGpuInterpretTest(parameterized.TestCase):
                           "overlap_values"),
                          (dict(min_columns=8, transpose_p=False),
                           "min_columns"),
-                         (dict(min_columns=12), "min_columns")):
+                         (dict(min_columns=12), "min_columns"),
+                         (dict(tma_row_bytes=64), "tma_row_bytes"),
+                         (dict(tma_row_bytes=128, layout="queries"),
+                          "tma_row_bytes")):
       with self.assertRaisesRegex(ValueError, name):
         attn.decode_attention(jnp.ones((2, 4, 64)), cache, jnp.array([3, 4]),
                               impl="pallas_gpu", **kwargs)

@@ -1,10 +1,12 @@
-"""The byte-permute lookup: its PTX, run by a small emulator of the seven
-instructions it uses, and its interpret-mode stand-in equal the f16
-codebook for every pair of packed bytes, at 2, 3 and 4 bits. (The PTX itself
+"""The byte-permute lookup: its PTX (both FMA_PIPE variants), run by a
+small emulator of the nine instructions it uses, and its interpret-mode
+stand-in equal the f16 codebook for every pair of packed bytes, at 2, 3
+and 4 bits. (The PTX itself
 runs only on a GPU: experiments/probes/mosaic_gpu_probe.py --prmt checks it
 there.)"""
 
 import re
+from unittest import mock
 
 from absl.testing import absltest
 from absl.testing import parameterized
@@ -38,6 +40,8 @@ _OPS = {
     "or.b32": lambda a, b: a | b,
     "xor.b32": lambda a, b: a ^ b,
     "mul.lo.u32": lambda a, b: (a * b) & _M32,
+    "mad.lo.u32": lambda a, b, c: (a * b + c) & _M32,
+    "add.u32": lambda a, b: (a + b) & _M32,
     "prmt.b32": _prmt,
 }
 
@@ -59,12 +63,16 @@ class PrmtLookupTest(parameterized.TestCase):
 
   # Every pair of packed bytes at D = 128; every 7th at D = 64 and 256
   # (the same PTX with other constants).
-  @parameterized.parameters((128, 2, 1), (128, 4, 1), (64, 4, 7), (256, 2, 7))
-  def test_ptx_equals_the_f16_codebook(self, dim, bits, stride):
+  @parameterized.parameters((128, 2, 1, True), (128, 4, 1, True),
+                            (64, 4, 7, True), (256, 2, 7, True),
+                            (128, 2, 3, False), (128, 4, 3, False))
+  def test_ptx_equals_the_f16_codebook(self, dim, bits, stride, fma_pipe):
     table = codebook.codebook(dim, bits)
     self.assertTrue(prmt_lookup.supports(bits, tuple(table)))
     want = table.astype(np.float16)
-    asm = prmt_lookup.ptx(bits, tuple(table))
+    with mock.patch.object(prmt_lookup, "FMA_PIPE", fma_pipe):
+      asm = prmt_lookup.ptx(bits, tuple(table))
+    self.assertEqual("mad.lo" in asm, fma_pipe)
     self.assertLessEqual(
         set(re.findall(r"^\s*([a-z][\w.]*)\s", asm, re.M)), set(_OPS))
     fields, mask = 8 // bits, (1 << bits) - 1

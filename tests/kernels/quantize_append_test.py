@@ -244,6 +244,7 @@ class AppendAttentionTest(parameterized.TestCase):
       (64, 3, 8, {}),                                # 24-byte rows
       (64, 2, 1, dict(rotate_in_kernel=False)),      # XLA rotates
       (64, 4, 4, dict(auto_barriers=False)),         # (and on the H200)
+      (64, 3, 2, dict(tma_row_bytes=16)),            # 24-byte rows as 16s
   )
   def test_equals_append_then_attend(self, dim, bits, groups, options):
     self.check(dim, bits, groups, **options)
@@ -310,6 +311,10 @@ class AppendAttentionTest(parameterized.TestCase):
     with self.assertRaisesRegex(ValueError, "expected q"):
       attention_gpu.append_attention(jnp.ones((4, 1, 4, 64)), k[:, :1], v,
                                      cache)
+    empty = dataclasses.replace(cache, lengths=jnp.zeros_like(cache.lengths))
+    with self.assertRaisesRegex(ValueError, "tma_row_bytes"):
+      attention_gpu.append_attention(jnp.ones((4, 1, 4, 64)), k, v, empty,
+                                     tma_row_bytes=32)
     split = _cache(13, 64, capacity=128, key_bits=3.5)
     with self.assertRaisesRegex(NotImplementedError, "fractional"):
       attention_gpu.append_attention(jnp.ones((4, 1, 2, 64)), k[:, :1],

@@ -28,20 +28,23 @@ sign bits are 1-bit codes with centroids ±1, the sketched query S·q as its
 query and the residual weight as its per-token norm. Packed rows that are
 not a multiple of 16 bytes (24 for 3-bit parts of 64 channels, as in 2.5
 and 3.5 bits at D = 128 or 3 bits at D = 64; 8 for the signs of 64) travel
-as rows of 16 bytes and are viewed back in SMEM (`_tma_rows`).
+as rows of 16 bytes and are viewed back in SMEM (`_tma_rows`); the
+layout="tokens" kernel moves every tile as 128-byte rows
+(tma_row_bytes).
 
 Limits (NotImplementedError -> impl=None falls back to "xla"): the
 capacity a multiple of 64 · NS, at most 64 query rows (T·G), part dims a
 multiple of 64 (2.5 bits at D = 64 has parts of 32), a tile of at most 256
-rows of 16 bytes.
+whole TMA rows.
 
 Speed (H200): this layout ("queries", v3) 0.4-1.1x cuDNN bf16
 (results/kernel_bench/h200_v3); the default layout="tokens" (v4,
 pallas_gpu_tokens.py) with its byte-permute lookup 0.47-1.44x in wall
 clock over the whole grid, 1.04-1.34x at S = 128k for B = 8 and 32
 (results/kernel_bench/h200_v6); kernel v7 in device time 1.06-1.65x at
-2-4 bits and S >= 16k (results/kernel_bench/h200_v7); today's (session
-12) 1.17-1.75x there, 1.42x at 4 bits, B = 8, S = 128k
+2-4 bits and S >= 16k (results/kernel_bench/h200_v7); session 12's
+1.17-1.75x there (h200_v8), today's (session 13, 128-byte TMA rows)
+1.11-1.73x, 1.42x at 4 bits and 1.55x at 3, B = 8, S = 128k
 (results/kernel_bench/h200). NOTES.md has the measurements.
 """
 
@@ -64,11 +67,13 @@ from turboquant_jax.quant import rotation
 ROWS = 64      # tokens per tile = query rows of one warpgroup's wgmma
 STAGES = 2     # default tiles in flight per program (emit_pipeline steps)
 MIN_SPLIT_TILES = 3   # default_splits' shortest split where B·K is small
+TMA_ROW_BYTES = 128   # layout="tokens": codes move as 128-byte TMA rows
 
 _L = plgpu.Layout
 
 
-def _check(inp: parts.KernelInputs, splits: int) -> None:
+def _check(inp: parts.KernelInputs, splits: int,
+           tma_row_bytes: int = 16) -> None:
   cap = inp.value_codes[0].shape[2]
   if cap % (ROWS * splits):
     raise NotImplementedError(f"capacity {cap} must be a multiple of "
@@ -79,10 +84,12 @@ def _check(inp: parts.KernelInputs, splits: int) -> None:
                               f"kernel takes at most {ROWS}")
   codes = inp.key_codes + [s for s in inp.key_signs if s is not None]
   for c in codes + inp.value_codes:
-    if c.shape[-1] % 16 and ROWS * c.shape[-1] // 16 > 256:
+    p = c.shape[-1]
+    if p % tma_row_bytes and (ROWS * p % tma_row_bytes
+                              or ROWS * p // tma_row_bytes > 256):
       raise NotImplementedError(
-          f"pallas_gpu: a tile of {ROWS} packed rows of {c.shape[-1]} bytes "
-          "is more than 256 TMA rows of 16 bytes")
+          f"pallas_gpu: a tile of {ROWS} packed rows of {p} bytes is not "
+          f"at most 256 whole TMA rows of {tma_row_bytes} bytes")
   for spec in _kernel_specs(inp)[0] + list(inp.value_specs):
     if spec.dim % GROUP:
       raise NotImplementedError(f"pallas_gpu: part dim {spec.dim} is not a "
@@ -211,16 +218,22 @@ def _in_groups(chunks: list[jax.Array]) -> list[jax.Array]:
           for g in range(0, len(chunks), per)]
 
 
-def _tma_rows(codes: jax.Array) -> jax.Array:
-  """u8[B, K, S, P] -> [B, K, S·P/16, 16] when P is not a multiple of 16.
+def _tma_rows(codes: jax.Array, width: int = 16) -> jax.Array:
+  """u8[B, K, S, P] -> [B, K, S·P/width, width] unless P is a multiple of
+  `width`.
 
-  TMA copies rows of a multiple of 16 bytes; a tile of 64 packed rows of
+  TMA copies rows of a multiple of 16 bytes; a tile of R packed rows of
   P bytes (24 for 3-bit parts of 64 channels, 8 for the sign bits of 64)
-  is the same bytes as 4·P rows of 16, and the kernel views it back as
-  [64, P] in SMEM. A free reshape, no copy.
+  is the same bytes as R·P/16 rows of 16, and the kernel views it back as
+  [R, P] in SMEM (unswizzled, so the bytes lie alike). width = 128 moves
+  every tile as 128-byte rows (4-bit rows of 64 bytes too): on the H200 a
+  bare pipeline streamed a 4-bit cache at 3.95 TB/s as 128-byte rows
+  against 3.4 as 64-byte and 2.1 as 16-byte rows (pipeline_probe,
+  NOTES.md session 13). A free reshape, no copy.
   """
   b, k, s, p = codes.shape
-  return codes if p % 16 == 0 else codes.reshape(b, k, s * p // 16, 16)
+  return (codes if p % width == 0
+          else codes.reshape(b, k, s * p // width, width))
 
 
 def _dequantize_into(code_ref, spec, pool, first: int, mode,
@@ -236,14 +249,14 @@ def dequantize_groups(code_ref, spec, mode, interpret: bool) -> list:
   (WGMMA layout: a wgmma A operand as they are)."""
   row = _row_bytes(spec)
   rows = code_ref.shape[0] * code_ref.shape[1] // row
-  if code_ref.shape != (rows, row) and interpret:
-    # A _tma_rows tile. Interpret mode has no rule for reshaped refs (the
-    # device has), so it reshapes the loaded value instead.
+  if code_ref.shape == (rows, row):
+    words = plgpu.load(code_ref, layout=_L.WGMMA, optimized=False)
+  elif interpret:
+    # A _tma_rows tile. Interpret mode has no rule for reshaped refs, so it
+    # reshapes the loaded value instead.
     words = code_ref[...].reshape(rows, row)
   else:
-    if code_ref.shape != (rows, row):
-      code_ref = code_ref.reshape(rows, row)
-    words = plgpu.load(code_ref, layout=_L.WGMMA, optimized=False)
+    words = _load_viewed(code_ref, (rows, row))
   if (mode == "prmt" and spec.bits in prmt_lookup.BITS
       and prmt_lookup.supports(spec.bits, spec.centroids)):
     # Coordinate chunks looked up from the packed bytes, no unpacking.
@@ -255,6 +268,25 @@ def dequantize_groups(code_ref, spec, mode, interpret: bool) -> list:
     chunks = [lookup(c, spec, mode) for c in
               parts.unpack_chunks(words, spec.bits, spec.dim, dtype)]
   return [g.astype(jnp.float16) for g in _in_groups(chunks)]
+
+
+def _load_viewed(code_ref, shape: tuple[int, int]) -> jax.Array:
+  """A _tma_rows tile (u8, unswizzled SMEM) loaded as `shape` [R, P] in
+  the WGMMA layout: the ref is viewed as [R, P] inside Mosaic GPU, where
+  Pallas' reshape of the ref would run layout inference, which fails on
+  rows of 32 bytes or more (it proposes swizzled tilings for them)."""
+  # pylint: disable=g-import-not-at-top (Mosaic GPU internals, device only)
+  from jax.experimental.mosaic import gpu as mgpu
+  from jax.experimental.mosaic.gpu import utils as mgpu_utils
+  out = plgpu.ShapeDtypeStruct(shape, jnp.uint8, layout=_L.WGMMA)
+
+  @plgpu.inline_mgpu(arg_types=(plgpu.RefType(),), return_type=out)
+  def load(ctx, ref):
+    del ctx
+    return mgpu.FragmentedArray.load_untiled(
+        mgpu_utils.memref_reshape(ref, shape), layout=mgpu.WGMMA_LAYOUT,
+        is_signed=False, optimized=False)
+  return load(code_ref)
 
 
 def _row_bytes(spec: parts.PartSpec) -> int:
@@ -405,14 +437,14 @@ def _kernel(qlen_ref, qend_ref, *refs, key_specs, value_specs, groups,
   _store_outputs(accs, m_i, l_i, o_refs, ml_ref, program)
 
 
-def _tile_specs(key_specs, value_specs, tile0,
-                rows: int = ROWS) -> list[plgpu.BlockSpec]:
+def _tile_specs(key_specs, value_specs, tile0, rows: int = ROWS,
+                tma_row_bytes: int = 16) -> list[plgpu.BlockSpec]:
   """Pipeline blocks of one tile of `rows` tokens: key codes, key norms,
-  value codes, value norms (codes as 16-byte rows where `_tma_rows` cut
-  them); tile0 counts tiles of that size."""
+  value codes, value norms (codes as rows of tma_row_bytes where
+  `_tma_rows` cut them); tile0 counts tiles of that size."""
   def code_spec(spec):
-    p = _row_bytes(spec)
-    return plgpu.BlockSpec((rows, p) if p % 16 == 0 else (rows * p // 16, 16),
+    p, w = _row_bytes(spec), tma_row_bytes
+    return plgpu.BlockSpec((rows, p) if p % w == 0 else (rows * p // w, w),
                            lambda i: (tile0 + i, 0))
 
   norm_spec = plgpu.BlockSpec((rows,), lambda i: (tile0 + i,))
@@ -515,11 +547,13 @@ OVERLAP_MAX_TILES = 8
                           "stages", "tile_rows", "key_registers",
                           "transpose_p", "skip_empty_splits", "combine",
                           "rotate_in_kernel", "min_columns", "approx_math",
-                          "auto_barriers", "overlap_values", "interpret"))
+                          "auto_barriers", "overlap_values", "tma_row_bytes",
+                          "interpret"))
 def _attention(q, cache, lengths, scale, splits, lookup_mode, layout,
                stages, tile_rows, key_registers, transpose_p,
                skip_empty_splits, combine, rotate_in_kernel, min_columns,
-               approx_math, auto_barriers, overlap_values, interpret):
+               approx_math, auto_barriers, overlap_values, tma_row_bytes,
+               interpret):
   # Norms as stored (f16): the kernels convert per tile.
   inp = parts.prepare(q, cache, lengths, scale, norms_as_stored=True)
   if layout == "tokens":
@@ -531,7 +565,8 @@ def _attention(q, cache, lengths, scale, splits, lookup_mode, layout,
                             transpose_p=transpose_p, min_columns=min_columns,
                             approx_math=approx_math,
                             auto_barriers=auto_barriers,
-                            overlap_values=overlap_values)
+                            overlap_values=overlap_values,
+                            tma_row_bytes=tma_row_bytes)
     rotate = None
     if rotate_in_kernel and _rotatable(inp, cache):
       rotate = _rotate_inputs(q, cache, scale)
@@ -562,6 +597,7 @@ def append_attention(q: jax.Array, k: jax.Array, v: jax.Array, cache, *,
                      stages: int = STAGES,
                      rotate_in_kernel: bool | None = None,
                      auto_barriers: bool = True,
+                     tma_row_bytes: int | None = None,
                      interpret: bool | None = None):
   """One decode token in one launch: appends k, v [B, K, 1, D] to a
   TurboQuantCache at position cache.lengths[b] and attends q [B, 1, H, D]
@@ -595,19 +631,22 @@ def append_attention(q: jax.Array, k: jax.Array, v: jax.Array, cache, *,
     raise ValueError(f"{stages=!r}: expected an int >= 1")
   if rotate_in_kernel is None:
     rotate_in_kernel = q.shape[-1] <= ROTATE_IN_KERNEL_MAX_DIM
+  if tma_row_bytes not in (None, 16, 128):
+    raise ValueError(f"{tma_row_bytes=!r}: expected 16 or 128")
   interpret = interpret_params(interpret)
   if splits is None:
     splits = default_splits(cache, "tokens")
   scale = q.shape[-1] ** -0.5 if scale is None else scale
   return _append_attention(q, k, v, cache, scale, splits, stages,
                            bool(rotate_in_kernel), bool(auto_barriers),
-                           interpret)
+                           tma_row_bytes or TMA_ROW_BYTES, interpret)
 
 
 @jax.jit(static_argnames=("scale", "splits", "stages", "rotate_in_kernel",
-                          "auto_barriers", "interpret"))
+                          "auto_barriers", "tma_row_bytes", "interpret"))
 def _append_attention(q, k, v, cache, scale, splits, stages,
-                      rotate_in_kernel, auto_barriers, interpret):
+                      rotate_in_kernel, auto_barriers, tma_row_bytes,
+                      interpret):
   # pylint: disable-next=g-import-not-at-top (it imports this module)
   from turboquant_jax.kernels.decode_attention import pallas_gpu_tokens
   inp = parts.prepare(q, cache, cache.lengths, scale, norms_as_stored=True)
@@ -620,7 +659,7 @@ def _append_attention(q, k, v, cache, scale, splits, stages,
           key_registers=True, transpose_p=True, skip_empty_splits=True,
           interpret=interpret, columns=True, rotate=rotate,
           append=(cache, k, v), min_columns=8,
-          auto_barriers=auto_barriers))
+          auto_barriers=auto_barriers, tma_row_bytes=tma_row_bytes))
   out = parts.finish_columns(acc, m, l, q, cache, rotated=rotate is not None)
   cache = dataclasses.replace(
       cache, keys=dataclasses.replace(cache.keys, codes=kc, norms=kn),
@@ -706,6 +745,7 @@ def attention(q: jax.Array, cache, lengths: jax.Array, *,
               approx_math: bool | None = None,
               auto_barriers: bool | None = None,
               overlap_values: bool | None = None,
+              tma_row_bytes: int | None = None,
               interpret: bool | None = None) -> jax.Array:
   """q [B, T, H, D] over a TurboQuantCache -> f32[B, T, H, D].
 
@@ -788,6 +828,12 @@ def attention(q: jax.Array, cache, lengths: jax.Array, *,
       2.5 bits and 0.059-0.062 against 0.054 at 3.5, where a program's
       latency, not the SM's throughput, sets the time (NOTES.md, session
       12).
+    tma_row_bytes: layout="tokens": the TMA row of a tile's codes, 16 (a
+      token's packed row as it is, or 16-byte rows where it is not a
+      multiple of 16) or 128 (128-byte rows wherever a token's row is
+      shorter). None: TMA_ROW_BYTES. A bare pipeline over a 4-bit cache
+      (B=8, S=128k) streamed 0.280 ms as 128-byte rows against 0.327 as
+      64-byte and 0.525 as 16-byte rows (pipeline_probe, NOTES.md).
     interpret: None uses Mosaic GPU interpret mode when the backend is not
       a GPU.
   """
@@ -810,11 +856,15 @@ def attention(q: jax.Array, cache, lengths: jax.Array, *,
                               or skip_empty_splits or rotate_in_kernel
                               or min_columns not in (None, 16) or approx_math
                               or auto_barriers is False
-                              or overlap_values is False):
+                              or overlap_values is False
+                              or tma_row_bytes not in (None, 16)):
     raise ValueError(f"{key_registers=}, {transpose_p=}, "
                      f"{skip_empty_splits=}, {rotate_in_kernel=}, "
                      f"{min_columns=}, {approx_math=}, {auto_barriers=}, "
-                     f"{overlap_values=}: options of layout='tokens' only")
+                     f"{overlap_values=}, {tma_row_bytes=}: options of "
+                     "layout='tokens' only")
+  if tma_row_bytes not in (None, 16, 128):
+    raise ValueError(f"{tma_row_bytes=!r}: expected 16 or 128")
   tokens = layout == "tokens"
   key_registers = tokens if key_registers is None else key_registers
   transpose_p = tokens if transpose_p is None else transpose_p
@@ -832,9 +882,11 @@ def attention(q: jax.Array, cache, lengths: jax.Array, *,
   if overlap_values is None:
     overlap_values = not tokens or default_overlap_values(cache, splits,
                                                           tile_rows)
+  if tma_row_bytes is None:
+    tma_row_bytes = TMA_ROW_BYTES if tokens else 16
   scale = q.shape[-1] ** -0.5 if scale is None else scale
   return _attention(q, cache, lengths, scale, splits, lookup_mode, layout,
                     stages, tile_rows, bool(key_registers), bool(transpose_p),
                     bool(skip_empty_splits), combine, bool(rotate_in_kernel),
                     min_columns, bool(approx_math), bool(auto_barriers),
-                    bool(overlap_values), interpret)
+                    bool(overlap_values), tma_row_bytes, interpret)

@@ -15,8 +15,9 @@ SM (NOTES.md). Here the roles swap, per 64-token tile:
 with N = M rounded up to 16 (a B operand of 16-bit elements needs rows of
 at least 32 bytes). At G = 4 that is 16 columns instead of 64 rows: a
 quarter of the softmax and of the accumulator registers. Everything else
-(TMA pipeline, unpacking, centroid lookup, 24-byte rows, prod keys as sign
-parts, the XLA work before and after) is pallas_gpu's.
+(TMA pipeline, unpacking, centroid lookup, codes viewed from wider TMA
+rows, prod keys as sign parts, the XLA work before and after) is
+pallas_gpu's.
 
 With `rotate` (pallas_gpu's rotate_in_kernel: possible for one mse key
 part, one value part, no window, D <= 128; the default at D <= 64) the
@@ -53,9 +54,12 @@ since session 11) 0.73 ms in device time, 1.35x cuDNN bf16 (133 registers,
 740 instructions a tile; results/kernel_bench/h200_v7); with no causal
 mask for one query token (128 registers: 4 programs per SM) and the
 values unpacked after the score product on long splits (overlap_values)
-0.70 ms, 1.42x (results/kernel_bench/h200). The pipeline streaming the
-same bytes with no work takes 0.33-0.34 ms in device time
-(experiments/probes/pipeline_probe.py, NOTES.md).
+0.70 ms, 1.42x (results/kernel_bench/h200_v8); with the codes moved as
+128-byte TMA rows (tma_row_bytes, session 13) 0.695 ms, 1.42x, 3 bits
+0.636 ms, 1.55x (results/kernel_bench/h200). The pipeline streaming the
+same bytes with no work takes 0.33-0.34 ms in device time as a token's
+64-byte rows, 0.28 as 128-byte rows (experiments/probes/pipeline_probe.py,
+NOTES.md).
 """
 
 import functools
@@ -96,12 +100,14 @@ def _swizzle(n: int) -> int:
 
 
 def step_rows(split_len: int, row_bytes: list[int],
-              wanted: int = ROWS) -> int:
+              wanted: int = ROWS, tma_row_bytes: int = 16) -> int:
   """Tokens per pipeline step: `wanted`, or less where the split is
-  shorter or a TMA box would pass 256 rows (codes cut into 16-byte rows)."""
+  shorter or a TMA box would pass 256 rows (codes cut into rows of
+  tma_row_bytes)."""
   rows = wanted
   while rows > ROWS and (split_len % rows or any(
-      p % 16 and rows * p // 16 > 256 for p in row_bytes)):
+      p % tma_row_bytes and rows * p // tma_row_bytes > 256
+      for p in row_bytes)):
     rows //= 2
   return rows
 
@@ -191,7 +197,7 @@ def _rotate_back(tiles, accs, n: int) -> tuple:
 def _kernel(lengths_ref, *refs, key_specs, value_specs, groups, split_len,
             kv_heads, splits, mode, interpret, n, rows, stages,
             key_registers, transpose_p, skip_empty_splits, window, tokens,
-            rotate, append, overlap_values):
+            rotate, append, overlap_values, tma_row_bytes):
   nk, nv = len(key_specs), len(value_specs)
   # The scratch at the end: with rotate the rotations' tiles and their
   # barriers (one a tile), then the queries' SMEM per key part, a barrier.
@@ -329,7 +335,8 @@ def _kernel(lengths_ref, *refs, key_specs, value_specs, groups, split_len,
   n_tiles = split_len // rows
   tile0 = first_pos // rows
 
-  in_specs = base._tile_specs(key_specs, value_specs, tile0, rows)
+  in_specs = base._tile_specs(key_specs, value_specs, tile0, rows,
+                              tma_row_bytes)
 
   def stream(*smem):
     # With key_registers the keys need no SMEM pool.
@@ -422,7 +429,8 @@ def _kernel(lengths_ref, *refs, key_specs, value_specs, groups, split_len,
                   (accs, m0, zeros(shape)))
 
     def attend_one():
-      block = lambda spec: base._tile_specs((spec,), (), 0, rows)[0]
+      block = lambda spec: base._tile_specs((spec,), (), 0, rows,
+                                            tma_row_bytes)[0]
       tile = []
       for spec, norm_ref in ((key_specs[0], kn_refs[0]),
                              (value_specs[0], vn_refs[0])):
@@ -460,12 +468,13 @@ def _kernel(lengths_ref, *refs, key_specs, value_specs, groups, split_len,
 
 def _store_byte(code_ref, token, i: int, row_bytes: int, word) -> None:
   """Byte i of a token's packed row into code_ref [S, P], or into its
-  16-byte-row view [S·P/16, 16] where P is not a multiple of 16."""
-  if code_ref.shape[-1] == row_bytes:
+  view as rows of W bytes [S·P/W, W] (`base._tma_rows`)."""
+  width = code_ref.shape[-1]
+  if width == row_bytes:
     code_ref[token, i] = word.astype(jnp.uint8)
   else:
     flat = token * row_bytes + i
-    code_ref[flat // 16, flat % 16] = word.astype(jnp.uint8)
+    code_ref[flat // width, flat % width] = word.astype(jnp.uint8)
 
 
 def fused_attention(inp: parts.KernelInputs, *, splits: int = 8,
@@ -475,7 +484,8 @@ def fused_attention(inp: parts.KernelInputs, *, splits: int = 8,
                     skip_empty_splits: bool = False, interpret=None,
                     columns: bool = False, rotate=None, append=None,
                     min_columns: int = 16, approx_math: bool = False,
-                    auto_barriers: bool = True, overlap_values: bool = True):
+                    auto_barriers: bool = True, overlap_values: bool = True,
+                    tma_row_bytes: int = 16):
   """Runs the kernel: (acc per value part [B,K,NS,M,Dp], m, l [B,K,NS,M]),
   or with `columns` as the kernel wrote them: acc [B,K,NS,Dp,N], m, l
   [B,K,NS,N] (all N query columns, no transpose).
@@ -524,27 +534,35 @@ def fused_attention(inp: parts.KernelInputs, *, splits: int = 8,
   bits: 104 registers against 128 with the overlap), and one commit_smem
   a tile fewer. pallas_gpu.attention's default takes it where a program
   streams more than OVERLAP_MAX_TILES tiles.
+  tma_row_bytes: 16 moves a token's packed row as it is where its bytes
+  are a multiple of 16 and as 16-byte rows otherwise; 128 moves every tile
+  as 128-byte rows where a token's row is not a multiple of 128
+  (`base._tma_rows`: the same bytes, viewed back as [rows, P] in SMEM).
   """
   if min_columns not in (8, 16) or (min_columns == 8 and not transpose_p):
     raise ValueError(f"{min_columns=}, {transpose_p=}: expected 16, or 8 "
                      "with transpose_p")
   if append is not None and approx_math:
     raise ValueError("approx_math: not with append")
-  base._check(inp, splits)
+  if tma_row_bytes not in (16, 128):
+    raise ValueError(f"{tma_row_bytes=}: expected 16 or 128")
+  base._check(inp, splits, tma_row_bytes)
   specs, queries, codes, norms = base._kernel_specs(inp)
   b, kv, m, _ = inp.q[0].shape
   n = query_columns(m, min_columns)
   cap = inp.value_codes[0].shape[2]
   rows = step_rows(cap // splits, [c.shape[-1] for c in codes
-                                   + list(inp.value_codes)], tile_rows)
+                                   + list(inp.value_codes)], tile_rows,
+                   tma_row_bytes)
   out_splits = splits + (append is not None)
   programs = b * kv * out_splits
   out_type = [jax.ShapeDtypeStruct((programs * base._groups(s), GROUP, n),
                                    jnp.float32) for s in inp.value_specs]
   out_type.append(jax.ShapeDtypeStruct((programs, 2, n), jnp.float32))
   append_in, append_specs, code_arrays = [], None, [
-      *map(base._tma_rows, codes), *norms,
-      *map(base._tma_rows, inp.value_codes), *inp.value_norms]
+      *[base._tma_rows(c, tma_row_bytes) for c in codes], *norms,
+      *[base._tma_rows(c, tma_row_bytes) for c in inp.value_codes],
+      *inp.value_norms]
   if append is not None:
     cache, k_new, v_new = append
     kq, vq = cache.key_quantizer, cache.value_quantizer
@@ -572,7 +590,8 @@ def fused_attention(inp: parts.KernelInputs, *, splits: int = 8,
                         skip_empty_splits=skip_empty_splits,
                         window=inp.window, tokens=inp.tokens,
                         rotate=rotate is not None, append=append_specs,
-                        overlap_values=overlap_values),
+                        overlap_values=overlap_values,
+                        tma_row_bytes=tma_row_bytes),
       out_type=out_type, scratch_types=scratch,
       grid=(b, kv, out_splits), grid_names=("b", "k", "s"),
       compiler_params=plgpu.CompilerParams(

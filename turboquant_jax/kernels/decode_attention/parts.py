@@ -27,6 +27,10 @@ from turboquant_jax.quant import split
 from turboquant_jax.quant import turboquant
 
 _HI = jax.lax.Precision.HIGHEST
+# The folded split rotations' products (prepare, finish): f32 on the GPU
+# at HIGHEST. A module constant so that decode_kernel_variants --split-xla
+# can time the other precisions (its variants clear jit caches).
+SPLIT_ROTATION_PRECISION = _HI
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,7 +167,8 @@ def prepare(q: jax.Array, cache, lengths: jax.Array, scale: float,
   folded = _split_rotation(cache.key_split_rotation, cache.key_quantizer)
   if folded is not None:
     # Both parts' gathers and rotations in one product (outliers first).
-    y_all = jnp.einsum("bkmd,ked->bkme", qh, folded, precision=_HI) * scale
+    y_all = jnp.einsum("bkmd,ked->bkme", qh, folded,
+                       precision=SPLIT_ROTATION_PRECISION) * scale
   offset = 0
   for kq, kqt in _parts(cache.key_quantizer, keys):
     if folded is not None:
@@ -239,7 +244,7 @@ def finish(acc: list[jax.Array], m: jax.Array, l: jax.Array, q: jax.Array,
   if folded is not None:
     # Both parts' rotations back and scatters as one product (Eᵀ).
     out = jnp.einsum("bkme,ked->bkmd", jnp.concatenate(merged, axis=-1),
-                     folded, precision=_HI)
+                     folded, precision=SPLIT_ROTATION_PRECISION)
   else:
     out = rotation.invert(cache.value_quantizer.rotation, merged[0])
   if w:

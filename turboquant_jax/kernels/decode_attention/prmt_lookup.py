@@ -28,7 +28,10 @@ PTX reads the packed bytes as they are, with no unpacking:
   sign, 2 prmt interleave into two f16x2: ~3 ops per code.
 
 Against ~6 for shift/mask unpacking plus the f16 polynomial (counts of the
-instructions written, not timings).
+instructions written, not timings). The kernel is bound by the integer
+(ALU) pipe, which issues prmt, shifts and logic at half the rate of the
+FMA pipe, so where a multiply-add can do an ALU instruction's work (bits
+that do not overlap add as they OR) the PTX uses one (FMA_PIPE).
 The PTX runs only on a GPU; in interpret mode `lookup_chunks` computes the
 same f16 values with jnp (the device probe matched the 2- and 4-bit ones
 bit for bit: experiments/probes/mosaic_gpu_probe.py --prmt).
@@ -40,6 +43,18 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 import numpy as np
 
 BITS = (2, 3, 4)
+# Integer work on the FMA pipe where an IMAD can do it (a multiply-add with
+# disjoint bits equals the shifts and ORs it replaces): the ALU pipe,
+# which runs prmt, shifts and logic at half the issue rate, is the
+# kernel's busiest (Nsight: 56-61%). ptxas 13.5 (sm_90a), ALU
+# instructions a register pair: 2 bits 11 for 8 codes (session 12: 15), 4
+# bits 8 for 4 codes (10); 3 bits unchanged (ptxas already forms its
+# multiply-adds). On the H200 (B=8, S=128k) 2 bits 0.520 ms against
+# 0.584, 4 bits 0.677-0.694 against 0.698-0.711. Shifts as the high half
+# of a product (IMAD.HI) made 2 bits slower (0.561): not used. False:
+# session 12's PTX, for the A/B probe (decode_kernel_variants
+# --lookup-pipes).
+FMA_PIPE = True
 
 
 def supports(bits: int, centroids: tuple[float, ...]) -> bool:
@@ -80,8 +95,9 @@ def ptx(bits: int, centroids: tuple[float, ...]) -> str:
       # t: code x at bits 0-1, code y at bits 8-9; t·17 | 0x4040 puts
       # x, x+4, y, y+4 in the four selector nibbles.
       lines += [f"shr.b32 t, $4, {2 * f};", "and.b32 t, t, 0x0303;",
-                "mul.lo.u32 t, t, 17;", "or.b32 t, t, 0x4040;",
-                f"prmt.b32 ${f}, {low}, {high}, t;"]
+                *(["mad.lo.u32 t, t, 17, 0x4040;"] if FMA_PIPE else
+                  ["mul.lo.u32 t, t, 17;", "or.b32 t, t, 0x4040;"])]
+      lines.append(f"prmt.b32 ${f}, {low}, {high}, t;")
     return "{\n.reg .b32 t;\n" + "\n".join(lines) + "\n}"
   if bits == 3:
     return _ptx3(centroids)
@@ -122,6 +138,28 @@ def _ptx4(centroids) -> str:
   # for every prmt: one prmt and one move fewer per 4 codes). On the H200
   # no faster beyond the noise (B=8, S=128k: 0.742-0.747 ms against
   # 0.738; results/kernel_bench/h200_v7/probes.txt); kept as the simpler.
+  if FMA_PIPE:
+    # t: each nibble's bit 3. The magnitude index is n ^ 7 where t = 0,
+    # n where t = 1: (0x7777 - 7t) ^ n, masked; the sign selector is
+    # 0x3210 + 4·(1 - t) = 0x7654 - 4t; the high bytes of the magnitudes
+    # are below 0x80, so adding 0x80 to each sets their sign bits. Both
+    # multiply-adds run on the FMA pipe (ptxas 13.5: 8 ALU instructions a
+    # 4 codes instead of 10).
+    return f"""{{
+  .reg .b32 t, m, lo4, hp4, hn4, hi4, sel;
+  shr.b32 t, $2, 3;
+  and.b32 t, t, 0x1111;
+  mad.lo.u32 m, t, -7, 0x7777;
+  xor.b32 m, m, $2;
+  and.b32 m, m, 0x7777;
+  prmt.b32 lo4, {l0}, {l1}, m;
+  prmt.b32 hp4, {h0}, {h1}, m;
+  add.u32 hn4, hp4, 0x80808080;
+  mad.lo.u32 sel, t, -4, 0x7654;
+  prmt.b32 hi4, hp4, hn4, sel;
+  prmt.b32 $0, lo4, hi4, 0x6240;
+  prmt.b32 $1, lo4, hi4, 0x7351;
+  }}"""
   return f"""{{
   .reg .b32 t, u, m, lo4, hp4, hn4, hi4, sel;
   shr.b32 t, $2, 3;
