@@ -8,6 +8,7 @@ broken driver is caught by CI, not on the lent GPU.
 import contextlib
 import io
 import pathlib
+import re
 import sys
 import tempfile
 from unittest import mock
@@ -23,6 +24,7 @@ from configs import decode_bench as decode_bench_config
 from configs import kernel_bench as kernel_bench_config
 from experiments import decode_bench
 from experiments import kernel_bench
+from experiments.probes import lookup_sass
 from experiments.probes import sass_census
 from experiments.probes import step_trace
 from turboquant_jax import results
@@ -261,6 +263,56 @@ class SassCensusTest(absltest.TestCase):
     with mock.patch.object(sass_census, "cuda_tool", return_value=None):
       with self.assertRaisesRegex(FileNotFoundError, "ptxas and cuobjdump"):
         sass_census.assemble("kernel.ptx")
+
+
+class LookupSassTest(absltest.TestCase):
+
+  def test_module_has_each_width_with_and_without_the_fma_pipe(self):
+    text, names = lookup_sass.module(128)
+    self.assertEqual(names, ["k2_fma", "k2_alu", "k3_fma", "k3_alu",
+                             "k4_fma", "k4_alu"])
+    entries = re.split(r"\.visible \.entry ", text)[1:]
+    self.assertLen(entries, 6)
+    for name, entry in zip(names, entries):
+      self.assertTrue(entry.startswith(name + "("))
+      self.assertNotIn("$", entry)          # every operand substituted
+      # The 2- and 4-bit FMA-pipe PTX has multiply-adds, the other none;
+      # 3 bits is the same PTX either way.
+      self.assertEqual("mad.lo.u32" in entry,
+                       name in ("k2_fma", "k4_fma"), name)
+    # Each kernel loads its register pair's inputs and folds its outputs.
+    self.assertEqual(entries[2].count("ld.global.u32 %i"), 3)
+    self.assertEqual(entries[2].count("xor.b32 %acc"), 8)
+
+  def test_counts_the_loop_by_pipe(self):
+    listing = """
+        Function : k4_fma
+        /*0000*/                   LDC R1, c[0x0][0x28] ;
+.L_x_0:
+        /*0010*/                   SHF.R.U32.HI R0, RZ, 0x3, R2 ;
+        /*0020*/                   IMAD R7, R0, -0x7, R7 ;
+        /*0030*/                   PRMT R4, R4, R7, 0x3331302f ;
+        /*0040*/               @P0 BRA `(.L_x_0) ;
+        /*0050*/                   EXIT ;
+"""
+    counts = lookup_sass.pipes_by_kernel(listing)
+    self.assertEqual(dict(counts["k4_fma"]),
+                     {"alu": 2, "fma": 1, "other": 1})
+
+  def test_fma_pipe_takes_alu_work_where_ptxas_is_found(self):
+    if not (sass_census.cuda_tool("ptxas")
+            and sass_census.cuda_tool("cuobjdump")):
+      self.skipTest("no ptxas / cuobjdump here (the CI machine has none)")
+    text, _ = lookup_sass.module(128)
+    with tempfile.TemporaryDirectory() as tmp:
+      path = pathlib.Path(tmp) / "lookup.ptx"
+      path.write_text(text)
+      counts = lookup_sass.pipes_by_kernel(
+          sass_census.assemble(str(path))[0])
+    for bits in (2, 4):
+      self.assertLess(counts[f"k{bits}_fma"]["alu"],
+                      counts[f"k{bits}_alu"]["alu"], bits)
+    self.assertEqual(counts["k3_fma"], counts["k3_alu"])
 
 
 class HloCensusTest(absltest.TestCase):
