@@ -85,8 +85,7 @@ def _check(inp: parts.KernelInputs, splits: int,
   codes = inp.key_codes + [s for s in inp.key_signs if s is not None]
   for c in codes + inp.value_codes:
     p = c.shape[-1]
-    if p % tma_row_bytes and (ROWS * p % tma_row_bytes
-                              or ROWS * p // tma_row_bytes > 256):
+    if ROWS * p % tma_row_bytes or tma_box(ROWS, p, tma_row_bytes)[0] > 256:
       raise NotImplementedError(
           f"pallas_gpu: a tile of {ROWS} packed rows of {p} bytes is not "
           f"at most 256 whole TMA rows of {tma_row_bytes} bytes")
@@ -232,8 +231,13 @@ def _tma_rows(codes: jax.Array, width: int = 16) -> jax.Array:
   NOTES.md session 13). A free reshape, no copy.
   """
   b, k, s, p = codes.shape
-  return (codes if p % width == 0
-          else codes.reshape(b, k, s * p // width, width))
+  return codes.reshape(b, k, *tma_box(s, p, width))
+
+
+def tma_box(rows: int, p: int, width: int) -> tuple[int, int]:
+  """The [rows, P] packed rows as TMA moves them: as they are where P is a
+  multiple of `width`, else as rows of `width` bytes."""
+  return (rows, p) if p % width == 0 else (rows * p // width, width)
 
 
 def _dequantize_into(code_ref, spec, pool, first: int, mode,
@@ -443,8 +447,7 @@ def _tile_specs(key_specs, value_specs, tile0, rows: int = ROWS,
   value codes, value norms (codes as rows of tma_row_bytes where
   `_tma_rows` cut them); tile0 counts tiles of that size."""
   def code_spec(spec):
-    p, w = _row_bytes(spec), tma_row_bytes
-    return plgpu.BlockSpec((rows, p) if p % w == 0 else (rows * p // w, w),
+    return plgpu.BlockSpec(tma_box(rows, _row_bytes(spec), tma_row_bytes),
                            lambda i: (tile0 + i, 0))
 
   norm_spec = plgpu.BlockSpec((rows,), lambda i: (tile0 + i,))

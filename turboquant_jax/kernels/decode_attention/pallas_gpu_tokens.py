@@ -106,8 +106,7 @@ def step_rows(split_len: int, row_bytes: list[int],
   tma_row_bytes)."""
   rows = wanted
   while rows > ROWS and (split_len % rows or any(
-      p % tma_row_bytes and rows * p // tma_row_bytes > 256
-      for p in row_bytes)):
+      base.tma_box(rows, p, tma_row_bytes)[0] > 256 for p in row_bytes)):
     rows //= 2
   return rows
 

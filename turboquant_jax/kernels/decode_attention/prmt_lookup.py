@@ -48,7 +48,8 @@ BITS = (2, 3, 4)
 # which runs prmt, shifts and logic at half the issue rate, is the
 # kernel's busiest (Nsight: 56-61%). ptxas 13.5 (sm_90a), ALU
 # instructions a register pair: 2 bits 11 for 8 codes (session 12: 15), 4
-# bits 8 for 4 codes (10); 3 bits unchanged (ptxas already forms its
+# bits 8 for 4 codes (10; 9 if VIADD, whose pipe is undocumented, is
+# ALU); 3 bits unchanged (ptxas already forms its
 # multiply-adds). On the H200 (B=8, S=128k) 2 bits 0.520 ms against
 # 0.584, 4 bits 0.677-0.694 against 0.698-0.711. Shifts as the high half
 # of a product (IMAD.HI) made 2 bits slower (0.561): not used. False:
@@ -144,7 +145,8 @@ def _ptx4(centroids) -> str:
     # 0x3210 + 4·(1 - t) = 0x7654 - 4t; the high bytes of the magnitudes
     # are below 0x80, so adding 0x80 to each sets their sign bits. Both
     # multiply-adds run on the FMA pipe (ptxas 13.5: 8 ALU instructions a
-    # 4 codes instead of 10).
+    # 4 codes instead of 10, or 9 if the add, a VIADD, issues to the ALU:
+    # NVIDIA does not say).
     return f"""{{
   .reg .b32 t, m, lo4, hp4, hn4, hi4, sel;
   shr.b32 t, $2, 3;
