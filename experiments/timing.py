@@ -48,9 +48,15 @@ def in_place_times_ms(step: Callable[[Any], Any], state, reset: Callable[
 def time_loop_ms(fn, first: jax.Array, *rest, loops: int, warmup: int,
                  reps: int) -> float:
   """Median device time of one fn(first, *rest) call in ms: `loops` calls
-  run back to back in one jitted fori_loop, so a dispatch and a host sync
-  (~0.1 ms on a GPU, the most of a small call's wall time) are paid once
-  per `loops` calls, not once per call.
+  run back to back in one jitted fori_loop (looped), so a dispatch and a
+  host sync (~0.1 ms on a GPU, the most of a small call's wall time) are
+  paid once per `loops` calls, not once per call."""
+  return time_ms(looped(fn, loops), first, *rest, warmup=warmup,
+                 reps=reps) / loops
+
+
+def looped(fn, loops: int):
+  """jit of `loops` calls of fn(first, *rest) in a fori_loop.
 
   Each call's input depends on the previous call's output (first plus 0
   times one output element; XLA does not fold x·0 for floats), so the
@@ -58,15 +64,16 @@ def time_loop_ms(fn, first: jax.Array, *rest, loops: int, warmup: int,
   tiny elementwise kernel per call, or none where XLA fuses it into fn's
   first kernel. The data are the same every call, so inputs smaller than
   the L2 cache are read from it after the first call (as in time_ms).
+  Compile it (.lower(...).compile()) to time a variant that depends on
+  module state at trace time.
   """
   if loops < 1:
     raise ValueError(f"{loops=}: expected >= 1")
 
-  def looped(x, *rest):       # rest as arguments, not baked-in constants
+  def run(x, *rest):          # rest as arguments, not baked-in constants
     def one(_, x):
       out = jax.tree.leaves(fn(x, *rest))[0]
       return x + (out.reshape(-1)[0] * 0).astype(x.dtype)
     return jax.lax.fori_loop(0, loops, one, x)
 
-  return time_ms(jax.jit(looped), first, *rest, warmup=warmup,
-                 reps=reps) / loops
+  return jax.jit(run)

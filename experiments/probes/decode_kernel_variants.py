@@ -33,7 +33,9 @@ interleaved rounds at B=8, S=128k, 4 and 3.5 bits or at
 and derived in each call, checked and timed; --split-xla: the folded
 rotations' products at each einsum precision, alone and in the call;
 --lookup-pipes: the lookup's PTX with integer work on the FMA pipe against
-session 12's, checked and timed)
+session 12's, checked and timed; --around-kernel: the XLA work around the
+kernel (the splits' merge, the folded rotations, the split count) checked,
+counted in kernels and timed)
 """
 
 import ast
@@ -894,7 +896,102 @@ def lookup_pipes(shapes=((8, 131072, (4, 2, 3)), (32, 32768, (4, 2)),
   prmt_lookup.FMA_PIPE = True
 
 
+def _two_pass_merge(m, l, acc, d_axis):
+  """parts.merge_splits as it was before session 14 (three reductions in
+  a row: the max, the weighted sums, the accumulators), for A/B timing."""
+  m_all = jnp.max(m, axis=2)
+  m_safe = jnp.where(jnp.isfinite(m_all), m_all, 0.0)
+  factor = jnp.where(jnp.isfinite(m), jnp.exp(m - jnp.expand_dims(m_safe, 2)),
+                     0.0)
+  return (m_all, jnp.sum(l * factor, axis=2),
+          jnp.sum(acc * jnp.expand_dims(factor, d_axis), axis=2))
+
+
+def _reduce_products():
+  """parts.folded_queries / folded_outputs as multiply-and-sum (one XLA
+  reduction each, exact f32) instead of HIGHEST einsums."""
+  return (lambda qh, f: jnp.sum(qh[..., None, :] * f[None, :, None], -1),
+          lambda a, f: jnp.sum(a[..., :, None] * f[None, :, None], -2))
+
+
+def hlo_kernels(fn, *args) -> int:
+  """Kernels XLA launches for one fn(*args) on this backend: fusions and
+  custom calls (cuBLAS, Mosaic GPU) at the top level of the optimized
+  HLO's entry computation."""
+  text = jax.jit(fn).lower(*args).compile().as_text()
+  entry = text[text.index("ENTRY"):]
+  entry = entry[:entry.index("\n}")]
+  return sum(1 for line in entry.splitlines()
+             if " fusion(" in line or " custom-call(" in line)
+
+
+def around_kernel(shapes=((1, 16384, (4, 3.5, 2.5)), (1, 32768, (4, 3.5, 2.5)),
+                          (8, 16384, (3.5,)), (8, 131072, (3.5,)))) -> None:
+  """The XLA work around the kernel (NOTES.md, session 14): the splits'
+  merge as one variadic reduction (parts.merge_splits, the default)
+  against the three reductions before; the folded split rotations as
+  multiply-and-sum reductions against HIGHEST einsums; half the default
+  splits. Checks each variant on 4 shapes, prints its kernel count at
+  B=1, S=16k, then device time beside cuDNN bf16 (32/8 heads, D=128),
+  two interleaved rounds, recompiled per variant."""
+  print("jax", jax.__version__, jax.devices()[0].device_kind, flush=True)
+  merge, fq, fo = parts.merge_splits, parts.folded_queries, parts.folded_outputs
+  rq, ro = _reduce_products()
+  variants = {"online": (merge, fq, fo, {}),
+              "two_pass": (_two_pass_merge, fq, fo, {}),
+              "reduce": (merge, rq, ro, {}),
+              "half_splits": (merge, fq, fo, {"half": True})}
+
+  def setup(name):
+    parts.merge_splits, parts.folded_queries, parts.folded_outputs, opts = (
+        variants[name])
+    jax.clear_caches()
+    return opts
+
+  for name in variants:
+    setup(name)
+    print(f"checks: {name}", flush=True)
+    for args in ((128, 4, 4), (128, 4, 3.5), (128, 4, 2.5),
+                 (128, 1, 3.5, "prod")):
+      check(*args, mode="prmt", layout="tokens")
+    q = jax.random.normal(jax.random.key(0), (1, 32, 128))
+    for bits in (4, 3.5):
+      c = _random_cache(bits, 1, 16384)
+      print(f"kernels B=1 S=16384 bits={bits} {name}: " + str(hlo_kernels(
+          lambda q, c: da.decode_attention(q, c, c.lengths,
+                                           impl="pallas_gpu"), q, c)),
+            flush=True)
+  loops = 20
+  for b, s, bits_list in shapes:
+    cudnn = _cudnn_device_ms(b, s)
+    q = jax.random.normal(jax.random.key(0), (b, 32, 128))
+    for bits in bits_list:
+      c = _random_cache(bits, b, s)
+      splits = pallas_gpu.default_splits(c)
+      compiled = {}
+      for name in variants:       # compiled once, with its module state
+        ns = splits // 2 if setup(name).get("half") else splits
+        compiled[name] = timing.looped(
+            lambda q, c, ns=ns: da.decode_attention(
+                q, c, c.lengths, impl="pallas_gpu", splits=ns),
+            loops).lower(q, c).compile()
+      times = {name: [] for name in variants}
+      for _ in range(2):
+        for name, fn in compiled.items():
+          times[name].append(timing.time_ms(fn, q, c, warmup=2, reps=5)
+                             / loops)
+      print(f"B={b:<2} S={s:<6} bits={bits:<3} splits={splits} cudnn "
+            f"{cudnn:.3f}  " + "  ".join(
+                f"{name} {_ms(ts)} (x{cudnn / min(ts):.2f})"
+                for name, ts in times.items()), flush=True)
+      del c
+  setup("online")
+
+
 def main():
+  if "--around-kernel" in sys.argv:
+    around_kernel()
+    return
   if "--lookup-pipes" in sys.argv:
     shapes = probes.option("shapes", None)
     lookup_pipes(*([ast.literal_eval(shapes)] if shapes else []))

@@ -385,6 +385,40 @@ class FoldedSplitRotationTest(parameterized.TestCase):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
+class MergeSplitsTest(parameterized.TestCase):
+  """parts.merge_splits (one variadic reduction) equals the definition:
+  every split's state rescaled to the overall max and summed, an empty
+  split (m = -inf, l = 0) weighing nothing, in both layouts it reads."""
+
+  @parameterized.parameters((4, 3, 2), (4, 1, 3), (3, 16, 4), (4, 7, 3))
+  def test_equals_numpy(self, d_axis, ns, empty):
+    # Given random split states, `empty` of them empty for some rows, and
+    # one query row empty in every split.
+    b, kv, m, d = 2, 3, 5, 8
+    rng = np.random.default_rng(ns * 10 + d_axis)
+    mx = rng.normal(size=(b, kv, ns, m)).astype(np.float32) * 4
+    l = (np.exp(rng.normal(size=mx.shape)) + 0.5).astype(np.float32)
+    mx[:, :, :min(empty, ns) - 1, 1] = -np.inf
+    mx[:, :, :, 0] = -np.inf
+    l[np.isinf(mx)] = 0.0
+    acc = rng.normal(size=(b, kv, ns, m, d)).astype(np.float32)
+    acc[np.isinf(mx)] = 0.0
+    if d_axis == 3:                      # the kernel's columns: [.., D, M]
+      acc = np.swapaxes(acc, 3, 4)
+    # When merged.
+    got_m, got_l, got_a = parts.merge_splits(jnp.asarray(mx), jnp.asarray(l),
+                                             jnp.asarray(acc), d_axis)
+    # Then it is the log-sum-exp combination.
+    top = mx.max(axis=2)
+    safe = np.where(np.isfinite(top), top, 0.0)
+    w = np.where(np.isfinite(mx), np.exp(mx - safe[:, :, None]), 0.0)
+    np.testing.assert_array_equal(got_m, top)
+    np.testing.assert_allclose(got_l, (l * w).sum(2), rtol=1e-5, atol=1e-6)
+    want_a = (acc * np.expand_dims(w, d_axis)).sum(2)
+    np.testing.assert_allclose(got_a, want_a, rtol=1e-5, atol=1e-5)
+    self.assertTrue(np.all(np.isfinite(got_a)))
+
+
 @pytest.mark.slow
 class ImplSweepTest(parameterized.TestCase):
   """The larger product of head dims, GQA, bits, methods, window, T."""

@@ -305,26 +305,25 @@ def _offsets(specs) -> list[int]:
 def _program_refs(refs, nk: int, nv: int, kv_heads: int, splits: int):
   """Splits a kernel's refs and loads this program's queries into SMEM.
 
-  refs: nk query arrays [B·K·groups, rows, 64] (GMEM operands are flat: a
-  TMA view takes at most 5 strided dims, tiling included), nk key code
-  and nk key norm arrays [B, K, S(, P)], nv value code and norm arrays, nv
-  output arrays [B·K·NS·groups, .., ..], the (m, l) output, then the
-  scratch: nk query SMEM tiles and a barrier.
+  refs: one query array [B·K·groups, rows, 64] (every key part's groups,
+  part after part: one XLA fusion prepares them all; GMEM operands are
+  flat: a TMA view takes at most 5 strided dims, tiling included), nk key
+  code and nk key norm arrays [B, K, S(, P)], nv value code and norm
+  arrays, nv output arrays [B·K·NS·groups, .., ..], the (m, l) output,
+  then the scratch: the queries' SMEM [groups, rows, 64] and a barrier.
   Returns (key codes, key norms, value codes, value norms, outputs, (m, l)
   output, the program's flat index).
   """
-  q_refs, rest = refs[:nk], refs[nk:]
+  q_ref, rest = refs[0], refs[1:]
   kc_refs, kn_refs = rest[:nk], rest[nk:2 * nk]
   vc_refs, vn_refs = rest[2 * nk:2 * nk + nv], rest[2 * nk + nv:2 * nk + 2 * nv]
   o_refs, ml_ref = rest[2 * nk + 2 * nv:2 * nk + 3 * nv], rest[2 * nk + 3 * nv]
-  q_smem, barrier = refs[-1 - nk:-1], refs[-1]
+  q_smem, barrier = refs[-2], refs[-1]
   b, k = jax.lax.axis_index("b"), jax.lax.axis_index("k")
-  for src, dst in zip(q_refs, q_smem):
-    n = dst.shape[0]
-    for g in range(n):
-      plgpu.copy_gmem_to_smem(src.at[(b * kv_heads + k) * n + g], dst.at[g],
-                              barrier)
-      plgpu.barrier_wait(barrier)
+  n = q_smem.shape[0]                        # one TMA for all key parts
+  plgpu.copy_gmem_to_smem(q_ref.at[pl.ds((b * kv_heads + k) * n, n)],
+                          q_smem, barrier)
+  plgpu.barrier_wait(barrier)
   program = (b * kv_heads + k) * splits + jax.lax.axis_index("s")
   return kc_refs, kn_refs, vc_refs, vn_refs, o_refs, ml_ref, program
 
@@ -334,7 +333,7 @@ def _kernel(qlen_ref, qend_ref, *refs, key_specs, value_specs, groups,
   nk, nv = len(key_specs), len(value_specs)
   (kc_refs, kn_refs, vc_refs, vn_refs, o_refs, ml_ref,
    program) = _program_refs(refs, nk, nv, kv_heads, splits)
-  q_smem = refs[-1 - nk:-1]
+  q_smem = refs[-2]                        # [groups of all key parts, 64, 64]
   k_first, v_first = _offsets(key_specs), _offsets(value_specs)
   b, k = jax.lax.axis_index("b"), jax.lax.axis_index("k")
   qlen = qlen_ref[b]
@@ -357,10 +356,9 @@ def _kernel(qlen_ref, qend_ref, *refs, key_specs, value_specs, groups,
     plgpu.commit_smem()
 
     def scores(*acc_refs):
-      for spec, qs, first, acc_ref in zip(key_specs, q_smem, k_first,
-                                          acc_refs):
+      for spec, first, acc_ref in zip(key_specs, k_first, acc_refs):
         for j in range(_groups(spec)):
-          plgpu.wgmma(acc_ref, qs.at[j],
+          plgpu.wgmma(acc_ref, q_smem.at[first + j],
                       k_pool.at[first + j].transpose((1, 0)))
       # The values are dequantized while the tensor cores score the keys.
       for ref, spec, first in zip(vc, value_specs, v_first):
@@ -504,8 +502,8 @@ def fused_attention(inp: parts.KernelInputs, *, splits: int = 8,
   out_type = [jax.ShapeDtypeStruct((programs * _groups(s), ROWS, GROUP),
                                    jnp.float32) for s in inp.value_specs]
   out_type.append(jax.ShapeDtypeStruct((programs, 2, ROWS), jnp.float32))
-  scratch = [_group_smem(_groups(s)) for s in specs]              # queries
-  scratch += [plgpu.Barrier()]
+  scratch = [_group_smem(sum(_groups(s) for s in specs)),         # queries
+             plgpu.Barrier()]
   kernel = plgpu.kernel(
       functools.partial(_kernel, key_specs=tuple(specs),
                         value_specs=inp.value_specs, groups=inp.groups,
@@ -515,7 +513,7 @@ def fused_attention(inp: parts.KernelInputs, *, splits: int = 8,
       out_type=out_type, scratch_types=scratch, grid=(b, kv, splits),
       grid_names=("b", "k", "s"), interpret=interpret)
   outs = kernel(inp.qlen, inp.qpos_end,
-                *[_query_groups(q) for q in queries],
+                _query_groups(jnp.concatenate(queries, axis=-1)),
                 *map(_tma_rows, codes), *norms,
                 *map(_tma_rows, inp.value_codes), *inp.value_norms)
   nv = len(inp.value_specs)

@@ -199,22 +199,23 @@ def _kernel(lengths_ref, *refs, key_specs, value_specs, groups, split_len,
             rotate, append, overlap_values, tma_row_bytes):
   nk, nv = len(key_specs), len(value_specs)
   # The scratch at the end: with rotate the rotations' tiles and their
-  # barriers (one a tile), then the queries' SMEM per key part, a barrier.
-  scratch_count = nk + 1 + (2 if rotate else 0)
+  # barriers (one a tile), then the queries' SMEM (all key parts), a
+  # barrier.
+  scratch_count = 2 + (2 if rotate else 0)
   if rotate:              # Π_k, Π_v tiles (rotation.as_tiles): the queries
     (key_rot, value_rot), refs = refs[:2], refs[2:]   # come unrotated
-    rot_tiles, rot_barriers = refs[-scratch_count:-nk - 1]
+    rot_tiles, rot_barriers = refs[-scratch_count:-2]
     _fetch_rotations(key_rot, value_rot, rot_tiles, rot_barriers)
   if append:              # the token's k, v, rotation columns and tables
     append_in, refs = refs[:7], refs[7:]
   (kc_refs, kn_refs, vc_refs, vn_refs, o_refs, ml_ref,
    program) = base._program_refs(refs, nk, nv, kv_heads,
                                  splits + bool(append))
-  q_smem = refs[-1 - nk:-1]                          # [groups, N, 64] each
+  q_smem = refs[-2]                  # [groups of all key parts, N, 64]
   if rotate:
     groups_k = base._groups(key_specs[0])
     _rotate_queries(_rotation(rot_tiles, rot_barriers, 0, groups_k),
-                    q_smem[0], groups_k, n)
+                    q_smem, groups_k, n)
   k_first, v_first = base._offsets(key_specs), base._offsets(value_specs)
   b, k = jax.lax.axis_index("b"), jax.lax.axis_index("k")
   split, capacity = jax.lax.axis_index("s"), split_len * splits
@@ -273,9 +274,10 @@ def _kernel(lengths_ref, *refs, key_specs, value_specs, groups, split_len,
         base._dequantize_into(ref, spec, v_pool, first, mode, interpret)
 
     def scores(*acc_refs):
-      for tiles, qs, acc_ref in zip(k_tiles, q_smem, acc_refs):
+      for tiles, first, acc_ref in zip(k_tiles, k_first, acc_refs):
         for j, k_tile in enumerate(tiles):
-          plgpu.wgmma(acc_ref, k_tile, qs.at[j].transpose((1, 0)))
+          plgpu.wgmma(acc_ref, k_tile,
+                      q_smem.at[first + j].transpose((1, 0)))
       if overlap_values:
         # The values are unpacked while the tensor cores score the keys.
         unpack_values()
@@ -573,8 +575,8 @@ def fused_attention(inp: parts.KernelInputs, *, splits: int = 8,
     # Written in place: refs that XLA aliases to the kernel's outputs.
     code_arrays = [jax.new_ref(a) for a in code_arrays]
     out_type.append(jax.ShapeDtypeStruct((b,), jnp.int32))   # new lengths
-  scratch = [_columns_smem(base._groups(s), n) for s in specs]
-  scratch += [plgpu.Barrier()]
+  scratch = [_columns_smem(sum(base._groups(s) for s in specs), n),
+             plgpu.Barrier()]
   if rotate is not None:  # Π_k and Π_v tiles, fetched at the start
     groups = base._groups(specs[0])
     scratch = _rotation_smem(groups) + scratch
@@ -602,7 +604,8 @@ def fused_attention(inp: parts.KernelInputs, *, splits: int = 8,
     q_raw, *rotations = rotate
     queries = [q_raw]
   outs = kernel(inp.lengths, *rotations, *append_in,
-                *[base._query_groups(q, n) for q in queries], *code_arrays)
+                base._query_groups(jnp.concatenate(queries, axis=-1), n),
+                *code_arrays)
   nv = len(inp.value_specs)
   written = None
   if append is not None:

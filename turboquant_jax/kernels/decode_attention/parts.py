@@ -93,13 +93,35 @@ def ungrouped(out: jax.Array, tokens: int) -> jax.Array:
   return jnp.moveaxis(out, 2, 1).reshape(b, tokens, -1, d)
 
 
-def _split_weights(m: jax.Array, m_all: jax.Array) -> tuple:
-  """(m_safe, factor): the overall max (0 where no token counts) and each
-  split's softmax weight exp(m - m_safe) (0 for an empty split).
-  m: [B, K, NS, ...]; m_all: [B, K, ...], at least max over NS of m."""
-  m_safe = jnp.where(jnp.isfinite(m_all), m_all, 0.0)
-  return m_safe, jnp.where(jnp.isfinite(m),
-                           jnp.exp(m - m_safe[:, :, None]), 0.0)
+def merge_splits(m: jax.Array, l: jax.Array, acc: jax.Array,
+                 d_axis: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """The sequence splits' softmax states merged by one XLA reduction.
+
+  m, l: f32[B, K, NS, ...] each split's running max and sum; acc: f32[B,
+  K, NS, ...] its unnormalized accumulator, m's shape with a coordinate
+  axis inserted at d_axis. Returns (m, l, acc) of all splits together
+  (axis 2 gone): the log-sum-exp combination, written as one variadic
+  reduce whose combiner rescales both sides to their larger max, so XLA
+  makes one kernel of it where the max, the weighted sums and the
+  accumulators would be three reductions in a row (at B=1 the work around
+  the kernel is mostly such launches). An empty split (m = -inf) weighs 0.
+  """
+  shape = acc.shape
+  wide = lambda x: jnp.broadcast_to(jnp.expand_dims(x, d_axis), shape)
+
+  def combine(x, y):
+    (m1, l1, a1), (m2, l2, a2) = x, y
+    mx = jnp.maximum(m1, m2)
+    safe = jnp.where(mx == -jnp.inf, 0.0, mx)
+    f1, f2 = jnp.exp(m1 - safe), jnp.exp(m2 - safe)
+    return mx, l1 * f1 + l2 * f2, a1 * f1 + a2 * f2
+
+  zero = jnp.zeros((), acc.dtype)
+  m_all, l_all, a_all = jax.lax.reduce(
+      (wide(m), wide(l), acc), (jnp.full((), -jnp.inf, acc.dtype), zero,
+                                zero), combine, (2,))
+  first = lambda x: jax.lax.index_in_dim(x, 0, d_axis - 1, keepdims=False)
+  return first(m_all), first(l_all), a_all
 
 
 def positions(lengths, capacity: int, window: int, tokens: int):
@@ -167,8 +189,7 @@ def prepare(q: jax.Array, cache, lengths: jax.Array, scale: float,
   folded = _split_rotation(cache.key_split_rotation, cache.key_quantizer)
   if folded is not None:
     # Both parts' gathers and rotations in one product (outliers first).
-    y_all = jnp.einsum("bkmd,ked->bkme", qh, folded,
-                       precision=SPLIT_ROTATION_PRECISION) * scale
+    y_all = folded_queries(qh, folded) * scale
   offset = 0
   for kq, kqt in _parts(cache.key_quantizer, keys):
     if folded is not None:
@@ -207,6 +228,20 @@ def prepare(q: jax.Array, cache, lengths: jax.Array, scale: float,
       window=w)
 
 
+def folded_queries(qh: jax.Array, folded: jax.Array) -> jax.Array:
+  """f32[B, K, M, D] through a split cache's folded rotations f32[K, D, D]:
+  every part's rotated queries side by side (outliers first)."""
+  return jnp.einsum("bkmd,ked->bkme", qh, folded,
+                    precision=SPLIT_ROTATION_PRECISION)
+
+
+def folded_outputs(merged: jax.Array, folded: jax.Array) -> jax.Array:
+  """folded_queries' inverse: f32[B, K, M, D] in the parts' rotated
+  domains (side by side) back to the original channels."""
+  return jnp.einsum("bkme,ked->bkmd", merged, folded,
+                    precision=SPLIT_ROTATION_PRECISION)
+
+
 def finish(acc: list[jax.Array], m: jax.Array, l: jax.Array, q: jax.Array,
            cache, lengths: jax.Array, scale: float) -> jax.Array:
   """Merges a kernel's partial softmax state into f32[B, T, H, D].
@@ -217,7 +252,8 @@ def finish(acc: list[jax.Array], m: jax.Array, l: jax.Array, q: jax.Array,
   _, t, h, _ = q.shape
   kv, cap, w = cache.kv_heads, cache.capacity, cache.config.window
   g = h // kv
-  m_all = jnp.max(m, axis=2)                                  # [B, K, M]
+  # Both value parts' accumulators merge as one array (outliers first).
+  m_s, denom, a = merge_splits(m, l, jnp.concatenate(acc, axis=-1), 4)
   if w:
     qh = grouped_queries(q, kv)
     lens = jnp.minimum(lengths, cap)
@@ -229,24 +265,21 @@ def finish(acc: list[jax.Array], m: jax.Array, l: jax.Array, q: jax.Array,
                     cache.window_keys.astype(jnp.float32),
                     precision=_HI) * scale
     sw = jnp.where(valid, sw, -jnp.inf)
-    m_all = jnp.maximum(m_all, jnp.max(sw, axis=-1))
-  m_safe, factor = _split_weights(m, m_all)
-  denom = jnp.sum(l * factor, axis=2)                          # [B, K, M]
-  if w:
+    m_all = jnp.maximum(m_s, jnp.max(sw, axis=-1))
+    m_safe = jnp.where(jnp.isfinite(m_all), m_all, 0.0)
+    factor = jnp.where(jnp.isfinite(m_s), jnp.exp(m_s - m_safe), 0.0)
     pw = jnp.where(valid, jnp.exp(sw - m_safe[..., None]), 0.0)
-    denom = denom + jnp.sum(pw, axis=-1)
+    denom = denom * factor + jnp.sum(pw, axis=-1)
+    a = a * factor[..., None]
   inv = (1.0 / jnp.maximum(denom, 1e-30))[..., None]
-  # Normalized before the rotation back (linear), so that the division
-  # joins the sum over splits and the product is the last step.
-  merged = [jnp.sum(a * factor[..., None], axis=2) * inv      # [B, K, M, Dp]
-            for a in acc]
+  # Normalized before the rotation back (linear): the product comes last.
+  merged = a * inv                                            # [B, K, M, D]
   folded = _split_rotation(cache.value_split_rotation, cache.value_quantizer)
   if folded is not None:
     # Both parts' rotations back and scatters as one product (Eᵀ).
-    out = jnp.einsum("bkme,ked->bkmd", jnp.concatenate(merged, axis=-1),
-                     folded, precision=SPLIT_ROTATION_PRECISION)
+    out = folded_outputs(merged, folded)
   else:
-    out = rotation.invert(cache.value_quantizer.rotation, merged[0])
+    out = rotation.invert(cache.value_quantizer.rotation, merged)
   if w:
     out = out + jnp.einsum("bkmw,bkwd->bkmd", pw * inv,
                            cache.window_values.astype(jnp.float32),
@@ -258,14 +291,13 @@ def finish_columns(acc: jax.Array, m: jax.Array, l: jax.Array, q: jax.Array,
                    cache, rotated: bool = False) -> jax.Array:
   """finish() for one value part and no window, merged in the layout the
   GPU kernel writes: acc f32[B, K, NS, Dp, N], m, l f32[B, K, NS, N] (N >=
-  M query columns). The sum over splits reads acc as it lies (no
-  transpose), the rotation back contracts Dp, and the division by the
-  softmax sum comes last: fewer XLA launches than finish() is the aim.
+  M query columns). The merge reads acc as it lies (no transpose), the
+  rotation back contracts Dp, and the division by the softmax sum comes
+  last: fewer XLA launches than finish() is the aim.
   rotated: acc is already in the original domain (the kernel rotated it).
   """
-  _, factor = _split_weights(m, jnp.max(m, axis=2))           # [B,K,NS,N]
-  denom = jnp.maximum(jnp.sum(l * factor, axis=2), 1e-30)      # [B, K, N]
-  a = jnp.sum(acc * factor[:, :, :, None, :], axis=2)          # [B,K,Dp,N]
+  _, denom, a = merge_splits(m, l, acc, 3)                    # [B,K,Dp,N]
+  denom = jnp.maximum(denom, 1e-30)                            # [B, K, N]
   rot = cache.value_quantizer.rotation
   if rotated:
     out = jnp.swapaxes(a, 2, 3)                                # [B,K,N,D]
