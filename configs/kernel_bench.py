@@ -31,7 +31,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       rotate_in_kernel=ml_collections.config_dict.placeholder(bool),
       min_columns=ml_collections.config_dict.placeholder(int),
       auto_barriers=ml_collections.config_dict.placeholder(bool),
-      tma_row_bytes=ml_collections.config_dict.placeholder(int)))
+      tma_row_bytes=ml_collections.config_dict.placeholder(int),
+      tile_rows=ml_collections.config_dict.placeholder(int),
+      stages=ml_collections.config_dict.placeholder(int)))
   c.max_xla_bytes = 8 * 2**30           # skip impl="xla" (it materializes
                                         # f32 K/V) when that would exceed this
   c.warmup = 3

@@ -896,22 +896,41 @@ def lookup_pipes(shapes=((8, 131072, (4, 2, 3)), (32, 32768, (4, 2)),
   prmt_lookup.FMA_PIPE = True
 
 
-def _two_pass_merge(m, l, acc, d_axis):
-  """parts.merge_splits as it was before session 14 (three reductions in
-  a row: the max, the weighted sums, the accumulators), for A/B timing."""
-  m_all = jnp.max(m, axis=2)
-  m_safe = jnp.where(jnp.isfinite(m_all), m_all, 0.0)
-  factor = jnp.where(jnp.isfinite(m), jnp.exp(m - jnp.expand_dims(m_safe, 2)),
-                     0.0)
-  return (m_all, jnp.sum(l * factor, axis=2),
-          jnp.sum(acc * jnp.expand_dims(factor, d_axis), axis=2))
+def _variadic_merge(m, l, acc, d_axis):
+  """parts.merge_splits as one variadic reduce whose combiner rescales
+  both sides to their larger max (tried in session 14: on the H200 XLA
+  materialized its broadcast inputs in kernels of their own)."""
+  shape = acc.shape
+  wide = lambda x: jnp.broadcast_to(jnp.expand_dims(x, d_axis), shape)
+
+  def combine(x, y):
+    (m1, l1, a1), (m2, l2, a2) = x, y
+    mx = jnp.maximum(m1, m2)
+    safe = jnp.where(mx == -jnp.inf, 0.0, mx)
+    f1, f2 = jnp.exp(m1 - safe), jnp.exp(m2 - safe)
+    return mx, l1 * f1 + l2 * f2, a1 * f1 + a2 * f2
+
+  zero = jnp.zeros((), acc.dtype)
+  m_all, l_all, a_all = jax.lax.reduce(
+      (wide(m), wide(l), acc), (jnp.full((), -jnp.inf, acc.dtype), zero,
+                                zero), combine, (2,))
+  first = lambda x: jax.lax.index_in_dim(x, 0, d_axis - 1, keepdims=False)
+  return first(m_all), first(l_all), a_all
 
 
-def _reduce_products():
-  """parts.folded_queries / folded_outputs as multiply-and-sum (one XLA
-  reduction each, exact f32) instead of HIGHEST einsums."""
+def reduce_products():
+  """parts.folded_queries / folded_outputs as multiply-and-sum at any
+  size (one XLA reduction each, exact f32)."""
   return (lambda qh, f: jnp.sum(qh[..., None, :] * f[None, :, None], -1),
           lambda a, f: jnp.sum(a[..., :, None] * f[None, :, None], -2))
+
+
+def einsum_products():
+  """parts.folded_queries / folded_outputs as einsums at any size."""
+  return (lambda qh, f: jnp.einsum("bkmd,ked->bkme", qh, f,
+                                   precision=parts.SPLIT_ROTATION_PRECISION),
+          lambda a, f: jnp.einsum("bkme,ked->bkmd", a, f,
+                                  precision=parts.SPLIT_ROTATION_PRECISION))
 
 
 def hlo_kernels(fn, *args) -> int:
@@ -926,21 +945,25 @@ def hlo_kernels(fn, *args) -> int:
 
 
 def around_kernel(shapes=((1, 16384, (4, 3.5, 2.5)), (1, 32768, (4, 3.5, 2.5)),
-                          (8, 16384, (3.5,)), (8, 131072, (3.5,)))) -> None:
+                          (8, 16384, (3.5,)), (8, 131072, (3.5,))),
+                  names=None, rounds: int = 2) -> None:
   """The XLA work around the kernel (NOTES.md, session 14): the splits'
-  merge as one variadic reduction (parts.merge_splits, the default)
-  against the three reductions before; the folded split rotations as
-  multiply-and-sum reductions against HIGHEST einsums; half the default
-  splits. Checks each variant on 4 shapes, prints its kernel count at
-  B=1, S=16k, then device time beside cuDNN bf16 (32/8 heads, D=128),
-  two interleaved rounds, recompiled per variant."""
+  merge as one variadic reduction against parts.merge_splits' three
+  reductions (the default); the folded split rotations as
+  multiply-and-sum reductions ("reduce") or HIGHEST einsums ("einsum") at
+  every size (the default picks by size); half the default splits. Checks
+  each variant (or those in `names`) on 4 shapes, prints its kernel count
+  at B=1, S=16k, then device time beside cuDNN bf16 (32/8 heads, D=128),
+  interleaved rounds, compiled per variant."""
   print("jax", jax.__version__, jax.devices()[0].device_kind, flush=True)
   merge, fq, fo = parts.merge_splits, parts.folded_queries, parts.folded_outputs
-  rq, ro = _reduce_products()
-  variants = {"online": (merge, fq, fo, {}),
-              "two_pass": (_two_pass_merge, fq, fo, {}),
-              "reduce": (merge, rq, ro, {}),
+  variants = {"defaults": (merge, fq, fo, {}),
+              "variadic": (_variadic_merge, fq, fo, {}),
+              "reduce": (merge, *reduce_products(), {}),
+              "einsum": (merge, *einsum_products(), {}),
               "half_splits": (merge, fq, fo, {"half": True})}
+  variants = {k: v for k, v in variants.items() if names is None
+              or k in names}
 
   def setup(name):
     parts.merge_splits, parts.folded_queries, parts.folded_outputs, opts = (
@@ -976,7 +999,7 @@ def around_kernel(shapes=((1, 16384, (4, 3.5, 2.5)), (1, 32768, (4, 3.5, 2.5)),
                 q, c, c.lengths, impl="pallas_gpu", splits=ns),
             loops).lower(q, c).compile()
       times = {name: [] for name in variants}
-      for _ in range(2):
+      for _ in range(rounds):
         for name, fn in compiled.items():
           times[name].append(timing.time_ms(fn, q, c, warmup=2, reps=5)
                              / loops)
@@ -985,12 +1008,17 @@ def around_kernel(shapes=((1, 16384, (4, 3.5, 2.5)), (1, 32768, (4, 3.5, 2.5)),
                 f"{name} {_ms(ts)} (x{cudnn / min(ts):.2f})"
                 for name, ts in times.items()), flush=True)
       del c
-  setup("online")
+  parts.merge_splits, parts.folded_queries, parts.folded_outputs = (
+      merge, fq, fo)
 
 
 def main():
-  if "--around-kernel" in sys.argv:
-    around_kernel()
+  if "--around-kernel" in sys.argv:   # [--shapes=...] [--variants=(...)]
+    shapes, names = probes.option("shapes", None), probes.option("variants",
+                                                                 None)
+    around_kernel(*([ast.literal_eval(shapes)] if shapes else []),
+                  names=ast.literal_eval(names) if names else None,
+                  rounds=int(probes.option("rounds", "2")))
     return
   if "--lookup-pipes" in sys.argv:
     shapes = probes.option("shapes", None)

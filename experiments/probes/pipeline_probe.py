@@ -18,7 +18,7 @@ session 11 this probe timed wall clock, a dispatch included (its
 depth and split count (results/kernel_bench/h200_v8/probes.txt); session
 13: 0.280 ms (3.95 TB/s) as 128-byte rows, 0.525 as 16-byte rows, 0.302
 warp-specialized at 4 stages, 0.30 ms for a 3-bit cache's 0.84 GB
-(results/kernel_bench/h200/probes.txt). The kernel now moves its codes as
+(results/kernel_bench/h200_v9/probes.txt). The kernel now moves its codes as
 128-byte rows (pallas_gpu tma_row_bytes).
 Run: python -m experiments.probes.pipeline_probe
 """

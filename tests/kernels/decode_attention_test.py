@@ -385,6 +385,22 @@ class FoldedSplitRotationTest(parameterized.TestCase):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
+  @parameterized.parameters(1, 40)      # 3 and 120 query rows (B·M)
+  def test_products_equal_numpy(self, b):
+    # The folded products (multiply-and-sum up to FOLDED_REDUCE_MAX_ROWS
+    # rows, einsums above) are y = F q and its transpose, per KV head.
+    rng = np.random.default_rng(b)
+    qh = rng.normal(size=(b, 2, 3, 16)).astype(np.float32)
+    f = rng.normal(size=(2, 16, 16)).astype(np.float32)
+    self.assertEqual(parts._reduce_rows(jnp.asarray(qh)), b == 1)
+    np.testing.assert_allclose(
+        parts.folded_queries(jnp.asarray(qh), jnp.asarray(f)),
+        np.einsum("bkmd,ked->bkme", qh, f), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        parts.folded_outputs(jnp.asarray(qh), jnp.asarray(f)),
+        np.einsum("bkme,ked->bkmd", qh, f), rtol=1e-5, atol=1e-5)
+
+
 class MergeSplitsTest(parameterized.TestCase):
   """parts.merge_splits (one variadic reduction) equals the definition:
   every split's state rescaled to the overall max and summed, an empty

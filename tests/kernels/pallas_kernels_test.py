@@ -487,6 +487,21 @@ class PallasGpuInterpretTest(parameterized.TestCase):
     self.assertEqual(pallas_gpu.default_splits(smol(32)), 8)
     self.assertEqual(pallas_gpu.default_splits(smol(4)), 16)  # 192 programs
 
+  def test_default_steps(self):
+    # 128-token steps where every part is 2 bits or less (D <= 128), 3
+    # stages for a fractional width, else 64 tokens and STAGES.
+    steps = lambda kb, vb, d=128: pallas_gpu.default_steps(jax.eval_shape(
+        lambda: cache_lib.init(CacheConfig(key_bits=kb, value_bits=vb), 1,
+                               2, 1024, d)))
+    stages = pallas_gpu.STAGES
+    self.assertEqual(steps(2, 2), (128, stages))
+    self.assertEqual(steps(2, 1, 64), (128, stages))
+    self.assertEqual(steps(2, 2, 256), (64, stages))
+    self.assertEqual(steps(2, 3), (64, stages))
+    self.assertEqual(steps(4, 4), (64, stages))
+    self.assertEqual(steps(2.5, 2.5), (64, 3))
+    self.assertEqual(steps(4, 3.5), (64, 3))
+
   def test_default_overlap_values(self):
     # Unpacking V under the score wgmma where a program streams few tiles
     # (B = 1, S = 16k: 128 splits of 2 tiles), after it where each streams

@@ -43,8 +43,11 @@ pallas_gpu_tokens.py) with its byte-permute lookup 0.47-1.44x in wall
 clock over the whole grid, 1.04-1.34x at S = 128k for B = 8 and 32
 (results/kernel_bench/h200_v6); kernel v7 in device time 1.06-1.65x at
 2-4 bits and S >= 16k (results/kernel_bench/h200_v7); session 12's
-1.17-1.75x there (h200_v8), today's (session 13, 128-byte TMA rows)
-1.11-1.73x, 1.42x at 4 bits and 1.55x at 3, B = 8, S = 128k
+1.17-1.75x there (h200_v8), session 13's (128-byte TMA rows)
+1.11-1.73x except 3 B = 1 split cells (h200_v9), today's (session 14:
+the lookup on the FMA pipe, per-width steps) 1.43x at 4 bits, 1.54x at
+3, 1.98x at 2, B = 8, S = 128k, 57 of 60 cells faster at S >= 16k, the
+other three B = 1 cells within the run-to-run spread
 (results/kernel_bench/h200). NOTES.md has the measurements.
 """
 
@@ -728,6 +731,25 @@ def default_splits(cache, layout: str = "tokens") -> int:
   return enough[0] if enough else (longer[-1] if longer else splits)
 
 
+def default_steps(cache) -> tuple[int, int]:
+  """(tile_rows, stages) defaults of layout="tokens" by the cache's widths:
+  128-token steps where no part is wider than 2 bits, 3 stages where a
+  width is fractional (the outlier split: twice the TMAs a step, of
+  smaller boxes), else 64 tokens and STAGES (and 64 tokens at D > 128).
+  On the H200 (B=8, S=128k,
+  32/8 heads, D=128, two interleaved rounds): 2 bits 0.493-0.502 ms with
+  128-token steps against 0.515-0.516 (B=32, 32k: 0.490-0.499 against
+  0.523), 2.5 bits 0.640-0.660 with 3 stages against 0.684-0.697, 3.5
+  bits 0.725-0.735 against 0.738-0.739; 3 and 4 bits were slower with
+  either (results/kernel_bench/h200/probes.txt, session 14).
+  """
+  widths = (cache.config.key_bits, cache.config.value_bits)
+  # Not at D = 256: a 128-token key tile in registers would be 128 of them.
+  rows = 2 * ROWS if max(widths) <= 2 and cache.head_dim <= 128 else ROWS
+  stages = 3 if any(w != int(w) for w in widths) else STAGES
+  return rows, stages
+
+
 def default_overlap_values(cache, splits: int, tile_rows: int = ROWS) -> bool:
   """overlap_values' default for layout="tokens": on where a program
   streams at most OVERLAP_MAX_TILES tiles of `tile_rows` tokens."""
@@ -737,7 +759,7 @@ def default_overlap_values(cache, splits: int, tile_rows: int = ROWS) -> bool:
 def attention(q: jax.Array, cache, lengths: jax.Array, *,
               scale: float | None = None, splits: int | None = None,
               lookup_mode: str = "prmt", layout: str = "tokens",
-              stages: int = STAGES, tile_rows: int = ROWS,
+              stages: int | None = None, tile_rows: int | None = None,
               key_registers: bool | None = None,
               transpose_p: bool | None = None,
               skip_empty_splits: bool | None = None,
@@ -766,11 +788,14 @@ def attention(q: jax.Array, cache, lengths: jax.Array, *,
       1.66-1.83 and 1.56-1.66 (NOTES.md).
     layout: "tokens" (kernel v4, pallas_gpu_tokens.py: tokens on the wgmma
       rows; the faster on the H200) or "queries" (kernel v3, this module).
-    stages: tiles in flight per program.
+    stages: tiles in flight per program. None: STAGES, or for
+      layout="tokens" default_steps' (3 for fractional widths).
     tile_rows: tokens per pipeline step, 64, 128 or 256 (layout="tokens";
-      capped by the split and by TMA's 256 rows). On the H200 (B=8,
-      S=128k, 4 bits, 16 splits) 128 took 1.77 ms, within the spread of 64
-      (1.68-1.84), 256 2.69 ms (it spills registers).
+      capped by the split and by TMA's 256 rows). None: 64, or for
+      layout="tokens" default_steps' (128 where no part is wider than 2
+      bits). On the H200 (B=8, S=128k, 4 bits, 16 splits, kernel v4) 128
+      took 1.77 ms, within the spread of 64 (1.68-1.84), 256 2.69 ms (it
+      spills registers).
     key_registers: layout="tokens", GPU only: dequantized keys feed the
       score wgmma from registers, not through SMEM. None: on for "tokens".
     transpose_p: layout="tokens": the probabilities stored through a
@@ -847,10 +872,10 @@ def attention(q: jax.Array, cache, lengths: jax.Array, *,
     raise ValueError(f"{layout=!r}: expected one of {LAYOUTS}")
   if combine not in COMBINES:
     raise ValueError(f"{combine=!r}: expected one of {COMBINES}")
-  if not isinstance(stages, int) or stages < 1:
+  if stages is not None and (not isinstance(stages, int) or stages < 1):
     raise ValueError(f"{stages=!r}: expected an int >= 1")
-  if tile_rows not in (ROWS, 2 * ROWS, 4 * ROWS) or (
-      layout == "queries" and tile_rows != ROWS):
+  if tile_rows not in (None, ROWS, 2 * ROWS, 4 * ROWS) or (
+      layout == "queries" and tile_rows not in (None, ROWS)):
     raise ValueError(f"{tile_rows=!r}: expected 64, 128 or 256 (64 for "
                      "layout='queries')")
   if layout == "queries" and (key_registers or transpose_p
@@ -867,6 +892,9 @@ def attention(q: jax.Array, cache, lengths: jax.Array, *,
   if tma_row_bytes not in (None, 16, 128):
     raise ValueError(f"{tma_row_bytes=!r}: expected 16 or 128")
   tokens = layout == "tokens"
+  steps = default_steps(cache) if tokens else (ROWS, STAGES)
+  tile_rows = steps[0] if tile_rows is None else tile_rows
+  stages = steps[1] if stages is None else stages
   key_registers = tokens if key_registers is None else key_registers
   transpose_p = tokens if transpose_p is None else transpose_p
   skip_empty_splits = (tokens if skip_empty_splits is None

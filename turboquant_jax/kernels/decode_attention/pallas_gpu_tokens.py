@@ -56,7 +56,10 @@ mask for one query token (128 registers: 4 programs per SM) and the
 values unpacked after the score product on long splits (overlap_values)
 0.70 ms, 1.42x (results/kernel_bench/h200_v8); with the codes moved as
 128-byte TMA rows (tma_row_bytes, session 13) 0.695 ms, 1.42x, 3 bits
-0.636 ms, 1.55x (results/kernel_bench/h200). The pipeline streaming the
+0.636 ms, 1.55x (results/kernel_bench/h200_v9); with the lookup's
+integer work on the FMA pipe where a multiply-add does it and per-width
+pipeline steps (session 14) 0.686 ms, 1.43x, 3 bits 1.54x, 2 bits 0.497
+ms, 1.98x (results/kernel_bench/h200). The pipeline streaming the
 same bytes with no work takes 0.33-0.34 ms in device time as a token's
 64-byte rows, 0.28 as 128-byte rows (experiments/probes/pipeline_probe.py,
 NOTES.md).

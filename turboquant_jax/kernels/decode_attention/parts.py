@@ -95,33 +95,23 @@ def ungrouped(out: jax.Array, tokens: int) -> jax.Array:
 
 def merge_splits(m: jax.Array, l: jax.Array, acc: jax.Array,
                  d_axis: int) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """The sequence splits' softmax states merged by one XLA reduction.
+  """The sequence splits' softmax states merged: their log-sum-exp
+  combination, an empty split (m = -inf) weighing 0.
 
   m, l: f32[B, K, NS, ...] each split's running max and sum; acc: f32[B,
   K, NS, ...] its unnormalized accumulator, m's shape with a coordinate
   axis inserted at d_axis. Returns (m, l, acc) of all splits together
-  (axis 2 gone): the log-sum-exp combination, written as one variadic
-  reduce whose combiner rescales both sides to their larger max, so XLA
-  makes one kernel of it where the max, the weighted sums and the
-  accumulators would be three reductions in a row (at B=1 the work around
-  the kernel is mostly such launches). An empty split (m = -inf) weighs 0.
+  (axis 2 gone). Three XLA reductions (the max, then the weighted sums):
+  one variadic reduce with a rescaling combiner was tried and took longer
+  on the H200 (XLA materialized its broadcast inputs: B=1, S=16k, 4 bits,
+  13.3 µs of merge kernels against 8.6; NOTES.md, session 14).
   """
-  shape = acc.shape
-  wide = lambda x: jnp.broadcast_to(jnp.expand_dims(x, d_axis), shape)
-
-  def combine(x, y):
-    (m1, l1, a1), (m2, l2, a2) = x, y
-    mx = jnp.maximum(m1, m2)
-    safe = jnp.where(mx == -jnp.inf, 0.0, mx)
-    f1, f2 = jnp.exp(m1 - safe), jnp.exp(m2 - safe)
-    return mx, l1 * f1 + l2 * f2, a1 * f1 + a2 * f2
-
-  zero = jnp.zeros((), acc.dtype)
-  m_all, l_all, a_all = jax.lax.reduce(
-      (wide(m), wide(l), acc), (jnp.full((), -jnp.inf, acc.dtype), zero,
-                                zero), combine, (2,))
-  first = lambda x: jax.lax.index_in_dim(x, 0, d_axis - 1, keepdims=False)
-  return first(m_all), first(l_all), a_all
+  m_all = jnp.max(m, axis=2)
+  m_safe = jnp.where(jnp.isfinite(m_all), m_all, 0.0)
+  factor = jnp.where(jnp.isfinite(m),
+                     jnp.exp(m - jnp.expand_dims(m_safe, 2)), 0.0)
+  return (m_all, jnp.sum(l * factor, axis=2),
+          jnp.sum(acc * jnp.expand_dims(factor, d_axis), axis=2))
 
 
 def positions(lengths, capacity: int, window: int, tokens: int):
@@ -228,9 +218,27 @@ def prepare(q: jax.Array, cache, lengths: jax.Array, scale: float,
       window=w)
 
 
+# Up to this many query rows (B·M) the folded products are multiply-and-
+# sum reductions (exact f32, one XLA loop fusion) rather than HIGHEST
+# einsums (a gemm fusion whose f32 emulation dominates tiny products).
+FOLDED_REDUCE_MAX_ROWS = 64
+
+
+def _reduce_rows(x: jax.Array) -> bool:
+  return x.shape[0] * x.shape[2] <= FOLDED_REDUCE_MAX_ROWS
+
+
 def folded_queries(qh: jax.Array, folded: jax.Array) -> jax.Array:
   """f32[B, K, M, D] through a split cache's folded rotations f32[K, D, D]:
-  every part's rotated queries side by side (outliers first)."""
+  every part's rotated queries side by side (outliers first).
+
+  At most FOLDED_REDUCE_MAX_ROWS rows (decode at small B) as a product
+  and a sum over D: on the H200 (B=1, S=16k, 3.5 bits, Nsight) the
+  einsum took 8.1 µs and this 3.6, the rotation back 5.1 against 3.3
+  (NOTES.md, session 14).
+  """
+  if _reduce_rows(qh):
+    return jnp.sum(qh[..., None, :] * folded[None, :, None], axis=-1)
   return jnp.einsum("bkmd,ked->bkme", qh, folded,
                     precision=SPLIT_ROTATION_PRECISION)
 
@@ -238,6 +246,8 @@ def folded_queries(qh: jax.Array, folded: jax.Array) -> jax.Array:
 def folded_outputs(merged: jax.Array, folded: jax.Array) -> jax.Array:
   """folded_queries' inverse: f32[B, K, M, D] in the parts' rotated
   domains (side by side) back to the original channels."""
+  if _reduce_rows(merged):
+    return jnp.sum(merged[..., :, None] * folded[None, :, None], axis=-2)
   return jnp.einsum("bkme,ked->bkmd", merged, folded,
                     precision=SPLIT_ROTATION_PRECISION)
 
@@ -252,8 +262,11 @@ def finish(acc: list[jax.Array], m: jax.Array, l: jax.Array, q: jax.Array,
   _, t, h, _ = q.shape
   kv, cap, w = cache.kv_heads, cache.capacity, cache.config.window
   g = h // kv
-  # Both value parts' accumulators merge as one array (outliers first).
-  m_s, denom, a = merge_splits(m, l, jnp.concatenate(acc, axis=-1), 4)
+  # Per value part (the max and weights are common: XLA computes them
+  # once); concatenated after the merge, which XLA fuses.
+  merges = [merge_splits(m, l, a, 4) for a in acc]
+  m_s, denom = merges[0][:2]
+  a = [mg[2] for mg in merges]
   if w:
     qh = grouped_queries(q, kv)
     lens = jnp.minimum(lengths, cap)
@@ -270,10 +283,10 @@ def finish(acc: list[jax.Array], m: jax.Array, l: jax.Array, q: jax.Array,
     factor = jnp.where(jnp.isfinite(m_s), jnp.exp(m_s - m_safe), 0.0)
     pw = jnp.where(valid, jnp.exp(sw - m_safe[..., None]), 0.0)
     denom = denom * factor + jnp.sum(pw, axis=-1)
-    a = a * factor[..., None]
+    a = [x * factor[..., None] for x in a]
   inv = (1.0 / jnp.maximum(denom, 1e-30))[..., None]
   # Normalized before the rotation back (linear): the product comes last.
-  merged = a * inv                                            # [B, K, M, D]
+  merged = jnp.concatenate([x * inv for x in a], axis=-1)     # [B, K, M, D]
   folded = _split_rotation(cache.value_split_rotation, cache.value_quantizer)
   if folded is not None:
     # Both parts' rotations back and scatters as one product (Eᵀ).
