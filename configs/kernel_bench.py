@@ -41,6 +41,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.loops = 20                          # decode-attention calls per timed
                                         # jitted loop (device time; 0: one
                                         # call per timing, wall clock)
+  c.rounds = 3                          # interleaved rounds per (B, S):
+                                        # cuDNN, XLA bf16 and every width
+                                        # timed in turn, rounds times
   c.check = True                        # compare against the reference on
                                         # a small cache first
   c.bandwidth_tb_s = 4.6                # practical HBM ceiling for the floor
@@ -73,6 +76,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.reps = 2
     c.warmup = 1
     c.loops = 2
+    c.rounds = 2
     c.append_batches = (1,)
     c.append_capacity = 256
     c.append_tokens = (1, 16)

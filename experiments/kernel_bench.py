@@ -7,7 +7,11 @@ and, on the same shapes in the same run, cuDNN bf16 and XLA bf16 attention
 (jax.nn.dot_product_attention). One row per (impl, shape) in results.jsonl.
 Times are device time per call: config.loops calls run back to back in one
 jitted loop (config.loops = 0: wall clock of single calls, dispatch
-included, as the runs before 2026-11-29). Quantize-and-append rows time
+included, as the runs before 2026-11-29). Each (batch, seq_len) compiles
+cuDNN, XLA bf16 and every width first, then times them in turn for
+config.rounds rounds (since session 14; before, each once, cuDNN first),
+so that the device's slow spells touch both sides of a ratio; rows keep
+every round. Quantize-and-append rows time
 config.append_impls ("xla", and the fused "pallas_gpu" kernel for one
 token) the same way, in place.
 
@@ -18,6 +22,8 @@ token) the same way, in place.
 import dataclasses
 import itertools
 import pathlib
+import statistics
+from typing import Callable
 
 from absl import app
 from absl import flags
@@ -25,8 +31,8 @@ import jax
 import jax.numpy as jnp
 from ml_collections import config_flags
 
+from experiments.timing import looped
 from experiments.timing import time_in_place_ms
-from experiments.timing import time_loop_ms
 from experiments.timing import time_ms
 from turboquant_jax import cache as cache_lib
 from turboquant_jax import results
@@ -68,16 +74,39 @@ def impl_options(config, impl: str) -> dict:
   return dict(config.pallas_gpu) if impl == "pallas_gpu" else {}
 
 
-def time_attention(config, fn, q: jax.Array, *rest) -> float:
-  """ms per call of fn(q, *rest): config.loops calls in one jitted loop
-  (device time, dispatch amortized; timing.time_loop_ms), or with
-  config.loops = 0 each call jitted and timed alone (wall clock, one
-  dispatch and sync included, as the runs before 2026-11-29 were)."""
+def attention_timer(config, fn, q: jax.Array, *rest) -> Callable[[], float]:
+  """fn(q, *rest) compiled now; returns a function that times it once:
+  ms per call of config.loops calls in one jitted loop (device time,
+  dispatch amortized; timing.looped), or with config.loops = 0 of single
+  jitted calls (wall clock, one dispatch and sync included, as the runs
+  before 2026-11-29 were). Compiled once, timed in as many rounds as
+  asked, so that rounds can interleave several functions."""
   if config.loops:
-    return time_loop_ms(fn, q, *rest, loops=config.loops,
-                        warmup=config.warmup, reps=config.reps)
-  return time_ms(jax.jit(fn), q, *rest, warmup=config.warmup,
-                 reps=config.reps)
+    compiled = looped(fn, config.loops).lower(q, *rest).compile()
+    return lambda: time_ms(compiled, q, *rest, warmup=config.warmup,
+                           reps=config.reps) / config.loops
+  jitted = jax.jit(fn)
+  return lambda: time_ms(jitted, q, *rest, warmup=config.warmup,
+                         reps=config.reps)
+
+
+def interleaved_rounds(timers: dict, rounds: int) -> tuple[dict, dict]:
+  """({name: [ms of each round]}, {name: error}) of the timers (name ->
+  a zero-argument function returning ms), called in turn `rounds` times:
+  a slow spell of the device (clocks, a neighbour) then touches every
+  name alike instead of one cell. A timer that raises gets its error and
+  is dropped from later rounds."""
+  times = {name: [] for name in timers}
+  errors = {}
+  for _ in range(rounds):
+    for name, timer in timers.items():
+      if name in errors:
+        continue
+      try:
+        times[name].append(timer())
+      except Exception as e:  # noqa: BLE001 - recorded in the row
+        errors[name] = f"{type(e).__name__}: {str(e)[:300]}"
+  return times, errors
 
 
 def check_correctness(impl: str, bits: float, head_dim: int,
@@ -187,72 +216,97 @@ def run(config, workdir) -> pathlib.Path:
   key = jax.random.key(config.seed)
   for batch in config.batches:
     for seq_len in config.seq_lens:
-      kq, kk, kv_ = jax.random.split(jax.random.fold_in(key, seq_len), 3)
-      q = jax.random.normal(kq, (batch, 1, hq, d), jnp.bfloat16)
-      kb = jax.random.normal(kk, (batch, seq_len, hkv, d), jnp.bfloat16)
-      vb = jax.random.normal(kv_, (batch, seq_len, hkv, d), jnp.bfloat16)
-      bf16_bytes = 2 * kb.size * 2
-      base = {}
-      for impl in ("cudnn", "xla"):
-        fn = lambda q, k, v, impl=impl: jax.nn.dot_product_attention(
-            q, k, v, implementation=impl)
-        try:
-          base[impl] = time_attention(config, fn, q, kb, vb)
-        except Exception as e:
-          print(f"bf16 {impl} failed: {type(e).__name__}: {str(e)[:300]}")
-          base[impl] = None
-      del kb, vb
-      for impl in ("cudnn", "xla"):
-        row = dict(op="decode_attention", impl=f"{impl}_bf16", batch=batch,
-                   seq_len=seq_len, q_heads=hq, kv_heads=hkv, head_dim=d,
-                   key_bits=16, value_bits=16, time_ms=base[impl],
-                   cudnn_bf16_ms=base["cudnn"], compressed_bytes=bf16_bytes,
-                   floor_ms=bf16_bytes / (config.bandwidth_tb_s * 1e9),
-                   device=device)
-        if (row["op"], row["impl"], batch, seq_len, 16) not in done:
-          writer.write(row)
-        print(f"B={batch:<3} S={seq_len:<7} {impl+'_bf16':>12}: "
-              f"{base[impl]} ms")
-      for bits in config.bits:
-        cfg = cache_lib.CacheConfig(key_bits=bits, value_bits=bits)
-        cache = random_cache(jax.random.fold_in(key, int(bits * 10)), cfg,
-                             batch, hkv, seq_len, d)
-        mem = cache_lib.memory(cache)
-        nbytes = mem["nbytes"] - mem["fixed_nbytes"]
-        q3 = q[:, 0]
-        for impl in config.impls:
-          if (("decode_attention", impl, batch, seq_len, bits) in done):
-            continue
-          if impl == "xla" and batch * seq_len * hkv * d * 8 > \
-              config.max_xla_bytes:
-            continue
-          options = impl_options(config, impl)
-          fn = (lambda q, c, impl=impl, options=options:
-                da.decode_attention(q, c, c.lengths, impl=impl, **options))
-          try:
-            t = time_attention(config, fn, q3, cache)
-            err = None
-          except Exception as e:
-            t, err = None, f"{type(e).__name__}: {str(e)[:300]}"
-          floor = nbytes / (config.bandwidth_tb_s * 1e9)
-          row = dict(op="decode_attention", impl=impl, batch=batch,
-                     seq_len=seq_len, q_heads=hq, kv_heads=hkv, head_dim=d,
-                     key_bits=bits, value_bits=bits, time_ms=t,
-                     cudnn_bf16_ms=base["cudnn"], compressed_bytes=nbytes,
-                     floor_ms=floor,
-                     read_tb_s=(nbytes / t / 1e9) if t else None,
-                     speedup_vs_cudnn=(base["cudnn"] / t)
-                     if t and base["cudnn"] else None,
-                     bits_per_coordinate=mem["bits_per_coordinate"],
-                     options=options, device=device, error=err)
-          writer.write(row)
-          print(f"B={batch:<3} S={seq_len:<7} {impl:>12} bits={bits}: "
-                f"{t if t is None else round(t, 3)} ms (floor "
-                f"{floor:.3f}, cudnn {base['cudnn']}) {err or ''}")
-        del cache
+      bench_cell(config, writer, done, device, key, batch, seq_len)
   table = write_table(workdir)
   print(f"table: {table}")
   return table
+
+
+def bench_cell(config, writer, done, device, key, batch: int,
+               seq_len: int) -> None:
+  """Decode-attention rows of one (batch, seq_len): cuDNN and XLA bf16 and
+  each pending (impl, bits), compiled first, then timed in
+  config.rounds interleaved rounds (interleaved_rounds). time_ms is the
+  median of the rounds (each round a median of config.reps loops); the
+  rows keep every round (time_ms_rounds, cudnn_bf16_ms_rounds) and the
+  speedup over cuDNN per round (speedup_rounds: cuDNN's time in the same
+  round over ours). Nothing is timed where every row is done."""
+  hq, hkv, d = config.q_heads, config.kv_heads, config.head_dim
+  pending = [(impl, bits) for bits in config.bits for impl in config.impls
+             if ("decode_attention", impl, batch, seq_len, bits) not in done
+             and not (impl == "xla" and batch * seq_len * hkv * d * 8
+                      > config.max_xla_bytes)]
+  base_pending = [impl for impl in ("cudnn", "xla") if (
+      "decode_attention", f"{impl}_bf16", batch, seq_len, 16) not in done]
+  if not pending and not base_pending:
+    return
+  kq, kk, kv_ = jax.random.split(jax.random.fold_in(key, seq_len), 3)
+  q = jax.random.normal(kq, (batch, 1, hq, d), jnp.bfloat16)
+  kb = jax.random.normal(kk, (batch, seq_len, hkv, d), jnp.bfloat16)
+  vb = jax.random.normal(kv_, (batch, seq_len, hkv, d), jnp.bfloat16)
+  bf16_bytes = 2 * kb.size * 2
+  timers, errors, caches = {}, {}, {}
+  for impl in ("cudnn", "xla"):
+    fn = lambda q, k, v, impl=impl: jax.nn.dot_product_attention(
+        q, k, v, implementation=impl)
+    try:
+      timers[impl] = attention_timer(config, fn, q, kb, vb)
+    except Exception as e:  # noqa: BLE001 - cuDNN is absent on the CPU
+      print(f"bf16 {impl} failed: {type(e).__name__}: {str(e)[:300]}")
+      errors[impl] = f"{type(e).__name__}: {str(e)[:300]}"
+  for impl, bits in pending:
+    if bits not in caches:
+      cfg = cache_lib.CacheConfig(key_bits=bits, value_bits=bits)
+      caches[bits] = random_cache(jax.random.fold_in(key, int(bits * 10)),
+                                  cfg, batch, hkv, seq_len, d)
+    options = impl_options(config, impl)
+    fn = (lambda q, c, impl=impl, options=options:
+          da.decode_attention(q, c, c.lengths, impl=impl, **options))
+    try:
+      timers[impl, bits] = attention_timer(config, fn, q[:, 0], caches[bits])
+    except Exception as e:  # noqa: BLE001 - recorded in the row
+      errors[impl, bits] = f"{type(e).__name__}: {str(e)[:300]}"
+  times, failed = interleaved_rounds(timers, config.rounds)
+  errors.update(failed)
+  ms = {name: statistics.median(t) if t and name not in errors else None
+        for name, t in times.items()}
+  cudnn, cudnn_rounds = ms.get("cudnn"), times.get("cudnn", [])
+  for impl in ("cudnn", "xla"):
+    print(f"B={batch:<3} S={seq_len:<7} {impl+'_bf16':>12}: "
+          f"{ms.get(impl)} ms {times.get(impl, [])}")
+    if impl not in base_pending:
+      continue
+    writer.write(dict(
+        op="decode_attention", impl=f"{impl}_bf16", batch=batch,
+        seq_len=seq_len, q_heads=hq, kv_heads=hkv, head_dim=d, key_bits=16,
+        value_bits=16, time_ms=ms.get(impl),
+        time_ms_rounds=times.get(impl, []), cudnn_bf16_ms=cudnn,
+        cudnn_bf16_ms_rounds=cudnn_rounds, compressed_bytes=bf16_bytes,
+        floor_ms=bf16_bytes / (config.bandwidth_tb_s * 1e9), device=device,
+        error=errors.get(impl)))
+  for impl, bits in pending:
+    mem = cache_lib.memory(caches[bits])
+    nbytes = mem["nbytes"] - mem["fixed_nbytes"]
+    t, rounds = ms.get((impl, bits)), times.get((impl, bits), [])
+    floor = nbytes / (config.bandwidth_tb_s * 1e9)
+    paired = ([c / x for c, x in zip(cudnn_rounds, rounds)]
+              if t and cudnn else [])
+    writer.write(dict(
+        op="decode_attention", impl=impl, batch=batch, seq_len=seq_len,
+        q_heads=hq, kv_heads=hkv, head_dim=d, key_bits=bits,
+        value_bits=bits, time_ms=t, time_ms_rounds=rounds,
+        cudnn_bf16_ms=cudnn, cudnn_bf16_ms_rounds=cudnn_rounds,
+        compressed_bytes=nbytes, floor_ms=floor,
+        read_tb_s=(nbytes / t / 1e9) if t else None,
+        speedup_vs_cudnn=(cudnn / t) if t and cudnn else None,
+        speedup_rounds=paired,
+        bits_per_coordinate=mem["bits_per_coordinate"],
+        options=impl_options(config, impl), device=device,
+        error=errors.get((impl, bits))))
+    print(f"B={batch:<3} S={seq_len:<7} {impl:>12} bits={bits}: "
+          f"{t if t is None else round(t, 3)} ms (floor {floor:.3f}, cudnn "
+          f"{cudnn}) {[round(x, 2) for x in paired]} "
+          f"{errors.get((impl, bits)) or ''}")
 
 
 def write_table(workdir) -> pathlib.Path:
@@ -266,8 +320,10 @@ def write_table(workdir) -> pathlib.Path:
   bits = sorted({r["key_bits"] for r in attn if r["key_bits"] != 16})
   device = next((r["device"] for r in rows), "?")
   lines = [f"# Decode attention and quantize-and-append on {device}", "",
-           "ms per call (median); in brackets cuDNN bf16 ms / ours (> 1: "
-           "faster than cuDNN). floor = compressed bytes / 4.6 TB/s.", ""]
+           "ms per call (median of the rounds); in brackets cuDNN bf16 ms / "
+           "ours (> 1: faster than cuDNN) and, with several rounds, its "
+           "range over the rounds (cuDNN and ours timed in turn). floor = "
+           "compressed bytes / 4.6 TB/s.", ""]
   for batch in sorted({r["batch"] for r in attn}):
     sub = [r for r in attn if r["batch"] == batch]
     head = ["S", "cuDNN bf16", "XLA bf16"]
@@ -287,7 +343,10 @@ def write_table(workdir) -> pathlib.Path:
         r = at.get(("pallas_gpu", b))
         cell = ms(r)
         if r is not None and r.get("speedup_vs_cudnn"):
-          cell += f" ({r['speedup_vs_cudnn']:.2f}x)"
+          paired = r.get("speedup_rounds") or []
+          spread = (f", {min(paired):.2f}-{max(paired):.2f}"
+                    if len(paired) > 1 else "")
+          cell += f" ({r['speedup_vs_cudnn']:.2f}x{spread})"
         cells += [cell, "-" if r is None else f"{r['floor_ms']:.3f}"]
       lines.append("| " + " | ".join(cells) + " |")
     lines.append("")

@@ -50,6 +50,15 @@ class KernelBenchTest(absltest.TestCase):
                     "floor_ms"):
         self.assertIn(field, impls["xla"])
       self.assertEqual(impls["xla"]["options"], {})   # pallas_gpu's only
+      # Every round is kept; time_ms is their median.
+      for r in (impls["xla"], impls["xla_bf16"]):
+        self.assertLen(r["time_ms_rounds"], config.rounds)
+        self.assertAlmostEqual(r["time_ms"],
+                               sorted(r["time_ms_rounds"])[0] / 2
+                               + sorted(r["time_ms_rounds"])[1] / 2)
+      self.assertIsNone(impls["cudnn_bf16"]["time_ms"])
+      self.assertIsNotNone(impls["cudnn_bf16"]["error"])
+      self.assertEqual(impls["xla"]["speedup_rounds"], [])   # no cuDNN
       self.assertLess(impls["xla"]["compressed_bytes"],
                       impls["xla_bf16"]["compressed_bytes"] / 3)
       ops = {r["op"] for r in rows}
@@ -62,11 +71,33 @@ class KernelBenchTest(absltest.TestCase):
       self.assertIn("| B | tokens | bits | impl | ms | tokens/s |", text)
       self.assertIn("| 1 | 1 | 4 | xla |", text)
       self.assertIn("## Quantize vectors", text)
-      # A second run resumes: no row is written twice.
-      kernel_bench.run(config, tmp)
+      # A second run resumes: no row is written twice, nothing is timed.
+      with mock.patch.object(kernel_bench, "attention_timer") as timer:
+        kernel_bench.run(config, tmp)
+      timer.assert_not_called()
       again = results.read_rows(pathlib.Path(tmp) / results.RESULTS_FILE)
       self.assertLen(again, len(rows))
 
+
+  def test_interleaved_rounds(self):
+    # Each round times every name in turn; a timer that fails keeps its
+    # error and is not called again.
+    calls = []
+
+    def timer(name, fail=False):
+      def run():
+        calls.append(name)
+        if fail:
+          raise RuntimeError("boom")
+        return float(len(calls))
+      return run
+
+    times, errors = kernel_bench.interleaved_rounds(
+        {"a": timer("a"), "b": timer("b", fail=True), "c": timer("c")}, 3)
+    self.assertEqual(calls, ["a", "b", "c", "a", "c", "a", "c"])
+    self.assertEqual(times, {"a": [1.0, 4.0, 6.0], "b": [],
+                             "c": [3.0, 5.0, 7.0]})
+    self.assertEqual(errors, {"b": "RuntimeError: boom"})
 
   def test_config_runs_the_kernel_defaults(self):
     # The sweep's explicit pallas_gpu options are the kernel's defaults
