@@ -918,6 +918,21 @@ def _variadic_merge(m, l, acc, d_axis):
   return first(m_all), first(l_all), a_all
 
 
+def _one_sum_merge(m, l, acc, d_axis):
+  """parts.merge_splits with the sum l carried as one more coordinate of
+  acc, so that the weighted sums are one reduction after the max (two
+  in all, if XLA fuses the concatenation into it)."""
+  m_all = jnp.max(m, axis=2)
+  m_safe = jnp.where(jnp.isfinite(m_all), m_all, 0.0)
+  factor = jnp.where(jnp.isfinite(m),
+                     jnp.exp(m - jnp.expand_dims(m_safe, 2)), 0.0)
+  both = jnp.concatenate([acc, jnp.expand_dims(l, d_axis)], axis=d_axis)
+  sums = jnp.sum(both * jnp.expand_dims(factor, d_axis), axis=2)
+  d = acc.shape[d_axis]
+  return (m_all, jax.lax.index_in_dim(sums, d, d_axis - 1, keepdims=False),
+          jax.lax.slice_in_dim(sums, 0, d, axis=d_axis - 1))
+
+
 def reduce_products():
   """parts.folded_queries / folded_outputs as multiply-and-sum at any
   size (one XLA reduction each, exact f32)."""
@@ -948,8 +963,10 @@ def around_kernel(shapes=((1, 16384, (4, 3.5, 2.5)), (1, 32768, (4, 3.5, 2.5)),
                           (8, 16384, (3.5,)), (8, 131072, (3.5,))),
                   names=None, rounds: int = 2) -> None:
   """The XLA work around the kernel (NOTES.md, session 14): the splits'
-  merge as one variadic reduction against parts.merge_splits' three
-  reductions (the default); the folded split rotations as
+  merge as one variadic reduction ("variadic") or with l as one more
+  coordinate of the accumulators ("one_sum": the max, then one weighted
+  sum) against parts.merge_splits' three reductions (the default); the
+  folded split rotations as
   multiply-and-sum reductions ("reduce") or HIGHEST einsums ("einsum") at
   every size (the default picks by size); half the default splits. Checks
   each variant (or those in `names`) on 4 shapes, prints its kernel count
@@ -959,6 +976,7 @@ def around_kernel(shapes=((1, 16384, (4, 3.5, 2.5)), (1, 32768, (4, 3.5, 2.5)),
   merge, fq, fo = parts.merge_splits, parts.folded_queries, parts.folded_outputs
   variants = {"defaults": (merge, fq, fo, {}),
               "variadic": (_variadic_merge, fq, fo, {}),
+              "one_sum": (_one_sum_merge, fq, fo, {}),
               "reduce": (merge, *reduce_products(), {}),
               "einsum": (merge, *einsum_products(), {}),
               "half_splits": (merge, fq, fo, {"half": True})}
