@@ -968,24 +968,30 @@ def around_kernel(shapes=((1, 16384, (4, 3.5, 2.5)), (1, 32768, (4, 3.5, 2.5)),
   sum) against parts.merge_splits' three reductions (the default); the
   folded split rotations as
   multiply-and-sum reductions ("reduce") or HIGHEST einsums ("einsum") at
-  every size (the default picks by size); half the default splits. Checks
+  every size (the default picks by size); a split cache's query operand
+  laid out from parts.prepare's queries by a second fusion ("laid_out")
+  against pallas_gpu.folded_query_operand's one fusion (the default at
+  small batch); half the default splits. Checks
   each variant (or those in `names`) on 4 shapes, prints its kernel count
   at B=1, S=16k, then device time beside cuDNN bf16 (32/8 heads, D=128),
   interleaved rounds, compiled per variant."""
   print("jax", jax.__version__, jax.devices()[0].device_kind, flush=True)
   merge, fq, fo = parts.merge_splits, parts.folded_queries, parts.folded_outputs
-  variants = {"defaults": (merge, fq, fo, {}),
-              "variadic": (_variadic_merge, fq, fo, {}),
-              "one_sum": (_one_sum_merge, fq, fo, {}),
-              "reduce": (merge, *reduce_products(), {}),
-              "einsum": (merge, *einsum_products(), {}),
-              "half_splits": (merge, fq, fo, {"half": True})}
+  operand = pallas_gpu.folded_query_operand
+  laid_out = lambda *args: None
+  variants = {"defaults": (merge, fq, fo, operand, {}),
+              "variadic": (_variadic_merge, fq, fo, operand, {}),
+              "one_sum": (_one_sum_merge, fq, fo, operand, {}),
+              "reduce": (merge, *reduce_products(), operand, {}),
+              "einsum": (merge, *einsum_products(), laid_out, {}),
+              "laid_out": (merge, fq, fo, laid_out, {}),
+              "half_splits": (merge, fq, fo, operand, {"half": True})}
   variants = {k: v for k, v in variants.items() if names is None
               or k in names}
 
   def setup(name):
-    parts.merge_splits, parts.folded_queries, parts.folded_outputs, opts = (
-        variants[name])
+    (parts.merge_splits, parts.folded_queries, parts.folded_outputs,
+     pallas_gpu.folded_query_operand, opts) = variants[name]
     jax.clear_caches()
     return opts
 
@@ -1028,6 +1034,7 @@ def around_kernel(shapes=((1, 16384, (4, 3.5, 2.5)), (1, 32768, (4, 3.5, 2.5)),
       del c
   parts.merge_splits, parts.folded_queries, parts.folded_outputs = (
       merge, fq, fo)
+  pallas_gpu.folded_query_operand = operand
 
 
 def main():

@@ -466,6 +466,33 @@ class PallasGpuInterpretTest(parameterized.TestCase):
                                np.asarray(want).reshape(b, 1, kv * 4, d),
                                rtol=1e-5, atol=1e-5)
 
+  def test_folded_query_operand_equals_the_laid_out_parts(self):
+    # The one-fusion query operand of a split cache with mse keys equals
+    # parts.prepare's queries laid out by the kernel (f16 rounding apart);
+    # prod keys (sign parts), integer widths and more than
+    # FOLDED_REDUCE_MAX_ROWS query rows get None (the laid-out path).
+    scale = 128 ** -0.5
+    for b, t, g in ((2, 1, 4), (2, 3, 2)):
+      cache = self._cache(128, 3.5, 2.5, 0, (128, 70), 0)
+      q = jax.random.normal(jax.random.key(t), (b, t, 2 * g, 128))
+      n = pallas_gpu_tokens.query_columns(t * g, 8)
+      got = pallas_gpu.folded_query_operand(q, cache, scale, n)
+      inp = parts.prepare(q, cache, cache.lengths, scale)
+      want = pallas_gpu._query_groups(jnp.concatenate(inp.q, axis=-1), n)
+      self.assertEqual(got.shape, want.shape)
+      self.assertEqual(got.dtype, jnp.float16)
+      np.testing.assert_allclose(np.asarray(got, np.float32),
+                                 np.asarray(want, np.float32),
+                                 rtol=2e-3, atol=2e-3)
+    none = lambda c, b=2: pallas_gpu.folded_query_operand(
+        jnp.ones((b, 1, 8, 128)), c, scale, 8)
+    self.assertIsNone(none(self._cache(128, 3.5, 2.5, 0, (128, 70), 0,
+                                       method="prod")))
+    self.assertIsNone(none(self._cache(128, 4, 4, 0, (128, 70), 0)))
+    split = self._cache(128, 3.5, 2.5, 0, (128, 70), 0)
+    self.assertIsNotNone(none(split, parts.FOLDED_REDUCE_MAX_ROWS // 4))
+    self.assertIsNone(none(split, parts.FOLDED_REDUCE_MAX_ROWS // 4 + 1))
+
   def test_step_rows_and_default_splits(self):
     step_rows = pallas_gpu_tokens.step_rows
     self.assertEqual(step_rows(128, [64, 64]), 64)

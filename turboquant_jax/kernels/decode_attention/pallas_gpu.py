@@ -574,6 +574,10 @@ def _attention(q, cache, lengths, scale, splits, lookup_mode, layout,
     rotate = None
     if rotate_in_kernel and _rotatable(inp, cache):
       rotate = _rotate_inputs(q, cache, scale)
+    else:
+      n = pallas_gpu_tokens.query_columns(inp.q[0].shape[2], min_columns)
+      run = functools.partial(run, queries=folded_query_operand(
+          q, cache, scale, n))
     if rotate is not None or (combine == "columns" and len(
         inp.value_specs) == 1 and not cache.config.window):
       (acc,), m, l = run(inp, splits=splits, lookup_mode=lookup_mode,
@@ -680,6 +684,34 @@ def interpret_params(interpret) -> plgpu.InterpretGPUParams | None:
   if interpret is True:
     return plgpu.InterpretGPUParams()
   return None if interpret is False else interpret
+
+
+def folded_query_operand(q: jax.Array, cache, scale: float,
+                         n: int) -> jax.Array | None:
+  """The tokens kernel's query operand f16[B·K·G, n, 64] of a split cache
+  with mse keys at most parts.FOLDED_REDUCE_MAX_ROWS query rows (B·M),
+  computed in one XLA fusion, else None (fused_attention then lays out
+  parts.prepare's queries itself).
+
+  parts.folded_queries' product and sum, with the queries padded to n
+  rows first and the sum written straight into the kernel's layout
+  ([b, k, g, n, 64]: the G groups of 64 rotated coordinates, outliers
+  first), so that XLA needs no second fusion to pad and transpose it.
+  """
+  folded = parts._split_rotation(  # pylint: disable=protected-access
+      cache.key_split_rotation, cache.key_quantizer)
+  if folded is None or cache.key_quantizer.method != "mse":
+    return None
+  b, _, h, d = q.shape
+  kv = cache.kv_heads
+  qh = parts.grouped_queries(q, kv)                            # [B, K, M, D]
+  if b * qh.shape[2] > parts.FOLDED_REDUCE_MAX_ROWS:
+    return None
+  qh = jnp.pad(qh, ((0, 0), (0, 0), (0, n - qh.shape[2]), (0, 0)))
+  f = folded.reshape(kv, d // GROUP, GROUP, d)                 # [K, G, 64, D]
+  y = jnp.sum(qh[:, :, None, :, None, :] * f[None, :, :, None], axis=-1)
+  return (y * scale).astype(jnp.float16).reshape(b * kv * (d // GROUP), n,
+                                                  GROUP)
 
 
 def _rotatable(inp: parts.KernelInputs, cache) -> bool:

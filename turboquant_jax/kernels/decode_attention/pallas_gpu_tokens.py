@@ -489,7 +489,7 @@ def fused_attention(inp: parts.KernelInputs, *, splits: int = 8,
                     columns: bool = False, rotate=None, append=None,
                     min_columns: int = 16, approx_math: bool = False,
                     auto_barriers: bool = True, overlap_values: bool = True,
-                    tma_row_bytes: int = 16):
+                    tma_row_bytes: int = 16, queries=None):
   """Runs the kernel: (acc per value part [B,K,NS,M,Dp], m, l [B,K,NS,M]),
   or with `columns` as the kernel wrote them: acc [B,K,NS,Dp,N], m, l
   [B,K,NS,N] (all N query columns, no transpose).
@@ -542,6 +542,9 @@ def fused_attention(inp: parts.KernelInputs, *, splits: int = 8,
   are a multiple of 16 and as 16-byte rows otherwise; 128 moves every tile
   as 128-byte rows where a token's row is not a multiple of 128
   (`base._tma_rows`: the same bytes, viewed back as [rows, P] in SMEM).
+  queries: the kernel's query operand f16[B·K·G, N, 64] (every key part's
+  groups, N = query_columns) made by the caller
+  (pallas_gpu.folded_query_operand), or None: laid out here from inp.q.
   """
   if min_columns not in (8, 16) or (min_columns == 8 and not transpose_p):
     raise ValueError(f"{min_columns=}, {transpose_p=}: expected 16, or 8 "
@@ -551,7 +554,7 @@ def fused_attention(inp: parts.KernelInputs, *, splits: int = 8,
   if tma_row_bytes not in (16, 128):
     raise ValueError(f"{tma_row_bytes=}: expected 16 or 128")
   base._check(inp, splits, tma_row_bytes)
-  specs, queries, codes, norms = base._kernel_specs(inp)
+  specs, q_parts, codes, norms = base._kernel_specs(inp)
   b, kv, m, _ = inp.q[0].shape
   n = query_columns(m, min_columns)
   cap = inp.value_codes[0].shape[2]
@@ -605,10 +608,14 @@ def fused_attention(inp: parts.KernelInputs, *, splits: int = 8,
   rotations = []
   if rotate is not None:
     q_raw, *rotations = rotate
-    queries = [q_raw]
-  outs = kernel(inp.lengths, *rotations, *append_in,
-                base._query_groups(jnp.concatenate(queries, axis=-1), n),
-                *code_arrays)
+    q_parts = [q_raw]
+  if queries is None:
+    queries = base._query_groups(jnp.concatenate(q_parts, axis=-1), n)
+  elif queries.shape != (b * kv * sum(base._groups(s) for s in specs), n,
+                         GROUP):
+    raise ValueError(f"queries {queries.shape}: expected "
+                     f"[{b * kv} x key groups, {n}, {GROUP}]")
+  outs = kernel(inp.lengths, *rotations, *append_in, queries, *code_arrays)
   nv = len(inp.value_specs)
   written = None
   if append is not None:
