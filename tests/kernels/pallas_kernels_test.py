@@ -492,6 +492,13 @@ class PallasGpuInterpretTest(parameterized.TestCase):
     split = self._cache(128, 3.5, 2.5, 0, (128, 70), 0)
     self.assertIsNotNone(none(split, parts.FOLDED_REDUCE_MAX_ROWS // 4))
     self.assertIsNone(none(split, parts.FOLDED_REDUCE_MAX_ROWS // 4 + 1))
+    # An operand of the wrong shape is refused by name.
+    inp = parts.prepare(jnp.ones((2, 1, 8, 128)), split, split.lengths,
+                        scale, norms_as_stored=True)
+    with self.assertRaisesRegex(ValueError, "queries"):
+      pallas_gpu_tokens.fused_attention(
+          inp, splits=2, interpret=pallas_gpu.interpret_params(True),
+          queries=jnp.zeros((4, 8, 64), jnp.float16))
 
   def test_step_rows_and_default_splits(self):
     step_rows = pallas_gpu_tokens.step_rows

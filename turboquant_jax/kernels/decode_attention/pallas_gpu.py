@@ -702,7 +702,7 @@ def folded_query_operand(q: jax.Array, cache, scale: float,
       cache.key_split_rotation, cache.key_quantizer)
   if folded is None or cache.key_quantizer.method != "mse":
     return None
-  b, _, h, d = q.shape
+  b, _, _, d = q.shape
   kv = cache.kv_heads
   qh = parts.grouped_queries(q, kv)                            # [B, K, M, D]
   if b * qh.shape[2] > parts.FOLDED_REDUCE_MAX_ROWS:
