@@ -105,8 +105,13 @@ def interleaved_rounds(timers: dict, rounds: int) -> tuple[dict, dict]:
       try:
         times[name].append(timer())
       except Exception as e:  # noqa: BLE001 - recorded in the row
-        errors[name] = f"{type(e).__name__}: {str(e)[:300]}"
+        errors[name] = error_text(e)
   return times, errors
+
+
+def error_text(e: Exception) -> str:
+  """An exception as a row's `error` field: its type and message, cut."""
+  return f"{type(e).__name__}: {str(e)[:300]}"
 
 
 def check_correctness(impl: str, bits: float, head_dim: int,
@@ -252,8 +257,8 @@ def bench_cell(config, writer, done, device, key, batch: int,
     try:
       timers[impl] = attention_timer(config, fn, q, kb, vb)
     except Exception as e:  # noqa: BLE001 - cuDNN is absent on the CPU
-      print(f"bf16 {impl} failed: {type(e).__name__}: {str(e)[:300]}")
-      errors[impl] = f"{type(e).__name__}: {str(e)[:300]}"
+      errors[impl] = error_text(e)
+      print(f"bf16 {impl} failed: {errors[impl]}")
   for impl, bits in pending:
     if bits not in caches:
       cfg = cache_lib.CacheConfig(key_bits=bits, value_bits=bits)
@@ -265,7 +270,7 @@ def bench_cell(config, writer, done, device, key, batch: int,
     try:
       timers[impl, bits] = attention_timer(config, fn, q[:, 0], caches[bits])
     except Exception as e:  # noqa: BLE001 - recorded in the row
-      errors[impl, bits] = f"{type(e).__name__}: {str(e)[:300]}"
+      errors[impl, bits] = error_text(e)
   times, failed = interleaved_rounds(timers, config.rounds)
   errors.update(failed)
   ms = {name: statistics.median(t) if t and name not in errors else None

@@ -785,31 +785,36 @@ def compare(variants: dict, shapes=((8, 131072, (4, 3.5)),),
       del c
 
 
-def _variant_rows(shapes, variants: dict, prepare) -> None:
+def _variant_rows(shapes, variants: dict, prepare, rounds: int = 2) -> None:
   """Prints, for each (B, S, widths) of `shapes` (32/8 heads, D=128) and
-  width, cuDNN bf16's device time and each variant's, two interleaved
-  rounds: prepare(value, cache) sets a variant up (a module global, say)
-  and returns the cache to attend, or None to skip it there. Jit caches
-  are cleared before each, so a patched global is compiled in."""
+  width, cuDNN bf16's device time and each variant's, interleaved rounds
+  (kernel_bench.interleaved_rounds): prepare(value, cache) sets a variant
+  up (a module global, say) and returns the cache to attend, or None to
+  skip it there. Each variant is compiled once, right after its prepare
+  (jit caches cleared first, so a patched global is compiled in)."""
   attend = lambda q, c: da.decode_attention(q, c, c.lengths,
                                             impl="pallas_gpu")
+  loops = 20
   for b, s, bits_list in shapes:
     cudnn = _cudnn_device_ms(b, s)
     q = jax.random.normal(jax.random.key(0), (b, 32, 128))
     for bits in bits_list:
       base_cache = _random_cache(bits, b, s)
-      times = {name: [] for name in variants}
-      for _ in range(2):
-        for name, value in variants.items():
-          c = prepare(value, base_cache)
-          if c is None:
-            continue
-          jax.clear_caches()
-          times[name].append(timing.time_loop_ms(
-              attend, q, c, loops=20, warmup=2, reps=5))
+      timers = {}
+      for name, value in variants.items():
+        c = prepare(value, base_cache)
+        if c is None:
+          continue
+        jax.clear_caches()
+        fn = timing.looped(attend, loops).lower(q, c).compile()
+        timers[name] = (lambda fn=fn, c=c: timing.time_ms(
+            fn, q, c, warmup=2, reps=5) / loops)
+      times, errors = kernel_bench.interleaved_rounds(timers, rounds)
       print(f"B={b:<2} S={s:<6} bits={bits:<3} cudnn {cudnn:.3f}  " +
             "  ".join(f"{name} {_ms(ts)} (x{cudnn / min(ts):.2f})"
-                      for name, ts in times.items() if ts), flush=True)
+                      for name, ts in times.items() if ts) +
+            "".join(f"  {name} FAIL {e}" for name, e in errors.items()),
+            flush=True)
       del base_cache
 
 
@@ -837,7 +842,9 @@ def split_xla(shapes=((1, 16384, (3.5, 2.5)), (1, 32768, (3.5,)),
                       (8, 16384, (3.5,)))) -> None:
   """The XLA work around the kernel of an outlier-split cache: the folded
   rotations' products at each einsum precision (parts.
-  SPLIT_ROTATION_PRECISION), alone and in the whole call; checks on 3
+  SPLIT_ROTATION_PRECISION), alone and in the whole call (since session
+  14 the call's products are sums up to parts.FOLDED_REDUCE_MAX_ROWS
+  query rows, where the precision no longer applies); checks on 3
   shapes per precision, then device time beside cuDNN bf16 and a 4-bit
   cache (one rotation, no split), two interleaved rounds."""
   print("jax", jax.__version__, jax.devices()[0].device_kind, flush=True)
@@ -933,21 +940,6 @@ def _one_sum_merge(m, l, acc, d_axis):
           jax.lax.slice_in_dim(sums, 0, d, axis=d_axis - 1))
 
 
-def reduce_products():
-  """parts.folded_queries / folded_outputs as multiply-and-sum at any
-  size (one XLA reduction each, exact f32)."""
-  return (lambda qh, f: jnp.sum(qh[..., None, :] * f[None, :, None], -1),
-          lambda a, f: jnp.sum(a[..., :, None] * f[None, :, None], -2))
-
-
-def einsum_products():
-  """parts.folded_queries / folded_outputs as einsums at any size."""
-  return (lambda qh, f: jnp.einsum("bkmd,ked->bkme", qh, f,
-                                   precision=parts.SPLIT_ROTATION_PRECISION),
-          lambda a, f: jnp.einsum("bkme,ked->bkmd", a, f,
-                                  precision=parts.SPLIT_ROTATION_PRECISION))
-
-
 def hlo_kernels(fn, *args) -> int:
   """Kernels XLA launches for one fn(*args) on this backend: fusions and
   custom calls (cuBLAS, Mosaic GPU) at the top level of the optimized
@@ -966,37 +958,36 @@ def around_kernel(shapes=((1, 16384, (4, 3.5, 2.5)), (1, 32768, (4, 3.5, 2.5)),
   merge as one variadic reduction ("variadic") or with l as one more
   coordinate of the accumulators ("one_sum": the max, then one weighted
   sum) against parts.merge_splits' three reductions (the default); the
-  folded split rotations as
-  multiply-and-sum reductions ("reduce") or HIGHEST einsums ("einsum") at
-  every size (the default picks by size); a split cache's query operand
-  laid out from parts.prepare's queries by a second fusion ("laid_out")
-  against pallas_gpu.folded_query_operand's one fusion (the default at
-  small batch); half the default splits. Checks
-  each variant (or those in `names`) on 4 shapes, prints its kernel count
-  at B=1, S=16k, then device time beside cuDNN bf16 (32/8 heads, D=128),
-  interleaved rounds, compiled per variant."""
+  folded split rotations as multiply-and-sum reductions ("reduce") or
+  HIGHEST einsums ("einsum") at every size (parts.FOLDED_REDUCE_MAX_ROWS;
+  the default picks by size); a split cache's query operand laid out from
+  parts.prepare's queries by a second fusion ("laid_out") against
+  pallas_gpu.folded_query_operand's one fusion (the default at small
+  batch). Checks each variant (or those in `names`) on 4 shapes, prints
+  its kernel count at B=1, S=16k, then device time beside cuDNN bf16
+  (32/8 heads, D=128), interleaved rounds, compiled per variant. (Session
+  14's call 1 also had half the default splits, slower at B=1.)"""
   print("jax", jax.__version__, jax.devices()[0].device_kind, flush=True)
-  merge, fq, fo = parts.merge_splits, parts.folded_queries, parts.folded_outputs
+  merge, max_rows = parts.merge_splits, parts.FOLDED_REDUCE_MAX_ROWS
   operand = pallas_gpu.folded_query_operand
   laid_out = lambda *args: None
-  variants = {"defaults": (merge, fq, fo, operand, {}),
-              "variadic": (_variadic_merge, fq, fo, operand, {}),
-              "one_sum": (_one_sum_merge, fq, fo, operand, {}),
-              "reduce": (merge, *reduce_products(), operand, {}),
-              "einsum": (merge, *einsum_products(), laid_out, {}),
-              "laid_out": (merge, fq, fo, laid_out, {}),
-              "half_splits": (merge, fq, fo, operand, {"half": True})}
+  variants = {"defaults": (merge, max_rows, operand),
+              "variadic": (_variadic_merge, max_rows, operand),
+              "one_sum": (_one_sum_merge, max_rows, operand),
+              "reduce": (merge, 2**31, operand),
+              "einsum": (merge, -1, operand),     # (no operand: too many rows)
+              "laid_out": (merge, max_rows, laid_out)}
   variants = {k: v for k, v in variants.items() if names is None
               or k in names}
 
-  def setup(name):
-    (parts.merge_splits, parts.folded_queries, parts.folded_outputs,
-     pallas_gpu.folded_query_operand, opts) = variants[name]
-    jax.clear_caches()
-    return opts
+  def prepare(value, c):
+    (parts.merge_splits, parts.FOLDED_REDUCE_MAX_ROWS,
+     pallas_gpu.folded_query_operand) = value
+    return c
 
-  for name in variants:
-    setup(name)
+  for name, value in variants.items():
+    prepare(value, None)
+    jax.clear_caches()
     print(f"checks: {name}", flush=True)
     for args in ((128, 4, 4), (128, 4, 3.5), (128, 4, 2.5),
                  (128, 1, 3.5, "prod")):
@@ -1008,33 +999,8 @@ def around_kernel(shapes=((1, 16384, (4, 3.5, 2.5)), (1, 32768, (4, 3.5, 2.5)),
           lambda q, c: da.decode_attention(q, c, c.lengths,
                                            impl="pallas_gpu"), q, c)),
             flush=True)
-  loops = 20
-  for b, s, bits_list in shapes:
-    cudnn = _cudnn_device_ms(b, s)
-    q = jax.random.normal(jax.random.key(0), (b, 32, 128))
-    for bits in bits_list:
-      c = _random_cache(bits, b, s)
-      splits = pallas_gpu.default_splits(c)
-      compiled = {}
-      for name in variants:       # compiled once, with its module state
-        ns = splits // 2 if setup(name).get("half") else splits
-        compiled[name] = timing.looped(
-            lambda q, c, ns=ns: da.decode_attention(
-                q, c, c.lengths, impl="pallas_gpu", splits=ns),
-            loops).lower(q, c).compile()
-      times = {name: [] for name in variants}
-      for _ in range(rounds):
-        for name, fn in compiled.items():
-          times[name].append(timing.time_ms(fn, q, c, warmup=2, reps=5)
-                             / loops)
-      print(f"B={b:<2} S={s:<6} bits={bits:<3} splits={splits} cudnn "
-            f"{cudnn:.3f}  " + "  ".join(
-                f"{name} {_ms(ts)} (x{cudnn / min(ts):.2f})"
-                for name, ts in times.items()), flush=True)
-      del c
-  parts.merge_splits, parts.folded_queries, parts.folded_outputs = (
-      merge, fq, fo)
-  pallas_gpu.folded_query_operand = operand
+  _variant_rows(shapes, variants, prepare, rounds)
+  prepare((merge, max_rows, operand), None)
 
 
 def main():

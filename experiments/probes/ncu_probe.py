@@ -14,9 +14,10 @@ XLA work around it) gets its duration, throughput and stall reasons.
     smol_tq_b1, smol_full_b1 the same at B=1),
     append_xla, append_fused (one donated 4-bit append at that shape,
     printing its optimized HLO); --options="{...}": keyword options of
-    pallas_gpu.attention for the pallas_gpu cases; --products=reduce: a
-    split cache's folded rotations as multiply-and-sum reductions
-    (decode_kernel_variants.reduce_products)
+    pallas_gpu.attention for the pallas_gpu cases; --products=reduce or
+    einsum: a split cache's folded rotations as multiply-and-sum
+    reductions or as einsums at every size (parts.FOLDED_REDUCE_MAX_ROWS;
+    by default the library's choice by size)
 """
 
 import ast
@@ -48,11 +49,9 @@ def _profiled(fn, *args):
 
 def _kernel(bits, b=8, h=32, kvh=8, d=128, s=32768):
   options = ast.literal_eval(probes.option("options", "{}"))
-  if probes.option("products", "einsum") == "reduce":
-    # pylint: disable-next=g-import-not-at-top
-    from experiments.probes import decode_kernel_variants
-    parts.folded_queries, parts.folded_outputs = (
-        decode_kernel_variants.reduce_products())
+  products = probes.option("products", None)   # else the library's choice
+  if products is not None:
+    parts.FOLDED_REDUCE_MAX_ROWS = {"reduce": 2**31, "einsum": -1}[products]
   cfg = cache_lib.CacheConfig(key_bits=bits, value_bits=bits)
   c = kernel_bench.random_cache(jax.random.key(4), cfg, b, kvh, s, d)
   q = jax.random.normal(jax.random.key(0), (b, h, d))

@@ -392,7 +392,7 @@ class FoldedSplitRotationTest(parameterized.TestCase):
     rng = np.random.default_rng(b)
     qh = rng.normal(size=(b, 2, 3, 16)).astype(np.float32)
     f = rng.normal(size=(2, 16, 16)).astype(np.float32)
-    self.assertEqual(parts._reduce_rows(jnp.asarray(qh)), b == 1)
+    self.assertEqual(parts.sums_products(jnp.asarray(qh)), b == 1)
     np.testing.assert_allclose(
         parts.folded_queries(jnp.asarray(qh), jnp.asarray(f)),
         np.einsum("bkmd,ked->bkme", qh, f), rtol=1e-5, atol=1e-5)

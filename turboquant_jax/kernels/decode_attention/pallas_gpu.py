@@ -705,7 +705,7 @@ def folded_query_operand(q: jax.Array, cache, scale: float,
   b, _, _, d = q.shape
   kv = cache.kv_heads
   qh = parts.grouped_queries(q, kv)                            # [B, K, M, D]
-  if b * qh.shape[2] > parts.FOLDED_REDUCE_MAX_ROWS:
+  if not parts.sums_products(qh):
     return None
   qh = jnp.pad(qh, ((0, 0), (0, 0), (0, n - qh.shape[2]), (0, 0)))
   f = folded.reshape(kv, d // GROUP, GROUP, d)                 # [K, G, 64, D]

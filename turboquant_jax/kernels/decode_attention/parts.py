@@ -224,7 +224,9 @@ def prepare(q: jax.Array, cache, lengths: jax.Array, scale: float,
 FOLDED_REDUCE_MAX_ROWS = 64
 
 
-def _reduce_rows(x: jax.Array) -> bool:
+def sums_products(x: jax.Array) -> bool:
+  """Whether the folded products of x [B, K, M, ...] are multiply-and-sum
+  reductions (B·M <= FOLDED_REDUCE_MAX_ROWS) rather than einsums."""
   return x.shape[0] * x.shape[2] <= FOLDED_REDUCE_MAX_ROWS
 
 
@@ -237,7 +239,7 @@ def folded_queries(qh: jax.Array, folded: jax.Array) -> jax.Array:
   einsum took 8.1 µs and this 3.6, the rotation back 5.1 against 3.3
   (NOTES.md, session 14).
   """
-  if _reduce_rows(qh):
+  if sums_products(qh):
     return jnp.sum(qh[..., None, :] * folded[None, :, None], axis=-1)
   return jnp.einsum("bkmd,ked->bkme", qh, folded,
                     precision=SPLIT_ROTATION_PRECISION)
@@ -246,7 +248,7 @@ def folded_queries(qh: jax.Array, folded: jax.Array) -> jax.Array:
 def folded_outputs(merged: jax.Array, folded: jax.Array) -> jax.Array:
   """folded_queries' inverse: f32[B, K, M, D] in the parts' rotated
   domains (side by side) back to the original channels."""
-  if _reduce_rows(merged):
+  if sums_products(merged):
     return jnp.sum(merged[..., :, None] * folded[None, :, None], axis=-2)
   return jnp.einsum("bkme,ked->bkmd", merged, folded,
                     precision=SPLIT_ROTATION_PRECISION)
