@@ -41,6 +41,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.loops = 20                          # decode-attention calls per timed
                                         # jitted loop (device time; 0: one
                                         # call per timing, wall clock)
+  c.unroll = True                       # the loop's calls written out
+                                        # (no while loop at run time)
   c.rounds = 3                          # interleaved rounds per (B, S):
                                         # cuDNN, XLA bf16 and every width
                                         # timed in turn, rounds times

@@ -6,8 +6,12 @@ checked separately on real quantized data), then times each of our impls
 and, on the same shapes in the same run, cuDNN bf16 and XLA bf16 attention
 (jax.nn.dot_product_attention). One row per (impl, shape) in results.jsonl.
 Times are device time per call: config.loops calls run back to back in one
-jitted loop (config.loops = 0: wall clock of single calls, dispatch
-included, as the runs before 2026-11-29). Each (batch, seq_len) compiles
+jitted function, written out one after another (config.unroll, since
+session 15: a fori_loop's own cost, 20-30 µs an iteration on the H200, hid
+under small calls and favoured the ones with many kernels; NOTES.md), or
+in a fori_loop (unroll False, the runs of 2026-11-29/30); config.loops = 0:
+wall clock of single calls, dispatch included, as the runs before
+2026-11-29. Each (batch, seq_len) compiles
 cuDNN, XLA bf16 and every width first, then times them in turn for
 config.rounds rounds (since session 14; before, each once, cuDNN first),
 so that the device's slow spells touch both sides of a ratio; rows keep
@@ -76,13 +80,15 @@ def impl_options(config, impl: str) -> dict:
 
 def attention_timer(config, fn, q: jax.Array, *rest) -> Callable[[], float]:
   """fn(q, *rest) compiled now; returns a function that times it once:
-  ms per call of config.loops calls in one jitted loop (device time,
-  dispatch amortized; timing.looped), or with config.loops = 0 of single
+  ms per call of config.loops calls in one jitted function (device time,
+  dispatch amortized; timing.looped, unrolled with config.unroll), or with
+  config.loops = 0 of single
   jitted calls (wall clock, one dispatch and sync included, as the runs
   before 2026-11-29 were). Compiled once, timed in as many rounds as
   asked, so that rounds can interleave several functions."""
   if config.loops:
-    compiled = looped(fn, config.loops).lower(q, *rest).compile()
+    compiled = looped(fn, config.loops, config.get("unroll", False)).lower(
+        q, *rest).compile()
     return lambda: time_ms(compiled, q, *rest, warmup=config.warmup,
                            reps=config.reps) / config.loops
   jitted = jax.jit(fn)

@@ -55,8 +55,9 @@ def time_loop_ms(fn, first: jax.Array, *rest, loops: int, warmup: int,
                  reps=reps) / loops
 
 
-def looped(fn, loops: int):
-  """jit of `loops` calls of fn(first, *rest) in a fori_loop.
+def looped(fn, loops: int, unroll: bool = False):
+  """jit of `loops` calls of fn(first, *rest) in a fori_loop (with
+  `unroll`, written out one after another: no loop at run time).
 
   Each call's input depends on the previous call's output (first plus 0
   times one output element; XLA does not fold x·0 for floats), so the
@@ -74,6 +75,6 @@ def looped(fn, loops: int):
     def one(_, x):
       out = jax.tree.leaves(fn(x, *rest))[0]
       return x + (out.reshape(-1)[0] * 0).astype(x.dtype)
-    return jax.lax.fori_loop(0, loops, one, x)
+    return jax.lax.fori_loop(0, loops, one, x, unroll=loops if unroll else 1)
 
   return jax.jit(run)

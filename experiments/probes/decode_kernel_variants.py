@@ -1003,7 +1003,83 @@ def around_kernel(shapes=((1, 16384, (4, 3.5, 2.5)), (1, 32768, (4, 3.5, 2.5)),
   prepare((merge, max_rows, operand), None)
 
 
+def loop_modes(shapes=((1, 16384, (4, 3.5)), (1, 32768, (4, 3.5)),
+                        (8, 131072, (4,))),
+               names=("defaults", "einsum"), rounds: int = 3) -> None:
+  """What a looped call's device time measures at small batch: each call
+  timed as 20 calls in a fori_loop (kernel_bench's way) and as 20 calls
+  written out one after another (timing.looped's unroll), for cuDNN bf16,
+  an elementwise op on the queries alone ("empty": the loop's own cost a
+  call) and the variants `names` (around_kernel's, and "einsum": every
+  rotation product an einsum, as before session 15); interleaved rounds. Where
+  the unrolled call is much cheaper, the loop's per-iteration cost, not
+  the kernels, set the looped time."""
+  print("jax", jax.__version__, jax.devices()[0].device_kind, flush=True)
+  merge, max_rows = parts.merge_splits, parts.FOLDED_REDUCE_MAX_ROWS
+  operand = pallas_gpu.folded_query_operand
+  settings = {"defaults": (merge, max_rows, operand),
+              "one_sum": (_one_sum_merge, max_rows, operand),
+              "laid_out": (merge, max_rows, lambda *args: None),
+              "einsum": (merge, -1, operand)}
+  attend = lambda q, c: da.decode_attention(q, c, c.lengths,
+                                            impl="pallas_gpu")
+  cudnn = lambda q, k, v: jax.nn.dot_product_attention(
+      q, k, v, implementation="cudnn")
+  loops = 20
+  for args, kwargs in (((128, 4, 4), {}), ((128, 4, 3), {}),
+                       ((64, 8, 2), {}), ((128, 4, 3.5), {}),
+                       ((128, 4, 4), dict(tokens=3)),
+                       ((128, 1, 3, "prod"), {})):
+    check(*args, mode="prmt", layout="tokens", **kwargs)
+
+  def timer(fn, *args, unroll):
+    compiled = timing.looped(fn, loops, unroll).lower(*args).compile()
+    return lambda: timing.time_ms(compiled, *args, warmup=2,
+                                  reps=5) / loops
+
+  for b, s, bits_list in shapes:
+    q = jax.random.normal(jax.random.key(0), (b, 32, 128))
+    qkv = [jax.random.normal(jax.random.key(i), shape, jnp.bfloat16)
+           for i, shape in ((0, (b, 1, 32, 128)), (1, (b, s, 8, 128)),
+                            (2, (b, s, 8, 128)))]
+    base = {}
+    for unroll in (False, True):
+      mode = "unrolled" if unroll else "loop"
+      base[f"cudnn/{mode}"] = timer(cudnn, *qkv, unroll=unroll)
+      base[f"empty/{mode}"] = timer(lambda q: q * 2, q, unroll=unroll)
+    for bits in bits_list:
+      c = _random_cache(bits, b, s)
+      timers = dict(base)
+      for name in names:
+        (parts.merge_splits, parts.FOLDED_REDUCE_MAX_ROWS,
+         pallas_gpu.folded_query_operand) = settings[name]
+        jax.clear_caches()
+        print(f"kernels B={b} S={s} bits={bits} {name}: "
+              f"{hlo_kernels(attend, q, c)}", flush=True)
+        for unroll in (False, True):
+          mode = "unrolled" if unroll else "loop"
+          timers[f"{name}/{mode}"] = timer(attend, q, c, unroll=unroll)
+      (parts.merge_splits, parts.FOLDED_REDUCE_MAX_ROWS,
+       pallas_gpu.folded_query_operand) = settings["defaults"]
+      times, errors = kernel_bench.interleaved_rounds(timers, rounds)
+      print(f"B={b:<2} S={s:<6} bits={bits:<3} (us)", flush=True)
+      for name, ts in times.items():
+        if ts:
+          print(f"  {name:<18} " + " ".join(f"{t * 1e3:7.1f}" for t in ts),
+                flush=True)
+      for name, e in errors.items():
+        print(f"  {name} FAIL {e}", flush=True)
+      del c
+
+
 def main():
+  if "--loop-modes" in sys.argv:     # [--shapes=...] [--rounds=N]
+    shapes = probes.option("shapes", None)
+    names = probes.option("variants", None)
+    loop_modes(*([ast.literal_eval(shapes)] if shapes else []),
+               **({"names": ast.literal_eval(names)} if names else {}),
+               rounds=int(probes.option("rounds", "3")))
+    return
   if "--around-kernel" in sys.argv:   # [--shapes=...] [--variants=(...)]
     shapes, names = probes.option("shapes", None), probes.option("variants",
                                                                  None)

@@ -17,7 +17,8 @@ XLA work around it) gets its duration, throughput and stall reasons.
     pallas_gpu.attention for the pallas_gpu cases; --products=reduce or
     einsum: a split cache's folded rotations as multiply-and-sum
     reductions or as einsums at every size (parts.FOLDED_REDUCE_MAX_ROWS;
-    by default the library's choice by size)
+    by default the library's choice by size); --hlo: print the case's
+    optimized HLO first
 """
 
 import ast
@@ -39,6 +40,8 @@ from turboquant_jax.kernels.decode_attention import parts
 def _profiled(fn, *args):
   """fn(*args) after two warm-up calls, the last one between
   cuProfilerStart and cuProfilerStop."""
+  if "--hlo" in sys.argv:
+    print(fn.lower(*args).compile().as_text(), flush=True)
   cuda = ctypes.CDLL("libcuda.so.1")
   for _ in range(2):
     jax.block_until_ready(fn(*args))

@@ -25,6 +25,20 @@ class TimeLoopTest(absltest.TestCase):
     for v in seen:
       np.testing.assert_array_equal(v, np.ones((4, 4)))
 
+  def test_unrolled_runs_the_calls_without_a_loop(self):
+    seen = []
+
+    def fn(x):
+      jax.debug.callback(lambda v: seen.append(np.asarray(v)), x)
+      return x * 2
+
+    x = jnp.ones(3)
+    looped = timing.looped(fn, 4, unroll=True)
+    self.assertNotIn("while", looped.lower(x).compile().as_text())
+    self.assertIn("while", timing.looped(fn, 4).lower(x).compile().as_text())
+    np.testing.assert_array_equal(looped(x), x)   # x + 0·out, four times
+    self.assertLen(seen, 4)
+
   def test_rejects_no_loops(self):
     with self.assertRaisesRegex(ValueError, "loops"):
       timing.time_loop_ms(lambda x: x, jnp.ones(2), loops=0, warmup=0,

@@ -400,6 +400,17 @@ class FoldedSplitRotationTest(parameterized.TestCase):
         parts.folded_outputs(jnp.asarray(qh), jnp.asarray(f)),
         np.einsum("bkme,ked->bkmd", qh, f), rtol=1e-5, atol=1e-5)
 
+  @parameterized.parameters(("haar", 1), ("haar", 40), ("hadamard", 1))
+  def test_rotated_queries_and_back_equal_the_rotation(self, kind, b):
+    # A dense rotation's products as multiply-and-sum at few query rows,
+    # rotation.apply / invert otherwise: Π q and Πᵀ y either way.
+    rot = rotation.make_rotation(jax.random.key(b), 16, kind)
+    qh = jax.random.normal(jax.random.key(2), (b, 2, 3, 16))
+    np.testing.assert_allclose(parts.rotated_queries(rot, qh),
+                               rotation.apply(rot, qh), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(parts.rotated_back(rot, qh),
+                               rotation.invert(rot, qh), rtol=1e-5, atol=1e-5)
+
 
 class MergeSplitsTest(parameterized.TestCase):
   """parts.merge_splits (one variadic reduction) equals the definition:

@@ -101,13 +101,13 @@ class PallasGpuInterpretTest(parameterized.TestCase):
   TOL = 3e-3
 
   def _cache(self, dim, key_bits, value_bits, window, lengths, seed,
-             method="mse"):
+             method="mse", rotation_kind="haar"):
     key = jax.random.key(seed)
     k_init, k_k, k_v = jax.random.split(key, 3)
     b, kv, s = 2, 2, 128
     cfg = CacheConfig(kind="turboquant", key_bits=key_bits,
                       value_bits=value_bits, window=window,
-                      key_method=method)
+                      key_method=method, rotation=rotation_kind)
     k = jax.random.normal(k_k, (b, kv, s, dim)) * 2.0
     v = jax.random.normal(k_v, (b, kv, s, dim))
     return cache_lib.prefill(cache_lib.init(cfg, b, kv, s, dim, key=k_init),
@@ -467,13 +467,15 @@ class PallasGpuInterpretTest(parameterized.TestCase):
                                rtol=1e-5, atol=1e-5)
 
   def test_folded_query_operand_equals_the_laid_out_parts(self):
-    # The one-fusion query operand of a split cache with mse keys equals
+    # The one-fusion query operand of mse keys rotated by matrices (a split
+    # cache's folded rotations, an integer width's dense rotation) equals
     # parts.prepare's queries laid out by the kernel (f16 rounding apart);
-    # prod keys (sign parts), integer widths and more than
+    # prod keys (sign parts), Hadamard rotations and more than
     # FOLDED_REDUCE_MAX_ROWS query rows get None (the laid-out path).
     scale = 128 ** -0.5
-    for b, t, g in ((2, 1, 4), (2, 3, 2)):
-      cache = self._cache(128, 3.5, 2.5, 0, (128, 70), 0)
+    for bits, b, t, g in ((3.5, 2, 1, 4), (3.5, 2, 3, 2), (4, 2, 1, 4),
+                          (3, 1, 2, 3)):
+      cache = self._cache(128, bits, 2.5, 0, (128, 70), 0)
       q = jax.random.normal(jax.random.key(t), (b, t, 2 * g, 128))
       n = pallas_gpu_tokens.query_columns(t * g, 8)
       got = pallas_gpu.folded_query_operand(q, cache, scale, n)
@@ -488,11 +490,14 @@ class PallasGpuInterpretTest(parameterized.TestCase):
         jnp.ones((b, 1, 8, 128)), c, scale, 8)
     self.assertIsNone(none(self._cache(128, 3.5, 2.5, 0, (128, 70), 0,
                                        method="prod")))
-    self.assertIsNone(none(self._cache(128, 4, 4, 0, (128, 70), 0)))
-    split = self._cache(128, 3.5, 2.5, 0, (128, 70), 0)
-    self.assertIsNotNone(none(split, parts.FOLDED_REDUCE_MAX_ROWS // 4))
-    self.assertIsNone(none(split, parts.FOLDED_REDUCE_MAX_ROWS // 4 + 1))
+    self.assertIsNone(none(self._cache(128, 4, 4, 0, (128, 70), 0,
+                                       rotation_kind="hadamard")))
+    for bits in (3.5, 4):
+      cache = self._cache(128, bits, 2.5, 0, (128, 70), 0)
+      self.assertIsNotNone(none(cache, parts.FOLDED_REDUCE_MAX_ROWS // 4))
+      self.assertIsNone(none(cache, parts.FOLDED_REDUCE_MAX_ROWS // 4 + 1))
     # An operand of the wrong shape is refused by name.
+    split = self._cache(128, 3.5, 2.5, 0, (128, 70), 0)
     inp = parts.prepare(jnp.ones((2, 1, 8, 128)), split, split.lengths,
                         scale, norms_as_stored=True)
     with self.assertRaisesRegex(ValueError, "queries"):

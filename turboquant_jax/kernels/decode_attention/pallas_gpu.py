@@ -44,11 +44,13 @@ clock over the whole grid, 1.04-1.34x at S = 128k for B = 8 and 32
 (results/kernel_bench/h200_v6); kernel v7 in device time 1.06-1.65x at
 2-4 bits and S >= 16k (results/kernel_bench/h200_v7); session 12's
 1.17-1.75x there (h200_v8), session 13's (128-byte TMA rows)
-1.11-1.73x except 3 B = 1 split cells (h200_v9), today's (session 14:
-the lookup on the FMA pipe, per-width steps) 1.43x at 4 bits, 1.54x at
-3, 1.98x at 2, B = 8, S = 128k, 57 of 60 cells faster at S >= 16k, the
-other three B = 1 cells within the run-to-run spread
-(results/kernel_bench/h200). NOTES.md has the measurements.
+1.11-1.73x except 3 B = 1 split cells (h200_v9), session 14's (the
+lookup on the FMA pipe, per-width steps) 1.43x at 4 bits, 1.54x at 3,
+1.98x at 2, B = 8, S = 128k (h200_v10); today's, its calls written out
+rather than looped (session 15), 1.44x, 1.55x and 2.00x there, 54 of 60
+cells faster at S >= 16k, the other six at B = 1 (16k, and 32k at 4
+bits: 0.84-0.96x) (results/kernel_bench/h200). NOTES.md has the
+measurements.
 """
 
 import dataclasses
@@ -688,27 +690,34 @@ def interpret_params(interpret) -> plgpu.InterpretGPUParams | None:
 
 def folded_query_operand(q: jax.Array, cache, scale: float,
                          n: int) -> jax.Array | None:
-  """The tokens kernel's query operand f16[B·K·G, n, 64] of a split cache
-  with mse keys at most parts.FOLDED_REDUCE_MAX_ROWS query rows (B·M),
-  computed in one XLA fusion, else None (fused_attention then lays out
-  parts.prepare's queries itself).
+  """The tokens kernel's query operand f16[B·K·G, n, 64] for mse keys
+  rotated by a matrix (a split cache's folded rotations, or a dense
+  rotation) at most parts.FOLDED_REDUCE_MAX_ROWS query rows (B·M),
+  computed by a product and a sum, else None (fused_attention then lays
+  out parts.prepare's queries itself).
 
   parts.folded_queries' product and sum, with the queries padded to n
   rows first and the sum written straight into the kernel's layout
   ([b, k, g, n, 64]: the G groups of 64 rotated coordinates, outliers
   first), so that XLA needs no second fusion to pad and transpose it.
   """
-  folded = parts._split_rotation(  # pylint: disable=protected-access
-      cache.key_split_rotation, cache.key_quantizer)
-  if folded is None or cache.key_quantizer.method != "mse":
+  kq = cache.key_quantizer
+  if kq.method != "mse":
     return None
+  folded = parts._split_rotation(  # pylint: disable=protected-access
+      cache.key_split_rotation, kq)
+  if folded is None:                    # integer bits: one rotation for all
+    folded = kq.rotation.matrix         # heads, dense (haar) or None
+    if folded is None:
+      return None
+    folded = folded[None]
   b, _, _, d = q.shape
   kv = cache.kv_heads
   qh = parts.grouped_queries(q, kv)                            # [B, K, M, D]
   if not parts.sums_products(qh):
     return None
   qh = jnp.pad(qh, ((0, 0), (0, 0), (0, n - qh.shape[2]), (0, 0)))
-  f = folded.reshape(kv, d // GROUP, GROUP, d)                 # [K, G, 64, D]
+  f = folded.reshape(-1, d // GROUP, GROUP, d)           # [K or 1, G, 64, D]
   y = jnp.sum(qh[:, :, None, :, None, :] * f[None, :, :, None], axis=-1)
   return (y * scale).astype(jnp.float16).reshape(b * kv * (d // GROUP), n,
                                                   GROUP)
@@ -773,7 +782,7 @@ def default_steps(cache) -> tuple[int, int]:
   128-token steps against 0.515-0.516 (B=32, 32k: 0.490-0.499 against
   0.523), 2.5 bits 0.640-0.660 with 3 stages against 0.684-0.697, 3.5
   bits 0.725-0.735 against 0.738-0.739; 3 and 4 bits were slower with
-  either (results/kernel_bench/h200/probes.txt, session 14).
+  either (results/kernel_bench/h200_v10/probes.txt, session 14).
   """
   widths = (cache.config.key_bits, cache.config.value_bits)
   # Not at D = 256: a 128-token key tile in registers would be 128 of them.

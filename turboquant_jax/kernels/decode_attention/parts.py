@@ -186,7 +186,7 @@ def prepare(q: jax.Array, cache, lengths: jax.Array, scale: float,
       y_rot = y_all[..., offset:offset + kq.dim]
       offset += kq.dim
     else:
-      y_rot = rotation.apply(kq.rotation, qh) * scale
+      y_rot = rotated_queries(kq.rotation, qh) * scale
     spec = _spec(kq)
     qs.append(y_rot)
     kcodes.append(kqt.codes)
@@ -254,6 +254,23 @@ def folded_outputs(merged: jax.Array, folded: jax.Array) -> jax.Array:
                     precision=SPLIT_ROTATION_PRECISION)
 
 
+def rotated_queries(rot: rotation.Rotation, qh: jax.Array) -> jax.Array:
+  """Π q for q f32[B, K, M, D]: a dense rotation's product as a multiply
+  and a sum where folded_queries makes one (B·M <= FOLDED_REDUCE_MAX_ROWS;
+  on the H200, B=1, the einsum was a split-K gemm and a reduction: two
+  kernels), else rotation.apply."""
+  if rot.matrix is not None and sums_products(qh):
+    return folded_queries(qh, rot.matrix[None])
+  return rotation.apply(rot, qh)
+
+
+def rotated_back(rot: rotation.Rotation, merged: jax.Array) -> jax.Array:
+  """Πᵀ y for y f32[B, K, M, D]: rotated_queries' inverse, the same way."""
+  if rot.matrix is not None and sums_products(merged):
+    return folded_outputs(merged, rot.matrix[None])
+  return rotation.invert(rot, merged)
+
+
 def finish(acc: list[jax.Array], m: jax.Array, l: jax.Array, q: jax.Array,
            cache, lengths: jax.Array, scale: float) -> jax.Array:
   """Merges a kernel's partial softmax state into f32[B, T, H, D].
@@ -294,7 +311,7 @@ def finish(acc: list[jax.Array], m: jax.Array, l: jax.Array, q: jax.Array,
     # Both parts' rotations back and scatters as one product (Eᵀ).
     out = folded_outputs(merged, folded)
   else:
-    out = rotation.invert(cache.value_quantizer.rotation, merged)
+    out = rotated_back(cache.value_quantizer.rotation, merged)
   if w:
     out = out + jnp.einsum("bkmw,bkwd->bkmd", pw * inv,
                            cache.window_values.astype(jnp.float32),
