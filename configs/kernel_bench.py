@@ -43,6 +43,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                                         # call per timing, wall clock)
   c.unroll = True                       # the loop's calls written out
                                         # (no while loop at run time)
+  c.gpu_timer = True                    # each run's span on the GPU from
+                                        # a profiler trace, not wall clock
   c.rounds = 3                          # interleaved rounds per (B, S):
                                         # cuDNN, XLA bf16 and every width
                                         # timed in turn, rounds times
@@ -78,6 +80,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.reps = 2
     c.warmup = 1
     c.loops = 2
+    c.gpu_timer = False                 # no GPU kernels to trace
     c.rounds = 2
     c.append_batches = (1,)
     c.append_capacity = 256

@@ -9,10 +9,12 @@ Times are device time per call: config.loops calls run back to back in one
 jitted function, written out one after another (config.unroll, since
 session 15: a fori_loop's own cost, 20-30 µs an iteration on the H200, hid
 under small calls and favoured the ones with many kernels; NOTES.md), or
-in a fori_loop (unroll False, the runs of 2026-11-29/30); config.loops = 0:
-wall clock of single calls, dispatch included, as the runs before
-2026-11-29. Each (batch, seq_len) compiles
-cuDNN, XLA bf16 and every width first, then times them in turn for
+in a fori_loop (unroll False, the runs of 2026-11-29/30), and timed on the
+GPU itself (config.gpu_timer: each run's kernels' span in a jax.profiler
+trace; the host's dispatch of a run of many small kernels is otherwise
+part of a B = 1 time); config.loops = 0: wall clock of single calls,
+dispatch included, as the runs before 2026-11-29. Each (batch, seq_len)
+compiles cuDNN, XLA bf16 and every width first, then times them in turn for
 config.rounds rounds (since session 14; before, each once, cuDNN first),
 so that the device's slow spells touch both sides of a ratio; rows keep
 every round. Quantize-and-append rows time
@@ -36,6 +38,7 @@ import jax.numpy as jnp
 from ml_collections import config_flags
 
 from experiments.timing import looped
+from experiments.timing import profiled_ms
 from experiments.timing import time_in_place_ms
 from experiments.timing import time_ms
 from turboquant_jax import cache as cache_lib
@@ -81,14 +84,18 @@ def impl_options(config, impl: str) -> dict:
 def attention_timer(config, fn, q: jax.Array, *rest) -> Callable[[], float]:
   """fn(q, *rest) compiled now; returns a function that times it once:
   ms per call of config.loops calls in one jitted function (device time,
-  dispatch amortized; timing.looped, unrolled with config.unroll), or with
-  config.loops = 0 of single
+  dispatch amortized; timing.looped, unrolled with config.unroll; with
+  config.gpu_timer the span of each run's kernels on the GPU, from a
+  profiler trace: timing.profiled_ms), or with config.loops = 0 of single
   jitted calls (wall clock, one dispatch and sync included, as the runs
   before 2026-11-29 were). Compiled once, timed in as many rounds as
   asked, so that rounds can interleave several functions."""
   if config.loops:
     compiled = looped(fn, config.loops, config.get("unroll", False)).lower(
         q, *rest).compile()
+    if config.get("gpu_timer", False):
+      return lambda: profiled_ms(compiled, q, *rest, warmup=config.warmup,
+                                 reps=config.reps, loops=config.loops)
     return lambda: time_ms(compiled, q, *rest, warmup=config.warmup,
                            reps=config.reps) / config.loops
   jitted = jax.jit(fn)

@@ -1,6 +1,10 @@
-"""Wall-clock timing of jitted calls for the benchmark drivers."""
+"""Timing of jitted calls for the benchmark drivers: wall clock, and the
+GPU's own time from a profiler trace (profiled_ms)."""
 
+import glob
+import shutil
 import statistics
+import tempfile
 import time
 from typing import Any, Callable
 
@@ -78,3 +82,61 @@ def looped(fn, loops: int, unroll: bool = False):
     return jax.lax.fori_loop(0, loops, one, x, unroll=loops if unroll else 1)
 
   return jax.jit(run)
+
+
+def run_spans_ms(events: list[tuple[float, float]], runs: int) -> list[float]:
+  """The span of each run (first start to last end, ms) of `runs` runs of
+  one executable, from its kernels' (start ns, duration ns) in any order:
+  every run launches the same kernels, so the sorted events split into
+  `runs` equal groups."""
+  if runs < 1 or not events or len(events) % runs:
+    raise ValueError(f"{len(events)} kernel events: expected a positive "
+                     f"multiple of {runs=}")
+  events = sorted(events)
+  per_run = len(events) // runs
+  spans = []
+  for i in range(0, len(events), per_run):
+    group = events[i:i + per_run]
+    spans.append((max(s + d for s, d in group) - group[0][0]) / 1e6)
+  return spans
+
+
+def _gpu_kernel_events(trace_dir: str) -> list[tuple[float, float]]:
+  """(start ns, duration ns) of every kernel on a GPU stream in the
+  jax.profiler trace under trace_dir."""
+  paths = glob.glob(f"{trace_dir}/**/*.xplane.pb", recursive=True)
+  if not paths:
+    raise RuntimeError(f"no profiler trace under {trace_dir}")
+  data = jax.profiler.ProfileData.from_file(paths[0])
+  events = [(float(e.start_ns), float(e.duration_ns))
+            for plane in data.planes if plane.name.startswith("/device:GPU")
+            for line in plane.lines if line.name.startswith("Stream")
+            for e in line.events]
+  if not events:
+    raise RuntimeError("the profiler trace holds no GPU kernels: "
+                       "profiled_ms needs a GPU")
+  return events
+
+
+def profiled_ms(fn, *args, warmup: int, reps: int, loops: int = 1) -> float:
+  """Median GPU time of one call in ms: fn(*args) run reps times under
+  jax.profiler, each run's span on the GPU (its first kernel's start to
+  its last kernel's end) divided by `loops` (the calls one run makes;
+  timing.looped). Unlike wall clock it leaves out the host's dispatch of
+  each run, which for a compiled run of many small kernels (B = 1 decode
+  attention) can be as long as the GPU's work and differs between
+  executables (NOTES.md, session 15)."""
+  for _ in range(warmup):
+    jax.block_until_ready(fn(*args))
+  trace_dir = tempfile.mkdtemp(prefix="profiled_ms_")
+  try:
+    jax.profiler.start_trace(trace_dir)
+    try:
+      for _ in range(reps):
+        jax.block_until_ready(fn(*args))
+    finally:
+      jax.profiler.stop_trace()
+    spans = run_spans_ms(_gpu_kernel_events(trace_dir), reps)
+  finally:
+    shutil.rmtree(trace_dir, ignore_errors=True)
+  return statistics.median(spans) / loops

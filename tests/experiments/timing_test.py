@@ -39,6 +39,20 @@ class TimeLoopTest(absltest.TestCase):
     np.testing.assert_array_equal(looped(x), x)   # x + 0·out, four times
     self.assertLen(seen, 4)
 
+  def test_run_spans_split_the_runs_kernels(self):
+    # Two runs of two kernels each, given out of order (ns): each run's
+    # span is its first start to its last end.
+    events = [(120e3, 30e3), (0, 10e3), (100e3, 1e3), (5e3, 10e3)]
+    np.testing.assert_allclose(timing.run_spans_ms(events, 2), [0.015, 0.05])
+    with self.assertRaisesRegex(ValueError, "multiple of runs=2"):
+      timing.run_spans_ms(events[:3], 2)
+
+  def test_profiled_ms_needs_gpu_kernels(self):
+    if jax.default_backend() == "gpu":
+      self.skipTest("on a GPU the trace has kernels")
+    with self.assertRaisesRegex(RuntimeError, "needs a GPU"):
+      timing.profiled_ms(lambda x: x * 2, jnp.ones(3), warmup=1, reps=2)
+
   def test_rejects_no_loops(self):
     with self.assertRaisesRegex(ValueError, "loops"):
       timing.time_loop_ms(lambda x: x, jnp.ones(2), loops=0, warmup=0,

@@ -47,10 +47,10 @@ clock over the whole grid, 1.04-1.34x at S = 128k for B = 8 and 32
 1.11-1.73x except 3 B = 1 split cells (h200_v9), session 14's (the
 lookup on the FMA pipe, per-width steps) 1.43x at 4 bits, 1.54x at 3,
 1.98x at 2, B = 8, S = 128k (h200_v10); today's, its calls written out
-rather than looped (session 15), 1.44x, 1.55x and 2.00x there, 54 of 60
-cells faster at S >= 16k, the other six at B = 1 (16k, and 32k at 4
-bits: 0.84-0.96x) (results/kernel_bench/h200). NOTES.md has the
-measurements.
+rather than looped and timed on the GPU's clock (session 15), 1.47x,
+1.57x and 2.06x there, 58 of 60 cells faster at S >= 16k, the other two
+B = 1, 16k at 3.5 and 4 bits (0.97x, 0.98x) (results/kernel_bench/h200).
+NOTES.md has the measurements.
 """
 
 import dataclasses

@@ -60,8 +60,8 @@ values unpacked after the score product on long splits (overlap_values)
 integer work on the FMA pipe where a multiply-add does it and per-width
 pipeline steps (session 14) 0.686 ms, 1.43x, 3 bits 1.54x, 2 bits 0.497
 ms, 1.98x (results/kernel_bench/h200_v10; session 15's grid, calls
-written out: 0.691 ms, 1.44x, results/kernel_bench/h200). The pipeline
-streaming the
+written out and timed on the GPU's clock: 0.654 ms, 1.47x,
+results/kernel_bench/h200). The pipeline streaming the
 same bytes with no work takes 0.33-0.34 ms in device time as a token's
 64-byte rows, 0.28 as 128-byte rows (experiments/probes/pipeline_probe.py,
 NOTES.md).
