@@ -15,6 +15,7 @@ What only a device checks: the backend compilers, and the numbers
 
 import dataclasses
 import functools
+from unittest import mock
 
 from absl.testing import absltest
 from absl.testing import parameterized
@@ -28,6 +29,7 @@ from turboquant_jax.cache import turboquant_cache
 from turboquant_jax.kernels import decode_attention as attn
 from turboquant_jax.kernels.decode_attention import pallas_gpu
 from turboquant_jax.kernels.decode_attention import pallas_gpu_tokens
+from turboquant_jax.kernels.decode_attention import parts
 
 _SHAPES = [
     # (head dim, key bits, value bits, GQA group, query tokens, key method)
@@ -143,13 +145,20 @@ class GpuLoweringTest(parameterized.TestCase):
     # The queries' rotation and the outputs' rotation back are the
     # kernel's (wgmma on f16 tiles): no dot_general is left to XLA, where
     # the path without it has two. It is the default up to D = 64 only
-    # (at 128 its SMEM cost more than it saved on the H200).
+    # (at 128 its SMEM cost more than it saved on the H200). Products as
+    # einsums at any size here: at few query rows XLA's are otherwise
+    # multiply-and-sum reductions (parts.FOLDED_REDUCE_MAX_ROWS).
     shape = (dim, 4, 3, 4, 1, "mse")
     count = lambda **o: _lower(*shape, **o).as_text().count(
         "stablehlo.dot_general")
-    self.assertEqual(count(rotate_in_kernel=False), 2)
-    self.assertEqual(count(rotate_in_kernel=True), 0)
-    self.assertEqual(count(), 0 if dim <= 64 else 2)
+    jax.clear_caches()              # pallas_gpu._attention traced anew
+    with mock.patch.object(parts, "FOLDED_REDUCE_MAX_ROWS", -1):
+      self.assertEqual(count(rotate_in_kernel=False), 2)
+      self.assertEqual(count(rotate_in_kernel=True), 0)
+      self.assertEqual(count(), 0 if dim <= 64 else 2)
+    jax.clear_caches()
+    # At these few rows by default: no product left to XLA either way.
+    self.assertEqual(count(rotate_in_kernel=False), 0)
 
   def test_rotation_tiles_come_from_the_cache(self):
     # init keeps the rotations as the kernel's f16 tiles: the kernel call
