@@ -21,6 +21,7 @@ from turboquant_jax.kernels.decode_attention import parts
 from turboquant_jax.kernels.decode_attention import reference
 from turboquant_jax.quant import rotation
 from turboquant_jax.quant import split
+from turboquant_jax.quant import turboquant
 
 LN3 = float(np.log(3.0))
 
@@ -400,16 +401,23 @@ class FoldedSplitRotationTest(parameterized.TestCase):
         parts.folded_outputs(jnp.asarray(qh), jnp.asarray(f)),
         np.einsum("bkme,ked->bkmd", qh, f), rtol=1e-5, atol=1e-5)
 
-  @parameterized.parameters(("haar", 1), ("haar", 40), ("hadamard", 1))
-  def test_rotated_queries_and_back_equal_the_rotation(self, kind, b):
-    # A dense rotation's products as multiply-and-sum at few query rows,
-    # rotation.apply / invert otherwise: Π q and Πᵀ y either way.
-    rot = rotation.make_rotation(jax.random.key(b), 16, kind)
+  @parameterized.parameters(1, 40)
+  def test_a_dense_rotation_through_the_folded_products(self, b):
+    # A plain tensor's dense rotation is its rotation_matrix (one for all
+    # heads), whose folded products (multiply-and-sum at few query rows,
+    # einsums above) are Π q and Πᵀ y; a Hadamard rotation has none.
+    quantizer = turboquant.make_quantizer(jax.random.key(b), 16, 4)
+    rot = quantizer.rotation
+    f = parts.rotation_matrix(quantizer, None)
+    self.assertEqual(f.shape, (1, 16, 16))
     qh = jax.random.normal(jax.random.key(2), (b, 2, 3, 16))
-    np.testing.assert_allclose(parts.rotated_queries(rot, qh),
+    np.testing.assert_allclose(parts.folded_queries(qh, f),
                                rotation.apply(rot, qh), rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(parts.rotated_back(rot, qh),
+    np.testing.assert_allclose(parts.folded_outputs(qh, f),
                                rotation.invert(rot, qh), rtol=1e-5, atol=1e-5)
+    hadamard = turboquant.make_quantizer(jax.random.key(b), 16, 4,
+                                         rotation="hadamard")
+    self.assertIsNone(parts.rotation_matrix(hadamard, None))
 
 
 class MergeSplitsTest(parameterized.TestCase):

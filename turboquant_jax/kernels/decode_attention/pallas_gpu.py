@@ -702,15 +702,9 @@ def folded_query_operand(q: jax.Array, cache, scale: float,
   first), so that XLA needs no second fusion to pad and transpose it.
   """
   kq = cache.key_quantizer
-  if kq.method != "mse":
+  folded = parts.rotation_matrix(kq, cache.key_split_rotation)
+  if folded is None or kq.method != "mse":
     return None
-  folded = parts._split_rotation(  # pylint: disable=protected-access
-      cache.key_split_rotation, kq)
-  if folded is None:                    # integer bits: one rotation for all
-    folded = kq.rotation.matrix         # heads, dense (haar) or None
-    if folded is None:
-      return None
-    folded = folded[None]
   b, _, _, d = q.shape
   kv = cache.kv_heads
   qh = parts.grouped_queries(q, kv)                            # [B, K, M, D]

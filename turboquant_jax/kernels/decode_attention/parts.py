@@ -27,9 +27,10 @@ from turboquant_jax.quant import split
 from turboquant_jax.quant import turboquant
 
 _HI = jax.lax.Precision.HIGHEST
-# The folded split rotations' products (prepare, finish): f32 on the GPU
-# at HIGHEST. A module constant so that decode_kernel_variants --split-xla
-# can time the other precisions (its variants clear jit caches).
+# The rotation matrices' products (prepare, finish; folded_queries above
+# FOLDED_REDUCE_MAX_ROWS rows): f32 on the GPU at HIGHEST. A module
+# constant so that decode_kernel_variants --split-xla can time the other
+# precisions (its variants clear jit caches).
 SPLIT_ROTATION_PRECISION = _HI
 
 
@@ -136,12 +137,17 @@ def _parts(q, qt):
   return [(q, qt)]
 
 
-def _split_rotation(stored, quantizer) -> jax.Array | None:
-  """A split tensor's folded rotations f32[K, D, D]: the cache's, or made
-  here (a scatter each call) for a cache built without them; None for a
-  quantizer shared by all heads."""
-  return (stored if stored is not None
-          else turboquant_cache.split_rotation(quantizer))
+def rotation_matrix(quantizer, stored) -> jax.Array | None:
+  """The one matrix that rotates a tensor's queries (and back), f32[K or
+  1, D, D]: a split tensor's folded rotations per KV head (`stored`, the
+  cache's key_split_rotation / value_split_rotation, or made here, a
+  scatter each call, for a cache built without them), a plain tensor's
+  dense (haar) rotation shared by all heads, or None (Hadamard)."""
+  if isinstance(quantizer, split.SplitQuantizer):
+    return (stored if stored is not None
+            else turboquant_cache.split_rotation(quantizer))
+  matrix = quantizer.rotation.matrix
+  return None if matrix is None else matrix[None]
 
 
 def supported(cache) -> str | None:
@@ -176,9 +182,9 @@ def prepare(q: jax.Array, cache, lengths: jax.Array, scale: float,
   # 8-bit norm codes are decoded here, by XLA, to f32.
   keys, values = turboquant_cache.tensors(cache)
   as_norms = lambda x: x if norms_as_stored else x.astype(jnp.float32)
-  folded = _split_rotation(cache.key_split_rotation, cache.key_quantizer)
+  folded = rotation_matrix(cache.key_quantizer, cache.key_split_rotation)
   if folded is not None:
-    # Both parts' gathers and rotations in one product (outliers first).
+    # Every part's gathers and rotations in one product (outliers first).
     y_all = folded_queries(qh, folded) * scale
   offset = 0
   for kq, kqt in _parts(cache.key_quantizer, keys):
@@ -186,7 +192,7 @@ def prepare(q: jax.Array, cache, lengths: jax.Array, scale: float,
       y_rot = y_all[..., offset:offset + kq.dim]
       offset += kq.dim
     else:
-      y_rot = rotated_queries(kq.rotation, qh) * scale
+      y_rot = rotation.apply(kq.rotation, qh) * scale
     spec = _spec(kq)
     qs.append(y_rot)
     kcodes.append(kqt.codes)
@@ -231,13 +237,14 @@ def sums_products(x: jax.Array) -> bool:
 
 
 def folded_queries(qh: jax.Array, folded: jax.Array) -> jax.Array:
-  """f32[B, K, M, D] through a split cache's folded rotations f32[K, D, D]:
-  every part's rotated queries side by side (outliers first).
+  """f32[B, K, M, D] through rotation_matrix's f32[K or 1, D, D]: every
+  part's rotated queries side by side (outliers first).
 
   At most FOLDED_REDUCE_MAX_ROWS rows (decode at small B) as a product
   and a sum over D: on the H200 (B=1, S=16k, 3.5 bits, Nsight) the
   einsum took 8.1 µs and this 3.6, the rotation back 5.1 against 3.3
-  (NOTES.md, session 14).
+  (NOTES.md, session 14); for a dense rotation the einsum was a split-K
+  gemm and a reduction, two kernels (session 15).
   """
   if sums_products(qh):
     return jnp.sum(qh[..., None, :] * folded[None, :, None], axis=-1)
@@ -252,23 +259,6 @@ def folded_outputs(merged: jax.Array, folded: jax.Array) -> jax.Array:
     return jnp.sum(merged[..., :, None] * folded[None, :, None], axis=-2)
   return jnp.einsum("bkme,ked->bkmd", merged, folded,
                     precision=SPLIT_ROTATION_PRECISION)
-
-
-def rotated_queries(rot: rotation.Rotation, qh: jax.Array) -> jax.Array:
-  """Π q for q f32[B, K, M, D]: a dense rotation's product as a multiply
-  and a sum where folded_queries makes one (B·M <= FOLDED_REDUCE_MAX_ROWS;
-  on the H200, B=1, the einsum was a split-K gemm and a reduction: two
-  kernels), else rotation.apply."""
-  if rot.matrix is not None and sums_products(qh):
-    return folded_queries(qh, rot.matrix[None])
-  return rotation.apply(rot, qh)
-
-
-def rotated_back(rot: rotation.Rotation, merged: jax.Array) -> jax.Array:
-  """Πᵀ y for y f32[B, K, M, D]: rotated_queries' inverse, the same way."""
-  if rot.matrix is not None and sums_products(merged):
-    return folded_outputs(merged, rot.matrix[None])
-  return rotation.invert(rot, merged)
 
 
 def finish(acc: list[jax.Array], m: jax.Array, l: jax.Array, q: jax.Array,
@@ -306,12 +296,12 @@ def finish(acc: list[jax.Array], m: jax.Array, l: jax.Array, q: jax.Array,
   inv = (1.0 / jnp.maximum(denom, 1e-30))[..., None]
   # Normalized before the rotation back (linear): the product comes last.
   merged = jnp.concatenate([x * inv for x in a], axis=-1)     # [B, K, M, D]
-  folded = _split_rotation(cache.value_split_rotation, cache.value_quantizer)
+  folded = rotation_matrix(cache.value_quantizer, cache.value_split_rotation)
   if folded is not None:
-    # Both parts' rotations back and scatters as one product (Eᵀ).
+    # Every part's rotation back and scatter as one product (Eᵀ).
     out = folded_outputs(merged, folded)
   else:
-    out = rotated_back(cache.value_quantizer.rotation, merged)
+    out = rotation.invert(cache.value_quantizer.rotation, merged)
   if w:
     out = out + jnp.einsum("bkmw,bkwd->bkmd", pw * inv,
                            cache.window_values.astype(jnp.float32),
