@@ -18,7 +18,6 @@ subscriber.)
 import collections
 import json
 import statistics
-import sys
 import tempfile
 
 import jax
@@ -43,7 +42,8 @@ def _events(compiled, *args) -> list[tuple[str, float, float]]:
     jax.block_until_ready(compiled(*args))
   with tempfile.NamedTemporaryFile(suffix=".json") as f:
     prof.export_chrome_trace(f.name)
-    trace = json.load(open(f.name))
+    with open(f.name) as written:
+      trace = json.load(written)
   kernels = [e for e in trace["traceEvents"]
              if e.get("cat") in ("kernel", "gpu_memset", "gpu_memcpy")]
   return sorted((e["name"], float(e["ts"]), float(e["dur"]))

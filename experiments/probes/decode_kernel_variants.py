@@ -951,6 +951,25 @@ def hlo_kernels(fn, *args) -> int:
              if " fusion(" in line or " custom-call(" in line)
 
 
+def _around_variants() -> dict:
+  """{name: (merge, FOLDED_REDUCE_MAX_ROWS, query operand)}: the XLA work
+  around the kernel as around_kernel and loop_modes vary it (today's
+  library values first); _set_around sets one."""
+  merge, max_rows = parts.merge_splits, parts.FOLDED_REDUCE_MAX_ROWS
+  operand = pallas_gpu.folded_query_operand
+  return {"defaults": (merge, max_rows, operand),
+          "variadic": (_variadic_merge, max_rows, operand),
+          "one_sum": (_one_sum_merge, max_rows, operand),
+          "reduce": (merge, 2**31, operand),
+          "einsum": (merge, -1, operand),     # (no operand: too many rows)
+          "laid_out": (merge, max_rows, lambda *args: None)}
+
+
+def _set_around(value) -> None:
+  (parts.merge_splits, parts.FOLDED_REDUCE_MAX_ROWS,
+   pallas_gpu.folded_query_operand) = value
+
+
 def around_kernel(shapes=((1, 16384, (4, 3.5, 2.5)), (1, 32768, (4, 3.5, 2.5)),
                           (8, 16384, (3.5,)), (8, 131072, (3.5,))),
                   names=None, rounds: int = 2) -> None:
@@ -968,21 +987,12 @@ def around_kernel(shapes=((1, 16384, (4, 3.5, 2.5)), (1, 32768, (4, 3.5, 2.5)),
   (32/8 heads, D=128), interleaved rounds, compiled per variant. (Session
   14's call 1 also had half the default splits, slower at B=1.)"""
   print("jax", jax.__version__, jax.devices()[0].device_kind, flush=True)
-  merge, max_rows = parts.merge_splits, parts.FOLDED_REDUCE_MAX_ROWS
-  operand = pallas_gpu.folded_query_operand
-  laid_out = lambda *args: None
-  variants = {"defaults": (merge, max_rows, operand),
-              "variadic": (_variadic_merge, max_rows, operand),
-              "one_sum": (_one_sum_merge, max_rows, operand),
-              "reduce": (merge, 2**31, operand),
-              "einsum": (merge, -1, operand),     # (no operand: too many rows)
-              "laid_out": (merge, max_rows, laid_out)}
-  variants = {k: v for k, v in variants.items() if names is None
+  every = _around_variants()
+  variants = {k: v for k, v in every.items() if names is None
               or k in names}
 
   def prepare(value, c):
-    (parts.merge_splits, parts.FOLDED_REDUCE_MAX_ROWS,
-     pallas_gpu.folded_query_operand) = value
+    _set_around(value)
     return c
 
   for name, value in variants.items():
@@ -1000,7 +1010,7 @@ def around_kernel(shapes=((1, 16384, (4, 3.5, 2.5)), (1, 32768, (4, 3.5, 2.5)),
                                            impl="pallas_gpu"), q, c)),
             flush=True)
   _variant_rows(shapes, variants, prepare, rounds)
-  prepare((merge, max_rows, operand), None)
+  _set_around(every["defaults"])
 
 
 def loop_modes(shapes=((1, 16384, (4, 3.5)), (1, 32768, (4, 3.5)),
@@ -1010,17 +1020,12 @@ def loop_modes(shapes=((1, 16384, (4, 3.5)), (1, 32768, (4, 3.5)),
   timed as 20 calls in a fori_loop (kernel_bench's way) and as 20 calls
   written out one after another (timing.looped's unroll), for cuDNN bf16,
   an elementwise op on the queries alone ("empty": the loop's own cost a
-  call) and the variants `names` (around_kernel's, and "einsum": every
-  rotation product an einsum, as before session 15); interleaved rounds. Where
-  the unrolled call is much cheaper, the loop's per-iteration cost, not
-  the kernels, set the looped time."""
+  call) and around_kernel's variants `names` ("einsum": every rotation
+  product an einsum, as before session 15); interleaved rounds. Where the
+  unrolled call is much cheaper, the loop's per-iteration cost, not the
+  kernels, set the looped time."""
   print("jax", jax.__version__, jax.devices()[0].device_kind, flush=True)
-  merge, max_rows = parts.merge_splits, parts.FOLDED_REDUCE_MAX_ROWS
-  operand = pallas_gpu.folded_query_operand
-  settings = {"defaults": (merge, max_rows, operand),
-              "one_sum": (_one_sum_merge, max_rows, operand),
-              "laid_out": (merge, max_rows, lambda *args: None),
-              "einsum": (merge, -1, operand)}
+  settings = _around_variants()
   attend = lambda q, c: da.decode_attention(q, c, c.lengths,
                                             impl="pallas_gpu")
   cudnn = lambda q, k, v: jax.nn.dot_product_attention(
@@ -1051,16 +1056,14 @@ def loop_modes(shapes=((1, 16384, (4, 3.5)), (1, 32768, (4, 3.5)),
       c = _random_cache(bits, b, s)
       timers = dict(base)
       for name in names:
-        (parts.merge_splits, parts.FOLDED_REDUCE_MAX_ROWS,
-         pallas_gpu.folded_query_operand) = settings[name]
+        _set_around(settings[name])
         jax.clear_caches()
         print(f"kernels B={b} S={s} bits={bits} {name}: "
               f"{hlo_kernels(attend, q, c)}", flush=True)
         for unroll in (False, True):
           mode = "unrolled" if unroll else "loop"
           timers[f"{name}/{mode}"] = timer(attend, q, c, unroll=unroll)
-      (parts.merge_splits, parts.FOLDED_REDUCE_MAX_ROWS,
-       pallas_gpu.folded_query_operand) = settings["defaults"]
+      _set_around(settings["defaults"])
       times, errors = kernel_bench.interleaved_rounds(timers, rounds)
       print(f"B={b:<2} S={s:<6} bits={bits:<3} (us)", flush=True)
       for name, ts in times.items():
