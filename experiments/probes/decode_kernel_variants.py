@@ -29,6 +29,7 @@ only); --skeleton-tune: stages, splits, steps with them;
 of pallas_gpu.attention options checked on 4 shapes, then timed in
 interleaved rounds at B=8, S=128k, 4 and 3.5 bits or at
 --shapes="((B, S, (bits, ...)), ...)"; --no-checks: times only;
+--gpu-clock: those times written out and on the GPU's clock;
 --split-fold: outlier-split caches with their folded rotations stored
 and derived in each call, checked and timed; --split-xla: the folded
 rotations' products at each einsum precision, alone and in the call;
@@ -156,10 +157,20 @@ def _cudnn_device_ms(b: int, s: int) -> float:
   q, k, v = (jax.random.normal(jax.random.key(i), shape, jnp.bfloat16)
              for i, shape in ((0, (b, 1, 32, 128)), (1, (b, s, 8, 128)),
                               (2, (b, s, 8, 128))))
-  return timing.time_loop_ms(
-      lambda q, k, v: jax.nn.dot_product_attention(
-          q, k, v, implementation="cudnn"), q, k, v,
-      loops=20, warmup=2, reps=5)
+  return _device_ms(lambda q, k, v: jax.nn.dot_product_attention(
+      q, k, v, implementation="cudnn"), q, k, v)
+
+
+def _device_ms(fn, *args, loops: int = 20) -> float:
+  """Device ms of one fn(*args) call: `loops` calls in a fori_loop timed
+  by the wall clock (timing.time_loop_ms), or with --gpu-clock written
+  out and timed on the GPU's clock (timing.profiled_ms, as kernel_bench's
+  gpu_timer: no loop iteration's own cost, which lands on calls of few
+  kernels, NOTES.md session 15)."""
+  if "--gpu-clock" in sys.argv:
+    return timing.profiled_ms(timing.looped(fn, loops, unroll=True), *args,
+                              warmup=2, reps=5, loops=loops)
+  return timing.time_loop_ms(fn, *args, loops=loops, warmup=2, reps=5)
 
 
 def _random_cache(bits, b: int = 8, s: int = 131072):
@@ -662,16 +673,15 @@ _SKELETON_VARIANTS = {
 
 def _device_rounds(variants: dict, q, c, rounds: int = 2) -> dict:
   """{name: [device ms of each round]} of decode_attention(q, c) with each
-  variant's options (timing.time_loop_ms, 20 calls a loop), the variants
+  variant's options (_device_ms, 20 calls), the variants
   interleaved; a variant that fails prints why and gets no times."""
   times = {name: [] for name in variants}
   for _ in range(rounds):
     for name, options in variants.items():
       try:
-        times[name].append(timing.time_loop_ms(
+        times[name].append(_device_ms(
             lambda q, c, options=options: da.decode_attention(
-                q, c, c.lengths, impl="pallas_gpu", **options), q, c,
-            loops=20, warmup=2, reps=5))
+                q, c, c.lengths, impl="pallas_gpu", **options), q, c))
       except Exception as e:  # noqa: BLE001 - a probe reports failures
         print(f"{name} FAIL {type(e).__name__}: {str(e)[:300]}", flush=True)
   return times
@@ -761,18 +771,21 @@ def skeleton_rows():
 def compare(variants: dict, shapes=((8, 131072, (4, 3.5)),),
             checks: bool = True) -> None:
   """Each named set of options (and today's defaults, "defaults") checked
-  on 4 shapes (D 128/64, GQA 4/8/1, 4, 3, 3.5 bits, prod keys, a chunk of
-  3), then device time for each (B, S, widths) of `shapes` (32/8 heads,
+  on 5 shapes (D 128/64, GQA 4/8/1/3, 4, 3, 3.5 bits, prod keys, a chunk
+  of 3), then device time for each (B, S, widths) of `shapes` (32/8 heads,
   D=128) beside cuDNN bf16, two interleaved rounds."""
   print("jax", jax.__version__, jax.devices()[0].device_kind, flush=True)
   variants = {"defaults": {}, **variants}
   for name, options in variants.items() if checks else ():
     print(f"checks: {name} {options}", flush=True)
+    options = dict(options)
+    mode = options.pop("lookup_mode", "prmt")
     for args, kwargs in (((128, 4, 4), {}), ((64, 8, 3),
                                              dict(lengths=(333, 1))),
                          ((128, 4, 3.5), dict(tokens=3)),
-                         ((128, 1, 3, "prod"), {})):
-      check(*args, mode="prmt", layout="tokens", **kwargs, **options)
+                         ((128, 1, 3, "prod"), {}),
+                         ((64, 3, 4), dict(lengths=(1000, 65)))):
+      check(*args, mode=mode, layout="tokens", **kwargs, **options)
   for b, s, bits_list in shapes:
     cudnn = _cudnn_device_ms(b, s)
     q = jax.random.normal(jax.random.key(0), (b, 32, 128))
