@@ -66,7 +66,6 @@ from turboquant_jax.cache import common
 from turboquant_jax.kernels.decode_attention import parts
 from turboquant_jax.kernels.decode_attention import prmt_lookup
 from turboquant_jax.kernels.decode_attention import reference
-from turboquant_jax.kernels.decode_attention import table_lookup
 from turboquant_jax.quant import packing
 from turboquant_jax.quant import rotation
 
@@ -191,7 +190,7 @@ def lookup(code: jax.Array, spec: parts.PartSpec, mode: str) -> jax.Array:
 # ------------------------------------------------------------ the kernel
 
 
-LOOKUP_MODES = ("poly16", "prmt", "table", "poly", "select")
+LOOKUP_MODES = ("poly16", "prmt", "poly", "select")
 
 GROUP = 64     # coordinates per SMEM operand tile (128-byte swizzled f16)
 
@@ -247,22 +246,16 @@ def tma_box(rows: int, p: int, width: int) -> tuple[int, int]:
 
 
 def _dequantize_into(code_ref, spec, pool, first: int, mode,
-                     interpret: bool, table=None) -> None:
+                     interpret: bool) -> None:
   """Unpacks a u8[R, P] tile; stores its centroids as pool[first + g]."""
   for g, group in enumerate(dequantize_groups(code_ref, spec, mode,
-                                              interpret, table)):
+                                              interpret)):
     pool[first + g] = group
 
 
-def dequantize_groups(code_ref, spec, mode, interpret: bool,
-                      table=None) -> list:
+def dequantize_groups(code_ref, spec, mode, interpret: bool) -> list:
   """A u8[R, P] code tile -> its centroids as f16 [R, 64] column groups
-  (WGMMA layout: a wgmma A operand as they are).
-
-  table: with mode "table", (the SMEM u32[256, 32] ref, the centroids it
-  was made from): parts of 4 bits with those centroids read it
-  (table_lookup.py); every other part is looked up as mode "prmt".
-  """
+  (WGMMA layout: a wgmma A operand as they are)."""
   row = _row_bytes(spec)
   rows = code_ref.shape[0] * code_ref.shape[1] // row
   if code_ref.shape == (rows, row):
@@ -273,11 +266,6 @@ def dequantize_groups(code_ref, spec, mode, interpret: bool,
     words = code_ref[...].reshape(rows, row)
   else:
     words = _load_viewed(code_ref, (rows, row))
-  if mode == "table":
-    if table is not None and spec.bits == 4 and spec.centroids == table[1]:
-      return [g.astype(jnp.float16) for g in _in_groups(
-          table_lookup.lookup_chunks(words, table[0], interpret))]
-    mode = "prmt"
   if (mode == "prmt" and spec.bits in prmt_lookup.BITS
       and prmt_lookup.supports(spec.bits, spec.centroids)):
     # Coordinate chunks looked up from the packed bytes, no unpacking.

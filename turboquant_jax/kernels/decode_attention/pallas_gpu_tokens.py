@@ -76,7 +76,6 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from turboquant_jax.kernels.decode_attention import pallas_gpu as base
 from turboquant_jax.kernels.decode_attention import parts
-from turboquant_jax.kernels.decode_attention import table_lookup
 from turboquant_jax.kernels.quantize_append import pallas_gpu as append_gpu
 
 ROWS, GROUP = base.ROWS, base.GROUP
@@ -202,21 +201,15 @@ def _rotate_back(tiles, accs, n: int) -> tuple:
 def _kernel(lengths_ref, *refs, key_specs, value_specs, groups, split_len,
             kv_heads, splits, mode, interpret, n, rows, stages,
             key_registers, transpose_p, skip_empty_splits, window, tokens,
-            rotate, append, overlap_values, tma_row_bytes, table):
+            rotate, append, overlap_values, tma_row_bytes):
   nk, nv = len(key_specs), len(value_specs)
-  # The scratch at the end: with `table` the lookup table's SMEM and its
-  # barrier, with rotate the rotations' tiles and their barriers (one a
-  # tile), then the queries' SMEM (all key parts), a barrier.
-  scratch_count = 2 + (2 if rotate else 0) + (2 if table else 0)
-  scratch = refs[-scratch_count:]
-  if table:               # the centroid table (table_lookup), one TMA
-    table_gmem, refs = refs[0], refs[1:]
-    (table_smem, table_barrier), scratch = scratch[:2], scratch[2:]
-    plgpu.copy_gmem_to_smem(table_gmem, table_smem, table_barrier)
-    table = (table_smem, table)
+  # The scratch at the end: with rotate the rotations' tiles and their
+  # barriers (one a tile), then the queries' SMEM (all key parts), a
+  # barrier.
+  scratch_count = 2 + (2 if rotate else 0)
   if rotate:              # Π_k, Π_v tiles (rotation.as_tiles): the queries
     (key_rot, value_rot), refs = refs[:2], refs[2:]   # come unrotated
-    rot_tiles, rot_barriers = scratch[:2]
+    rot_tiles, rot_barriers = refs[-scratch_count:-2]
     _fetch_rotations(key_rot, value_rot, rot_tiles, rot_barriers)
   if append:              # the token's k, v, rotation columns and tables
     append_in, refs = refs[:7], refs[7:]
@@ -224,8 +217,6 @@ def _kernel(lengths_ref, *refs, key_specs, value_specs, groups, split_len,
    program) = base._program_refs(refs, nk, nv, kv_heads,
                                  splits + bool(append))
   q_smem = refs[-2]                  # [groups of all key parts, N, 64]
-  if table:
-    plgpu.barrier_wait(table_barrier)
   if rotate:
     groups_k = base._groups(key_specs[0])
     _rotate_queries(_rotation(rot_tiles, rot_barriers, 0, groups_k),
@@ -274,20 +265,18 @@ def _kernel(lengths_ref, *refs, key_specs, value_specs, groups, split_len,
     vc, vn = tile[2 * nk:2 * nk + nv], tile[2 * nk + nv:]
     accs, m_i, l_i = carry
     if key_registers:       # K stays in registers: the wgmma's A operand
-      k_tiles = [base.dequantize_groups(ref, spec, mode, interpret, table)
+      k_tiles = [base.dequantize_groups(ref, spec, mode, interpret)
                  for ref, spec in zip(kc, key_specs)]
     else:
       for ref, spec, first in zip(kc, key_specs, k_first):
-        base._dequantize_into(ref, spec, k_pool, first, mode, interpret,
-                              table)
+        base._dequantize_into(ref, spec, k_pool, first, mode, interpret)
       plgpu.commit_smem()
       k_tiles = [[k_pool.at[first + j] for j in range(base._groups(spec))]
                  for spec, first in zip(key_specs, k_first)]
 
     def unpack_values():
       for ref, spec, first in zip(vc, value_specs, v_first):
-        base._dequantize_into(ref, spec, v_pool, first, mode, interpret,
-                              table)
+        base._dequantize_into(ref, spec, v_pool, first, mode, interpret)
 
     def scores(*acc_refs):
       for tiles, first, acc_ref in zip(k_tiles, k_first, acc_refs):
@@ -599,12 +588,6 @@ def fused_attention(inp: parts.KernelInputs, *, splits: int = 8,
   if rotate is not None:  # Π_k and Π_v tiles, fetched at the start
     groups = base._groups(specs[0])
     scratch = _rotation_smem(groups) + scratch
-  table = lookup_table(specs + list(inp.value_specs), lookup_mode)
-  tables = []
-  if table is not None:   # the centroid table, fetched at the start
-    tables = [jnp.asarray(table_lookup.table(table))]
-    scratch = [plgpu.SMEM(tables[0].shape, jnp.uint32),
-               plgpu.Barrier()] + scratch
   kernel = plgpu.kernel(
       functools.partial(_kernel, key_specs=tuple(specs),
                         value_specs=inp.value_specs, groups=inp.groups,
@@ -617,7 +600,7 @@ def fused_attention(inp: parts.KernelInputs, *, splits: int = 8,
                         window=inp.window, tokens=inp.tokens,
                         rotate=rotate is not None, append=append_specs,
                         overlap_values=overlap_values,
-                        tma_row_bytes=tma_row_bytes, table=table),
+                        tma_row_bytes=tma_row_bytes),
       out_type=out_type, scratch_types=scratch,
       grid=(b, kv, out_splits), grid_names=("b", "k", "s"),
       compiler_params=plgpu.CompilerParams(
@@ -634,8 +617,7 @@ def fused_attention(inp: parts.KernelInputs, *, splits: int = 8,
                          GROUP):
     raise ValueError(f"queries {queries.shape}: expected "
                      f"[{b * kv} x key groups, {n}, {GROUP}]")
-  outs = kernel(inp.lengths, *tables, *rotations, *append_in, queries,
-                *code_arrays)
+  outs = kernel(inp.lengths, *rotations, *append_in, queries, *code_arrays)
   nv = len(inp.value_specs)
   written = None
   if append is not None:
@@ -644,16 +626,6 @@ def fused_attention(inp: parts.KernelInputs, *, splits: int = 8,
     written, outs = (*stored, outs[-1]), outs[:-1]
   result = _split_outputs(outs, nv, (b, kv, out_splits), m, n, columns)
   return result if written is None else (result, written)
-
-
-def lookup_table(specs, lookup_mode: str) -> tuple[float, ...] | None:
-  """The centroids of lookup_mode="table"'s one table: the first part's
-  that table_lookup supports (4 bits), or None (no such part, or another
-  mode); parts with other centroids are looked up as "prmt"."""
-  if lookup_mode != "table":
-    return None
-  return next((s.centroids for s in specs
-               if table_lookup.supports(s.bits, s.centroids)), None)
 
 
 def _split_outputs(outs, nv: int, grid: tuple[int, int, int], m: int,
