@@ -970,25 +970,22 @@ def hlo_kernels(fn, *args) -> int:
 
 
 def _around_variants() -> dict:
-  """{name: (merge, FOLDED_REDUCE_MAX_ROWS, query operand, F32_QUERIES)}:
-  the XLA work around the kernel as around_kernel and loop_modes vary it
-  (today's library values first); _set_around sets one."""
+  """{name: (merge, FOLDED_REDUCE_MAX_ROWS, query operand)}: the XLA work
+  around the kernel as around_kernel and loop_modes vary it (today's
+  library values first); _set_around sets one."""
   merge, max_rows = parts.merge_splits, parts.FOLDED_REDUCE_MAX_ROWS
   operand = pallas_gpu.folded_query_operand
-  f32 = pallas_gpu_tokens.F32_QUERIES
-  return {"defaults": (merge, max_rows, operand, f32),
-          "variadic": (_variadic_merge, max_rows, operand, f32),
-          "one_sum": (_one_sum_merge, max_rows, operand, f32),
-          "reduce": (merge, 2**31, operand, f32),
-          "einsum": (merge, -1, operand, f32),  # (no operand: many rows)
-          "laid_out": (merge, max_rows, lambda *args: None, f32),
-          # The queries converted to f16 by XLA (before session 16).
-          "xla_convert": (merge, max_rows, operand, not f32)}
+  return {"defaults": (merge, max_rows, operand),
+          "variadic": (_variadic_merge, max_rows, operand),
+          "one_sum": (_one_sum_merge, max_rows, operand),
+          "reduce": (merge, 2**31, operand),
+          "einsum": (merge, -1, operand),     # (no operand: too many rows)
+          "laid_out": (merge, max_rows, lambda *args: None)}
 
 
 def _set_around(value) -> None:
   (parts.merge_splits, parts.FOLDED_REDUCE_MAX_ROWS,
-   pallas_gpu.folded_query_operand, pallas_gpu_tokens.F32_QUERIES) = value
+   pallas_gpu.folded_query_operand) = value
 
 
 def around_kernel(shapes=((1, 16384, (4, 3.5, 2.5)), (1, 32768, (4, 3.5, 2.5)),
@@ -1003,8 +1000,7 @@ def around_kernel(shapes=((1, 16384, (4, 3.5, 2.5)), (1, 32768, (4, 3.5, 2.5)),
   the default picks by size); a split cache's query operand laid out from
   parts.prepare's queries by a second fusion ("laid_out") against
   pallas_gpu.folded_query_operand's one fusion (the default at small
-  batch); the queries converted to f16 by XLA ("xla_convert") against
-  the kernel's own conversion (pallas_gpu_tokens.F32_QUERIES). Checks each variant (or those in `names`) on 4 shapes, prints
+  batch). Checks each variant (or those in `names`) on 4 shapes, prints
   its kernel count at B=1, S=16k, then device time beside cuDNN bf16
   (32/8 heads, D=128), interleaved rounds, compiled per variant. (Session
   14's call 1 also had half the default splits, slower at B=1.)"""

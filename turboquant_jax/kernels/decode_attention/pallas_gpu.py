@@ -307,8 +307,7 @@ def _offsets(specs) -> list[int]:
   return list(np.cumsum([0] + [_groups(s) for s in specs])[:-1])
 
 
-def _program_refs(refs, nk: int, nv: int, kv_heads: int, splits: int,
-                  q32_smem=None):
+def _program_refs(refs, nk: int, nv: int, kv_heads: int, splits: int):
   """Splits a kernel's refs and loads this program's queries into SMEM.
 
   refs: one query array [B·K·groups, rows, 64] (every key part's groups,
@@ -317,9 +316,6 @@ def _program_refs(refs, nk: int, nv: int, kv_heads: int, splits: int,
   code and nk key norm arrays [B, K, S(, P)], nv value code and norm
   arrays, nv output arrays [B·K·NS·groups, .., ..], the (m, l) output,
   then the scratch: the queries' SMEM [groups, rows, 64] and a barrier.
-  q32_smem: None, or SMEM f32 [groups, 64, rows] where the query array
-  is f32 [B·K·groups, 64, rows] (coordinates first): it lands there and
-  the program converts it into the queries' SMEM.
   Returns (key codes, key norms, value codes, value norms, outputs, (m, l)
   output, the program's flat index).
   """
@@ -330,18 +326,9 @@ def _program_refs(refs, nk: int, nv: int, kv_heads: int, splits: int,
   q_smem, barrier = refs[-2], refs[-1]
   b, k = jax.lax.axis_index("b"), jax.lax.axis_index("k")
   n = q_smem.shape[0]                        # one TMA for all key parts
-  landing = q_smem if q32_smem is None else q32_smem
   plgpu.copy_gmem_to_smem(q_ref.at[pl.ds((b * kv_heads + k) * n, n)],
-                          landing, barrier)
+                          q_smem, barrier)
   plgpu.barrier_wait(barrier)
-  if q32_smem is not None:
-    # f32 [groups, 64 coordinates, N] -> f16 Qᵀ: the conversion XLA would
-    # otherwise launch a kernel for (NOTES.md, session 16).
-    for j in range(n):
-      column = plgpu.load(q32_smem.at[j], layout=_L.WGMMA,
-                          optimized=False)
-      q_smem.at[j].transpose((1, 0))[...] = column.astype(q_smem.dtype)
-    plgpu.commit_smem()
   program = (b * kv_heads + k) * splits + jax.lax.axis_index("s")
   return kc_refs, kn_refs, vc_refs, vn_refs, o_refs, ml_ref, program
 
@@ -497,17 +484,11 @@ def _store_outputs(accs, m_i, l_i, o_refs, ml_ref, program) -> None:
                              jnp.float32) for part_accs in accs])
 
 
-def _query_groups(q: jax.Array, rows: int = ROWS,
-                  f32_columns: bool = False) -> jax.Array:
-  """f32[B, K, M, Dp] -> f16[B·K·Dp/64, rows, 64], queries past M zero,
-  or with f32_columns f32[B·K·Dp/64, 64, rows] (the tokens kernel
-  converts them itself)."""
+def _query_groups(q: jax.Array, rows: int = ROWS) -> jax.Array:
+  """f32[B, K, M, Dp] -> f16[B·K·Dp/64, rows, 64], queries past M zero."""
   b, kv, m, d = q.shape
   q = jnp.pad(q, ((0, 0), (0, 0), (0, rows - m), (0, 0)))
   q = q.reshape(b, kv, rows, d // GROUP, GROUP)
-  if f32_columns:
-    q = jnp.transpose(q, (0, 1, 3, 4, 2))
-    return q.reshape(b * kv * (d // GROUP), GROUP, rows)
   q = jnp.moveaxis(q, 3, 2).reshape(b * kv * (d // GROUP), rows, GROUP)
   return q.astype(jnp.float16)
 
@@ -598,7 +579,7 @@ def _attention(q, cache, lengths, scale, splits, lookup_mode, layout,
     else:
       n = pallas_gpu_tokens.query_columns(inp.q[0].shape[2], min_columns)
       run = functools.partial(run, queries=folded_query_operand(
-          q, cache, scale, n, pallas_gpu_tokens.F32_QUERIES))
+          q, cache, scale, n))
     if rotate is not None or (combine == "columns" and len(
         inp.value_specs) == 1 and not cache.config.window):
       (acc,), m, l = run(inp, splits=splits, lookup_mode=lookup_mode,
@@ -707,14 +688,13 @@ def interpret_params(interpret) -> plgpu.InterpretGPUParams | None:
   return None if interpret is False else interpret
 
 
-def folded_query_operand(q: jax.Array, cache, scale: float, n: int,
-                         f32_columns: bool = False) -> jax.Array | None:
+def folded_query_operand(q: jax.Array, cache, scale: float,
+                         n: int) -> jax.Array | None:
   """The tokens kernel's query operand f16[B·K·G, n, 64] for mse keys
   rotated by a matrix (a split cache's folded rotations, or a dense
   rotation) at most parts.FOLDED_REDUCE_MAX_ROWS query rows (B·M),
   computed by a product and a sum, else None (fused_attention then lays
-  out parts.prepare's queries itself). With f32_columns: f32[B·K·G, 64,
-  n], which the kernel converts itself (_query_groups').
+  out parts.prepare's queries itself).
 
   parts.folded_queries' product and sum, with the queries padded to n
   rows first and the sum written straight into the kernel's layout
@@ -732,10 +712,6 @@ def folded_query_operand(q: jax.Array, cache, scale: float, n: int,
     return None
   qh = jnp.pad(qh, ((0, 0), (0, 0), (0, n - qh.shape[2]), (0, 0)))
   f = folded.reshape(-1, d // GROUP, GROUP, d)           # [K or 1, G, 64, D]
-  if f32_columns:                                        # [b, k, g, 64, n]
-    y = jnp.sum(qh[:, :, None, None, :, :] * f[None, :, :, :, None],
-                axis=-1)
-    return (y * scale).reshape(b * kv * (d // GROUP), GROUP, n)
   y = jnp.sum(qh[:, :, None, :, None, :] * f[None, :, :, None], axis=-1)
   return (y * scale).astype(jnp.float16).reshape(b * kv * (d // GROUP), n,
                                                   GROUP)

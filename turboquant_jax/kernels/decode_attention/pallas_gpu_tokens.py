@@ -79,11 +79,6 @@ from turboquant_jax.kernels.decode_attention import parts
 from turboquant_jax.kernels.quantize_append import pallas_gpu as append_gpu
 
 ROWS, GROUP = base.ROWS, base.GROUP
-# The query operand as f32 [B·K·G, 64, N], converted to f16 by each
-# program (one XLA kernel fewer a call: the conversion after the folded
-# query product was a kernel of its own, 1.1 µs at B=1; NOTES.md session
-# 16); False: f16 [B·K·G, N, 64] from XLA, as before.
-F32_QUERIES = True
 _L = plgpu.Layout
 
 
@@ -209,19 +204,18 @@ def _kernel(lengths_ref, *refs, key_specs, value_specs, groups, split_len,
             rotate, append, overlap_values, tma_row_bytes):
   nk, nv = len(key_specs), len(value_specs)
   # The scratch at the end: with rotate the rotations' tiles and their
-  # barriers (one a tile), with F32_QUERIES the f32 queries' landing SMEM,
-  # then the queries' SMEM (all key parts), a barrier.
-  scratch_count = 2 + (2 if rotate else 0) + F32_QUERIES
+  # barriers (one a tile), then the queries' SMEM (all key parts), a
+  # barrier.
+  scratch_count = 2 + (2 if rotate else 0)
   if rotate:              # Π_k, Π_v tiles (rotation.as_tiles): the queries
     (key_rot, value_rot), refs = refs[:2], refs[2:]   # come unrotated
-    rot_tiles, rot_barriers = refs[-scratch_count:][:2]
+    rot_tiles, rot_barriers = refs[-scratch_count:-2]
     _fetch_rotations(key_rot, value_rot, rot_tiles, rot_barriers)
   if append:              # the token's k, v, rotation columns and tables
     append_in, refs = refs[:7], refs[7:]
   (kc_refs, kn_refs, vc_refs, vn_refs, o_refs, ml_ref,
    program) = base._program_refs(refs, nk, nv, kv_heads,
-                                 splits + bool(append),
-                                 refs[-3] if F32_QUERIES else None)
+                                 splits + bool(append))
   q_smem = refs[-2]                  # [groups of all key parts, N, 64]
   if rotate:
     groups_k = base._groups(key_specs[0])
@@ -589,10 +583,8 @@ def fused_attention(inp: parts.KernelInputs, *, splits: int = 8,
     # Written in place: refs that XLA aliases to the kernel's outputs.
     code_arrays = [jax.new_ref(a) for a in code_arrays]
     out_type.append(jax.ShapeDtypeStruct((b,), jnp.int32))   # new lengths
-  groups_q = sum(base._groups(s) for s in specs)
-  scratch = [_columns_smem(groups_q, n), plgpu.Barrier()]
-  if F32_QUERIES:         # where the f32 queries land before conversion
-    scratch = [plgpu.SMEM((groups_q, GROUP, n), jnp.float32)] + scratch
+  scratch = [_columns_smem(sum(base._groups(s) for s in specs), n),
+             plgpu.Barrier()]
   if rotate is not None:  # Π_k and Π_v tiles, fetched at the start
     groups = base._groups(specs[0])
     scratch = _rotation_smem(groups) + scratch
@@ -619,14 +611,12 @@ def fused_attention(inp: parts.KernelInputs, *, splits: int = 8,
   if rotate is not None:
     q_raw, *rotations = rotate
     q_parts = [q_raw]
-  want = (b * kv * groups_q, *((GROUP, n) if F32_QUERIES else (n, GROUP)))
   if queries is None:
-    queries = base._query_groups(jnp.concatenate(q_parts, axis=-1), n,
-                                 F32_QUERIES)
-  elif queries.shape != want:
-    raise ValueError(f"queries {queries.shape}: expected {want} "
-                     f"([{b * kv} x key groups, ...], F32_QUERIES="
-                     f"{F32_QUERIES})")
+    queries = base._query_groups(jnp.concatenate(q_parts, axis=-1), n)
+  elif queries.shape != (b * kv * sum(base._groups(s) for s in specs), n,
+                         GROUP):
+    raise ValueError(f"queries {queries.shape}: expected "
+                     f"[{b * kv} x key groups, {n}, {GROUP}]")
   outs = kernel(inp.lengths, *rotations, *append_in, queries, *code_arrays)
   nv = len(inp.value_specs)
   written = None
