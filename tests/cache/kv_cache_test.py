@@ -294,6 +294,19 @@ class SplitRotationTest(parameterized.TestCase):
                                   fold(filled.key_quantizer))
     self.assertEqual(filled.key_split_rotation.shape, (K, D, D))
 
+  def test_value_rotations_are_kept_transposed(self):
+    # Given a 4-bit key, 2.5-bit value cache (only the values split).
+    cfg = CacheConfig(kind="turboquant", key_bits=4, value_bits=2.5)
+    cache = cache_lib.init(cfg, B, K, S, D, key=jax.random.key(1))
+    self.assertIsNone(cache.key_split_rotation)
+    k, v = _kv(6, 12)
+    for c in (cache, cache_lib.prefill(cache, k, v, jnp.array([12, 7]))):
+      # Then each head's folded value rotation is stored as its
+      # transpose (the form the rotation back reads row by row).
+      folded = jax.vmap(split.folded_rotation)(c.value_quantizer)
+      np.testing.assert_array_equal(c.value_split_rotation,
+                                    jnp.swapaxes(folded, 1, 2))
+
 
 class MemoryTest(parameterized.TestCase):
   """memory() against byte counts written out by hand.

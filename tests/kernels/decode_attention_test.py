@@ -400,6 +400,13 @@ class FoldedSplitRotationTest(parameterized.TestCase):
     np.testing.assert_allclose(
         parts.folded_outputs(jnp.asarray(qh), jnp.asarray(f)),
         np.einsum("bkme,ked->bkmd", qh, f), rtol=1e-5, atol=1e-5)
+    # The same product from the matrix stored transposed per head (a
+    # split cache's value_split_rotation).
+    np.testing.assert_allclose(
+        parts.folded_outputs(jnp.asarray(qh),
+                             jnp.asarray(np.swapaxes(f, 1, 2)),
+                             transposed=True),
+        np.einsum("bkme,ked->bkmd", qh, f), rtol=1e-5, atol=1e-5)
 
   @parameterized.parameters(1, 40)
   def test_a_dense_rotation_through_the_folded_products(self, b):

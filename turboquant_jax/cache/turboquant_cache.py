@@ -71,7 +71,10 @@ class TurboQuantCache:
     key_split_rotation, value_split_rotation: f32[K, D, D] per KV head,
       split.folded_rotation of that tensor's SplitQuantizer (both parts'
       channel gathers and rotations as one matrix) where its bits are
-      fractional, else None. Made by init and again by prefill (which
+      fractional, else None; the values' transposed (channels first), the
+      form the rotation back reads row by row (stored untransposed, XLA
+      transposed it in a kernel of its own every decode step on the H200).
+      Made by init and again by prefill (which
       chooses the outlier channels); the decode kernels' XLA work then
       rotates queries and outputs by one product each (parts.prepare,
       parts.finish): not a gather and two products before the kernel, two
@@ -242,16 +245,18 @@ def init(config: CacheConfig, batch: int, kv_heads: int, capacity: int,
       config=config, key_mean=key_mean, key_norm_range=ranges[0],
       value_norm_range=ranges[1], sink_keys=sink, sink_values=sink,
       rotation_tiles=tiles, key_split_rotation=split_rotation(kq),
-      value_split_rotation=split_rotation(vq))
+      value_split_rotation=split_rotation(vq, transposed=True))
 
 
-def split_rotation(q) -> jax.Array | None:
+def split_rotation(q, transposed: bool = False) -> jax.Array | None:
   """f32[K, D, D]: split.folded_rotation per KV head (the form init and
-  prefill keep as key_split_rotation / value_split_rotation), or None for
-  a quantizer shared by all heads (integer bits)."""
+  prefill keep as key_split_rotation), or with `transposed` its transpose
+  per head (value_split_rotation), or None for a quantizer shared by all
+  heads (integer bits)."""
   if not isinstance(q, split.SplitQuantizer):
     return None
-  return jax.vmap(split.folded_rotation)(q)
+  folded = jax.vmap(split.folded_rotation)(q)
+  return jnp.swapaxes(folded, 1, 2) if transposed else folded
 
 
 # The largest head dim whose rotations init lays out as rotation_tiles (the
@@ -348,7 +353,7 @@ def _prefill(cache, k, v, lengths):
   cache = dataclasses.replace(
       cache, key_quantizer=kq, value_quantizer=vq,
       key_split_rotation=split_rotation(kq),
-      value_split_rotation=split_rotation(vq))
+      value_split_rotation=split_rotation(vq, transposed=True))
   positions = jnp.broadcast_to(jnp.arange(k.shape[2]), (k.shape[0],
                                                         k.shape[2]))
   # Padding tokens past a sequence's length are never read (masked), and a

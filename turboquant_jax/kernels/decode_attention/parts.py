@@ -140,9 +140,10 @@ def _parts(q, qt):
 def rotation_matrix(quantizer, stored) -> jax.Array | None:
   """The one matrix that rotates a tensor's queries (and back), f32[K or
   1, D, D]: a split tensor's folded rotations per KV head (`stored`, the
-  cache's key_split_rotation / value_split_rotation, or made here, a
-  scatter each call, for a cache built without them), a plain tensor's
-  dense (haar) rotation shared by all heads, or None (Hadamard)."""
+  cache's key_split_rotation, or made here, a scatter each call, for a
+  cache built without it; the values' stored form is transposed:
+  output_rotation), a plain tensor's dense (haar) rotation shared by all
+  heads, or None (Hadamard)."""
   if isinstance(quantizer, split.SplitQuantizer):
     return (stored if stored is not None
             else turboquant_cache.split_rotation(quantizer))
@@ -252,13 +253,36 @@ def folded_queries(qh: jax.Array, folded: jax.Array) -> jax.Array:
                     precision=SPLIT_ROTATION_PRECISION)
 
 
-def folded_outputs(merged: jax.Array, folded: jax.Array) -> jax.Array:
+def folded_outputs(merged: jax.Array, folded: jax.Array,
+                   transposed: bool = False) -> jax.Array:
   """folded_queries' inverse: f32[B, K, M, D] in the parts' rotated
-  domains (side by side) back to the original channels."""
+  domains (side by side) back to the original channels. transposed:
+  `folded` is given as its transpose per head ([K, channels, rotated], a
+  split cache's value_split_rotation), so that the sum runs along its
+  rows."""
+  if transposed:
+    if sums_products(merged):
+      return jnp.sum(merged[..., None, :] * folded[None, :, None], axis=-1)
+    return jnp.einsum("bkme,kde->bkmd", merged, folded,
+                      precision=SPLIT_ROTATION_PRECISION)
   if sums_products(merged):
     return jnp.sum(merged[..., :, None] * folded[None, :, None], axis=-2)
   return jnp.einsum("bkme,ked->bkmd", merged, folded,
                     precision=SPLIT_ROTATION_PRECISION)
+
+
+def output_rotation(cache) -> tuple[jax.Array | None, bool]:
+  """(the matrix that rotates the value parts' merged outputs back,
+  whether it is transposed) for folded_outputs: a split cache's
+  value_split_rotation as stored (transposed; made here, a scatter each
+  call, for a cache built without it), else rotation_matrix's dense
+  rotation or None (Hadamard)."""
+  vq = cache.value_quantizer
+  if isinstance(vq, split.SplitQuantizer):
+    stored = cache.value_split_rotation
+    return (stored if stored is not None else
+            turboquant_cache.split_rotation(vq, transposed=True)), True
+  return rotation_matrix(vq, None), False
 
 
 def finish(acc: list[jax.Array], m: jax.Array, l: jax.Array, q: jax.Array,
@@ -296,10 +320,10 @@ def finish(acc: list[jax.Array], m: jax.Array, l: jax.Array, q: jax.Array,
   inv = (1.0 / jnp.maximum(denom, 1e-30))[..., None]
   # Normalized before the rotation back (linear): the product comes last.
   merged = jnp.concatenate([x * inv for x in a], axis=-1)     # [B, K, M, D]
-  folded = rotation_matrix(cache.value_quantizer, cache.value_split_rotation)
+  folded, transposed = output_rotation(cache)
   if folded is not None:
     # Every part's rotation back and scatter as one product (Eᵀ).
-    out = folded_outputs(merged, folded)
+    out = folded_outputs(merged, folded, transposed)
   else:
     out = rotation.invert(cache.value_quantizer.rotation, merged)
   if w:
