@@ -307,7 +307,8 @@ def _offsets(specs) -> list[int]:
   return list(np.cumsum([0] + [_groups(s) for s in specs])[:-1])
 
 
-def _program_refs(refs, nk: int, nv: int, kv_heads: int, splits: int):
+def _program_refs(refs, nk: int, nv: int, kv_heads: int, splits: int,
+                  wait: bool = True):
   """Splits a kernel's refs and loads this program's queries into SMEM.
 
   refs: one query array [B·K·groups, rows, 64] (every key part's groups,
@@ -317,7 +318,9 @@ def _program_refs(refs, nk: int, nv: int, kv_heads: int, splits: int):
   arrays, nv output arrays [B·K·NS·groups, .., ..], the (m, l) output,
   then the scratch: the queries' SMEM [groups, rows, 64] and a barrier.
   Returns (key codes, key norms, value codes, value norms, outputs, (m, l)
-  output, the program's flat index).
+  output, the program's flat index). wait=False: the queries' copy is
+  issued but not waited for (the caller waits on the barrier, refs[-1],
+  before it reads them, so that the copy's latency overlaps other work).
   """
   q_ref, rest = refs[0], refs[1:]
   kc_refs, kn_refs = rest[:nk], rest[nk:2 * nk]
@@ -328,7 +331,8 @@ def _program_refs(refs, nk: int, nv: int, kv_heads: int, splits: int):
   n = q_smem.shape[0]                        # one TMA for all key parts
   plgpu.copy_gmem_to_smem(q_ref.at[pl.ds((b * kv_heads + k) * n, n)],
                           q_smem, barrier)
-  plgpu.barrier_wait(barrier)
+  if wait:
+    plgpu.barrier_wait(barrier)
   program = (b * kv_heads + k) * splits + jax.lax.axis_index("s")
   return kc_refs, kn_refs, vc_refs, vn_refs, o_refs, ml_ref, program
 

@@ -215,9 +215,16 @@ def _kernel(lengths_ref, *refs, key_specs, value_specs, groups, split_len,
     append_in, refs = refs[:7], refs[7:]
   (kc_refs, kn_refs, vc_refs, vn_refs, o_refs, ml_ref,
    program) = base._program_refs(refs, nk, nv, kv_heads,
-                                 splits + bool(append))
+                                 splits + bool(append), wait=False)
   q_smem = refs[-2]                  # [groups of all key parts, N, 64]
+  # The queries' copy is waited for where they are first read: with
+  # rotate right away, else in the first tile's body (after the
+  # pipeline has issued its first tiles' copies, so both latencies
+  # overlap: a program's start at small batch) or before an empty
+  # program's exit (no program leaves with a copy in flight).
+  queries_ready = functools.partial(plgpu.barrier_wait, refs[-1])
   if rotate:
+    queries_ready()
     groups_k = base._groups(key_specs[0])
     _rotate_queries(_rotation(rot_tiles, rot_barriers, 0, groups_k),
                     q_smem, groups_k, n)
@@ -261,6 +268,12 @@ def _kernel(lengths_ref, *refs, key_specs, value_specs, groups, split_len,
   def body(k_pool, v_pool, p_smem, idx, *tile_and_carry):
     (i,) = idx
     *tile, carry = tile_and_carry
+    if not rotate:                    # the first tile reads the queries
+      if isinstance(i, int):
+        if i == 0:
+          queries_ready()
+      else:
+        pl.when(i == 0)(queries_ready)
     kc, kn = tile[:nk], tile[nk:2 * nk]
     vc, vn = tile[2 * nk:2 * nk + nv], tile[2 * nk + nv:]
     accs, m_i, l_i = carry
@@ -379,6 +392,8 @@ def _kernel(lengths_ref, *refs, key_specs, value_specs, groups, split_len,
                         ml_ref, program)
 
   def empty():
+    if not rotate:
+      queries_ready()
     if rotate:            # no program leaves with a TMA in flight
       _rotation(rot_tiles, rot_barriers, 1, groups_k)
     base._store_outputs(accs, m0, jnp.sum(zeros(shape), axis=0), o_refs,
