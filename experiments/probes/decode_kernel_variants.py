@@ -969,23 +969,33 @@ def hlo_kernels(fn, *args) -> int:
              if " fusion(" in line or " custom-call(" in line)
 
 
+# The module globals around_kernel and loop_modes vary: (module, name).
+_AROUND = ((parts, "merge_splits"), (parts, "FOLDED_REDUCE_MAX_ROWS"),
+           (pallas_gpu, "folded_query_operand"),
+           (pallas_gpu, "EPILOGUE_WAITS_WRITES"))
+
+
 def _around_variants() -> dict:
-  """{name: (merge, FOLDED_REDUCE_MAX_ROWS, query operand)}: the XLA work
-  around the kernel as around_kernel and loop_modes vary it (today's
-  library values first); _set_around sets one."""
-  merge, max_rows = parts.merge_splits, parts.FOLDED_REDUCE_MAX_ROWS
-  operand = pallas_gpu.folded_query_operand
-  return {"defaults": (merge, max_rows, operand),
-          "variadic": (_variadic_merge, max_rows, operand),
-          "one_sum": (_one_sum_merge, max_rows, operand),
-          "reduce": (merge, 2**31, operand),
-          "einsum": (merge, -1, operand),     # (no operand: too many rows)
-          "laid_out": (merge, max_rows, lambda *args: None)}
+  """{name: {global name: value}}: the work around the kernel as
+  around_kernel and loop_modes vary it ("defaults": today's library
+  values); _set_around sets one."""
+  defaults = {name: getattr(module, name) for module, name in _AROUND}
+  variants = {
+      "defaults": {},
+      "variadic": {"merge_splits": _variadic_merge},
+      "one_sum": {"merge_splits": _one_sum_merge},
+      "reduce": {"FOLDED_REDUCE_MAX_ROWS": 2**31},
+      "einsum": {"FOLDED_REDUCE_MAX_ROWS": -1},  # (no operand: many rows)
+      "laid_out": {"folded_query_operand": lambda *args: None},
+      # The epilogue waits for its outputs' writes, not only its SMEM's
+      # reads (the library before session 16).
+      "wait_writes": {"EPILOGUE_WAITS_WRITES": True}}
+  return {k: {**defaults, **v} for k, v in variants.items()}
 
 
-def _set_around(value) -> None:
-  (parts.merge_splits, parts.FOLDED_REDUCE_MAX_ROWS,
-   pallas_gpu.folded_query_operand) = value
+def _set_around(value: dict) -> None:
+  for module, name in _AROUND:
+    setattr(module, name, value[name])
 
 
 def around_kernel(shapes=((1, 16384, (4, 3.5, 2.5)), (1, 32768, (4, 3.5, 2.5)),
@@ -1000,7 +1010,9 @@ def around_kernel(shapes=((1, 16384, (4, 3.5, 2.5)), (1, 32768, (4, 3.5, 2.5)),
   the default picks by size); a split cache's query operand laid out from
   parts.prepare's queries by a second fusion ("laid_out") against
   pallas_gpu.folded_query_operand's one fusion (the default at small
-  batch). Checks each variant (or those in `names`) on 4 shapes, prints
+  batch); the kernel's epilogue waiting for its outputs' writes
+  ("wait_writes") against only for its SMEM's reads (the default).
+  Checks each variant (or those in `names`) on 4 shapes, prints
   its kernel count at B=1, S=16k, then device time beside cuDNN bf16
   (32/8 heads, D=128), interleaved rounds, compiled per variant. (Session
   14's call 1 also had half the default splits, slower at B=1.)"""

@@ -73,6 +73,12 @@ ROWS = 64      # tokens per tile = query rows of one warpgroup's wgmma
 STAGES = 2     # default tiles in flight per program (emit_pipeline steps)
 MIN_SPLIT_TILES = 3   # default_splits' shortest split where B·K is small
 TMA_ROW_BYTES = 128   # layout="tokens": codes move as 128-byte TMA rows
+# A program's epilogue waits for its output copies' GMEM writes (True, as
+# before session 16) or only for their reads of SMEM (False: what a kernel
+# must wait for before its SMEM goes; written after session 16's device
+# time ran out, not yet timed: decode_kernel_variants --around-kernel
+# "--variants=('defaults','wait_writes')").
+EPILOGUE_WAITS_WRITES = False
 
 _L = plgpu.Layout
 
@@ -467,7 +473,10 @@ def _store_outputs(accs, m_i, l_i, o_refs, ml_ref, program) -> None:
   """Writes the accumulators and (m, l) of one program through SMEM.
 
   The SMEM is scoped here, after the tile loop's scope has ended, so it
-  reuses those bytes.
+  reuses those bytes. The program waits until its copies have read the
+  SMEM, not until their writes have landed (EPILOGUE_WAITS_WRITES):
+  nothing in the kernel reads the outputs, the launch's end orders them
+  before the next kernel, and the next program on the SM starts sooner.
   """
   def epilogue(ml_smem, *o_smem):
     for part_accs, smem in zip(accs, o_smem):
@@ -481,7 +490,7 @@ def _store_outputs(accs, m_i, l_i, o_refs, ml_ref, program) -> None:
       for g in range(n):
         plgpu.copy_smem_to_gmem(smem.at[g], out.at[program * n + g])
     plgpu.copy_smem_to_gmem(ml_smem, ml_ref.at[program])
-    plgpu.wait_smem_to_gmem(0)
+    plgpu.wait_smem_to_gmem(0, wait_read_only=not EPILOGUE_WAITS_WRITES)
 
   pl.run_scoped(epilogue, plgpu.SMEM((2, m_i.shape[0]), jnp.float32),
                 *[plgpu.SMEM((len(part_accs), *part_accs[0].shape),
