@@ -60,6 +60,9 @@ _OPTIONS = [
     # Codes as a token's row (16-byte rows where it is not a multiple of
     # 16), the layout before session 13's 128-byte rows.
     dict(tma_row_bytes=16),
+    # The splits merged by the kernel's last program of each (b, k)
+    # (GMEM semaphores, device only).
+    dict(merge_in_kernel=True),
 ]
 
 

@@ -244,6 +244,76 @@ class PallasGpuInterpretTest(parameterized.TestCase):
     np.testing.assert_array_equal(wide, run(16))
     np.testing.assert_array_equal(wide, run(None))
 
+  @parameterized.named_parameters(
+      dict(testcase_name="d128_b4_gqa4", dim=128, key_bits=4, value_bits=4,
+           groups=4, tokens=1, lengths=(100, 37), splits=2, options={}),
+      dict(testcase_name="d128_split_parts_empty_last_splits", dim=128,
+           key_bits=3.5, value_bits=2.5, groups=2, tokens=1,
+           lengths=(256, 70), splits=4, options={}),
+      dict(testcase_name="d64_chunk2_window", dim=64, key_bits=4,
+           value_bits=3, groups=3, tokens=2, lengths=(200, 1), splits=4,
+           options={}, window=2),
+      dict(testcase_name="d64_rotated_in_kernel_columns", dim=64,
+           key_bits=3, value_bits=3, groups=8, tokens=1, lengths=(5, 256),
+           splits=2, options=dict(rotate_in_kernel=True)),
+      dict(testcase_name="d128_columns_length1", dim=128, key_bits=4,
+           value_bits=4, groups=4, tokens=1, lengths=(1, 237), splits=4,
+           options=dict(combine="columns")))
+  def test_merge_in_kernel(self, dim, key_bits, value_bits, groups, tokens,
+                           lengths, splits, options, window=0):
+    # The last program of each (b, k) merges the splits' states (in
+    # interpret mode the grid runs in order, so the semaphores are
+    # skipped): the kernel's outputs are one split, and the attention
+    # equals the reference and the XLA merge of every split. Splits past
+    # a sequence's length hold the empty state (m = -inf) and weigh 0.
+    seed = zlib.crc32(self.id().encode())
+    cfg = CacheConfig(kind="turboquant", key_bits=key_bits,
+                      value_bits=value_bits, window=window)
+    keys = jax.random.split(jax.random.key(seed), 4)
+    k = jax.random.normal(keys[0], (2, 2, 256, dim)) * 2.0
+    v = jax.random.normal(keys[1], (2, 2, 256, dim))
+    cache = cache_lib.prefill(cache_lib.init(cfg, 2, 2, 256, dim,
+                                             key=keys[2]),
+                              k, v, jnp.array(lengths))
+    q = jax.random.normal(keys[3], (2, tokens, 2 * groups, dim))
+    lengths = jnp.array(lengths)
+    want = attn.chunk_attention(q, cache, lengths, impl="reference")
+    run = lambda merge: attn.chunk_attention(
+        q, cache, lengths, impl="pallas_gpu", interpret=True, splits=splits,
+        merge_in_kernel=merge, **options)
+    got = run(True)
+    scale = float(jnp.max(jnp.abs(want)))
+    np.testing.assert_allclose(got, want, rtol=self.TOL,
+                               atol=self.TOL * scale)
+    np.testing.assert_allclose(got, run(False), rtol=0, atol=1e-5 * scale)
+    inp = parts.prepare(q, cache, lengths, dim ** -0.5)
+    if not options:
+      accs, m, l = pallas_gpu_tokens.fused_attention(
+          inp, splits=splits, interpret=pallas_gpu.interpret_params(True),
+          merge_in_kernel=True)
+      self.assertEqual(m.shape[2], 1)
+      self.assertEqual(accs[0].shape[2], 1)
+
+  def test_merge_in_kernel_refuses_append_and_many_heads(self):
+    cache = self._cache(64, 4, 4, 0, (10, 20), 0)
+    q = jnp.ones((2, 1, 4, 64))
+    inp = parts.prepare(q, cache, cache.lengths, 0.125)
+    with self.assertRaisesRegex(ValueError, "merge_in_kernel"):
+      pallas_gpu_tokens.fused_attention(
+          inp, splits=2, merge_in_kernel=True,
+          interpret=pallas_gpu.interpret_params(True),
+          append=(cache, jnp.ones((2, 2, 1, 64)), jnp.ones((2, 2, 1, 64))))
+    many = dataclasses.replace(
+        inp, q=[jnp.ones((2, pallas_gpu_tokens.MERGE_MAX_HEADS, 2, 64))])
+    with self.assertRaisesRegex(ValueError, "sequence-heads"):
+      pallas_gpu_tokens.fused_attention(
+          many, splits=2, merge_in_kernel=True,
+          interpret=pallas_gpu.interpret_params(True))
+    with self.assertRaisesRegex(ValueError, "merge_in_kernel"):
+      attn.decode_attention(q[:, 0], cache, cache.lengths,
+                            impl="pallas_gpu", layout="queries",
+                            interpret=True, merge_in_kernel=True)
+
   def test_tma_rows_view(self):
     # _tma_rows: a token's packed row as it is where its bytes are a
     # multiple of the width, else the same bytes as rows of that width.

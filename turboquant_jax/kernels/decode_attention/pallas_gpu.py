@@ -469,7 +469,8 @@ def _tile_specs(key_specs, value_specs, tile0, rows: int = ROWS,
           + [norm_spec] * len(value_specs))
 
 
-def _store_outputs(accs, m_i, l_i, o_refs, ml_ref, program) -> None:
+def _store_outputs(accs, m_i, l_i, o_refs, ml_ref, program,
+                   wait_writes: bool | None = None) -> None:
   """Writes the accumulators and (m, l) of one program through SMEM.
 
   The SMEM is scoped here, after the tile loop's scope has ended, so it
@@ -477,7 +478,11 @@ def _store_outputs(accs, m_i, l_i, o_refs, ml_ref, program) -> None:
   SMEM, not until their writes have landed (EPILOGUE_WAITS_WRITES):
   nothing in the kernel reads the outputs, the launch's end orders them
   before the next kernel, and the next program on the SM starts sooner.
+  wait_writes=True waits for the writes (another program reads them:
+  pallas_gpu_tokens' merge_in_kernel).
   """
+  if wait_writes is None:
+    wait_writes = EPILOGUE_WAITS_WRITES
   def epilogue(ml_smem, *o_smem):
     for part_accs, smem in zip(accs, o_smem):
       for g, acc in enumerate(part_accs):
@@ -490,7 +495,7 @@ def _store_outputs(accs, m_i, l_i, o_refs, ml_ref, program) -> None:
       for g in range(n):
         plgpu.copy_smem_to_gmem(smem.at[g], out.at[program * n + g])
     plgpu.copy_smem_to_gmem(ml_smem, ml_ref.at[program])
-    plgpu.wait_smem_to_gmem(0, wait_read_only=not EPILOGUE_WAITS_WRITES)
+    plgpu.wait_smem_to_gmem(0, wait_read_only=not wait_writes)
 
   pl.run_scoped(epilogue, plgpu.SMEM((2, m_i.shape[0]), jnp.float32),
                 *[plgpu.SMEM((len(part_accs), *part_accs[0].shape),
@@ -567,12 +572,12 @@ OVERLAP_MAX_TILES = 8
                           "transpose_p", "skip_empty_splits", "combine",
                           "rotate_in_kernel", "min_columns", "approx_math",
                           "auto_barriers", "overlap_values", "tma_row_bytes",
-                          "interpret"))
+                          "merge_in_kernel", "interpret"))
 def _attention(q, cache, lengths, scale, splits, lookup_mode, layout,
                stages, tile_rows, key_registers, transpose_p,
                skip_empty_splits, combine, rotate_in_kernel, min_columns,
                approx_math, auto_barriers, overlap_values, tma_row_bytes,
-               interpret):
+               merge_in_kernel, interpret):
   # Norms as stored (f16): the kernels convert per tile.
   inp = parts.prepare(q, cache, lengths, scale, norms_as_stored=True)
   if layout == "tokens":
@@ -585,7 +590,8 @@ def _attention(q, cache, lengths, scale, splits, lookup_mode, layout,
                             approx_math=approx_math,
                             auto_barriers=auto_barriers,
                             overlap_values=overlap_values,
-                            tma_row_bytes=tma_row_bytes)
+                            tma_row_bytes=tma_row_bytes,
+                            merge_in_kernel=merge_in_kernel)
     rotate = None
     if rotate_in_kernel and _rotatable(inp, cache):
       rotate = _rotate_inputs(q, cache, scale)
@@ -817,6 +823,7 @@ def attention(q: jax.Array, cache, lengths: jax.Array, *,
               auto_barriers: bool | None = None,
               overlap_values: bool | None = None,
               tma_row_bytes: int | None = None,
+              merge_in_kernel: bool = False,
               interpret: bool | None = None) -> jax.Array:
   """q [B, T, H, D] over a TurboQuantCache -> f32[B, T, H, D].
 
@@ -908,6 +915,13 @@ def attention(q: jax.Array, cache, lengths: jax.Array, *,
       shorter). None: TMA_ROW_BYTES. A bare pipeline over a 4-bit cache
       (B=8, S=128k) streamed 0.280 ms as 128-byte rows against 0.327 as
       64-byte and 0.525 as 16-byte rows (pipeline_probe, NOTES.md).
+    merge_in_kernel: layout="tokens", at most
+      pallas_gpu_tokens.MERGE_MAX_HEADS sequence-heads (B·K): the last
+      program of each (b, k) merges the splits' partial softmax states
+      itself, after a GMEM semaphore (so XLA's merge of the splits, three
+      reductions at B = 1, fuses away). Written after session 16's device
+      time ran out: checked in interpret mode and lowered for CUDA, not
+      yet run on a GPU; off by default.
     interpret: None uses Mosaic GPU interpret mode when the backend is not
       a GPU.
   """
@@ -926,6 +940,8 @@ def attention(q: jax.Array, cache, lengths: jax.Array, *,
       layout == "queries" and tile_rows not in (None, ROWS)):
     raise ValueError(f"{tile_rows=!r}: expected 64, 128 or 256 (64 for "
                      "layout='queries')")
+  if layout == "queries" and merge_in_kernel:
+    raise ValueError("merge_in_kernel: an option of layout='tokens' only")
   if layout == "queries" and (key_registers or transpose_p
                               or skip_empty_splits or rotate_in_kernel
                               or min_columns not in (None, 16) or approx_math
@@ -966,4 +982,5 @@ def attention(q: jax.Array, cache, lengths: jax.Array, *,
                     stages, tile_rows, bool(key_registers), bool(transpose_p),
                     bool(skip_empty_splits), combine, bool(rotate_in_kernel),
                     min_columns, bool(approx_math), bool(auto_barriers),
-                    bool(overlap_values), tma_row_bytes, interpret)
+                    bool(overlap_values), tma_row_bytes,
+                    bool(merge_in_kernel), interpret)

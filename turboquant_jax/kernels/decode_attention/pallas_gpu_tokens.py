@@ -79,6 +79,9 @@ from turboquant_jax.kernels.decode_attention import parts
 from turboquant_jax.kernels.quantize_append import pallas_gpu as append_gpu
 
 ROWS, GROUP = base.ROWS, base.GROUP
+# merge_in_kernel's most sequence-heads (B·K): that many programs spin on a
+# semaphore at once, each holding an SM slot (528 on the H200 at 4 a SM).
+MERGE_MAX_HEADS = 64
 _L = plgpu.Layout
 
 
@@ -198,10 +201,68 @@ def _rotate_back(tiles, accs, n: int) -> tuple:
   return pl.run_scoped(rotate, _columns_smem(groups, n))
 
 
+def _fence_proxy_async_global() -> None:
+  """Orders this thread's generic-proxy accesses to global memory (an
+  acquire) before its later async-proxy ones (TMA copies)."""
+  # pylint: disable-next=g-import-not-at-top (Mosaic GPU internals)
+  from jax.experimental.mosaic.gpu import utils as mgpu_utils
+
+  @plgpu.inline_mgpu()
+  def fence(ctx):
+    del ctx
+    mgpu_utils.inline_ptx("fence.proxy.async.global;", has_side_effects=True)
+  fence()
+
+
+def _merged_splits(o_refs, ml_ref, first: int, splits: int, n: int,
+                   value_groups: list[int]):
+  """The log-sum-exp merge of the partial softmax states that programs
+  first .. first + splits - 1 wrote (accumulators per value part, [G, 64,
+  n] each, and (m, l) [2, n]), read back through a pipeline of TMA
+  copies: (accumulators, m, l) in the layouts the tile loop keeps them."""
+  def zeros(shape):
+    return plgpu.layout_cast(jnp.zeros(shape, jnp.float32), _L.WGMMA)
+
+  def per_query(x):
+    return jax.lax.broadcast_in_dim(x, (GROUP, n), [1])
+
+  def body(idx, *refs_and_carry):
+    del idx
+    *smem, carry = refs_and_carry
+    acc_smem, ml_smem = smem[:-1], smem[-1]
+    accs, m_i, l_i = carry
+    row = lambda i: plgpu.load(ml_smem.at[0, i], layout=_L.WGMMA.reduce(0),
+                               optimized=False)
+    m_j, l_j = row(0), row(1)
+    m_new = jnp.maximum(m_i, m_j)
+    m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+    mine, theirs = jnp.exp(m_i - m_safe), jnp.exp(m_j - m_safe)
+    new_accs = tuple(
+        tuple(acc * per_query(mine) + plgpu.load(
+            part_smem.at[g], layout=_L.WGMMA, optimized=False)
+              * per_query(theirs) for g, acc in enumerate(part_accs))
+        for part_accs, part_smem in zip(accs, acc_smem))
+    return new_accs, m_new, l_i * mine + l_j * theirs
+
+  accs = tuple(tuple(zeros((GROUP, n)) for _ in range(g))
+               for g in value_groups)
+  m0 = plgpu.layout_cast(jnp.full((n,), -jnp.inf, jnp.float32),
+                         _L.WGMMA.reduce(0))
+  l0 = jnp.sum(zeros((GROUP, n)), axis=0)
+  in_specs = [plgpu.BlockSpec((g, GROUP, n),
+                              lambda j: (first + j, 0, 0))
+              for g in value_groups]
+  in_specs.append(plgpu.BlockSpec((1, 2, n), lambda j: (first + j, 0, 0)))
+  pipeline = plgpu.emit_pipeline(body, grid=(splits,), in_specs=in_specs,
+                                 max_concurrent_steps=2,
+                                 init_carry=(accs, m0, l0))
+  return pipeline(*o_refs, ml_ref)
+
+
 def _kernel(lengths_ref, *refs, key_specs, value_specs, groups, split_len,
             kv_heads, splits, mode, interpret, n, rows, stages,
             key_registers, transpose_p, skip_empty_splits, window, tokens,
-            rotate, append, overlap_values, tma_row_bytes):
+            rotate, append, overlap_values, tma_row_bytes, merge, batch):
   nk, nv = len(key_specs), len(value_specs)
   # The scratch at the end: with rotate the rotations' tiles and their
   # barriers (one a tile), then the queries' SMEM (all key parts), a
@@ -389,7 +450,7 @@ def _kernel(lengths_ref, *refs, key_specs, value_specs, groups, split_len,
       accs_out = (_rotate_back(
           _rotation(rot_tiles, rot_barriers, 1, groups_k), accs_out[0], n),)
     base._store_outputs(accs_out, m_i, jnp.sum(l_i, axis=0), o_refs,
-                        ml_ref, program)
+                        ml_ref, program, wait_writes=merge or None)
 
   def empty():
     if not rotate:
@@ -397,7 +458,7 @@ def _kernel(lengths_ref, *refs, key_specs, value_specs, groups, split_len,
     if rotate:            # no program leaves with a TMA in flight
       _rotation(rot_tiles, rot_barriers, 1, groups_k)
     base._store_outputs(accs, m0, jnp.sum(zeros(shape), axis=0), o_refs,
-                        ml_ref, program)
+                        ml_ref, program, wait_writes=merge or None)
 
   def attend_new():
     """Program s = splits: quantize_token, written at position `old`, then
@@ -469,6 +530,36 @@ def _kernel(lengths_ref, *refs, key_specs, value_specs, groups, split_len,
     pl.when(appended)(attend_one)
     pl.when(jnp.logical_not(appended))(empty)
 
+  def merge_splits():
+    """merge_in_kernel: program s = NS - 1 of each (b, k), once the others
+    have written their states (a GMEM semaphore each: the others signal
+    after their writes have landed; on the device the programs of lower
+    index are dispatched first, so the one waiting never holds a slot one
+    it waits for needs), merges all NS into its own outputs; XLA then
+    finishes one split. Interpret mode runs the grid in order, s last."""
+    last = split == splits - 1
+    first = program - split
+    if not interpret:
+      sem = pl.get_global(plgpu.SemaphoreType.REGULAR((batch * kv_heads,)))
+      sem = sem.at[b * kv_heads + k]
+
+      @pl.when(jnp.logical_not(last))
+      def _():
+        plgpu.commit_smem()        # every thread past the writes' wait
+        plgpu.semaphore_signal(sem, 1, memory_scope="gpu")
+
+      @pl.when(last)
+      def _():
+        plgpu.semaphore_wait(sem, splits - 1, memory_scope="gpu")
+        _fence_proxy_async_global()
+
+    @pl.when(last)
+    def _():
+      merged, m_all, l_all = _merged_splits(
+          o_refs, ml_ref, first, splits, n,
+          [base._groups(s) for s in value_specs])
+      base._store_outputs(merged, m_all, l_all, o_refs, ml_ref, program)
+
   def splits_part():
     if not skip_empty_splits:
       attend()
@@ -482,6 +573,8 @@ def _kernel(lengths_ref, *refs, key_specs, value_specs, groups, split_len,
 
   if not append:
     splits_part()
+    if merge:
+      merge_splits()
     return
   pl.when(is_new)(attend_new)
   pl.when(jnp.logical_not(is_new))(splits_part)
@@ -506,7 +599,8 @@ def fused_attention(inp: parts.KernelInputs, *, splits: int = 8,
                     columns: bool = False, rotate=None, append=None,
                     min_columns: int = 16, approx_math: bool = False,
                     auto_barriers: bool = True, overlap_values: bool = True,
-                    tma_row_bytes: int = 16, queries=None):
+                    tma_row_bytes: int = 16, queries=None,
+                    merge_in_kernel: bool = False):
   """Runs the kernel: (acc per value part [B,K,NS,M,Dp], m, l [B,K,NS,M]),
   or with `columns` as the kernel wrote them: acc [B,K,NS,Dp,N], m, l
   [B,K,NS,N] (all N query columns, no transpose).
@@ -562,6 +656,12 @@ def fused_attention(inp: parts.KernelInputs, *, splits: int = 8,
   queries: the kernel's query operand f16[B·K·G, N, 64] (every key part's
   groups, N = query_columns) made by the caller
   (pallas_gpu.folded_query_operand), or None: laid out here from inp.q.
+  merge_in_kernel: the last program of each (b, k) merges the splits'
+  states itself (after a GMEM semaphore says the others have written
+  theirs), so the outputs hold one split and XLA's merge of NS splits
+  (three reductions) becomes a merge of one, which it fuses away. Not
+  with `append`, nor with more than MERGE_MAX_HEADS sequence-heads (B·K
+  programs wait at once).
   """
   if min_columns not in (8, 16) or (min_columns == 8 and not transpose_p):
     raise ValueError(f"{min_columns=}, {transpose_p=}: expected 16, or 8 "
@@ -570,6 +670,10 @@ def fused_attention(inp: parts.KernelInputs, *, splits: int = 8,
     raise ValueError("approx_math: not with append")
   if tma_row_bytes not in (16, 128):
     raise ValueError(f"{tma_row_bytes=}: expected 16 or 128")
+  if merge_in_kernel and (append is not None or inp.lengths.shape[0]
+                          * inp.q[0].shape[1] > MERGE_MAX_HEADS):
+    raise ValueError(f"{merge_in_kernel=}: not with append, nor with more "
+                     f"than {MERGE_MAX_HEADS} sequence-heads (B·K)")
   base._check(inp, splits, tma_row_bytes)
   specs, q_parts, codes, norms = base._kernel_specs(inp)
   b, kv, m, _ = inp.q[0].shape
@@ -615,7 +719,8 @@ def fused_attention(inp: parts.KernelInputs, *, splits: int = 8,
                         window=inp.window, tokens=inp.tokens,
                         rotate=rotate is not None, append=append_specs,
                         overlap_values=overlap_values,
-                        tma_row_bytes=tma_row_bytes),
+                        tma_row_bytes=tma_row_bytes,
+                        merge=merge_in_kernel and splits > 1, batch=b),
       out_type=out_type, scratch_types=scratch,
       grid=(b, kv, out_splits), grid_names=("b", "k", "s"),
       compiler_params=plgpu.CompilerParams(
@@ -640,6 +745,10 @@ def fused_attention(inp: parts.KernelInputs, *, splits: int = 8,
         code_arrays, [*codes, *norms, *inp.value_codes, *inp.value_norms])]
     written, outs = (*stored, outs[-1]), outs[:-1]
   result = _split_outputs(outs, nv, (b, kv, out_splits), m, n, columns)
+  if merge_in_kernel:     # the merged state is the last split's
+    accs, m_out, l_out = result
+    result = ([a[:, :, -1:] for a in accs], m_out[:, :, -1:],
+              l_out[:, :, -1:])
   return result if written is None else (result, written)
 
 
