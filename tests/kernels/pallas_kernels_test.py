@@ -249,7 +249,7 @@ class PallasGpuInterpretTest(parameterized.TestCase):
            groups=4, tokens=1, lengths=(100, 37), splits=2, options={}),
       dict(testcase_name="d128_split_parts_empty_last_splits", dim=128,
            key_bits=3.5, value_bits=2.5, groups=2, tokens=1,
-           lengths=(256, 70), splits=4, options={}),
+           lengths=(512, 70), splits=8, options={}, capacity=512),
       dict(testcase_name="d64_chunk2_window", dim=64, key_bits=4,
            value_bits=3, groups=3, tokens=2, lengths=(200, 1), splits=4,
            options={}, window=2),
@@ -260,19 +260,21 @@ class PallasGpuInterpretTest(parameterized.TestCase):
            value_bits=4, groups=4, tokens=1, lengths=(1, 237), splits=4,
            options=dict(combine="columns")))
   def test_merge_in_kernel(self, dim, key_bits, value_bits, groups, tokens,
-                           lengths, splits, options, window=0):
+                           lengths, splits, options, window=0,
+                           capacity=256):
     # The last program of each (b, k) merges the splits' states (in
     # interpret mode the grid runs in order, so the semaphores are
-    # skipped): the kernel's outputs are one split, and the attention
-    # equals the reference and the XLA merge of every split. Splits past
-    # a sequence's length hold the empty state (m = -inf) and weigh 0.
+    # skipped; 8 splits read back in two pipeline steps of 4): the
+    # kernel's outputs are one split, and the attention equals the
+    # reference and the XLA merge of every split. Splits past a
+    # sequence's length hold the empty state (m = -inf) and weigh 0.
     seed = zlib.crc32(self.id().encode())
     cfg = CacheConfig(kind="turboquant", key_bits=key_bits,
                       value_bits=value_bits, window=window)
     keys = jax.random.split(jax.random.key(seed), 4)
-    k = jax.random.normal(keys[0], (2, 2, 256, dim)) * 2.0
-    v = jax.random.normal(keys[1], (2, 2, 256, dim))
-    cache = cache_lib.prefill(cache_lib.init(cfg, 2, 2, 256, dim,
+    k = jax.random.normal(keys[0], (2, 2, capacity, dim)) * 2.0
+    v = jax.random.normal(keys[1], (2, 2, capacity, dim))
+    cache = cache_lib.prefill(cache_lib.init(cfg, 2, 2, capacity, dim,
                                              key=keys[2]),
                               k, v, jnp.array(lengths))
     q = jax.random.normal(keys[3], (2, tokens, 2 * groups, dim))

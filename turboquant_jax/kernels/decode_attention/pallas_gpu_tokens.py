@@ -214,12 +214,24 @@ def _fence_proxy_async_global() -> None:
   fence()
 
 
+# merge_in_kernel reads as many splits' states a pipeline step as fit this
+# many bytes (2 steps in flight: at D = 128 and 8 query columns, 4 splits
+# a step, ~33 KB of SMEM, under the tile loop's): one reader's bytes in
+# flight bound its time (~0.4 µs of L2 latency a step), so steps of one
+# split (4 KB) would leave it far below an SM's share of L2 bandwidth.
+MERGE_STEP_BYTES = 20480
+
+
 def _merged_splits(o_refs, ml_ref, first: int, splits: int, n: int,
                    value_groups: list[int]):
   """The log-sum-exp merge of the partial softmax states that programs
   first .. first + splits - 1 wrote (accumulators per value part, [G, 64,
   n] each, and (m, l) [2, n]), read back through a pipeline of TMA
-  copies: (accumulators, m, l) in the layouts the tile loop keeps them."""
+  copies, as many splits a step as fit MERGE_STEP_BYTES (at least one):
+  (accumulators, m, l) in the layouts the tile loop keeps them."""
+  state_bytes = (sum(value_groups) * GROUP + 2) * n * 4
+  per_step = max([d for d in range(1, splits + 1) if splits % d == 0
+                  and d * state_bytes <= MERGE_STEP_BYTES] or [1])
   def zeros(shape):
     return plgpu.layout_cast(jnp.zeros(shape, jnp.float32), _L.WGMMA)
 
@@ -231,29 +243,37 @@ def _merged_splits(o_refs, ml_ref, first: int, splits: int, n: int,
     *smem, carry = refs_and_carry
     acc_smem, ml_smem = smem[:-1], smem[-1]
     accs, m_i, l_i = carry
-    row = lambda i: plgpu.load(ml_smem.at[0, i], layout=_L.WGMMA.reduce(0),
-                               optimized=False)
-    m_j, l_j = row(0), row(1)
-    m_new = jnp.maximum(m_i, m_j)
-    m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-    mine, theirs = jnp.exp(m_i - m_safe), jnp.exp(m_j - m_safe)
-    new_accs = tuple(
-        tuple(acc * per_query(mine) + plgpu.load(
-            part_smem.at[g], layout=_L.WGMMA, optimized=False)
-              * per_query(theirs) for g, acc in enumerate(part_accs))
-        for part_accs, part_smem in zip(accs, acc_smem))
-    return new_accs, m_new, l_i * mine + l_j * theirs
+    for j in range(per_step):
+      row = lambda i, j=j: plgpu.load(
+          ml_smem.at[j, i], layout=_L.WGMMA.reduce(0), optimized=False)
+      m_j, l_j = row(0), row(1)
+      m_new = jnp.maximum(m_i, m_j)
+      m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+      mine, theirs = jnp.exp(m_i - m_safe), jnp.exp(m_j - m_safe)
+      accs = tuple(
+          tuple(acc * per_query(mine) + plgpu.load(
+              part_smem.at[j * len(part_accs) + g], layout=_L.WGMMA,
+              optimized=False) * per_query(theirs)
+                for g, acc in enumerate(part_accs))
+          for part_accs, part_smem in zip(accs, acc_smem))
+      m_i, l_i = m_new, l_i * mine + l_j * theirs
+    return accs, m_i, l_i
 
   accs = tuple(tuple(zeros((GROUP, n)) for _ in range(g))
                for g in value_groups)
   m0 = plgpu.layout_cast(jnp.full((n,), -jnp.inf, jnp.float32),
                          _L.WGMMA.reduce(0))
   l0 = jnp.sum(zeros((GROUP, n)), axis=0)
-  in_specs = [plgpu.BlockSpec((g, GROUP, n),
-                              lambda j: (first + j, 0, 0))
+  # Block j of per_step splits' rows: programs first + per_step·j .. (first
+  # is a multiple of splits, so of per_step).
+  step0 = first // per_step
+  in_specs = [plgpu.BlockSpec((per_step * g, GROUP, n),
+                              lambda j: (step0 + j, 0, 0))
               for g in value_groups]
-  in_specs.append(plgpu.BlockSpec((1, 2, n), lambda j: (first + j, 0, 0)))
-  pipeline = plgpu.emit_pipeline(body, grid=(splits,), in_specs=in_specs,
+  in_specs.append(plgpu.BlockSpec((per_step, 2, n),
+                                  lambda j: (step0 + j, 0, 0)))
+  pipeline = plgpu.emit_pipeline(body, grid=(splits // per_step,),
+                                 in_specs=in_specs,
                                  max_concurrent_steps=2,
                                  init_carry=(accs, m0, l0))
   return pipeline(*o_refs, ml_ref)
