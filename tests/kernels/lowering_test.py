@@ -104,6 +104,16 @@ class GpuLoweringTest(parameterized.TestCase):
     text = _lower(*shape, **options).as_text()
     self.assertIn("mosaic_gpu", text)
 
+  @parameterized.parameters(
+      ((128, 4, 4, 4, 1, "mse"), {}),
+      ((128, 3.5, 4, 1, 2, "prod"), dict(overlap_values=False)),
+      ((128, 4, 4, 4, 16, "mse"), dict(tile_rows=128, combine="columns")))
+  def test_values_in_registers_lowers(self, shape, options):
+    # values_registers: the value tile read transposed by ldmatrix (device
+    # only) into the P·V wgmma's register operand.
+    text = _lower(*shape, values_registers=True, **options).as_text()
+    self.assertIn("ldmatrix", text)
+
   def test_pipeline_probe_lowers(self):
     # experiments/probes/pipeline_probe: the bare TMA pipeline over the
     # cache's arrays, with and without automatic barriers (device only).

@@ -316,6 +316,66 @@ class PallasGpuInterpretTest(parameterized.TestCase):
                             impl="pallas_gpu", layout="queries",
                             interpret=True, merge_in_kernel=True)
 
+  @parameterized.named_parameters(
+      dict(testcase_name="b4_gqa4", key_bits=4, groups=4, tokens=1,
+           lengths=(100, 37), options={}),
+      dict(testcase_name="split_keys_chunk_window_columns", key_bits=3.5,
+           groups=3, tokens=2, lengths=(128, 1), window=2,
+           options=dict(combine="columns")),
+      dict(testcase_name="prod_keys_128_token_steps", key_bits=3,
+           groups=2, tokens=1, lengths=(5, 128), method="prod",
+           options=dict(tile_rows=128)))
+  def test_values_registers(self, key_bits, groups, tokens, lengths,
+                            options, window=0, method="mse"):
+    # A 4-bit, D=128 value tile read transposed into registers: its
+    # coordinates come out in value_rows order, put back by XLA. Interpret
+    # mode sends the same order through SMEM, so the result equals the
+    # default path's and the reference.
+    cache = self._cache(128, key_bits, 4, window, lengths,
+                        zlib.crc32(self.id().encode()), method)
+    q = jax.random.normal(jax.random.key(groups),
+                          (2, tokens, 2 * groups, 128))
+    lengths = jnp.array(lengths)
+    want = attn.chunk_attention(q, cache, lengths, impl="reference")
+    run = lambda on: attn.chunk_attention(
+        q, cache, lengths, impl="pallas_gpu", interpret=True, splits=2,
+        values_registers=on, **options)
+    got = run(True)
+    scale = float(jnp.max(jnp.abs(want)))
+    np.testing.assert_allclose(got, want, rtol=self.TOL,
+                               atol=self.TOL * scale)
+    np.testing.assert_allclose(got, run(False), rtol=0, atol=1e-6 * scale)
+
+  def test_value_rows_order(self):
+    # Row f·64 + 16w + 8h + c holds byte column 16w + 2c + h of field f;
+    # the two reshapes are that permutation and its inverse.
+    rows = pallas_gpu_tokens.value_rows()
+    self.assertEqual(sorted(rows.tolist()), list(range(128)))
+    np.testing.assert_array_equal(rows[[0, 1, 8, 9, 16, 64, 72]],
+                                  [0, 2, 1, 3, 16, 64, 65])
+    x = jax.random.normal(jax.random.key(0), (3, 128, 2))
+    y = pallas_gpu_tokens._to_value_rows(x, 1)
+    np.testing.assert_array_equal(y, x[:, rows])
+    np.testing.assert_array_equal(pallas_gpu_tokens._from_value_rows(y, 1),
+                                  x)
+
+  def test_values_registers_refusals(self):
+    q = jnp.ones((2, 4, 128))
+    for cfg, options in (((64, 4, 4), {}),          # D = 64
+                         ((128, 4, 3), {}),         # 3-bit values
+                         ((128, 4, 3.5), {}),       # split values
+                         ((128, 4, 4), dict(rotate_in_kernel=True))):
+      dim, kb, vb = cfg
+      cache = self._cache(dim, kb, vb, 0, (10, 20), 0)
+      with self.assertRaisesRegex(ValueError, "values_registers"):
+        attn.decode_attention(q[..., :dim], cache, cache.lengths,
+                              impl="pallas_gpu", interpret=True, splits=2,
+                              values_registers=True, **options)
+    with self.assertRaisesRegex(ValueError, "values_registers"):
+      attn.decode_attention(q, cache, cache.lengths,
+                            impl="pallas_gpu", layout="queries",
+                            interpret=True, values_registers=True)
+
   def test_tma_rows_view(self):
     # _tma_rows: a token's packed row as it is where its bytes are a
     # multiple of the width, else the same bytes as rows of that width.

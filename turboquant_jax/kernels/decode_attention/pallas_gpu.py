@@ -572,12 +572,13 @@ OVERLAP_MAX_TILES = 8
                           "transpose_p", "skip_empty_splits", "combine",
                           "rotate_in_kernel", "min_columns", "approx_math",
                           "auto_barriers", "overlap_values", "tma_row_bytes",
-                          "merge_in_kernel", "interpret"))
+                          "merge_in_kernel", "values_registers",
+                          "interpret"))
 def _attention(q, cache, lengths, scale, splits, lookup_mode, layout,
                stages, tile_rows, key_registers, transpose_p,
                skip_empty_splits, combine, rotate_in_kernel, min_columns,
                approx_math, auto_barriers, overlap_values, tma_row_bytes,
-               merge_in_kernel, interpret):
+               merge_in_kernel, values_registers, interpret):
   # Norms as stored (f16): the kernels convert per tile.
   inp = parts.prepare(q, cache, lengths, scale, norms_as_stored=True)
   if layout == "tokens":
@@ -591,7 +592,8 @@ def _attention(q, cache, lengths, scale, splits, lookup_mode, layout,
                             auto_barriers=auto_barriers,
                             overlap_values=overlap_values,
                             tma_row_bytes=tma_row_bytes,
-                            merge_in_kernel=merge_in_kernel)
+                            merge_in_kernel=merge_in_kernel,
+                            values_registers=values_registers)
     rotate = None
     if rotate_in_kernel and _rotatable(inp, cache):
       rotate = _rotate_inputs(q, cache, scale)
@@ -824,6 +826,7 @@ def attention(q: jax.Array, cache, lengths: jax.Array, *,
               overlap_values: bool | None = None,
               tma_row_bytes: int | None = None,
               merge_in_kernel: bool = False,
+              values_registers: bool = False,
               interpret: bool | None = None) -> jax.Array:
   """q [B, T, H, D] over a TurboQuantCache -> f32[B, T, H, D].
 
@@ -922,6 +925,14 @@ def attention(q: jax.Array, cache, lengths: jax.Array, *,
       reductions at B = 1, fuses away). Written after session 16's device
       time ran out: checked in interpret mode and lowered for CUDA, not
       yet run on a GPU; off by default.
+    values_registers: layout="tokens", one 4-bit value part of D = 128,
+      no rotate_in_kernel: the value tile is read transposed (ldmatrix)
+      and looked up into registers as the P·V product's operand, not
+      stored to SMEM and read back by the tensor cores
+      (pallas_gpu_tokens.fused_attention). Written after session 16's
+      device time ran out: checked in interpret mode (the same
+      coordinate order through SMEM) and lowered for CUDA, not yet run on
+      a GPU; off by default.
     interpret: None uses Mosaic GPU interpret mode when the backend is not
       a GPU.
   """
@@ -940,8 +951,9 @@ def attention(q: jax.Array, cache, lengths: jax.Array, *,
       layout == "queries" and tile_rows not in (None, ROWS)):
     raise ValueError(f"{tile_rows=!r}: expected 64, 128 or 256 (64 for "
                      "layout='queries')")
-  if layout == "queries" and merge_in_kernel:
-    raise ValueError("merge_in_kernel: an option of layout='tokens' only")
+  if layout == "queries" and (merge_in_kernel or values_registers):
+    raise ValueError(f"{merge_in_kernel=}, {values_registers=}: options "
+                     "of layout='tokens' only")
   if layout == "queries" and (key_registers or transpose_p
                               or skip_empty_splits or rotate_in_kernel
                               or min_columns not in (None, 16) or approx_math
@@ -983,4 +995,5 @@ def attention(q: jax.Array, cache, lengths: jax.Array, *,
                     bool(skip_empty_splits), combine, bool(rotate_in_kernel),
                     min_columns, bool(approx_math), bool(auto_barriers),
                     bool(overlap_values), tma_row_bytes,
-                    bool(merge_in_kernel), interpret)
+                    bool(merge_in_kernel), bool(values_registers),
+                    interpret)

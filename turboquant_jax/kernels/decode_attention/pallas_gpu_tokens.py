@@ -73,9 +73,11 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
+import numpy as np
 
 from turboquant_jax.kernels.decode_attention import pallas_gpu as base
 from turboquant_jax.kernels.decode_attention import parts
+from turboquant_jax.kernels.decode_attention import prmt_lookup
 from turboquant_jax.kernels.quantize_append import pallas_gpu as append_gpu
 
 ROWS, GROUP = base.ROWS, base.GROUP
@@ -201,6 +203,100 @@ def _rotate_back(tiles, accs, n: int) -> tuple:
   return pl.run_scoped(rotate, _columns_smem(groups, n))
 
 
+def value_rows(dim: int = 2 * GROUP) -> np.ndarray:
+  """values_registers' output order: row r of a value part's accumulators
+  holds coordinate value_rows()[r]. Row f·64 + 16w + 8h + c (field f of
+  the 4-bit bytes, warp w, half h, lane row c) is byte column 16w + 2c +
+  h of field f: _transposed_codes' ldmatrix gives a lane byte columns 2c
+  and 2c + 1 of its warp's 16."""
+  r = np.arange(dim)
+  f, w, h, c = r // GROUP, r % GROUP // 16, r % 16 // 8, r % 8
+  return f * GROUP + 16 * w + 2 * c + h
+
+
+def _to_value_rows(x: jax.Array, axis: int) -> jax.Array:
+  """x's coordinates (along `axis`) in value_rows order: in each 16,
+  position 8h + c takes coordinate 2c + h."""
+  shape = x.shape
+  x = x.reshape(*shape[:axis], shape[axis] // 16, 8, 2, *shape[axis + 1:])
+  return jnp.swapaxes(x, axis + 1, axis + 2).reshape(shape)
+
+
+def _from_value_rows(x: jax.Array, axis: int) -> jax.Array:
+  """_to_value_rows' inverse."""
+  shape = x.shape
+  x = x.reshape(*shape[:axis], shape[axis] // 16, 2, 8, *shape[axis + 1:])
+  return jnp.swapaxes(x, axis + 1, axis + 2).reshape(shape)
+
+
+def values_registers_supported(value_specs, rotate: bool, append) -> str:
+  """Why values_registers cannot run on these parts ('' if it can): one
+  value part of 4 bits and D = 128 (64-byte rows: 4 warps of 16 byte
+  columns), prmt centroids, no rotation in the kernel (its rotation back
+  reads the natural order), no append."""
+  if len(value_specs) != 1 or value_specs[0].bits != 4 or (
+      value_specs[0].dim != 2 * GROUP):
+    return "one 4-bit value part of 128 coordinates"
+  if not prmt_lookup.supports(4, value_specs[0].centroids):
+    return "a symmetric 4-bit codebook (prmt_lookup)"
+  if rotate or append is not None:
+    return "no rotate_in_kernel, no append"
+  return ""
+
+
+def _transposed_codes(code_ref, rows: int) -> jax.Array:
+  """A 4-bit, D = 128 value tile (u8 SMEM, a token's 64 bytes after the
+  previous token's, in whatever TMA rows) as u8 [64, rows] in the WGMMA
+  layout, row value_rows-ordered byte column j, column token t: each
+  register the pair (t, t + 1) of one byte column, the byte-permute
+  lookup's input, so the looked-up fields are Vᵀ's A operands as they
+  are. Two tokens' b16 columns per lane by ldmatrix.x4.trans (8 tokens x
+  8 b16 columns a matrix, a warp's 16 byte columns), then one prmt
+  (0x3120) splits each register into byte column 2c's pair (low half)
+  and 2c + 1's (high half)."""
+  # pylint: disable=g-import-not-at-top (Mosaic GPU internals, device only)
+  from jax._src.lib.mlir import ir
+  from jax._src.lib.mlir.dialects import arith
+  from jax._src.lib.mlir.dialects import llvm
+  from jax.experimental.mosaic import gpu as mgpu
+  from jax.experimental.mosaic.gpu import utils as mgpu_utils
+  out = plgpu.ShapeDtypeStruct((2 * 32, rows), jnp.uint8, layout=_L.WGMMA)
+
+  @plgpu.inline_mgpu(arg_types=(plgpu.RefType(),), return_type=out)
+  def load(ctx, ref):
+    del ctx
+    i16 = ir.IntegerType.get_signless(16)
+    i32 = ir.IntegerType.get_signless(32)
+    c = lambda x: arith.constant(i32, x)
+    u8x2 = ir.VectorType.get((2,), ir.IntegerType.get_signless(8))
+    base = llvm.ptrtoint(i32, mgpu_utils.memref_ptr(ref))
+    tid = mgpu_utils.thread_idx()
+    lane = arith.andi(tid, c(31))
+    warp = arith.andi(arith.shrui(tid, c(5)), c(3))
+    # Lane l addresses row l % 8 of matrix l // 8: token 8·(4q + l // 8)
+    # + l % 8, bytes 16w .. 16w + 15.
+    row = arith.addi(arith.muli(arith.shrui(lane, c(3)), c(8)),
+                     arith.andi(lane, c(7)))
+    lane_base = arith.addi(base, arith.addi(arith.muli(row, c(64)),
+                                            arith.muli(warp, c(16))))
+    regs = np.empty(mgpu.WGMMA_LAYOUT.registers_shape((64, rows)), object)
+    for quad in range(rows // 32):       # 4 token blocks of 8 an ldmatrix
+      addr = arith.addi(lane_base, c(quad * 32 * 64))
+      words = mgpu_utils.inline_ptx(
+          "ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 "
+          "{$0, $1, $2, $3}, [$4];", addr, result_types=[i32] * 4)
+      for m, word in enumerate(words):
+        pairs = mgpu_utils.inline_ptx("prmt.b32 $0, $1, 0, 0x3120;", word,
+                                      result_types=i32)
+        for half in range(2):
+          bits = arith.trunci(i16, arith.shrui(pairs, c(16 * half)))
+          regs[0, 4 * quad + m, 0, 0, half, 0, 0, 0, 0] = (
+              mgpu_utils.bitcast(bits, u8x2))
+    return mgpu.FragmentedArray(_registers=regs, _layout=mgpu.WGMMA_LAYOUT,
+                                _is_signed=False)
+  return load(code_ref)
+
+
 def _fence_proxy_async_global() -> None:
   """Orders this thread's generic-proxy accesses to global memory (an
   acquire) before its later async-proxy ones (TMA copies)."""
@@ -282,7 +378,8 @@ def _merged_splits(o_refs, ml_ref, first: int, splits: int, n: int,
 def _kernel(lengths_ref, *refs, key_specs, value_specs, groups, split_len,
             kv_heads, splits, mode, interpret, n, rows, stages,
             key_registers, transpose_p, skip_empty_splits, window, tokens,
-            rotate, append, overlap_values, tma_row_bytes, merge, batch):
+            rotate, append, overlap_values, tma_row_bytes, merge, batch,
+            values_registers):
   nk, nv = len(key_specs), len(value_specs)
   # The scratch at the end: with rotate the rotations' tiles and their
   # barriers (one a tile), then the queries' SMEM (all key parts), a
@@ -369,8 +466,16 @@ def _kernel(lengths_ref, *refs, key_specs, value_specs, groups, split_len,
                  for spec, first in zip(key_specs, k_first)]
 
     def unpack_values():
+      if values_registers and not interpret:
+        return                # read transposed into registers below
       for ref, spec, first in zip(vc, value_specs, v_first):
-        base._dequantize_into(ref, spec, v_pool, first, mode, interpret)
+        if values_registers:  # interpret mode: the same order through SMEM
+          groups_v = base.dequantize_groups(ref, spec, mode, interpret)
+          whole = _to_value_rows(jnp.concatenate(groups_v, axis=1), 1)
+          for g in range(len(groups_v)):
+            v_pool[first + g] = whole[:, g * GROUP:(g + 1) * GROUP]
+        else:
+          base._dequantize_into(ref, spec, v_pool, first, mode, interpret)
 
     def scores(*acc_refs):
       for tiles, first, acc_ref in zip(k_tiles, k_first, acc_refs):
@@ -409,13 +514,21 @@ def _kernel(lengths_ref, *refs, key_specs, value_specs, groups, split_len,
     for ps, norm_ref in zip(p_smem, vn):
       ps[...] = (p * per_token(norm_ref)).astype(jnp.float16)
     plgpu.commit_smem()
-    operands = [(v_pool.at[first + j], ps)
-                for part_accs, first, ps in zip(accs, v_first, p_smem)
-                for j in range(len(part_accs))]
+    if values_registers and not interpret:
+      # Vᵀ's fields in registers (the wgmma's A operand), looked up from
+      # the code tile read transposed: no value tile through SMEM.
+      fields = prmt_lookup.lookup_chunks(
+          _transposed_codes(vc[0], rows), 4, value_specs[0].centroids,
+          interpret=False)
+      operands = [(f, p_smem[0]) for f in fields]
+    else:
+      operands = [(v_pool.at[first + j].transpose((1, 0)), ps)
+                  for part_accs, first, ps in zip(accs, v_first, p_smem)
+                  for j in range(len(part_accs))]
 
     def values(*acc_refs):
-      for acc_ref, (vj, ps) in zip(acc_refs, operands):
-        plgpu.wgmma(acc_ref, vj.transpose((1, 0)), ps)
+      for acc_ref, (vt, ps) in zip(acc_refs, operands):
+        plgpu.wgmma(acc_ref, vt, ps)
       return [acc_ref[...] for acc_ref in acc_refs]
 
     updates = iter(pl.run_scoped(values, *[plgpu.ACC((GROUP, n), jnp.float32)
@@ -620,7 +733,8 @@ def fused_attention(inp: parts.KernelInputs, *, splits: int = 8,
                     min_columns: int = 16, approx_math: bool = False,
                     auto_barriers: bool = True, overlap_values: bool = True,
                     tma_row_bytes: int = 16, queries=None,
-                    merge_in_kernel: bool = False):
+                    merge_in_kernel: bool = False,
+                    values_registers: bool = False):
   """Runs the kernel: (acc per value part [B,K,NS,M,Dp], m, l [B,K,NS,M]),
   or with `columns` as the kernel wrote them: acc [B,K,NS,Dp,N], m, l
   [B,K,NS,N] (all N query columns, no transpose).
@@ -682,6 +796,11 @@ def fused_attention(inp: parts.KernelInputs, *, splits: int = 8,
   (three reductions) becomes a merge of one, which it fuses away. Not
   with `append`, nor with more than MERGE_MAX_HEADS sequence-heads (B·K
   programs wait at once).
+  values_registers: a 4-bit, D = 128 value part's tile is read transposed
+  (ldmatrix) and looked up into registers, the P·V wgmma's A operand, so
+  no value tile goes through SMEM; the outputs' coordinates come in
+  value_rows order, put back here. Interpret mode (whose wgmma takes no
+  register operand) sends the same order through SMEM.
   """
   if min_columns not in (8, 16) or (min_columns == 8 and not transpose_p):
     raise ValueError(f"{min_columns=}, {transpose_p=}: expected 16, or 8 "
@@ -695,6 +814,11 @@ def fused_attention(inp: parts.KernelInputs, *, splits: int = 8,
     raise ValueError(f"{merge_in_kernel=}: not with append, nor with more "
                      f"than {MERGE_MAX_HEADS} sequence-heads (B·K)")
   base._check(inp, splits, tma_row_bytes)
+  if values_registers:
+    reason = values_registers_supported(inp.value_specs, rotate is not None,
+                                        append)
+    if reason:
+      raise ValueError(f"{values_registers=}: needs {reason}")
   specs, q_parts, codes, norms = base._kernel_specs(inp)
   b, kv, m, _ = inp.q[0].shape
   n = query_columns(m, min_columns)
@@ -740,7 +864,8 @@ def fused_attention(inp: parts.KernelInputs, *, splits: int = 8,
                         rotate=rotate is not None, append=append_specs,
                         overlap_values=overlap_values,
                         tma_row_bytes=tma_row_bytes,
-                        merge=merge_in_kernel and splits > 1, batch=b),
+                        merge=merge_in_kernel and splits > 1, batch=b,
+                        values_registers=values_registers),
       out_type=out_type, scratch_types=scratch,
       grid=(b, kv, out_splits), grid_names=("b", "k", "s"),
       compiler_params=plgpu.CompilerParams(
@@ -765,6 +890,10 @@ def fused_attention(inp: parts.KernelInputs, *, splits: int = 8,
         code_arrays, [*codes, *norms, *inp.value_codes, *inp.value_norms])]
     written, outs = (*stored, outs[-1]), outs[:-1]
   result = _split_outputs(outs, nv, (b, kv, out_splits), m, n, columns)
+  if values_registers:    # coordinates back in order
+    accs, m_out, l_out = result
+    result = ([_from_value_rows(accs[0], 3 if columns else 4)], m_out,
+              l_out)
   if merge_in_kernel:     # the merged state is the last split's
     accs, m_out, l_out = result
     result = ([a[:, :, -1:] for a in accs], m_out[:, :, -1:],
