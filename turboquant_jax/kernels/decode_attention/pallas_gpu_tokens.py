@@ -273,11 +273,9 @@ def _transposed_codes(code_ref, rows: int) -> jax.Array:
     tid = mgpu_utils.thread_idx()
     lane = arith.andi(tid, c(31))
     warp = arith.andi(arith.shrui(tid, c(5)), c(3))
-    # Lane l addresses row l % 8 of matrix l // 8: token 8·(4q + l // 8)
-    # + l % 8, bytes 16w .. 16w + 15.
-    row = arith.addi(arith.muli(arith.shrui(lane, c(3)), c(8)),
-                     arith.andi(lane, c(7)))
-    lane_base = arith.addi(base, arith.addi(arith.muli(row, c(64)),
+    # Lane l addresses row l % 8 of matrix l // 8 of quad q: token
+    # 32q + 8·(l // 8) + l % 8 = 32q + l, bytes 16w .. 16w + 15.
+    lane_base = arith.addi(base, arith.addi(arith.muli(lane, c(64)),
                                             arith.muli(warp, c(16))))
     regs = np.empty(mgpu.WGMMA_LAYOUT.registers_shape((64, rows)), object)
     for quad in range(rows // 32):       # 4 token blocks of 8 an ldmatrix
