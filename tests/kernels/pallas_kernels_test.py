@@ -279,15 +279,8 @@ class PallasGpuInterpretTest(parameterized.TestCase):
                               k, v, jnp.array(lengths))
     q = jax.random.normal(keys[3], (2, tokens, 2 * groups, dim))
     lengths = jnp.array(lengths)
-    want = attn.chunk_attention(q, cache, lengths, impl="reference")
-    run = lambda merge: attn.chunk_attention(
-        q, cache, lengths, impl="pallas_gpu", interpret=True, splits=splits,
-        merge_in_kernel=merge, **options)
-    got = run(True)
-    scale = float(jnp.max(jnp.abs(want)))
-    np.testing.assert_allclose(got, want, rtol=self.TOL,
-                               atol=self.TOL * scale)
-    np.testing.assert_allclose(got, run(False), rtol=0, atol=1e-5 * scale)
+    self.check_option(q, cache, lengths, splits, "merge_in_kernel", options,
+                      same_tol=1e-5)
     inp = parts.prepare(q, cache, lengths, dim ** -0.5)
     if not options:
       accs, m, l = pallas_gpu_tokens.fused_attention(
@@ -335,16 +328,23 @@ class PallasGpuInterpretTest(parameterized.TestCase):
                         zlib.crc32(self.id().encode()), method)
     q = jax.random.normal(jax.random.key(groups),
                           (2, tokens, 2 * groups, 128))
-    lengths = jnp.array(lengths)
+    self.check_option(q, cache, jnp.array(lengths), 2, "values_registers",
+                      options, same_tol=1e-6)
+
+  def check_option(self, q, cache, lengths, splits, option, options,
+                   same_tol):
+    """The kernel with `option` on agrees with the reference, and with the
+    option off to same_tol of the output's scale."""
     want = attn.chunk_attention(q, cache, lengths, impl="reference")
     run = lambda on: attn.chunk_attention(
-        q, cache, lengths, impl="pallas_gpu", interpret=True, splits=2,
-        values_registers=on, **options)
+        q, cache, lengths, impl="pallas_gpu", interpret=True, splits=splits,
+        **{option: on}, **options)
     got = run(True)
     scale = float(jnp.max(jnp.abs(want)))
     np.testing.assert_allclose(got, want, rtol=self.TOL,
                                atol=self.TOL * scale)
-    np.testing.assert_allclose(got, run(False), rtol=0, atol=1e-6 * scale)
+    np.testing.assert_allclose(got, run(False), rtol=0,
+                               atol=same_tol * scale)
 
   def test_value_rows_order(self):
     # Row f·64 + 16w + 8h + c holds byte column 16w + 2c + h of field f;
