@@ -161,16 +161,24 @@ def _cudnn_device_ms(b: int, s: int) -> float:
       q, k, v, implementation="cudnn"), q, k, v)
 
 
+def _device_timer(fn, *args, loops: int = 20):
+  """fn(*args) compiled now as `loops` calls; returns a function giving
+  the device ms of one call: the calls in a fori_loop timed by the wall
+  clock, or with --gpu-clock written out and timed on the GPU's clock
+  (timing.profiled_ms, as kernel_bench's gpu_timer: no loop iteration's
+  own cost, which lands on calls of few kernels, NOTES.md session 15)."""
+  gpu_clock = "--gpu-clock" in sys.argv
+  compiled = timing.looped(fn, loops, unroll=gpu_clock).lower(
+      *args).compile()
+  if gpu_clock:
+    return lambda: timing.profiled_ms(compiled, *args, warmup=2, reps=5,
+                                      loops=loops)
+  return lambda: timing.time_ms(compiled, *args, warmup=2, reps=5) / loops
+
+
 def _device_ms(fn, *args, loops: int = 20) -> float:
-  """Device ms of one fn(*args) call: `loops` calls in a fori_loop timed
-  by the wall clock (timing.time_loop_ms), or with --gpu-clock written
-  out and timed on the GPU's clock (timing.profiled_ms, as kernel_bench's
-  gpu_timer: no loop iteration's own cost, which lands on calls of few
-  kernels, NOTES.md session 15)."""
-  if "--gpu-clock" in sys.argv:
-    return timing.profiled_ms(timing.looped(fn, loops, unroll=True), *args,
-                              warmup=2, reps=5, loops=loops)
-  return timing.time_loop_ms(fn, *args, loops=loops, warmup=2, reps=5)
+  """_device_timer's time of one fn(*args) call, compiled and timed now."""
+  return _device_timer(fn, *args, loops=loops)()
 
 
 def _random_cache(bits, b: int = 8, s: int = 131072):
@@ -819,14 +827,7 @@ def _variant_rows(shapes, variants: dict, prepare, rounds: int = 2) -> None:
         if c is None:
           continue
         jax.clear_caches()
-        gpu_clock = "--gpu-clock" in sys.argv
-        fn = timing.looped(attend, loops, unroll=gpu_clock).lower(
-            q, c).compile()
-        timers[name] = (
-            (lambda fn=fn, c=c: timing.profiled_ms(
-                fn, q, c, warmup=2, reps=5, loops=loops)) if gpu_clock else
-            (lambda fn=fn, c=c: timing.time_ms(fn, q, c, warmup=2, reps=5)
-             / loops))
+        timers[name] = _device_timer(attend, q, c, loops=loops)
       times, errors = kernel_bench.interleaved_rounds(timers, rounds)
       print(f"B={b:<2} S={s:<6} bits={bits:<3} cudnn {cudnn:.3f}  " +
             "  ".join(f"{name} {_ms(ts)} (x{cudnn / min(ts):.2f})"

@@ -295,6 +295,21 @@ def _transposed_codes(code_ref, rows: int) -> jax.Array:
   return load(code_ref)
 
 
+def _zeros(shape: tuple[int, ...]) -> jax.Array:
+  """f32 zeros in the WGMMA layout (accumulators, running sums)."""
+  return plgpu.layout_cast(jnp.zeros(shape, jnp.float32), _L.WGMMA)
+
+
+def _empty_state(value_groups: list[int], n: int) -> tuple:
+  """The softmax state of no tokens: zero accumulators [64, n] per value
+  part group and m = -inf [n] (a WGMMA row vector)."""
+  accs = tuple(tuple(_zeros((GROUP, n)) for _ in range(g))
+               for g in value_groups)
+  m0 = plgpu.layout_cast(jnp.full((n,), -jnp.inf, jnp.float32),
+                         _L.WGMMA.reduce(0))
+  return accs, m0
+
+
 def _fence_proxy_async_global() -> None:
   """Orders this thread's generic-proxy accesses to global memory (an
   acquire) before its later async-proxy ones (TMA copies)."""
@@ -326,9 +341,6 @@ def _merged_splits(o_refs, ml_ref, first: int, splits: int, n: int,
   state_bytes = (sum(value_groups) * GROUP + 2) * n * 4
   per_step = max([d for d in range(1, splits + 1) if splits % d == 0
                   and d * state_bytes <= MERGE_STEP_BYTES] or [1])
-  def zeros(shape):
-    return plgpu.layout_cast(jnp.zeros(shape, jnp.float32), _L.WGMMA)
-
   def per_query(x):
     return jax.lax.broadcast_in_dim(x, (GROUP, n), [1])
 
@@ -353,11 +365,8 @@ def _merged_splits(o_refs, ml_ref, first: int, splits: int, n: int,
       m_i, l_i = m_new, l_i * mine + l_j * theirs
     return accs, m_i, l_i
 
-  accs = tuple(tuple(zeros((GROUP, n)) for _ in range(g))
-               for g in value_groups)
-  m0 = plgpu.layout_cast(jnp.full((n,), -jnp.inf, jnp.float32),
-                         _L.WGMMA.reduce(0))
-  l0 = jnp.sum(zeros((GROUP, n)), axis=0)
+  accs, m0 = _empty_state(value_groups, n)
+  l0 = jnp.sum(_zeros((GROUP, n)), axis=0)
   # Block j of per_step splits' rows: programs first + per_step·j .. (first
   # is a multiple of splits, so of per_step).
   step0 = first // per_step
@@ -536,13 +545,7 @@ def _kernel(lengths_ref, *refs, key_specs, value_specs, groups, split_len,
               for acc in part_accs) for part_accs in accs)
     return new_accs, m_new, l_new
 
-  def zeros(shape):
-    return plgpu.layout_cast(jnp.zeros(shape, jnp.float32), _L.WGMMA)
-
-  accs = tuple(tuple(zeros((GROUP, n)) for _ in range(base._groups(s)))
-               for s in value_specs)
-  m0 = plgpu.layout_cast(jnp.full((n,), -jnp.inf, jnp.float32),
-                         _L.WGMMA.reduce(0))
+  accs, m0 = _empty_state([base._groups(s) for s in value_specs], n)
   n_tiles = split_len // rows
   tile0 = first_pos // rows
 
@@ -556,7 +559,7 @@ def _kernel(lengths_ref, *refs, key_specs, value_specs, groups, split_len,
     pipeline = plgpu.emit_pipeline(
         functools.partial(body, k_pool, v_pool, p_smem), grid=(n_tiles,),
         in_specs=in_specs, max_concurrent_steps=stages,
-        init_carry=(accs, m0, zeros(shape)))
+        init_carry=(accs, m0, _zeros(shape)))
     return pipeline(*[r.at[b, k] for r in kc_refs + kn_refs + vc_refs
                       + vn_refs])
 
@@ -588,7 +591,7 @@ def _kernel(lengths_ref, *refs, key_specs, value_specs, groups, split_len,
       queries_ready()
     if rotate:            # no program leaves with a TMA in flight
       _rotation(rot_tiles, rot_barriers, 1, groups_k)
-    base._store_outputs(accs, m0, jnp.sum(zeros(shape), axis=0), o_refs,
+    base._store_outputs(accs, m0, jnp.sum(_zeros(shape), axis=0), o_refs,
                         ml_ref, program, wait_writes=merge or None)
 
   def attend_new():
@@ -639,7 +642,7 @@ def _kernel(lengths_ref, *refs, key_specs, value_specs, groups, split_len,
       plgpu.commit_smem()
       kc_t, kn_t, vc_t, vn_t = tile
       return body(k_pool, v_pool, p_smem, (0,), kc_t, kn_t, vc_t, vn_t,
-                  (accs, m0, zeros(shape)))
+                  (accs, m0, _zeros(shape)))
 
     def attend_one():
       block = lambda spec: base._tile_specs((spec,), (), 0, rows,
