@@ -973,7 +973,7 @@ def hlo_kernels(fn, *args) -> int:
 # The module globals around_kernel and loop_modes vary: (module, name).
 _AROUND = ((parts, "merge_splits"), (parts, "FOLDED_REDUCE_MAX_ROWS"),
            (pallas_gpu, "folded_query_operand"),
-           (pallas_gpu, "EPILOGUE_WAITS_WRITES"))
+           (pallas_gpu_tokens, "EARLY_VALUE_LOOKUP"))
 
 
 def _around_variants() -> dict:
@@ -988,9 +988,9 @@ def _around_variants() -> dict:
       "reduce": {"FOLDED_REDUCE_MAX_ROWS": 2**31},
       "einsum": {"FOLDED_REDUCE_MAX_ROWS": -1},  # (no operand: many rows)
       "laid_out": {"folded_query_operand": lambda *args: None},
-      # The epilogue waits for its outputs' writes, not only its SMEM's
-      # reads (the library before session 16).
-      "wait_writes": {"EPILOGUE_WAITS_WRITES": True}}
+      # values_registers' lookup after Pᵀ's store also where the values
+      # are unpacked during the score wgmma (overlap_values)
+      "late_lookup": {"EARLY_VALUE_LOOKUP": False}}
   return {k: {**defaults, **v} for k, v in variants.items()}
 
 
@@ -1011,8 +1011,10 @@ def around_kernel(shapes=((1, 16384, (4, 3.5, 2.5)), (1, 32768, (4, 3.5, 2.5)),
   the default picks by size); a split cache's query operand laid out from
   parts.prepare's queries by a second fusion ("laid_out") against
   pallas_gpu.folded_query_operand's one fusion (the default at small
-  batch); the kernel's epilogue waiting for its outputs' writes
-  ("wait_writes") against only for its SMEM's reads (the default).
+  batch); values_registers' lookup after Pᵀ's store ("late_lookup")
+  against during the score wgmma where overlap_values is on (the
+  default). (Session 17 also timed the kernel's epilogue waiting for its
+  outputs' writes, "wait_writes": the same time to 0.1 µs; removed.)
   Checks each variant (or those in `names`) on 4 shapes, prints
   its kernel count at B=1, S=16k, then device time beside cuDNN bf16
   (32/8 heads, D=128), interleaved rounds, compiled per variant. (Session

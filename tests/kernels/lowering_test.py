@@ -60,9 +60,8 @@ _OPTIONS = [
     # Codes as a token's row (16-byte rows where it is not a multiple of
     # 16), the layout before session 13's 128-byte rows.
     dict(tma_row_bytes=16),
-    # The splits merged by the kernel's last program of each (b, k)
-    # (GMEM semaphores, device only).
-    dict(merge_in_kernel=True),
+    # The value tile through SMEM where it would be read into registers.
+    dict(values_registers=False),
 ]
 
 
@@ -113,6 +112,20 @@ class GpuLoweringTest(parameterized.TestCase):
     # only) into the P·V wgmma's register operand.
     text = _lower(*shape, values_registers=True, **options).as_text()
     self.assertIn("ldmatrix", text)
+
+  def test_values_in_registers_by_default_where_they_can(self):
+    # values_registers=None (the default): on for one 4-bit value part of
+    # D = 128 with the prmt lookup and no rotation in the kernel.
+    for shape, options, on in (
+        ((128, 4, 4, 4, 1, "mse"), {}, True),
+        ((128, 3, 4, 1, 2, "prod"), {}, True),
+        ((128, 4, 3, 4, 1, "mse"), {}, False),
+        ((128, 4, 3.5, 4, 1, "mse"), {}, False),
+        ((64, 4, 4, 4, 1, "mse"), {}, False),
+        ((128, 4, 4, 4, 1, "mse"), dict(rotate_in_kernel=True), False),
+        ((128, 4, 4, 4, 1, "mse"), dict(lookup_mode="poly16"), False)):
+      text = _lower(*shape, **options).as_text()
+      self.assertEqual("ldmatrix" in text, on, (shape, options))
 
   def test_pipeline_probe_lowers(self):
     # experiments/probes/pipeline_probe: the bare TMA pipeline over the

@@ -245,71 +245,6 @@ class PallasGpuInterpretTest(parameterized.TestCase):
     np.testing.assert_array_equal(wide, run(None))
 
   @parameterized.named_parameters(
-      dict(testcase_name="d128_b4_gqa4", dim=128, key_bits=4, value_bits=4,
-           groups=4, tokens=1, lengths=(100, 37), splits=2, options={}),
-      dict(testcase_name="d128_split_parts_empty_last_splits", dim=128,
-           key_bits=3.5, value_bits=2.5, groups=2, tokens=1,
-           lengths=(512, 70), splits=8, options={}, capacity=512),
-      dict(testcase_name="d64_chunk2_window", dim=64, key_bits=4,
-           value_bits=3, groups=3, tokens=2, lengths=(200, 1), splits=4,
-           options={}, window=2),
-      dict(testcase_name="d64_rotated_in_kernel_columns", dim=64,
-           key_bits=3, value_bits=3, groups=8, tokens=1, lengths=(5, 256),
-           splits=2, options=dict(rotate_in_kernel=True)),
-      dict(testcase_name="d128_columns_length1", dim=128, key_bits=4,
-           value_bits=4, groups=4, tokens=1, lengths=(1, 237), splits=4,
-           options=dict(combine="columns")))
-  def test_merge_in_kernel(self, dim, key_bits, value_bits, groups, tokens,
-                           lengths, splits, options, window=0,
-                           capacity=256):
-    # The last program of each (b, k) merges the splits' states (in
-    # interpret mode the grid runs in order, so the semaphores are
-    # skipped; 8 splits read back in two pipeline steps of 4): the
-    # kernel's outputs are one split, and the attention equals the
-    # reference and the XLA merge of every split. Splits past a
-    # sequence's length hold the empty state (m = -inf) and weigh 0.
-    seed = zlib.crc32(self.id().encode())
-    cfg = CacheConfig(kind="turboquant", key_bits=key_bits,
-                      value_bits=value_bits, window=window)
-    keys = jax.random.split(jax.random.key(seed), 4)
-    k = jax.random.normal(keys[0], (2, 2, capacity, dim)) * 2.0
-    v = jax.random.normal(keys[1], (2, 2, capacity, dim))
-    cache = cache_lib.prefill(cache_lib.init(cfg, 2, 2, capacity, dim,
-                                             key=keys[2]),
-                              k, v, jnp.array(lengths))
-    q = jax.random.normal(keys[3], (2, tokens, 2 * groups, dim))
-    lengths = jnp.array(lengths)
-    self.check_option(q, cache, lengths, splits, "merge_in_kernel", options,
-                      same_tol=1e-5)
-    inp = parts.prepare(q, cache, lengths, dim ** -0.5)
-    if not options:
-      accs, m, l = pallas_gpu_tokens.fused_attention(
-          inp, splits=splits, interpret=pallas_gpu.interpret_params(True),
-          merge_in_kernel=True)
-      self.assertEqual(m.shape[2], 1)
-      self.assertEqual(accs[0].shape[2], 1)
-
-  def test_merge_in_kernel_refuses_append_and_many_heads(self):
-    cache = self._cache(64, 4, 4, 0, (10, 20), 0)
-    q = jnp.ones((2, 1, 4, 64))
-    inp = parts.prepare(q, cache, cache.lengths, 0.125)
-    with self.assertRaisesRegex(ValueError, "merge_in_kernel"):
-      pallas_gpu_tokens.fused_attention(
-          inp, splits=2, merge_in_kernel=True,
-          interpret=pallas_gpu.interpret_params(True),
-          append=(cache, jnp.ones((2, 2, 1, 64)), jnp.ones((2, 2, 1, 64))))
-    many = dataclasses.replace(
-        inp, q=[jnp.ones((2, pallas_gpu_tokens.MERGE_MAX_HEADS, 2, 64))])
-    with self.assertRaisesRegex(ValueError, "sequence-heads"):
-      pallas_gpu_tokens.fused_attention(
-          many, splits=2, merge_in_kernel=True,
-          interpret=pallas_gpu.interpret_params(True))
-    with self.assertRaisesRegex(ValueError, "merge_in_kernel"):
-      attn.decode_attention(q[:, 0], cache, cache.lengths,
-                            impl="pallas_gpu", layout="queries",
-                            interpret=True, merge_in_kernel=True)
-
-  @parameterized.named_parameters(
       dict(testcase_name="b4_gqa4", key_bits=4, groups=4, tokens=1,
            lengths=(100, 37), options={}),
       dict(testcase_name="split_keys_chunk_window_columns", key_bits=3.5,
@@ -644,10 +579,15 @@ class PallasGpuInterpretTest(parameterized.TestCase):
     self.assertEqual(step_rows(384, [64], 256), 128)
     self.assertEqual(step_rows(1024, [24], 256), 128)
     self.assertEqual(step_rows(64, [64], 256), 64)
-    # B·K·NS programs: 4 per SM of 132 for "tokens", 2 for "queries".
+    # B·K·NS programs: 8 per SM of 132 for "tokens" at D >= 128 (4 at
+    # D = 64), 2 for "queries".
     cache = cache_lib.init(CacheConfig(key_bits=4), 8, 8, 131072, 128)
-    self.assertEqual(pallas_gpu.default_splits(cache, "tokens"), 16)
+    self.assertEqual(pallas_gpu.default_splits(cache, "tokens"), 32)
     self.assertEqual(pallas_gpu.default_splits(cache, "queries"), 8)
+    cache = cache_lib.init(CacheConfig(key_bits=4), 32, 8, 32768, 128)
+    self.assertEqual(pallas_gpu.default_splits(cache, "tokens"), 8)
+    cache = cache_lib.init(CacheConfig(key_bits=4), 8, 8, 131072, 64)
+    self.assertEqual(pallas_gpu.default_splits(cache, "tokens"), 16)
     small = cache_lib.init(CacheConfig(key_bits=4), 1, 2, 192, 64)
     self.assertEqual(pallas_gpu.default_splits(small), 1)
     # Under one program per SM in powers of two (B=1, 3 KV heads: 16
@@ -657,6 +597,17 @@ class PallasGpuInterpretTest(parameterized.TestCase):
     self.assertEqual(pallas_gpu.default_splits(smol(1)), 48)
     self.assertEqual(pallas_gpu.default_splits(smol(32)), 8)
     self.assertEqual(pallas_gpu.default_splits(smol(4)), 16)  # 192 programs
+    # Up to ONE_WAVE_MAX_HEADS sequence-heads: one wave (<= 528 programs)
+    # of splits at least two pipeline steps long (128 tokens at 2 bits).
+    one = lambda s, bits=4: cache_lib.init(
+        CacheConfig(key_bits=bits, value_bits=bits), 1, 8, s, 128)
+    self.assertEqual(pallas_gpu.default_splits(one(16384)), 64)
+    self.assertEqual(pallas_gpu.default_splits(one(131072)), 64)
+    self.assertEqual(pallas_gpu.default_splits(one(4096)), 32)
+    self.assertEqual(pallas_gpu.default_splits(one(4096, 2)), 16)
+    self.assertEqual(pallas_gpu.default_splits(one(4096), "queries"), 32)
+    self.assertEqual(pallas_gpu.default_splits(     # above: 8 per SM
+        cache_lib.init(CacheConfig(key_bits=4), 2, 8, 16384, 128)), 128)
 
   def test_default_steps(self):
     # 128-token steps where every part is 2 bits or less (D <= 128), 3

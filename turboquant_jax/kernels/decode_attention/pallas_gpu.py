@@ -72,13 +72,8 @@ from turboquant_jax.quant import rotation
 ROWS = 64      # tokens per tile = query rows of one warpgroup's wgmma
 STAGES = 2     # default tiles in flight per program (emit_pipeline steps)
 MIN_SPLIT_TILES = 3   # default_splits' shortest split where B·K is small
+ONE_WAVE_MAX_HEADS = 8   # default_splits: one wave up to this many B·K
 TMA_ROW_BYTES = 128   # layout="tokens": codes move as 128-byte TMA rows
-# A program's epilogue waits for its output copies' GMEM writes (True, as
-# before session 16) or only for their reads of SMEM (False: what a kernel
-# must wait for before its SMEM goes; written after session 16's device
-# time ran out, not yet timed: decode_kernel_variants --around-kernel
-# "--variants=('defaults','wait_writes')").
-EPILOGUE_WAITS_WRITES = False
 
 _L = plgpu.Layout
 
@@ -469,20 +464,16 @@ def _tile_specs(key_specs, value_specs, tile0, rows: int = ROWS,
           + [norm_spec] * len(value_specs))
 
 
-def _store_outputs(accs, m_i, l_i, o_refs, ml_ref, program,
-                   wait_writes: bool | None = None) -> None:
+def _store_outputs(accs, m_i, l_i, o_refs, ml_ref, program) -> None:
   """Writes the accumulators and (m, l) of one program through SMEM.
 
   The SMEM is scoped here, after the tile loop's scope has ended, so it
   reuses those bytes. The program waits until its copies have read the
-  SMEM, not until their writes have landed (EPILOGUE_WAITS_WRITES):
-  nothing in the kernel reads the outputs, the launch's end orders them
-  before the next kernel, and the next program on the SM starts sooner.
-  wait_writes=True waits for the writes (another program reads them:
-  pallas_gpu_tokens' merge_in_kernel).
+  SMEM, not until their writes have landed: nothing in the kernel reads
+  the outputs and the launch's end orders them before the next kernel (on
+  the H200 waiting for the writes took the same time to 0.1 µs, session
+  17).
   """
-  if wait_writes is None:
-    wait_writes = EPILOGUE_WAITS_WRITES
   def epilogue(ml_smem, *o_smem):
     for part_accs, smem in zip(accs, o_smem):
       for g, acc in enumerate(part_accs):
@@ -495,7 +486,7 @@ def _store_outputs(accs, m_i, l_i, o_refs, ml_ref, program,
       for g in range(n):
         plgpu.copy_smem_to_gmem(smem.at[g], out.at[program * n + g])
     plgpu.copy_smem_to_gmem(ml_smem, ml_ref.at[program])
-    plgpu.wait_smem_to_gmem(0, wait_read_only=not wait_writes)
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
   pl.run_scoped(epilogue, plgpu.SMEM((2, m_i.shape[0]), jnp.float32),
                 *[plgpu.SMEM((len(part_accs), *part_accs[0].shape),
@@ -572,13 +563,13 @@ OVERLAP_MAX_TILES = 8
                           "transpose_p", "skip_empty_splits", "combine",
                           "rotate_in_kernel", "min_columns", "approx_math",
                           "auto_barriers", "overlap_values", "tma_row_bytes",
-                          "merge_in_kernel", "values_registers",
+                          "values_registers",
                           "interpret"))
 def _attention(q, cache, lengths, scale, splits, lookup_mode, layout,
                stages, tile_rows, key_registers, transpose_p,
                skip_empty_splits, combine, rotate_in_kernel, min_columns,
                approx_math, auto_barriers, overlap_values, tma_row_bytes,
-               merge_in_kernel, values_registers, interpret):
+               values_registers, interpret):
   # Norms as stored (f16): the kernels convert per tile.
   inp = parts.prepare(q, cache, lengths, scale, norms_as_stored=True)
   if layout == "tokens":
@@ -591,9 +582,7 @@ def _attention(q, cache, lengths, scale, splits, lookup_mode, layout,
                             approx_math=approx_math,
                             auto_barriers=auto_barriers,
                             overlap_values=overlap_values,
-                            tma_row_bytes=tma_row_bytes,
-                            merge_in_kernel=merge_in_kernel,
-                            values_registers=values_registers)
+                            tma_row_bytes=tma_row_bytes)
     rotate = None
     if rotate_in_kernel and _rotatable(inp, cache):
       rotate = _rotate_inputs(q, cache, scale)
@@ -601,6 +590,11 @@ def _attention(q, cache, lengths, scale, splits, lookup_mode, layout,
       n = pallas_gpu_tokens.query_columns(inp.q[0].shape[2], min_columns)
       run = functools.partial(run, queries=folded_query_operand(
           q, cache, scale, n))
+    if values_registers is None:     # wherever the kernel can
+      values_registers = lookup_mode == "prmt" and not (
+          pallas_gpu_tokens.values_registers_supported(
+              inp.value_specs, rotate is not None, None))
+    run = functools.partial(run, values_registers=values_registers)
     if rotate is not None or (combine == "columns" and len(
         inp.value_specs) == 1 and not cache.config.window):
       (acc,), m, l = run(inp, splits=splits, lookup_mode=lookup_mode,
@@ -765,20 +759,37 @@ def default_splits(cache, layout: str = "tokens") -> int:
   (v4's 145 registers; at B=8, S=128k 16 splits took 1.68 ms against 1.84
   for 8; v7 held 134, 3 at once, and 16 and 32 splits took 0.723-0.735
   ms against 0.78 for 8; today's 128 registers let 4 run at once, as
-  planned), in powers of two. Where that is
+  planned), in powers of two; for "tokens" at D >= 128 8 per SM, twice
+  what can run at once (96 registers with values_registers: 5): on the
+  H200 (GPU clock, session 17) B=8, S=128k 32 splits took 0.575 ms against
+  0.590 for 16 at 4 bits, 0.588 against 0.607 at 3; B=32, 32k 8 splits
+  0.578 against 0.593 for 4; B=8, 16k 0.0939 against 0.0944. Where that is
   still less than one program per SM (small B·K), any divisor of the
   capacity's tiles, each split at least MIN_SPLIT_TILES tiles long: at
   B=1, 3 KV heads, D=64, 8192 of 9216
   tokens (SmolLM2's decode), 48 splits took 30.6 µs a call against 39.9
   for 16 and 38.0 for 144 (results/decode_bench/h200_v8/probes.txt).
+  Where B·K <= ONE_WAVE_MAX_HEADS the programs fit one wave (B·K·NS <=
+  528), in splits of at least two pipeline steps: at B=1, 8 KV heads,
+  D=128 (GPU clock, session 17) 64 splits against 128 took 16k 0.0211 ms
+  against 0.0225 at 4 bits, 0.0238 against 0.0247 at 3.5, 0.0212 against
+  0.0218 at 2; 32k 0.0300 against 0.0320 at 4 bits; 4k 32 splits against
+  64 0.0137 against 0.0144; but 64k 0.0516 against 0.0502 (4 bits).
   """
-  target_programs = 132 * (4 if layout == "tokens" else 2)
+  one_wave = 132 * (4 if layout == "tokens" else 2)
+  target_programs = one_wave * (
+      2 if layout == "tokens" and cache.head_dim >= 128 else 1)
   programs = cache.batch * cache.kv_heads
   splits = 1
   while (programs * splits < target_programs
          and cache.capacity % (ROWS * splits * 2) == 0):
     splits *= 2
   if programs * splits >= 132:
+    if programs <= ONE_WAVE_MAX_HEADS:
+      rows = default_steps(cache)[0] if layout == "tokens" else ROWS
+      while splits > 1 and (programs * splits > one_wave
+                            or cache.capacity < 2 * rows * splits):
+        splits //= 2
     return splits
   tiles = cache.capacity // ROWS
   longer = [n for n in range(splits, tiles + 1)
@@ -825,8 +836,7 @@ def attention(q: jax.Array, cache, lengths: jax.Array, *,
               auto_barriers: bool | None = None,
               overlap_values: bool | None = None,
               tma_row_bytes: int | None = None,
-              merge_in_kernel: bool = False,
-              values_registers: bool = False,
+              values_registers: bool | None = None,
               interpret: bool | None = None) -> jax.Array:
   """q [B, T, H, D] over a TurboQuantCache -> f32[B, T, H, D].
 
@@ -918,13 +928,6 @@ def attention(q: jax.Array, cache, lengths: jax.Array, *,
       shorter). None: TMA_ROW_BYTES. A bare pipeline over a 4-bit cache
       (B=8, S=128k) streamed 0.280 ms as 128-byte rows against 0.327 as
       64-byte and 0.525 as 16-byte rows (pipeline_probe, NOTES.md).
-    merge_in_kernel: layout="tokens", at most
-      pallas_gpu_tokens.MERGE_MAX_HEADS sequence-heads (B·K): the last
-      program of each (b, k) merges the splits' partial softmax states
-      itself, after a GMEM semaphore (so XLA's merge of the splits, three
-      reductions at B = 1, fuses away). Written after session 16's device
-      time ran out: checked in interpret mode and lowered for CUDA, not
-      yet run on a GPU; off by default.
     values_registers: layout="tokens", one 4-bit value part of D = 128,
       no rotate_in_kernel: the value tile is read transposed (ldmatrix)
       and looked up into registers as the P·V product's operand, not
@@ -951,9 +954,9 @@ def attention(q: jax.Array, cache, lengths: jax.Array, *,
       layout == "queries" and tile_rows not in (None, ROWS)):
     raise ValueError(f"{tile_rows=!r}: expected 64, 128 or 256 (64 for "
                      "layout='queries')")
-  if layout == "queries" and (merge_in_kernel or values_registers):
-    raise ValueError(f"{merge_in_kernel=}, {values_registers=}: options "
-                     "of layout='tokens' only")
+  if layout == "queries" and values_registers:
+    raise ValueError(f"{values_registers=}: an option of layout='tokens' "
+                     "only")
   if layout == "queries" and (key_registers or transpose_p
                               or skip_empty_splits or rotate_in_kernel
                               or min_columns not in (None, 16) or approx_math
@@ -995,5 +998,5 @@ def attention(q: jax.Array, cache, lengths: jax.Array, *,
                     bool(skip_empty_splits), combine, bool(rotate_in_kernel),
                     min_columns, bool(approx_math), bool(auto_barriers),
                     bool(overlap_values), tma_row_bytes,
-                    bool(merge_in_kernel), bool(values_registers),
+                    values_registers,
                     interpret)

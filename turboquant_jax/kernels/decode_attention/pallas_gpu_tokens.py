@@ -81,9 +81,10 @@ from turboquant_jax.kernels.decode_attention import prmt_lookup
 from turboquant_jax.kernels.quantize_append import pallas_gpu as append_gpu
 
 ROWS, GROUP = base.ROWS, base.GROUP
-# merge_in_kernel's most sequence-heads (B·K): that many programs spin on a
-# semaphore at once, each holding an SM slot (528 on the H200 at 4 a SM).
-MERGE_MAX_HEADS = 64
+# values_registers with overlap_values: the value tile is looked up into
+# registers while the score wgmma runs (True), or after Pᵀ is stored (False,
+# as without overlap_values: fewer registers live through the softmax).
+EARLY_VALUE_LOOKUP = True
 _L = plgpu.Layout
 
 
@@ -310,82 +311,10 @@ def _empty_state(value_groups: list[int], n: int) -> tuple:
   return accs, m0
 
 
-def _fence_proxy_async_global() -> None:
-  """Orders this thread's generic-proxy accesses to global memory (an
-  acquire) before its later async-proxy ones (TMA copies)."""
-  # pylint: disable-next=g-import-not-at-top (Mosaic GPU internals)
-  from jax.experimental.mosaic.gpu import utils as mgpu_utils
-
-  @plgpu.inline_mgpu()
-  def fence(ctx):
-    del ctx
-    mgpu_utils.inline_ptx("fence.proxy.async.global;", has_side_effects=True)
-  fence()
-
-
-# merge_in_kernel reads as many splits' states a pipeline step as fit this
-# many bytes (2 steps in flight: at D = 128 and 8 query columns, 4 splits
-# a step, ~33 KB of SMEM, under the tile loop's): one reader's bytes in
-# flight bound its time (~0.4 µs of L2 latency a step), so steps of one
-# split (4 KB) would leave it far below an SM's share of L2 bandwidth.
-MERGE_STEP_BYTES = 20480
-
-
-def _merged_splits(o_refs, ml_ref, first: int, splits: int, n: int,
-                   value_groups: list[int]):
-  """The log-sum-exp merge of the partial softmax states that programs
-  first .. first + splits - 1 wrote (accumulators per value part, [G, 64,
-  n] each, and (m, l) [2, n]), read back through a pipeline of TMA
-  copies, as many splits a step as fit MERGE_STEP_BYTES (at least one):
-  (accumulators, m, l) in the layouts the tile loop keeps them."""
-  state_bytes = (sum(value_groups) * GROUP + 2) * n * 4
-  per_step = max([d for d in range(1, splits + 1) if splits % d == 0
-                  and d * state_bytes <= MERGE_STEP_BYTES] or [1])
-  def per_query(x):
-    return jax.lax.broadcast_in_dim(x, (GROUP, n), [1])
-
-  def body(idx, *refs_and_carry):
-    del idx
-    *smem, carry = refs_and_carry
-    acc_smem, ml_smem = smem[:-1], smem[-1]
-    accs, m_i, l_i = carry
-    for j in range(per_step):
-      row = lambda i, j=j: plgpu.load(
-          ml_smem.at[j, i], layout=_L.WGMMA.reduce(0), optimized=False)
-      m_j, l_j = row(0), row(1)
-      m_new = jnp.maximum(m_i, m_j)
-      m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-      mine, theirs = jnp.exp(m_i - m_safe), jnp.exp(m_j - m_safe)
-      accs = tuple(
-          tuple(acc * per_query(mine) + plgpu.load(
-              part_smem.at[j * len(part_accs) + g], layout=_L.WGMMA,
-              optimized=False) * per_query(theirs)
-                for g, acc in enumerate(part_accs))
-          for part_accs, part_smem in zip(accs, acc_smem))
-      m_i, l_i = m_new, l_i * mine + l_j * theirs
-    return accs, m_i, l_i
-
-  accs, m0 = _empty_state(value_groups, n)
-  l0 = jnp.sum(_zeros((GROUP, n)), axis=0)
-  # Block j of per_step splits' rows: programs first + per_step·j .. (first
-  # is a multiple of splits, so of per_step).
-  step0 = first // per_step
-  in_specs = [plgpu.BlockSpec((per_step * g, GROUP, n),
-                              lambda j: (step0 + j, 0, 0))
-              for g in value_groups]
-  in_specs.append(plgpu.BlockSpec((per_step, 2, n),
-                                  lambda j: (step0 + j, 0, 0)))
-  pipeline = plgpu.emit_pipeline(body, grid=(splits // per_step,),
-                                 in_specs=in_specs,
-                                 max_concurrent_steps=2,
-                                 init_carry=(accs, m0, l0))
-  return pipeline(*o_refs, ml_ref)
-
-
 def _kernel(lengths_ref, *refs, key_specs, value_specs, groups, split_len,
             kv_heads, splits, mode, interpret, n, rows, stages,
             key_registers, transpose_p, skip_empty_splits, window, tokens,
-            rotate, append, overlap_values, tma_row_bytes, merge, batch,
+            rotate, append, overlap_values, tma_row_bytes,
             values_registers):
   nk, nv = len(key_specs), len(value_specs)
   # The scratch at the end: with rotate the rotations' tiles and their
@@ -472,9 +401,19 @@ def _kernel(lengths_ref, *refs, key_specs, value_specs, groups, split_len,
       k_tiles = [[k_pool.at[first + j] for j in range(base._groups(spec))]
                  for spec, first in zip(key_specs, k_first)]
 
-    def unpack_values():
+    def lookup_values():
+      # Vᵀ's fields in registers (the P·V wgmma's A operand), looked up
+      # from the code tile read transposed: no value tile through SMEM.
+      return prmt_lookup.lookup_chunks(
+          _transposed_codes(vc[0], rows), 4, value_specs[0].centroids,
+          interpret=False)
+
+    def unpack_values() -> list:
+      """The value tiles into the value pool, or with values_registers on
+      the device Vᵀ's fields if looked up now (else after Pᵀ's store)."""
       if values_registers and not interpret:
-        return                # read transposed into registers below
+        early = overlap_values and EARLY_VALUE_LOOKUP
+        return lookup_values() if early else []
       for ref, spec, first in zip(vc, value_specs, v_first):
         if values_registers:  # interpret mode: the same order through SMEM
           groups_v = base.dequantize_groups(ref, spec, mode, interpret)
@@ -483,19 +422,22 @@ def _kernel(lengths_ref, *refs, key_specs, value_specs, groups, split_len,
             v_pool[first + g] = whole[:, g * GROUP:(g + 1) * GROUP]
         else:
           base._dequantize_into(ref, spec, v_pool, first, mode, interpret)
+      return []
 
     def scores(*acc_refs):
       for tiles, first, acc_ref in zip(k_tiles, k_first, acc_refs):
         for j, k_tile in enumerate(tiles):
           plgpu.wgmma(acc_ref, k_tile,
                       q_smem.at[first + j].transpose((1, 0)))
+      fields = []
       if overlap_values:
         # The values are unpacked while the tensor cores score the keys.
-        unpack_values()
-        plgpu.commit_smem()
-      return [acc_ref[...] for acc_ref in acc_refs]
+        fields = unpack_values()
+        if not fields:                  # (registers need no fence)
+          plgpu.commit_smem()
+      return [acc_ref[...] for acc_ref in acc_refs], fields
 
-    raw = pl.run_scoped(scores, *[plgpu.ACC(shape, jnp.float32)
+    raw, value_fields = pl.run_scoped(scores, *[plgpu.ACC(shape, jnp.float32)
                                   for _ in key_specs])
     if not overlap_values:
       # After the score wgmma: the key tiles (registers) are dead by now,
@@ -522,12 +464,7 @@ def _kernel(lengths_ref, *refs, key_specs, value_specs, groups, split_len,
       ps[...] = (p * per_token(norm_ref)).astype(jnp.float16)
     plgpu.commit_smem()
     if values_registers and not interpret:
-      # Vᵀ's fields in registers (the wgmma's A operand), looked up from
-      # the code tile read transposed: no value tile through SMEM.
-      fields = prmt_lookup.lookup_chunks(
-          _transposed_codes(vc[0], rows), 4, value_specs[0].centroids,
-          interpret=False)
-      operands = [(f, p_smem[0]) for f in fields]
+      operands = [(f, p_smem[0]) for f in value_fields or lookup_values()]
     else:
       operands = [(v_pool.at[first + j].transpose((1, 0)), ps)
                   for part_accs, first, ps in zip(accs, v_first, p_smem)
@@ -553,9 +490,7 @@ def _kernel(lengths_ref, *refs, key_specs, value_specs, groups, split_len,
                               tma_row_bytes)
 
   def stream(*smem):
-    # With key_registers the keys need no SMEM pool.
-    k_pool, (v_pool, *p_smem) = ((None, smem) if key_registers
-                                 else (smem[0], smem[1:]))
+    k_pool, v_pool, p_smem = pools(smem)
     pipeline = plgpu.emit_pipeline(
         functools.partial(body, k_pool, v_pool, p_smem), grid=(n_tiles,),
         in_specs=in_specs, max_concurrent_steps=stages,
@@ -563,16 +498,25 @@ def _kernel(lengths_ref, *refs, key_specs, value_specs, groups, split_len,
     return pipeline(*[r.at[b, k] for r in kc_refs + kn_refs + vc_refs
                       + vn_refs])
 
+  # The dequantized tiles' SMEM: none for keys in registers, nor for
+  # values read into registers (on the device).
   k_pool = [] if key_registers else [base._group_smem(
       sum(base._groups(s) for s in key_specs), rows=rows)]
+  v_pool = [] if values_registers and not interpret else [base._group_smem(
+      sum(base._groups(s) for s in value_specs),
+      128 if transpose_p else _swizzle(n), rows)]
 
   def scratch():
-    """SMEM of the tile body: the key pool (unless in registers), the
-    value pool, Pᵀ per value part."""
-    return [*k_pool, base._group_smem(
-        sum(base._groups(s) for s in value_specs),
-        128 if transpose_p else _swizzle(n), rows),
+    """SMEM of the tile body: the pools above, then Pᵀ per value part."""
+    return [*k_pool, *v_pool,
             *[_p_smem(n, rows, transpose_p) for _ in range(nv)]]
+
+  def pools(smem) -> tuple:
+    """scratch()'s refs as (key pool or None, value pool or None, Pᵀs)."""
+    smem = list(smem)
+    key = smem.pop(0) if k_pool else None
+    value = smem.pop(0) if v_pool else None
+    return key, value, smem
 
   def attend():
     accs_out, m_i, l_i = pl.run_scoped(stream, *scratch())
@@ -584,7 +528,7 @@ def _kernel(lengths_ref, *refs, key_specs, value_specs, groups, split_len,
       accs_out = (_rotate_back(
           _rotation(rot_tiles, rot_barriers, 1, groups_k), accs_out[0], n),)
     base._store_outputs(accs_out, m_i, jnp.sum(l_i, axis=0), o_refs,
-                        ml_ref, program, wait_writes=merge or None)
+                        ml_ref, program)
 
   def empty():
     if not rotate:
@@ -592,7 +536,7 @@ def _kernel(lengths_ref, *refs, key_specs, value_specs, groups, split_len,
     if rotate:            # no program leaves with a TMA in flight
       _rotation(rot_tiles, rot_barriers, 1, groups_k)
     base._store_outputs(accs, m0, jnp.sum(_zeros(shape), axis=0), o_refs,
-                        ml_ref, program, wait_writes=merge or None)
+                        ml_ref, program)
 
   def attend_new():
     """Program s = splits: quantize_token, written at position `old`, then
@@ -629,8 +573,7 @@ def _kernel(lengths_ref, *refs, key_specs, value_specs, groups, split_len,
 
     def one_tile(*smem):
       head, tile = smem[:-4], smem[-4:]
-      k_pool, (v_pool, *p_smem) = ((None, head) if key_registers
-                                   else (head[0], head[1:]))
+      k_pool, v_pool, p_smem = pools(head)
       for (words, norm, _, _, spec), code_t, norm_t in zip(
           written, tile[::2], tile[1::2]):
         p = base._row_bytes(spec)
@@ -664,36 +607,6 @@ def _kernel(lengths_ref, *refs, key_specs, value_specs, groups, split_len,
     pl.when(appended)(attend_one)
     pl.when(jnp.logical_not(appended))(empty)
 
-  def merge_splits():
-    """merge_in_kernel: program s = NS - 1 of each (b, k), once the others
-    have written their states (a GMEM semaphore each: the others signal
-    after their writes have landed; on the device the programs of lower
-    index are dispatched first, so the one waiting never holds a slot one
-    it waits for needs), merges all NS into its own outputs; XLA then
-    finishes one split. Interpret mode runs the grid in order, s last."""
-    last = split == splits - 1
-    first = program - split
-    if not interpret:
-      sem = pl.get_global(plgpu.SemaphoreType.REGULAR((batch * kv_heads,)))
-      sem = sem.at[b * kv_heads + k]
-
-      @pl.when(jnp.logical_not(last))
-      def _():
-        plgpu.commit_smem()        # every thread past the writes' wait
-        plgpu.semaphore_signal(sem, 1, memory_scope="gpu")
-
-      @pl.when(last)
-      def _():
-        plgpu.semaphore_wait(sem, splits - 1, memory_scope="gpu")
-        _fence_proxy_async_global()
-
-    @pl.when(last)
-    def _():
-      merged, m_all, l_all = _merged_splits(
-          o_refs, ml_ref, first, splits, n,
-          [base._groups(s) for s in value_specs])
-      base._store_outputs(merged, m_all, l_all, o_refs, ml_ref, program)
-
   def splits_part():
     if not skip_empty_splits:
       attend()
@@ -707,8 +620,6 @@ def _kernel(lengths_ref, *refs, key_specs, value_specs, groups, split_len,
 
   if not append:
     splits_part()
-    if merge:
-      merge_splits()
     return
   pl.when(is_new)(attend_new)
   pl.when(jnp.logical_not(is_new))(splits_part)
@@ -734,7 +645,6 @@ def fused_attention(inp: parts.KernelInputs, *, splits: int = 8,
                     min_columns: int = 16, approx_math: bool = False,
                     auto_barriers: bool = True, overlap_values: bool = True,
                     tma_row_bytes: int = 16, queries=None,
-                    merge_in_kernel: bool = False,
                     values_registers: bool = False):
   """Runs the kernel: (acc per value part [B,K,NS,M,Dp], m, l [B,K,NS,M]),
   or with `columns` as the kernel wrote them: acc [B,K,NS,Dp,N], m, l
@@ -791,12 +701,6 @@ def fused_attention(inp: parts.KernelInputs, *, splits: int = 8,
   queries: the kernel's query operand f16[B·K·G, N, 64] (every key part's
   groups, N = query_columns) made by the caller
   (pallas_gpu.folded_query_operand), or None: laid out here from inp.q.
-  merge_in_kernel: the last program of each (b, k) merges the splits'
-  states itself (after a GMEM semaphore says the others have written
-  theirs), so the outputs hold one split and XLA's merge of NS splits
-  (three reductions) becomes a merge of one, which it fuses away. Not
-  with `append`, nor with more than MERGE_MAX_HEADS sequence-heads (B·K
-  programs wait at once).
   values_registers: a 4-bit, D = 128 value part's tile is read transposed
   (ldmatrix) and looked up into registers, the P·V wgmma's A operand, so
   no value tile goes through SMEM; the outputs' coordinates come in
@@ -810,10 +714,6 @@ def fused_attention(inp: parts.KernelInputs, *, splits: int = 8,
     raise ValueError("approx_math: not with append")
   if tma_row_bytes not in (16, 128):
     raise ValueError(f"{tma_row_bytes=}: expected 16 or 128")
-  if merge_in_kernel and (append is not None or inp.lengths.shape[0]
-                          * inp.q[0].shape[1] > MERGE_MAX_HEADS):
-    raise ValueError(f"{merge_in_kernel=}: not with append, nor with more "
-                     f"than {MERGE_MAX_HEADS} sequence-heads (B·K)")
   base._check(inp, splits, tma_row_bytes)
   if values_registers:
     reason = values_registers_supported(inp.value_specs, rotate is not None,
@@ -865,7 +765,6 @@ def fused_attention(inp: parts.KernelInputs, *, splits: int = 8,
                         rotate=rotate is not None, append=append_specs,
                         overlap_values=overlap_values,
                         tma_row_bytes=tma_row_bytes,
-                        merge=merge_in_kernel and splits > 1, batch=b,
                         values_registers=values_registers),
       out_type=out_type, scratch_types=scratch,
       grid=(b, kv, out_splits), grid_names=("b", "k", "s"),
@@ -895,10 +794,6 @@ def fused_attention(inp: parts.KernelInputs, *, splits: int = 8,
     accs, m_out, l_out = result
     result = ([_from_value_rows(accs[0], 3 if columns else 4)], m_out,
               l_out)
-  if merge_in_kernel:     # the merged state is the last split's
-    accs, m_out, l_out = result
-    result = ([a[:, :, -1:] for a in accs], m_out[:, :, -1:],
-              l_out[:, :, -1:])
   return result if written is None else (result, written)
 
 
