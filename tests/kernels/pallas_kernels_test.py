@@ -579,8 +579,8 @@ class PallasGpuInterpretTest(parameterized.TestCase):
     self.assertEqual(step_rows(384, [64], 256), 128)
     self.assertEqual(step_rows(1024, [24], 256), 128)
     self.assertEqual(step_rows(64, [64], 256), 64)
-    # B·K·NS programs: 8 per SM of 132 for "tokens" at D >= 128 (4 at
-    # D = 64), 2 for "queries".
+    # B·K·NS programs: up to 8 per SM of 132 for "tokens" at D >= 128 (4
+    # at D = 64), 2 for "queries".
     cache = cache_lib.init(CacheConfig(key_bits=4), 8, 8, 131072, 128)
     self.assertEqual(pallas_gpu.default_splits(cache, "tokens"), 32)
     self.assertEqual(pallas_gpu.default_splits(cache, "queries"), 8)
@@ -606,8 +606,13 @@ class PallasGpuInterpretTest(parameterized.TestCase):
     self.assertEqual(pallas_gpu.default_splits(one(4096)), 32)
     self.assertEqual(pallas_gpu.default_splits(one(4096, 2)), 16)
     self.assertEqual(pallas_gpu.default_splits(one(4096), "queries"), 32)
-    self.assertEqual(pallas_gpu.default_splits(     # above: 8 per SM
-        cache_lib.init(CacheConfig(key_bits=4), 2, 8, 16384, 128)), 128)
+    # Past one wave (528) only while splits keep 2048 tokens.
+    split = lambda b, s: pallas_gpu.default_splits(
+        cache_lib.init(CacheConfig(key_bits=4), b, 8, s, 128))
+    self.assertEqual([split(8, s) for s in (4096, 16384, 32768, 65536)],
+                     [16, 16, 16, 32])
+    self.assertEqual([split(32, s) for s in (4096, 16384)], [4, 8])
+    self.assertEqual(split(2, 16384), 64)
 
   def test_default_steps(self):
     # 128-token steps where every part is 2 bits or less (D <= 128), 3

@@ -46,10 +46,12 @@ clock over the whole grid, 1.04-1.34x at S = 128k for B = 8 and 32
 1.17-1.75x there (h200_v8), session 13's (128-byte TMA rows)
 1.11-1.73x except 3 B = 1 split cells (h200_v9), session 14's (the
 lookup on the FMA pipe, per-width steps) 1.43x at 4 bits, 1.54x at 3,
-1.98x at 2, B = 8, S = 128k (h200_v10); today's, its calls written out
-rather than looped and timed on the GPU's clock (session 15), 1.47x,
-1.57x and 2.06x there, 58 of 60 cells faster at S >= 16k, the other two
-B = 1, 16k at 3.5 and 4 bits (0.97x, 0.98x) (results/kernel_bench/h200).
+1.98x at 2, B = 8, S = 128k (h200_v10); session 15's, its calls written
+out rather than looped and timed on the GPU's clock, 1.47x, 1.57x and
+2.06x there, 58 of 60 cells faster at S >= 16k, the other two B = 1, 16k
+at 3.5 and 4 bits (0.97x, 0.98x) (h200_v12); today's (session 17: 4-bit
+values into registers, one wave at B = 1) 1.67x, 1.63x and 2.10x there,
+all 60 cells faster at S >= 16k (1.02-2.18x) (results/kernel_bench/h200).
 NOTES.md has the measurements.
 """
 
@@ -73,6 +75,7 @@ ROWS = 64      # tokens per tile = query rows of one warpgroup's wgmma
 STAGES = 2     # default tiles in flight per program (emit_pipeline steps)
 MIN_SPLIT_TILES = 3   # default_splits' shortest split where B·K is small
 ONE_WAVE_MAX_HEADS = 8   # default_splits: one wave up to this many B·K
+SECOND_WAVE_MIN_TOKENS = 2048   # default_splits: splits past one wave
 TMA_ROW_BYTES = 128   # layout="tokens": codes move as 128-byte TMA rows
 
 _L = plgpu.Layout
@@ -759,11 +762,15 @@ def default_splits(cache, layout: str = "tokens") -> int:
   (v4's 145 registers; at B=8, S=128k 16 splits took 1.68 ms against 1.84
   for 8; v7 held 134, 3 at once, and 16 and 32 splits took 0.723-0.735
   ms against 0.78 for 8; today's 128 registers let 4 run at once, as
-  planned), in powers of two; for "tokens" at D >= 128 8 per SM, twice
-  what can run at once (96 registers with values_registers: 5): on the
-  H200 (GPU clock, session 17) B=8, S=128k 32 splits took 0.575 ms against
-  0.590 for 16 at 4 bits, 0.588 against 0.607 at 3; B=32, 32k 8 splits
-  0.578 against 0.593 for 4; B=8, 16k 0.0939 against 0.0944. Where that is
+  planned), in powers of two; for "tokens" at D >= 128 up to 8 per SM,
+  twice what can run at once (96 registers with values_registers: 5),
+  while splits keep SECOND_WAVE_MIN_TOKENS tokens: on the H200 (GPU
+  clock, session 17) B=8, S=128k 32 splits took 0.575 ms against 0.590
+  for 16 at 4 bits, 0.588 against 0.607 at 3; B=32, 32k 8 splits 0.578
+  against 0.593 for 4; but with shorter splits session 17's grid
+  (results/kernel_bench/h200) was 3-13% slower at 2-3.5 bits than session
+  15's at B=8, 4k-32k and B=32, 4k (B=8, 32k, 2 bits 0.154 against 0.134
+  ms). Where that is
   still less than one program per SM (small B·K), any divisor of the
   capacity's tiles, each split at least MIN_SPLIT_TILES tiles long: at
   B=1, 3 KV heads, D=64, 8192 of 9216
@@ -782,7 +789,9 @@ def default_splits(cache, layout: str = "tokens") -> int:
   programs = cache.batch * cache.kv_heads
   splits = 1
   while (programs * splits < target_programs
-         and cache.capacity % (ROWS * splits * 2) == 0):
+         and cache.capacity % (ROWS * splits * 2) == 0
+         and (programs * splits < one_wave or cache.capacity // (
+             2 * splits) >= SECOND_WAVE_MIN_TOKENS)):
     splits *= 2
   if programs * splits >= 132:
     if programs <= ONE_WAVE_MAX_HEADS:
@@ -932,10 +941,11 @@ def attention(q: jax.Array, cache, lengths: jax.Array, *,
       no rotate_in_kernel: the value tile is read transposed (ldmatrix)
       and looked up into registers as the P·V product's operand, not
       stored to SMEM and read back by the tensor cores
-      (pallas_gpu_tokens.fused_attention). Written after session 16's
-      device time ran out: checked in interpret mode (the same
-      coordinate order through SMEM) and lowered for CUDA, not yet run on
-      a GPU; off by default.
+      (pallas_gpu_tokens.fused_attention). None: on wherever it can run
+      (lookup_mode="prmt", the kernel not rotating). On the H200 (GPU
+      clock, session 17) B=8, S=128k 0.590 ms against 0.641-0.643, B=32,
+      32k 0.593-0.595 against 0.647-0.648, B=1, 16k 0.0230 against 0.0245;
+      the same errors against the reference (6.8e-4 of the output scale).
     interpret: None uses Mosaic GPU interpret mode when the backend is not
       a GPU.
   """

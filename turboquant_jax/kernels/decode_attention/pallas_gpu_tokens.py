@@ -45,6 +45,16 @@ A wgmma reads A and B with one swizzle, so the V tiles are stored with
 Pᵀ's (32 bytes for 16 columns, 64 for 32, 128 for 64), unless Pᵀ goes
 through a transposed view (transpose_p).
 
+With values_registers (the default where a cache has one 4-bit value
+part of D = 128) no V tile goes through SMEM as f16: the codes' tile is
+read transposed by ldmatrix (a lane gets tokens t, t + 1 of a byte
+column, the byte-permute lookup's input as it is) and looked up straight
+into the P·V wgmma's register A operand, while the score wgmma runs where
+overlap_values is on; its output coordinates come in value_rows order,
+which XLA puts back. On the H200 (session 17) B=8, S=128k, 4 bits 0.590
+ms against 0.641-0.643, B=1, 16k 0.0225 against 0.0245 (0.0229 with the
+lookup after Pᵀ's store); ptxas 96 registers against 128.
+
 Status: the default layout. On the H200 (B=8, S=128k, 4 bits) it took
 1.68-1.84 ms against 2.15-2.25 for layout="queries" (145 registers against
 255) with the poly16 lookup; with the byte-permute lookup, keys from
@@ -61,7 +71,9 @@ integer work on the FMA pipe where a multiply-add does it and per-width
 pipeline steps (session 14) 0.686 ms, 1.43x, 3 bits 1.54x, 2 bits 0.497
 ms, 1.98x (results/kernel_bench/h200_v10; session 15's grid, calls
 written out and timed on the GPU's clock: 0.654 ms, 1.47x,
-results/kernel_bench/h200). The pipeline streaming the
+results/kernel_bench/h200_v12); with the 4-bit value tile looked up into
+the P·V wgmma's registers (values_registers) and 32 splits (session 17)
+0.575 ms, 1.67x (results/kernel_bench/h200). The pipeline streaming the
 same bytes with no work takes 0.33-0.34 ms in device time as a token's
 64-byte rows, 0.28 as 128-byte rows (experiments/probes/pipeline_probe.py,
 NOTES.md).
