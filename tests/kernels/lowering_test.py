@@ -106,7 +106,10 @@ class GpuLoweringTest(parameterized.TestCase):
   @parameterized.parameters(
       ((128, 4, 4, 4, 1, "mse"), {}),
       ((128, 3.5, 4, 1, 2, "prod"), dict(overlap_values=False)),
-      ((128, 4, 4, 4, 16, "mse"), dict(tile_rows=128, combine="columns")))
+      ((128, 4, 4, 4, 16, "mse"), dict(tile_rows=128, combine="columns")),
+      ((128, 4, 2, 4, 1, "mse"), {}),      # 2 bits: a field per warp
+      ((64, 2, 2, 3, 2, "mse"), dict(rotate_in_kernel=False)),
+      ((256, 2, 2, 2, 1, "mse"), {}))      # 2 bits, 4 chunks: every field
   def test_values_in_registers_lowers(self, shape, options):
     # values_registers: the value tile read transposed by ldmatrix (device
     # only) into the P·V wgmma's register operand.
@@ -123,7 +126,8 @@ class GpuLoweringTest(parameterized.TestCase):
         ((128, 4, 3.5, 4, 1, "mse"), {}, False),
         ((64, 4, 4, 4, 1, "mse"), {}, False),
         ((128, 4, 4, 4, 1, "mse"), dict(rotate_in_kernel=True), False),
-        ((128, 4, 4, 4, 1, "mse"), dict(lookup_mode="poly16"), False)):
+        ((128, 4, 4, 4, 1, "mse"), dict(lookup_mode="poly16"), False),
+        ((128, 4, 2, 4, 1, "mse"), {}, False)):     # 2 bits: not yet timed
       text = _lower(*shape, **options).as_text()
       self.assertEqual("ldmatrix" in text, on, (shape, options))
 

@@ -252,17 +252,23 @@ class PallasGpuInterpretTest(parameterized.TestCase):
            options=dict(combine="columns")),
       dict(testcase_name="prod_keys_128_token_steps", key_bits=3,
            groups=2, tokens=1, lengths=(5, 128), method="prod",
-           options=dict(tile_rows=128)))
+           options=dict(tile_rows=128)),
+      dict(testcase_name="v2_d128", key_bits=4, value_bits=2, groups=4,
+           tokens=1, lengths=(100, 37), options={}),
+      dict(testcase_name="v2_d64_chunk", key_bits=2, value_bits=2, dim=64,
+           groups=3, tokens=2, lengths=(77, 128),
+           options=dict(rotate_in_kernel=False)))
   def test_values_registers(self, key_bits, groups, tokens, lengths,
-                            options, window=0, method="mse"):
-    # A 4-bit, D=128 value tile read transposed into registers: its
-    # coordinates come out in value_rows order, put back by XLA. Interpret
-    # mode sends the same order through SMEM, so the result equals the
-    # default path's and the reference.
-    cache = self._cache(128, key_bits, 4, window, lengths,
+                            options, window=0, method="mse", value_bits=4,
+                            dim=128):
+    # A value tile read transposed into registers: its coordinates come
+    # out in value_rows order, put back by XLA. Interpret mode sends the
+    # same order through SMEM, so the result equals the default path's and
+    # the reference.
+    cache = self._cache(dim, key_bits, value_bits, window, lengths,
                         zlib.crc32(self.id().encode()), method)
     q = jax.random.normal(jax.random.key(groups),
-                          (2, tokens, 2 * groups, 128))
+                          (2, tokens, 2 * groups, dim))
     self.check_option(q, cache, jnp.array(lengths), 2, "values_registers",
                       options, same_tol=1e-6)
 
@@ -282,12 +288,25 @@ class PallasGpuInterpretTest(parameterized.TestCase):
                                atol=same_tol * scale)
 
   def test_value_rows_order(self):
-    # Row f·64 + 16w + 8h + c holds byte column 16w + 2c + h of field f;
-    # the two reshapes are that permutation and its inverse.
+    # Row 16b + 8h + c holds coordinate 16b + 2c + h; the two reshapes are
+    # that permutation and its inverse.
     rows = pallas_gpu_tokens.value_rows()
     self.assertEqual(sorted(rows.tolist()), list(range(128)))
     np.testing.assert_array_equal(rows[[0, 1, 8, 9, 16, 64, 72]],
                                   [0, 2, 1, 3, 16, 64, 65])
+    # The (group, warp) -> (chunk, field) split that the device lookup
+    # uses gives the same order: block b = 4g + w reads byte 2c + h of
+    # chunk b % C of field b // C, coordinate 16·(b % C) + 2c + h + P·(b
+    # // C) for P = 16·C bytes a row, at every supported width.
+    for bits, dims in pallas_gpu_tokens.VALUES_REGISTERS_PARTS.items():
+      for dim in dims:
+        p = dim * bits // 8
+        chunks = p // 16
+        r = np.arange(dim)
+        b, h, c = r // 16, r % 16 // 8, r % 8
+        coords = 16 * (b % chunks) + 2 * c + h + p * (b // chunks)
+        np.testing.assert_array_equal(
+            pallas_gpu_tokens.value_rows(dim), coords, (bits, dim))
     x = jax.random.normal(jax.random.key(0), (3, 128, 2))
     y = pallas_gpu_tokens._to_value_rows(x, 1)
     np.testing.assert_array_equal(y, x[:, rows])
@@ -296,7 +315,7 @@ class PallasGpuInterpretTest(parameterized.TestCase):
 
   def test_values_registers_refusals(self):
     q = jnp.ones((2, 4, 128))
-    for cfg, options in (((64, 4, 4), {}),          # D = 64
+    for cfg, options in (((64, 4, 4), {}),          # 4 bits at D = 64
                          ((128, 4, 3), {}),         # 3-bit values
                          ((128, 4, 3.5), {}),       # split values
                          ((128, 4, 4), dict(rotate_in_kernel=True))):
@@ -631,11 +650,13 @@ class PallasGpuInterpretTest(parameterized.TestCase):
 
   def test_default_overlap_values(self):
     # Unpacking V under the score wgmma where a program streams few tiles
-    # (B = 1, S = 16k: 128 splits of 2 tiles), after it where each streams
-    # many (B = 8, S = 128k: 16 splits of 128 tiles; 128-token steps: 64).
+    # (B = 1, S = 16k: 64 splits of 4 tiles), after it where each streams
+    # many (B = 1, S = 64k: 64 splits of 16 tiles; B = 8, S = 128k: 32
+    # splits of 64 tiles; 128-token steps: 32).
     shape = lambda b, s: jax.eval_shape(
         lambda: cache_lib.init(CacheConfig(key_bits=4), b, 8, s, 128))
-    for b, s, rows, want in ((1, 16384, 64, True), (1, 65536, 64, True),
+    for b, s, rows, want in ((1, 16384, 64, True), (1, 65536, 64, False),
+                             (1, 32768, 64, True),
                              (8, 131072, 64, False), (8, 131072, 128, False),
                              (1, 131072, 64, False)):
       cache = shape(b, s)

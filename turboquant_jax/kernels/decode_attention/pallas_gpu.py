@@ -593,10 +593,12 @@ def _attention(q, cache, lengths, scale, splits, lookup_mode, layout,
       n = pallas_gpu_tokens.query_columns(inp.q[0].shape[2], min_columns)
       run = functools.partial(run, queries=folded_query_operand(
           q, cache, scale, n))
-    if values_registers is None:     # wherever the kernel can
-      values_registers = lookup_mode == "prmt" and not (
-          pallas_gpu_tokens.values_registers_supported(
-              inp.value_specs, rotate is not None, None))
+    if values_registers is None:     # wherever the kernel can, measured
+      values_registers = (
+          lookup_mode == "prmt" and inp.value_specs[0].bits
+          in pallas_gpu_tokens.VALUES_REGISTERS_DEFAULT_BITS and not (
+              pallas_gpu_tokens.values_registers_supported(
+                  inp.value_specs, rotate is not None, None)))
     run = functools.partial(run, values_registers=values_registers)
     if rotate is not None or (combine == "columns" and len(
         inp.value_specs) == 1 and not cache.config.window):
@@ -937,12 +939,16 @@ def attention(q: jax.Array, cache, lengths: jax.Array, *,
       shorter). None: TMA_ROW_BYTES. A bare pipeline over a 4-bit cache
       (B=8, S=128k) streamed 0.280 ms as 128-byte rows against 0.327 as
       64-byte and 0.525 as 16-byte rows (pipeline_probe, NOTES.md).
-    values_registers: layout="tokens", one 4-bit value part of D = 128,
-      no rotate_in_kernel: the value tile is read transposed (ldmatrix)
+    values_registers: layout="tokens", one value part of 4 bits and
+      D = 128 or of 2 bits and D = 64, 128 or 256
+      (pallas_gpu_tokens.VALUES_REGISTERS_PARTS), no rotate_in_kernel: the
+      value tile is read transposed (ldmatrix)
       and looked up into registers as the P·V product's operand, not
       stored to SMEM and read back by the tensor cores
       (pallas_gpu_tokens.fused_attention). None: on wherever it can run
-      (lookup_mode="prmt", the kernel not rotating). On the H200 (GPU
+      at 4 bits (lookup_mode="prmt", the kernel not rotating); 2 bits,
+      written after session 17's device time, not yet run on a GPU, only
+      with True. At 4 bits on the H200 (GPU
       clock, session 17) B=8, S=128k 0.590 ms against 0.641-0.643, B=32,
       32k 0.593-0.595 against 0.647-0.648, B=1, 16k 0.0230 against 0.0245;
       the same errors against the reference (6.8e-4 of the output scale).

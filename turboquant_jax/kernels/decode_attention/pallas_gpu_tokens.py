@@ -46,7 +46,8 @@ Pᵀ's (32 bytes for 16 columns, 64 for 32, 128 for 64), unless Pᵀ goes
 through a transposed view (transpose_p).
 
 With values_registers (the default where a cache has one 4-bit value
-part of D = 128) no V tile goes through SMEM as f16: the codes' tile is
+part of D = 128; 2-bit parts only when asked: not yet timed) no V tile
+goes through SMEM as f16: the codes' tile is
 read transposed by ldmatrix (a lane gets tokens t, t + 1 of a byte
 column, the byte-permute lookup's input as it is) and looked up straight
 into the P·V wgmma's register A operand, while the score wgmma runs where
@@ -218,13 +219,14 @@ def _rotate_back(tiles, accs, n: int) -> tuple:
 
 def value_rows(dim: int = 2 * GROUP) -> np.ndarray:
   """values_registers' output order: row r of a value part's accumulators
-  holds coordinate value_rows()[r]. Row f·64 + 16w + 8h + c (field f of
-  the 4-bit bytes, warp w, half h, lane row c) is byte column 16w + 2c +
-  h of field f: _transposed_codes' ldmatrix gives a lane byte columns 2c
-  and 2c + 1 of its warp's 16."""
+  holds coordinate value_rows()[r]. Row block b = 4g + w (16 rows: group
+  g's rows of warp w) holds coordinate block b, and its row 8h + c holds
+  coordinate 2c + h of the block: _transposed_codes gives lane row c a b16
+  column, byte columns 2c (h = 0) and 2c + 1 (h = 1) of its warp's chunk,
+  and the field that the warp looks up for group g is that block's
+  (_value_fields)."""
   r = np.arange(dim)
-  f, w, h, c = r // GROUP, r % GROUP // 16, r % 16 // 8, r % 8
-  return f * GROUP + 16 * w + 2 * c + h
+  return 16 * (r // 16) + 2 * (r % 8) + r % 16 // 8
 
 
 def _to_value_rows(x: jax.Array, axis: int) -> jax.Array:
@@ -242,31 +244,42 @@ def _from_value_rows(x: jax.Array, axis: int) -> jax.Array:
   return jnp.swapaxes(x, axis + 1, axis + 2).reshape(shape)
 
 
+# values_registers' parts, (bits, head dims): a token's packed row of P
+# bytes is C = P / 16 chunks of 16 bytes, each warp reads one of them (the
+# rows of an ldmatrix block), and every (chunk, field) pair must fall to
+# one (group, warp): C <= 4. Their default (values_registers=None): the
+# widths measured faster on the H200 (4 bits; 2 bits not yet timed).
+VALUES_REGISTERS_PARTS = {4: (128,), 2: (64, 128, 256)}
+VALUES_REGISTERS_DEFAULT_BITS = (4,)
+
+
 def values_registers_supported(value_specs, rotate: bool, append) -> str:
   """Why values_registers cannot run on these parts ('' if it can): one
-  value part of 4 bits and D = 128 (64-byte rows: 4 warps of 16 byte
-  columns), prmt centroids, no rotation in the kernel (its rotation back
-  reads the natural order), no append."""
-  if len(value_specs) != 1 or value_specs[0].bits != 4 or (
-      value_specs[0].dim != 2 * GROUP):
-    return "one 4-bit value part of 128 coordinates"
-  if not prmt_lookup.supports(4, value_specs[0].centroids):
-    return "a symmetric 4-bit codebook (prmt_lookup)"
+  value part of VALUES_REGISTERS_PARTS' widths and head dims, prmt
+  centroids, no rotation in the kernel (its rotation back reads the
+  natural order), no append."""
+  if len(value_specs) != 1 or value_specs[0].dim not in (
+      VALUES_REGISTERS_PARTS.get(value_specs[0].bits, ())):
+    return ("one value part of 4 bits and 128 coordinates or of 2 bits and "
+            "64, 128 or 256")
+  spec = value_specs[0]
+  if not prmt_lookup.supports(spec.bits, spec.centroids):
+    return "centroids the prmt lookup supports (prmt_lookup.supports)"
   if rotate or append is not None:
     return "no rotate_in_kernel, no append"
   return ""
 
 
-def _transposed_codes(code_ref, rows: int) -> jax.Array:
-  """A 4-bit, D = 128 value tile (u8 SMEM, a token's 64 bytes after the
+def _transposed_codes(code_ref, rows: int, row_bytes: int) -> jax.Array:
+  """A value tile (u8 SMEM, a token's row_bytes = 16·C bytes after the
   previous token's, in whatever TMA rows) as u8 [64, rows] in the WGMMA
-  layout, row value_rows-ordered byte column j, column token t: each
-  register the pair (t, t + 1) of one byte column, the byte-permute
-  lookup's input, so the looked-up fields are Vᵀ's A operands as they
-  are. Two tokens' b16 columns per lane by ldmatrix.x4.trans (8 tokens x
-  8 b16 columns a matrix, a warp's 16 byte columns), then one prmt
-  (0x3120) splits each register into byte column 2c's pair (low half)
-  and 2c + 1's (high half)."""
+  layout: warp w's 16 rows are the byte columns of chunk w % C (16w +
+  8h + c: byte 2c + h of it), column token t; each register the pair (t,
+  t + 1) of one byte column, the byte-permute lookup's input, so the
+  looked-up fields are Vᵀ's A operands as they are. Two tokens' b16
+  columns per lane by ldmatrix.x4.trans (8 tokens x 8 b16 columns a
+  matrix), then one prmt (0x3120) splits each register into byte column
+  2c's pair (low half) and 2c + 1's (high half)."""
   # pylint: disable=g-import-not-at-top (Mosaic GPU internals, device only)
   from jax._src.lib.mlir import ir
   from jax._src.lib.mlir.dialects import arith
@@ -287,12 +300,13 @@ def _transposed_codes(code_ref, rows: int) -> jax.Array:
     lane = arith.andi(tid, c(31))
     warp = arith.andi(arith.shrui(tid, c(5)), c(3))
     # Lane l addresses row l % 8 of matrix l // 8 of quad q: token
-    # 32q + 8·(l // 8) + l % 8 = 32q + l, bytes 16w .. 16w + 15.
-    lane_base = arith.addi(base, arith.addi(arith.muli(lane, c(64)),
-                                            arith.muli(warp, c(16))))
+    # 32q + 8·(l // 8) + l % 8 = 32q + l, chunk w % C.
+    chunk = arith.andi(warp, c(row_bytes // 16 - 1))
+    lane_base = arith.addi(base, arith.addi(arith.muli(lane, c(row_bytes)),
+                                            arith.muli(chunk, c(16))))
     regs = np.empty(mgpu.WGMMA_LAYOUT.registers_shape((64, rows)), object)
     for quad in range(rows // 32):       # 4 token blocks of 8 an ldmatrix
-      addr = arith.addi(lane_base, c(quad * 32 * 64))
+      addr = arith.addi(lane_base, c(quad * 32 * row_bytes))
       words = mgpu_utils.inline_ptx(
           "ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 "
           "{$0, $1, $2, $3}, [$4];", addr, result_types=[i32] * 4)
@@ -306,6 +320,40 @@ def _transposed_codes(code_ref, rows: int) -> jax.Array:
     return mgpu.FragmentedArray(_registers=regs, _layout=mgpu.WGMMA_LAYOUT,
                                 _is_signed=False)
   return load(code_ref)
+
+
+def _warp_field_shift(first_block: int, chunks: int):
+  """The shift (2f) of the 2-bit field that warp w looks up for the group
+  whose first row block is first_block: f = (first_block + w) // chunks
+  (value_rows' blocks). An i32 made inside Mosaic GPU, warp-uniform."""
+  # pylint: disable=g-import-not-at-top (Mosaic GPU internals, device only)
+  from jax._src.lib.mlir import ir
+  from jax._src.lib.mlir.dialects import arith
+  from jax.experimental.mosaic.gpu import utils as mgpu_utils
+  i32 = ir.IntegerType.get_signless(32)
+  c = lambda x: arith.constant(i32, x)
+  warp = arith.andi(arith.shrui(mgpu_utils.thread_idx(), c(5)), c(3))
+  field = arith.shrui(arith.addi(warp, c(first_block)),
+                      c(chunks.bit_length() - 1))
+  return arith.shli(field, c(1))
+
+
+def _registers_lookup(code_ref, spec, rows: int) -> list[jax.Array]:
+  """values_registers' Vᵀ operands of one value part: per group, f16 [64,
+  rows] in the WGMMA layout and value_rows order. Where a row has 4
+  chunks (4 bits, D = 128; 2 bits, D = 256) warp w reads chunk w and
+  group g is field g of every byte (the whole lookup); with fewer (2 bits,
+  D = 64, 128) warps share a chunk and each looks up its own field."""
+  row_bytes = base._row_bytes(spec)
+  codes = _transposed_codes(code_ref, rows, row_bytes)
+  chunks = row_bytes // 16
+  if chunks == 4:
+    return prmt_lookup.lookup_chunks(codes, spec.bits, spec.centroids,
+                                     interpret=False)
+  return [prmt_lookup.lookup_field(codes, spec.centroids,
+                                   functools.partial(_warp_field_shift,
+                                                     4 * g, chunks))
+          for g in range(base._groups(spec))]
 
 
 def _zeros(shape: tuple[int, ...]) -> jax.Array:
@@ -416,9 +464,7 @@ def _kernel(lengths_ref, *refs, key_specs, value_specs, groups, split_len,
     def lookup_values():
       # Vᵀ's fields in registers (the P·V wgmma's A operand), looked up
       # from the code tile read transposed: no value tile through SMEM.
-      return prmt_lookup.lookup_chunks(
-          _transposed_codes(vc[0], rows), 4, value_specs[0].centroids,
-          interpret=False)
+      return _registers_lookup(vc[0], value_specs[0], rows)
 
     def unpack_values() -> list:
       """The value tiles into the value pool, or with values_registers on
@@ -713,8 +759,9 @@ def fused_attention(inp: parts.KernelInputs, *, splits: int = 8,
   queries: the kernel's query operand f16[B·K·G, N, 64] (every key part's
   groups, N = query_columns) made by the caller
   (pallas_gpu.folded_query_operand), or None: laid out here from inp.q.
-  values_registers: a 4-bit, D = 128 value part's tile is read transposed
-  (ldmatrix) and looked up into registers, the P·V wgmma's A operand, so
+  values_registers: the value part's tile (VALUES_REGISTERS_PARTS: 4 bits
+  at D = 128, 2 bits at D = 64, 128, 256) is read transposed (ldmatrix)
+  and looked up into registers, the P·V wgmma's A operand, so
   no value tile goes through SMEM; the outputs' coordinates come in
   value_rows order, put back here. Interpret mode (whose wgmma takes no
   register operand) sends the same order through SMEM.

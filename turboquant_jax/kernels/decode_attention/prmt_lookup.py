@@ -105,6 +105,20 @@ def ptx(bits: int, centroids: tuple[float, ...]) -> str:
   return _ptx4(centroids)
 
 
+def _ptx2_field(centroids) -> str:
+  """One field of the 2-bit lookup, its shift (2f) a register operand:
+  inputs $1 (two bytes in the low 16 bits, as ptx()'s) and $2 (the
+  shift); output $0 the field's f16x2. The same 4 instructions a field as
+  ptx(2, ...)."""
+  low, high = _halves(centroids)
+  (low,), (high,) = _words(low), _words(high)
+  build = (["mad.lo.u32 t, t, 17, 0x4040;"] if FMA_PIPE else
+           ["mul.lo.u32 t, t, 17;", "or.b32 t, t, 0x4040;"])
+  lines = ["shr.b32 t, $1, $2;", "and.b32 t, t, 0x0303;", *build,
+           f"prmt.b32 $0, {low}, {high}, t;"]
+  return "{\n.reg .b32 t;\n" + "\n".join(lines) + "\n}"
+
+
 def _ptx3(centroids) -> str:
   low, high = _halves(centroids)
   l0, l1 = _words(low)
@@ -201,6 +215,14 @@ def lookup_chunks(words: jax.Array, bits: int, centroids: tuple[float, ...],
                                 for h in range(2)]
 
 
+def lookup_field(words: jax.Array, centroids: tuple[float, ...],
+                 shift) -> jax.Array:
+  """One field of a 2-bit u8 tile's bytes (WGMMA layout) -> its f16
+  centroids, the field chosen per thread: `shift()` builds its shift (2f,
+  an i32) inside Mosaic GPU, e.g. from the warp index. Device only."""
+  return _device_lookup([words], _ptx2_field(centroids), 1, shift)[0]
+
+
 def _interpret_lookup(inputs, bits, centroids, fields):
   """The same chunks by jnp selects (interpret mode has no PTX)."""
   table = np.asarray(centroids, np.float16)
@@ -218,9 +240,10 @@ def _interpret_lookup(inputs, bits, centroids, fields):
           for f in range(fields) for h, plane in enumerate((first, second))]
 
 
-def _device_lookup(inputs, asm, outputs):
+def _device_lookup(inputs, asm, outputs, operand=None):
   """Runs `asm` on every 16-bit register pair of the u8 inputs (WGMMA
-  layout): its `outputs` 32-bit results, as f16x2, fill that many f16
+  layout), and `operand()` (an i32 made once, inside Mosaic GPU) where
+  given: its `outputs` 32-bit results, as f16x2, fill that many f16
   arrays of the inputs' shape (WGMMA layout)."""
   # pylint: disable=g-import-not-at-top (Mosaic GPU internals, device only)
   from jax._src.lib.mlir import ir
@@ -238,10 +261,12 @@ def _device_lookup(inputs, asm, outputs):
     i32 = ir.IntegerType.get_signless(32)
     f16x2 = ir.VectorType.get((2,), ir.F16Type.get())
     regs = [np.empty_like(xs[0].registers) for _ in range(outputs)]
+    extra = [] if operand is None else [operand()]
     for idx, _ in np.ndenumerate(xs[0].registers):   # 2 bytes of each input
       ws = [arith.extui(i32, mgpu_utils.bitcast(x.registers[idx], i16))
             for x in xs]
-      results = mgpu_utils.inline_ptx(asm, *ws, result_types=[i32] * outputs)
+      results = mgpu_utils.inline_ptx(asm, *ws, *extra,
+                                      result_types=[i32] * outputs)
       for reg, value in zip(regs, results):
         reg[idx] = mgpu_utils.bitcast(value, f16x2)
     return tuple(mgpu.FragmentedArray(_registers=reg, _layout=xs[0].layout,
