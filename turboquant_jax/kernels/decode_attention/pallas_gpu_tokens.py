@@ -224,7 +224,7 @@ def value_rows(dim: int = 2 * GROUP) -> np.ndarray:
   coordinate 2c + h of the block: _transposed_codes gives lane row c a b16
   column, byte columns 2c (h = 0) and 2c + 1 (h = 1) of its warp's chunk,
   and the field that the warp looks up for group g is that block's
-  (_value_fields)."""
+  (_registers_lookup)."""
   r = np.arange(dim)
   return 16 * (r // 16) + 2 * (r % 8) + r % 16 // 8
 
@@ -495,8 +495,8 @@ def _kernel(lengths_ref, *refs, key_specs, value_specs, groups, split_len,
           plgpu.commit_smem()
       return [acc_ref[...] for acc_ref in acc_refs], fields
 
-    raw, value_fields = pl.run_scoped(scores, *[plgpu.ACC(shape, jnp.float32)
-                                  for _ in key_specs])
+    raw, value_fields = pl.run_scoped(
+        scores, *[plgpu.ACC(shape, jnp.float32) for _ in key_specs])
     if not overlap_values:
       # After the score wgmma: the key tiles (registers) are dead by now,
       # and one commit_smem below covers the value and Pᵀ stores.

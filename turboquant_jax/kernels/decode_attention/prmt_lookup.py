@@ -89,34 +89,34 @@ def ptx(bits: int, centroids: tuple[float, ...]) -> str:
   first half's fields, $4-$7 the second half's.
   """
   if bits == 2:
-    low, high = _halves(centroids)
-    (low,), (high,) = _words(low), _words(high)
     lines = []
     for f in range(4):
-      # t: code x at bits 0-1, code y at bits 8-9; t·17 | 0x4040 puts
-      # x, x+4, y, y+4 in the four selector nibbles.
-      lines += [f"shr.b32 t, $4, {2 * f};", "and.b32 t, t, 0x0303;",
-                *(["mad.lo.u32 t, t, 17, 0x4040;"] if FMA_PIPE else
-                  ["mul.lo.u32 t, t, 17;", "or.b32 t, t, 0x4040;"])]
-      lines.append(f"prmt.b32 ${f}, {low}, {high}, t;")
+      lines += _field2(f"${f}", "$4", 2 * f, centroids)
     return "{\n.reg .b32 t;\n" + "\n".join(lines) + "\n}"
   if bits == 3:
     return _ptx3(centroids)
   return _ptx4(centroids)
 
 
+def _field2(out: str, src: str, shift, centroids) -> list[str]:
+  """PTX lines of one 2-bit field: the f16x2 of codes (bits shift,
+  shift + 1 of each of src's two low bytes) into `out`, through register
+  t. t: code x at bits 0-1, code y at bits 8-9; t·17 | 0x4040 puts x,
+  x+4, y, y+4 in the four selector nibbles."""
+  low, high = _halves(centroids)
+  (low,), (high,) = _words(low), _words(high)
+  return [f"shr.b32 t, {src}, {shift};", "and.b32 t, t, 0x0303;",
+          *(["mad.lo.u32 t, t, 17, 0x4040;"] if FMA_PIPE else
+            ["mul.lo.u32 t, t, 17;", "or.b32 t, t, 0x4040;"]),
+          f"prmt.b32 {out}, {low}, {high}, t;"]
+
+
 def _ptx2_field(centroids) -> str:
   """One field of the 2-bit lookup, its shift (2f) a register operand:
   inputs $1 (two bytes in the low 16 bits, as ptx()'s) and $2 (the
-  shift); output $0 the field's f16x2. The same 4 instructions a field as
-  ptx(2, ...)."""
-  low, high = _halves(centroids)
-  (low,), (high,) = _words(low), _words(high)
-  build = (["mad.lo.u32 t, t, 17, 0x4040;"] if FMA_PIPE else
-           ["mul.lo.u32 t, t, 17;", "or.b32 t, t, 0x4040;"])
-  lines = ["shr.b32 t, $1, $2;", "and.b32 t, t, 0x0303;", *build,
-           f"prmt.b32 $0, {low}, {high}, t;"]
-  return "{\n.reg .b32 t;\n" + "\n".join(lines) + "\n}"
+  shift); output $0 the field's f16x2."""
+  return ("{\n.reg .b32 t;\n" + "\n".join(
+      _field2("$0", "$1", "$2", centroids)) + "\n}")
 
 
 def _ptx3(centroids) -> str:
