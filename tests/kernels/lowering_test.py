@@ -108,6 +108,7 @@ class GpuLoweringTest(parameterized.TestCase):
       ((128, 3.5, 4, 1, 2, "prod"), dict(overlap_values=False)),
       ((128, 4, 4, 4, 16, "mse"), dict(tile_rows=128, combine="columns")),
       ((128, 4, 2, 4, 1, "mse"), {}),      # 2 bits: a field per warp
+      ((128, 3, 3, 4, 2, "mse"), {}),      # 3 bits: two planes' chunks
       ((64, 2, 2, 3, 2, "mse"), dict(rotate_in_kernel=False)),
       ((256, 2, 2, 2, 1, "mse"), {}))      # 2 bits, 4 chunks: every field
   def test_values_in_registers_lowers(self, shape, options):
@@ -122,7 +123,7 @@ class GpuLoweringTest(parameterized.TestCase):
     for shape, options, on in (
         ((128, 4, 4, 4, 1, "mse"), {}, True),
         ((128, 3, 4, 1, 2, "prod"), {}, True),
-        ((128, 4, 3, 4, 1, "mse"), {}, False),
+        ((128, 4, 3, 4, 1, "mse"), {}, False),   # 3 bits: not yet timed
         ((128, 4, 3.5, 4, 1, "mse"), {}, False),
         ((64, 4, 4, 4, 1, "mse"), {}, False),
         ((128, 4, 4, 4, 1, "mse"), dict(rotate_in_kernel=True), False),

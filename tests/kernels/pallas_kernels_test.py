@@ -255,6 +255,8 @@ class PallasGpuInterpretTest(parameterized.TestCase):
            options=dict(tile_rows=128)),
       dict(testcase_name="v2_d128", key_bits=4, value_bits=2, groups=4,
            tokens=1, lengths=(100, 37), options={}),
+      dict(testcase_name="v3_d128_window", key_bits=3, value_bits=3,
+           groups=2, tokens=1, lengths=(128, 9), window=3, options={}),
       dict(testcase_name="v2_d64_chunk", key_bits=2, value_bits=2, dim=64,
            groups=3, tokens=2, lengths=(77, 128),
            options=dict(rotate_in_kernel=False)))
@@ -297,16 +299,22 @@ class PallasGpuInterpretTest(parameterized.TestCase):
     # The (group, warp) -> (chunk, field) split that the device lookup
     # uses gives the same order: block b = 4g + w reads byte 2c + h of
     # chunk b % C of field b // C, coordinate 16·(b % C) + 2c + h + P·(b
-    # // C) for P = 16·C bytes a row, at every supported width.
+    # // C) for P = 16·C bytes a row (a 2-bit plane of P = D / 4 at 3 bits,
+    # whose 1-bit plane's bit b of byte 2c + h is coordinate 16b + 2c + h),
+    # at every supported width.
     for bits, dims in pallas_gpu_tokens.VALUES_REGISTERS_PARTS.items():
       for dim in dims:
-        p = dim * bits // 8
+        plane_bits = 2 if bits == 3 else bits     # the 2-bit plane at 3
+        p = dim * plane_bits // 8
         chunks = p // 16
         r = np.arange(dim)
         b, h, c = r // 16, r % 16 // 8, r % 8
         coords = 16 * (b % chunks) + 2 * c + h + p * (b // chunks)
         np.testing.assert_array_equal(
             pallas_gpu_tokens.value_rows(dim), coords, (bits, dim))
+        if bits == 3:
+          np.testing.assert_array_equal(
+              pallas_gpu_tokens.value_rows(dim), 2 * c + h + (dim // 8) * b)
     x = jax.random.normal(jax.random.key(0), (3, 128, 2))
     y = pallas_gpu_tokens._to_value_rows(x, 1)
     np.testing.assert_array_equal(y, x[:, rows])
@@ -316,7 +324,7 @@ class PallasGpuInterpretTest(parameterized.TestCase):
   def test_values_registers_refusals(self):
     q = jnp.ones((2, 4, 128))
     for cfg, options in (((64, 4, 4), {}),          # 4 bits at D = 64
-                         ((128, 4, 3), {}),         # 3-bit values
+                         ((64, 4, 3), {}),          # 3 bits at D = 64
                          ((128, 4, 3.5), {}),       # split values
                          ((128, 4, 4), dict(rotate_in_kernel=True))):
       dim, kb, vb = cfg

@@ -107,6 +107,45 @@ class PrmtLookupTest(parameterized.TestCase):
           np.testing.assert_array_equal(
               got, want[codes], err_msg=f"{first=:#x} {second=:#x} {low=:#x}")
 
+  def test_2_bit_field_ptx_takes_its_shift_from_a_register(self):
+    # values_registers' 2-bit lookup of one field, chosen by warp: the
+    # shift (2f) is an operand, every field of every 13th byte pair.
+    table = codebook.codebook(128, 2)
+    want = table.astype(np.float16)
+    asm = prmt_lookup._ptx2_field(tuple(table))
+    self.assertLessEqual(
+        set(re.findall(r"^\s*([a-z][\w.]*)\s", asm, re.M)), set(_OPS))
+    for word in range(0, 1 << 16, 13):
+      for f in range(4):
+        (reg,) = _run_ptx(asm, (word, 2 * f), 1)
+        got = np.array([reg & 0xFFFF, reg >> 16], np.uint16).view(np.float16)
+        codes = [(word >> (8 * j + 2 * f)) & 3 for j in (0, 1)]
+        np.testing.assert_array_equal(got, want[codes],
+                                      err_msg=f"{word=:#06x} {f=}")
+
+  def test_3_bit_two_fields_ptx_on_transposed_pairs(self):
+    # values_registers at 3 bits, D = 128: each input holds tokens t, t + 1
+    # of one byte column of a plane; warp w shifts the 2-bit plane by
+    # 2·(w // 2) and the 1-bit plane by w, and gets group g's field 2g +
+    # w // 2 with low bit 4g + w (pallas_gpu_tokens._warp_shifts3).
+    table = codebook.codebook(128, 3)
+    want = table.astype(np.float16)
+    asm = prmt_lookup._ptx3_two_fields(tuple(table))
+    self.assertLessEqual(
+        set(re.findall(r"^\s*([a-z][\w.]*)\s", asm, re.M)), set(_OPS))
+    words = np.random.default_rng(3).integers(0, 1 << 16, (3000, 2))
+    for high, low in words.tolist():
+      for w in range(4):
+        out = _run_ptx(asm, (high, low, 2 * (w // 2), w), 2)
+        for g, reg in enumerate(out):
+          got = np.array([reg & 0xFFFF, reg >> 16],
+                         np.uint16).view(np.float16)
+          f, bit = 2 * g + w // 2, 4 * g + w
+          codes = [(((high >> (8 * j + 2 * f)) & 3) << 1)
+                   | ((low >> (8 * j + bit)) & 1) for j in (0, 1)]
+          np.testing.assert_array_equal(
+              got, want[codes], err_msg=f"{high=:#x} {low=:#x} {w=}")
+
   @parameterized.parameters(2, 3, 4)
   def test_stand_in_equals_unpacked_codes(self, bits):
     # Packed by packing.pack, looked up chunk by chunk: the chunks in

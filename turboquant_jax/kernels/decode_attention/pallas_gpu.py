@@ -939,16 +939,16 @@ def attention(q: jax.Array, cache, lengths: jax.Array, *,
       shorter). None: TMA_ROW_BYTES. A bare pipeline over a 4-bit cache
       (B=8, S=128k) streamed 0.280 ms as 128-byte rows against 0.327 as
       64-byte and 0.525 as 16-byte rows (pipeline_probe, NOTES.md).
-    values_registers: layout="tokens", one value part of 4 bits and
+    values_registers: layout="tokens", one value part of 4 or 3 bits and
       D = 128 or of 2 bits and D = 64, 128 or 256
       (pallas_gpu_tokens.VALUES_REGISTERS_PARTS), no rotate_in_kernel: the
       value tile is read transposed (ldmatrix)
       and looked up into registers as the P·V product's operand, not
       stored to SMEM and read back by the tensor cores
       (pallas_gpu_tokens.fused_attention). None: on wherever it can run
-      at 4 bits (lookup_mode="prmt", the kernel not rotating); 2 bits,
-      written after session 17's device time, not yet run on a GPU, only
-      with True. At 4 bits on the H200 (GPU
+      at 4 bits (lookup_mode="prmt", the kernel not rotating); 2 and 3
+      bits, written after session 17's device time, not yet run on a GPU,
+      only with True. At 4 bits on the H200 (GPU
       clock, session 17) B=8, S=128k 0.590 ms against 0.641-0.643, B=32,
       32k 0.593-0.595 against 0.647-0.648, B=1, 16k 0.0230 against 0.0245;
       the same errors against the reference (6.8e-4 of the output scale).

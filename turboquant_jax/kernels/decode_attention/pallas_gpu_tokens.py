@@ -46,9 +46,9 @@ Pᵀ's (32 bytes for 16 columns, 64 for 32, 128 for 64), unless Pᵀ goes
 through a transposed view (transpose_p).
 
 With values_registers (the default where a cache has one 4-bit value
-part of D = 128; 2-bit parts only when asked: not yet timed) no V tile
-goes through SMEM as f16: the codes' tile is
-read transposed by ldmatrix (a lane gets tokens t, t + 1 of a byte
+part of D = 128; 2- and 3-bit parts only when asked: not yet timed) no V
+tile goes through SMEM as f16: the codes' tile is read transposed by
+ldmatrix (a lane gets tokens t, t + 1 of a byte
 column, the byte-permute lookup's input as it is) and looked up straight
 into the P·V wgmma's register A operand, while the score wgmma runs where
 overlap_values is on; its output coordinates come in value_rows order,
@@ -244,12 +244,13 @@ def _from_value_rows(x: jax.Array, axis: int) -> jax.Array:
   return jnp.swapaxes(x, axis + 1, axis + 2).reshape(shape)
 
 
-# values_registers' parts, (bits, head dims): a token's packed row of P
+# values_registers' parts, {bits: head dims}: a token's packed row of P
 # bytes is C = P / 16 chunks of 16 bytes, each warp reads one of them (the
 # rows of an ldmatrix block), and every (chunk, field) pair must fall to
-# one (group, warp): C <= 4. Their default (values_registers=None): the
-# widths measured faster on the H200 (4 bits; 2 bits not yet timed).
-VALUES_REGISTERS_PARTS = {4: (128,), 2: (64, 128, 256)}
+# one (group, warp): C <= 4 (3 bits: one plane's chunk and the other's,
+# _registers_lookup). Their default (values_registers=None): the widths
+# measured faster on the H200 (4 bits; 2 and 3 bits not yet timed).
+VALUES_REGISTERS_PARTS = {4: (128,), 3: (128,), 2: (64, 128, 256)}
 VALUES_REGISTERS_DEFAULT_BITS = (4,)
 
 
@@ -260,8 +261,8 @@ def values_registers_supported(value_specs, rotate: bool, append) -> str:
   natural order), no append."""
   if len(value_specs) != 1 or value_specs[0].dim not in (
       VALUES_REGISTERS_PARTS.get(value_specs[0].bits, ())):
-    return ("one value part of 4 bits and 128 coordinates or of 2 bits and "
-            "64, 128 or 256")
+    return ("one value part of 4 or 3 bits and 128 coordinates or of 2 bits "
+            "and 64, 128 or 256")
   spec = value_specs[0]
   if not prmt_lookup.supports(spec.bits, spec.centroids):
     return "centroids the prmt lookup supports (prmt_lookup.supports)"
@@ -270,13 +271,16 @@ def values_registers_supported(value_specs, rotate: bool, append) -> str:
   return ""
 
 
-def _transposed_codes(code_ref, rows: int, row_bytes: int) -> jax.Array:
-  """A value tile (u8 SMEM, a token's row_bytes = 16·C bytes after the
-  previous token's, in whatever TMA rows) as u8 [64, rows] in the WGMMA
-  layout: warp w's 16 rows are the byte columns of chunk w % C (16w +
-  8h + c: byte 2c + h of it), column token t; each register the pair (t,
-  t + 1) of one byte column, the byte-permute lookup's input, so the
-  looked-up fields are Vᵀ's A operands as they are. Two tokens' b16
+def _transposed_codes(code_ref, rows: int, row_bytes: int,
+                      chunks: int | None = None,
+                      offset: int = 0) -> jax.Array:
+  """A value tile (u8 SMEM, a token's row_bytes after the previous
+  token's, in whatever TMA rows) as u8 [64, rows] in the WGMMA layout:
+  warp w's 16 rows are the bytes offset + 16·(w % C) + (0..15) of each
+  row, C = `chunks` (default row_bytes / 16: the whole row); row 16w +
+  8h + c is byte 2c + h of that chunk, column token t; each register the
+  pair (t, t + 1) of one byte column, the byte-permute lookup's input, so
+  the looked-up fields are Vᵀ's A operands as they are. Two tokens' b16
   columns per lane by ldmatrix.x4.trans (8 tokens x 8 b16 columns a
   matrix), then one prmt (0x3120) splits each register into byte column
   2c's pair (low half) and 2c + 1's (high half)."""
@@ -296,14 +300,14 @@ def _transposed_codes(code_ref, rows: int, row_bytes: int) -> jax.Array:
     c = lambda x: arith.constant(i32, x)
     u8x2 = ir.VectorType.get((2,), ir.IntegerType.get_signless(8))
     base = llvm.ptrtoint(i32, mgpu_utils.memref_ptr(ref))
-    tid = mgpu_utils.thread_idx()
-    lane = arith.andi(tid, c(31))
-    warp = arith.andi(arith.shrui(tid, c(5)), c(3))
+    lane = arith.andi(mgpu_utils.thread_idx(), c(31))
+    warp = _warp_index()
     # Lane l addresses row l % 8 of matrix l // 8 of quad q: token
     # 32q + 8·(l // 8) + l % 8 = 32q + l, chunk w % C.
-    chunk = arith.andi(warp, c(row_bytes // 16 - 1))
-    lane_base = arith.addi(base, arith.addi(arith.muli(lane, c(row_bytes)),
-                                            arith.muli(chunk, c(16))))
+    chunk = arith.andi(warp, c((chunks or row_bytes // 16) - 1))
+    lane_base = arith.addi(base, arith.addi(
+        arith.muli(lane, c(row_bytes)),
+        arith.addi(arith.muli(chunk, c(16)), c(offset))))
     regs = np.empty(mgpu.WGMMA_LAYOUT.registers_shape((64, rows)), object)
     for quad in range(rows // 32):       # 4 token blocks of 8 an ldmatrix
       addr = arith.addi(lane_base, c(quad * 32 * row_bytes))
@@ -322,20 +326,43 @@ def _transposed_codes(code_ref, rows: int, row_bytes: int) -> jax.Array:
   return load(code_ref)
 
 
-def _warp_field_shift(first_block: int, chunks: int):
-  """The shift (2f) of the 2-bit field that warp w looks up for the group
-  whose first row block is first_block: f = (first_block + w) // chunks
-  (value_rows' blocks). An i32 made inside Mosaic GPU, warp-uniform."""
+def _warp_index():
+  """The thread's warp in its warpgroup (0-3): an i32 made inside Mosaic
+  GPU, uniform over the warp."""
   # pylint: disable=g-import-not-at-top (Mosaic GPU internals, device only)
   from jax._src.lib.mlir import ir
   from jax._src.lib.mlir.dialects import arith
   from jax.experimental.mosaic.gpu import utils as mgpu_utils
   i32 = ir.IntegerType.get_signless(32)
-  c = lambda x: arith.constant(i32, x)
-  warp = arith.andi(arith.shrui(mgpu_utils.thread_idx(), c(5)), c(3))
-  field = arith.shrui(arith.addi(warp, c(first_block)),
+  return arith.andi(arith.shrui(mgpu_utils.thread_idx(),
+                                arith.constant(i32, 5)),
+                    arith.constant(i32, 3))
+
+
+def _warp_field_shift(first_block: int, chunks: int):
+  """The shift (2f) of the 2-bit field that warp w looks up for the group
+  whose first row block is first_block: f = (first_block + w) // chunks
+  (value_rows' blocks). An i32, warp-uniform."""
+  # pylint: disable=g-import-not-at-top (Mosaic GPU internals, device only)
+  from jax._src.lib.mlir import ir
+  from jax._src.lib.mlir.dialects import arith
+  c = lambda x: arith.constant(ir.IntegerType.get_signless(32), x)
+  field = arith.shrui(arith.addi(_warp_index(), c(first_block)),
                       c(chunks.bit_length() - 1))
   return arith.shli(field, c(1))
+
+
+def _warp_shifts3() -> list:
+  """The shifts of a 3-bit, D = 128 part's first group for warp w: its
+  rows are coordinates 16w .. 16w + 15, field w // 2 of the 2-bit plane
+  (shift 2·(w // 2)) and bit w of the 1-bit plane; group 1's are 2 fields
+  and 4 bits further on (lookup_two_fields3)."""
+  # pylint: disable=g-import-not-at-top (Mosaic GPU internals, device only)
+  from jax._src.lib.mlir import ir
+  from jax._src.lib.mlir.dialects import arith
+  c = lambda x: arith.constant(ir.IntegerType.get_signless(32), x)
+  warp = _warp_index()
+  return [arith.shli(arith.shrui(warp, c(1)), c(1)), warp]
 
 
 def _registers_lookup(code_ref, spec, rows: int) -> list[jax.Array]:
@@ -343,8 +370,18 @@ def _registers_lookup(code_ref, spec, rows: int) -> list[jax.Array]:
   rows] in the WGMMA layout and value_rows order. Where a row has 4
   chunks (4 bits, D = 128; 2 bits, D = 256) warp w reads chunk w and
   group g is field g of every byte (the whole lookup); with fewer (2 bits,
-  D = 64, 128) warps share a chunk and each looks up its own field."""
+  D = 64, 128) warps share a chunk and each looks up its own field. At 3
+  bits (D = 128: a 2-bit plane of 32 bytes, a 1-bit plane of 16) warp w
+  reads chunk w % 2 of the first and the second whole: coordinate 16b +
+  e (block b = 4g + w) is field b // 2 of byte 16·(b % 2) + e of the one
+  and bit b of byte e of the other."""
   row_bytes = base._row_bytes(spec)
+  if spec.bits == 3:
+    high = _transposed_codes(code_ref, rows, row_bytes, chunks=2)
+    low = _transposed_codes(code_ref, rows, row_bytes, chunks=1,
+                            offset=row_bytes * 2 // 3)
+    return prmt_lookup.lookup_two_fields3(high, low, spec.centroids,
+                                          _warp_shifts3)
   codes = _transposed_codes(code_ref, rows, row_bytes)
   chunks = row_bytes // 16
   if chunks == 4:
@@ -759,9 +796,9 @@ def fused_attention(inp: parts.KernelInputs, *, splits: int = 8,
   queries: the kernel's query operand f16[B·K·G, N, 64] (every key part's
   groups, N = query_columns) made by the caller
   (pallas_gpu.folded_query_operand), or None: laid out here from inp.q.
-  values_registers: the value part's tile (VALUES_REGISTERS_PARTS: 4 bits
-  at D = 128, 2 bits at D = 64, 128, 256) is read transposed (ldmatrix)
-  and looked up into registers, the P·V wgmma's A operand, so
+  values_registers: the value part's tile (VALUES_REGISTERS_PARTS: 4 and
+  3 bits at D = 128, 2 bits at D = 64, 128, 256) is read transposed
+  (ldmatrix) and looked up into registers, the P·V wgmma's A operand, so
   no value tile goes through SMEM; the outputs' coordinates come in
   value_rows order, put back here. Interpret mode (whose wgmma takes no
   register operand) sends the same order through SMEM.

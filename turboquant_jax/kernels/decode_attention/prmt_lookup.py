@@ -119,6 +119,30 @@ def _ptx2_field(centroids) -> str:
       _field2("$0", "$1", "$2", centroids)) + "\n}")
 
 
+def _ptx3_two_fields(centroids) -> str:
+  """Two fields of a 3-bit part whose planes come as pairs of tokens (t,
+  t + 1) of one byte column each (values_registers' transposed tiles):
+  inputs $2 (the 2-bit plane's pair), $3 (the 1-bit plane's), $4 and $5
+  their shifts (2f, b: the first field's bits); outputs $0 that field's
+  f16x2 (tokens t, t + 1), $1 the field 2 fields (4 bits) further on,
+  whose low bit is 4 further on. After the shifts the two fields' 2-bit
+  codes sit at bits 4k..4k+1 (k = field, token: (f, t), (f', t), (f,
+  t + 1), (f', t + 1)) and their low bits at 4k: one mask each and one
+  multiply-add give all four 3-bit selectors (2.25 instructions a code
+  with the two lookups and two interleaves)."""
+  low, high = _halves(centroids)
+  l0, l1 = _words(low)
+  h0, h1 = _words(high)
+  lines = ["shr.b32 x, $2, $4;", "shr.b32 y, $3, $5;",
+           "and.b32 x, x, 0x3333;", "and.b32 y, y, 0x1111;",
+           "mad.lo.u32 s, x, 2, y;",
+           f"prmt.b32 lo4, {l0}, {l1}, s;", f"prmt.b32 hi4, {h0}, {h1}, s;",
+           "prmt.b32 $0, lo4, hi4, 0x6240;",
+           "prmt.b32 $1, lo4, hi4, 0x7351;"]
+  return ("{\n.reg .b32 x, y, s, lo4, hi4;\n" + "\n".join(lines)
+          + "\n}")
+
+
 def _ptx3(centroids) -> str:
   low, high = _halves(centroids)
   l0, l1 = _words(low)
@@ -220,7 +244,21 @@ def lookup_field(words: jax.Array, centroids: tuple[float, ...],
   """One field of a 2-bit u8 tile's bytes (WGMMA layout) -> its f16
   centroids, the field chosen per thread: `shift()` builds its shift (2f,
   an i32) inside Mosaic GPU, e.g. from the warp index. Device only."""
-  return _device_lookup([words], _ptx2_field(centroids), 1, shift)[0]
+  return _device_lookup([words], _ptx2_field(centroids), 1,
+                        lambda: [shift()])[0]
+
+
+def lookup_two_fields3(high: jax.Array, low: jax.Array,
+                       centroids: tuple[float, ...],
+                       shifts) -> list[jax.Array]:
+  """A 3-bit part's planes as u8 tiles of byte columns (WGMMA layout, each
+  register two tokens of one byte: `high` the 2-bit plane's, `low` the
+  1-bit plane's) -> the f16 centroids of two fields: the one whose 2-bit
+  code and low bit `shifts()` (two i32 made inside Mosaic GPU, e.g. from
+  the warp index) bring to bits 0-1 and 0, and the field 2 fields (4
+  bits) further on in both planes. Device only."""
+  return _device_lookup([high, low], _ptx3_two_fields(centroids), 2,
+                        shifts)
 
 
 def _interpret_lookup(inputs, bits, centroids, fields):
@@ -240,9 +278,9 @@ def _interpret_lookup(inputs, bits, centroids, fields):
           for f in range(fields) for h, plane in enumerate((first, second))]
 
 
-def _device_lookup(inputs, asm, outputs, operand=None):
+def _device_lookup(inputs, asm, outputs, operands=None):
   """Runs `asm` on every 16-bit register pair of the u8 inputs (WGMMA
-  layout), and `operand()` (an i32 made once, inside Mosaic GPU) where
+  layout), and on `operands()` (i32s made once, inside Mosaic GPU) where
   given: its `outputs` 32-bit results, as f16x2, fill that many f16
   arrays of the inputs' shape (WGMMA layout)."""
   # pylint: disable=g-import-not-at-top (Mosaic GPU internals, device only)
@@ -261,7 +299,7 @@ def _device_lookup(inputs, asm, outputs, operand=None):
     i32 = ir.IntegerType.get_signless(32)
     f16x2 = ir.VectorType.get((2,), ir.F16Type.get())
     regs = [np.empty_like(xs[0].registers) for _ in range(outputs)]
-    extra = [] if operand is None else [operand()]
+    extra = [] if operands is None else list(operands())
     for idx, _ in np.ndenumerate(xs[0].registers):   # 2 bytes of each input
       ws = [arith.extui(i32, mgpu_utils.bitcast(x.registers[idx], i16))
             for x in xs]
