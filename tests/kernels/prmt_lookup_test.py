@@ -59,7 +59,17 @@ def _run_ptx(asm: str, words: tuple[int, ...], outputs: int) -> list[int]:
   return [regs[f"${i}"] for i in range(outputs)]
 
 
+def _f16_pair(reg: int) -> np.ndarray:
+  """A 32-bit result as its two f16 halves (low first)."""
+  return np.array([reg & 0xFFFF, reg >> 16], np.uint16).view(np.float16)
+
+
 class PrmtLookupTest(parameterized.TestCase):
+
+  def assert_emulated(self, asm: str) -> None:
+    """Every instruction of `asm` is one the emulator runs."""
+    self.assertLessEqual(
+        set(re.findall(r"^\s*([a-z][\w.]*)\s", asm, re.M)), set(_OPS))
 
   # Every pair of packed bytes at D = 128; every 7th at D = 64 and 256
   # (the same PTX with other constants).
@@ -73,13 +83,12 @@ class PrmtLookupTest(parameterized.TestCase):
     with mock.patch.object(prmt_lookup, "FMA_PIPE", fma_pipe):
       asm = prmt_lookup.ptx(bits, tuple(table))
     self.assertEqual("mad.lo" in asm, fma_pipe)
-    self.assertLessEqual(
-        set(re.findall(r"^\s*([a-z][\w.]*)\s", asm, re.M)), set(_OPS))
+    self.assert_emulated(asm)
     fields, mask = 8 // bits, (1 << bits) - 1
     for word in range(0, 1 << 16, stride):
       out = _run_ptx(asm, (word,), fields)
       for f, reg in enumerate(out):    # field f of bytes j and j + 1
-        got = np.array([reg & 0xFFFF, reg >> 16], np.uint16).view(np.float16)
+        got = _f16_pair(reg)
         codes = [(word >> (8 * j + bits * f)) & mask for j in (0, 1)]
         np.testing.assert_array_equal(got, want[codes],
                                       err_msg=f"{word=:#06x} {f=}")
@@ -92,16 +101,14 @@ class PrmtLookupTest(parameterized.TestCase):
     self.assertTrue(prmt_lookup.supports(3, tuple(table)))
     want = table.astype(np.float16)
     asm = prmt_lookup.ptx(3, tuple(table))
-    self.assertLessEqual(
-        set(re.findall(r"^\s*([a-z][\w.]*)\s", asm, re.M)), set(_OPS))
+    self.assert_emulated(asm)
     words = np.random.default_rng(dim).integers(0, 1 << 16, (cases, 3))
     for first, second, low in words.tolist():
       out = _run_ptx(asm, (first, second, low), 8)
       for h, plane in enumerate((first, second)):
         for f in range(4):
           reg = out[4 * h + f]
-          got = np.array([reg & 0xFFFF, reg >> 16],
-                         np.uint16).view(np.float16)
+          got = _f16_pair(reg)
           codes = [(((plane >> (8 * j + 2 * f)) & 3) << 1)
                    | ((low >> (8 * j + 2 * f + h)) & 1) for j in (0, 1)]
           np.testing.assert_array_equal(
@@ -113,12 +120,11 @@ class PrmtLookupTest(parameterized.TestCase):
     table = codebook.codebook(128, 2)
     want = table.astype(np.float16)
     asm = prmt_lookup._ptx2_field(tuple(table))
-    self.assertLessEqual(
-        set(re.findall(r"^\s*([a-z][\w.]*)\s", asm, re.M)), set(_OPS))
+    self.assert_emulated(asm)
     for word in range(0, 1 << 16, 13):
       for f in range(4):
         (reg,) = _run_ptx(asm, (word, 2 * f), 1)
-        got = np.array([reg & 0xFFFF, reg >> 16], np.uint16).view(np.float16)
+        got = _f16_pair(reg)
         codes = [(word >> (8 * j + 2 * f)) & 3 for j in (0, 1)]
         np.testing.assert_array_equal(got, want[codes],
                                       err_msg=f"{word=:#06x} {f=}")
@@ -131,15 +137,13 @@ class PrmtLookupTest(parameterized.TestCase):
     table = codebook.codebook(128, 3)
     want = table.astype(np.float16)
     asm = prmt_lookup._ptx3_two_fields(tuple(table))
-    self.assertLessEqual(
-        set(re.findall(r"^\s*([a-z][\w.]*)\s", asm, re.M)), set(_OPS))
+    self.assert_emulated(asm)
     words = np.random.default_rng(3).integers(0, 1 << 16, (1000, 2))
     for high, low in words.tolist():
       for w in range(4):
         out = _run_ptx(asm, (high, low, 2 * (w // 2), w), 2)
         for g, reg in enumerate(out):
-          got = np.array([reg & 0xFFFF, reg >> 16],
-                         np.uint16).view(np.float16)
+          got = _f16_pair(reg)
           f, bit = 2 * g + w // 2, 4 * g + w
           codes = [(((high >> (8 * j + 2 * f)) & 3) << 1)
                    | ((low >> (8 * j + bit)) & 1) for j in (0, 1)]
