@@ -764,9 +764,9 @@ def default_splits(cache, layout: str = "tokens") -> int:
   (v4's 145 registers; at B=8, S=128k 16 splits took 1.68 ms against 1.84
   for 8; v7 held 134, 3 at once, and 16 and 32 splits took 0.723-0.735
   ms against 0.78 for 8; today's 128 registers let 4 run at once, as
-  planned), in powers of two; for "tokens" at D >= 128 up to 8 per SM,
-  twice what can run at once (96 registers with values_registers: 5),
-  while splits keep SECOND_WAVE_MIN_TOKENS tokens: on the H200 (GPU
+  planned), in powers of two; for "tokens" at D >= 128 up to 8 per SM
+  (twice the 4 that 128 registers allow; ptxas gives values_registers
+  96, room for 5 by registers, occupancy not measured) while splits keep SECOND_WAVE_MIN_TOKENS tokens: on the H200 (GPU
   clock, session 17) B=8, S=128k 32 splits took 0.575 ms against 0.590
   for 16 at 4 bits, 0.588 against 0.607 at 3; B=32, 32k 8 splits 0.578
   against 0.593 for 4; but with shorter splits session 17's grid

@@ -355,14 +355,10 @@ def _warp_field_shift(first_block: int, chunks: int):
 def _warp_shifts3() -> list:
   """The shifts of a 3-bit, D = 128 part's first group for warp w: its
   rows are coordinates 16w .. 16w + 15, field w // 2 of the 2-bit plane
-  (shift 2·(w // 2)) and bit w of the 1-bit plane; group 1's are 2 fields
-  and 4 bits further on (lookup_two_fields3)."""
-  # pylint: disable=g-import-not-at-top (Mosaic GPU internals, device only)
-  from jax._src.lib.mlir import ir
-  from jax._src.lib.mlir.dialects import arith
-  c = lambda x: arith.constant(ir.IntegerType.get_signless(32), x)
-  warp = _warp_index()
-  return [arith.shli(arith.shrui(warp, c(1)), c(1)), warp]
+  (the 2-bit shift of first block 0 over 2 chunks) and bit w of the 1-bit
+  plane; group 1's are 2 fields and 4 bits further on
+  (lookup_two_fields3)."""
+  return [_warp_field_shift(0, 2), _warp_index()]
 
 
 def _registers_lookup(code_ref, spec, rows: int) -> list[jax.Array]:
@@ -414,6 +410,8 @@ def _kernel(lengths_ref, *refs, key_specs, value_specs, groups, split_len,
             rotate, append, overlap_values, tma_row_bytes,
             values_registers):
   nk, nv = len(key_specs), len(value_specs)
+  # Values into registers on the device (interpret mode: through SMEM).
+  registers = values_registers and not interpret
   # The scratch at the end: with rotate the rotations' tiles and their
   # barriers (one a tile), then the queries' SMEM (all key parts), a
   # barrier.
@@ -506,7 +504,7 @@ def _kernel(lengths_ref, *refs, key_specs, value_specs, groups, split_len,
     def unpack_values() -> list:
       """The value tiles into the value pool, or with values_registers on
       the device Vᵀ's fields if looked up now (else after Pᵀ's store)."""
-      if values_registers and not interpret:
+      if registers:
         early = overlap_values and EARLY_VALUE_LOOKUP
         return lookup_values() if early else []
       for ref, spec, first in zip(vc, value_specs, v_first):
@@ -558,7 +556,7 @@ def _kernel(lengths_ref, *refs, key_specs, value_specs, groups, split_len,
     for ps, norm_ref in zip(p_smem, vn):
       ps[...] = (p * per_token(norm_ref)).astype(jnp.float16)
     plgpu.commit_smem()
-    if values_registers and not interpret:
+    if registers:
       operands = [(f, p_smem[0]) for f in value_fields or lookup_values()]
     else:
       operands = [(v_pool.at[first + j].transpose((1, 0)), ps)
@@ -597,7 +595,7 @@ def _kernel(lengths_ref, *refs, key_specs, value_specs, groups, split_len,
   # values read into registers (on the device).
   k_pool = [] if key_registers else [base._group_smem(
       sum(base._groups(s) for s in key_specs), rows=rows)]
-  v_pool = [] if values_registers and not interpret else [base._group_smem(
+  v_pool = [] if registers else [base._group_smem(
       sum(base._groups(s) for s in value_specs),
       128 if transpose_p else _swizzle(n), rows)]
 

@@ -73,10 +73,11 @@ def _words(table_bytes: list[int]) -> list[str]:
   return [f"0x{w:08X}" for w in words]
 
 
-def _halves(centroids) -> tuple[list[int], list[int]]:
-  """The f16 centroids' low bytes and high bytes."""
-  h = np.asarray(centroids, np.float16).view(np.uint16).astype(int)
-  return [x & 0xFF for x in h], [x >> 8 for x in h]
+def _tables(values) -> tuple[list[str], list[str]]:
+  """The f16 values' low bytes and high bytes as PTX immediates (_words):
+  the two prmt tables of a lookup."""
+  h = np.asarray(values, np.float16).view(np.uint16).astype(int)
+  return _words([x & 0xFF for x in h]), _words([x >> 8 for x in h])
 
 
 def ptx(bits: int, centroids: tuple[float, ...]) -> str:
@@ -103,8 +104,7 @@ def _field2(out: str, src: str, shift, centroids) -> list[str]:
   shift + 1 of each of src's two low bytes) into `out`, through register
   t. t: code x at bits 0-1, code y at bits 8-9; t·17 | 0x4040 puts x,
   x+4, y, y+4 in the four selector nibbles."""
-  low, high = _halves(centroids)
-  (low,), (high,) = _words(low), _words(high)
+  (low,), (high,) = _tables(centroids)
   return [f"shr.b32 t, {src}, {shift};", "and.b32 t, t, 0x0303;",
           *(["mad.lo.u32 t, t, 17, 0x4040;"] if FMA_PIPE else
             ["mul.lo.u32 t, t, 17;", "or.b32 t, t, 0x4040;"]),
@@ -128,11 +128,9 @@ def _ptx3_two_fields(centroids) -> str:
   whose low bit is 4 further on. After the shifts the two fields' 2-bit
   codes sit at bits 4k..4k+1 (k = field, token: (f, t), (f', t), (f,
   t + 1), (f', t + 1)) and their low bits at 4k: one mask each and one
-  multiply-add give all four 3-bit selectors (2.25 instructions a code
-  with the two lookups and two interleaves)."""
-  low, high = _halves(centroids)
-  l0, l1 = _words(low)
-  h0, h1 = _words(high)
+  multiply-add give all four 3-bit selectors (9 instructions for 4 codes
+  with the two lookups and two interleaves, as written)."""
+  (l0, l1), (h0, h1) = _tables(centroids)
   lines = ["shr.b32 x, $2, $4;", "shr.b32 y, $3, $5;",
            "and.b32 x, x, 0x3333;", "and.b32 y, y, 0x1111;",
            "mad.lo.u32 s, x, 2, y;",
@@ -144,9 +142,7 @@ def _ptx3_two_fields(centroids) -> str:
 
 
 def _ptx3(centroids) -> str:
-  low, high = _halves(centroids)
-  l0, l1 = _words(low)
-  h0, h1 = _words(high)
+  (l0, l1), (h0, h1) = _tables(centroids)
   lines = []
   for half, src in enumerate(("$8", "$9")):
     for f in (0, 2):
@@ -168,9 +164,7 @@ def _ptx3(centroids) -> str:
 
 
 def _ptx4(centroids) -> str:
-  mags = np.asarray(centroids[8:], np.float16).view(np.uint16).astype(int)
-  l0, l1 = _words([m & 0xFF for m in mags])
-  h0, h1 = _words([m >> 8 for m in mags])
+  (l0, l1), (h0, h1) = _tables(centroids[8:])     # the magnitudes
   # n >= 8 is +c[n] = +mag[n & 7]; n < 8 is -c[15 - n] = -mag[7 - n]. The
   # negated high bytes are the high bytes with the sign bit set: an OR, not
   # a third table lookup (whose two immediates ptxas moves into a register
