@@ -118,19 +118,44 @@ class GpuLoweringTest(parameterized.TestCase):
     self.assertIn("ldmatrix", text)
 
   def test_values_in_registers_by_default_where_they_can(self):
-    # values_registers=None (the default): on for one 4-bit value part of
-    # D = 128 with the prmt lookup and no rotation in the kernel.
+    # values_registers=None (the default): on for one value part of 2, 3 or
+    # 4 bits and D = 128 (VALUES_REGISTERS_DEFAULT) with the prmt lookup
+    # and no rotation in the kernel.
     for shape, options, on in (
         ((128, 4, 4, 4, 1, "mse"), {}, True),
         ((128, 3, 4, 1, 2, "prod"), {}, True),
-        ((128, 4, 3, 4, 1, "mse"), {}, False),   # 3 bits: not yet timed
+        ((128, 4, 3, 4, 1, "mse"), {}, True),
+        ((128, 4, 2, 4, 1, "mse"), {}, True),
         ((128, 4, 3.5, 4, 1, "mse"), {}, False),
         ((64, 4, 4, 4, 1, "mse"), {}, False),
+        ((64, 2, 2, 4, 1, "mse"), dict(rotate_in_kernel=False), False),
+        ((256, 2, 2, 2, 1, "mse"), {}, False),   # 2 bits, D = 256: untimed
         ((128, 4, 4, 4, 1, "mse"), dict(rotate_in_kernel=True), False),
-        ((128, 4, 4, 4, 1, "mse"), dict(lookup_mode="poly16"), False),
-        ((128, 4, 2, 4, 1, "mse"), {}, False)):     # 2 bits: not yet timed
+        ((128, 4, 4, 4, 1, "mse"), dict(lookup_mode="poly16"), False)):
       text = _lower(*shape, **options).as_text()
       self.assertEqual("ldmatrix" in text, on, (shape, options))
+
+  def test_overlap_values_by_default_with_values_in_registers(self):
+    # overlap_values=None: on wherever values_registers is, whatever
+    # default_overlap_values says (here made to say off, as it does for
+    # long splits past one wave); where the value tile goes through SMEM,
+    # default_overlap_values' answer.
+    for shape, registers, overlap in (((128, 4, 4, 4, 1, "mse"), True, True),
+                                      ((128, 4, 3, 4, 1, "mse"), True, True),
+                                      ((128, 4, 2, 4, 1, "mse"), True, True),
+                                      ((128, 4, 3.5, 4, 1, "mse"), False,
+                                       False)):
+      pallas_gpu._attention.clear_cache()   # trace again under the mocks
+      with mock.patch.object(pallas_gpu, "default_overlap_values",
+                             return_value=False), mock.patch.object(
+                                 pallas_gpu_tokens, "fused_attention",
+                                 wraps=pallas_gpu_tokens.fused_attention
+                             ) as kernel:
+        _lower(*shape)
+      got = {k: kernel.call_args.kwargs[k]
+             for k in ("values_registers", "overlap_values")}
+      self.assertEqual(got, dict(values_registers=registers,
+                                 overlap_values=overlap), shape)
 
   def test_pipeline_probe_lowers(self):
     # experiments/probes/pipeline_probe: the bare TMA pipeline over the

@@ -633,12 +633,12 @@ class PallasGpuInterpretTest(parameterized.TestCase):
     self.assertEqual(pallas_gpu.default_splits(one(4096)), 32)
     self.assertEqual(pallas_gpu.default_splits(one(4096, 2)), 16)
     self.assertEqual(pallas_gpu.default_splits(one(4096), "queries"), 32)
-    # Past one wave (528) only while splits keep 2048 tokens.
+    # Past one wave (528) only while splits keep 1024 tokens.
     split = lambda b, s: pallas_gpu.default_splits(
         cache_lib.init(CacheConfig(key_bits=4), b, 8, s, 128))
     self.assertEqual([split(8, s) for s in (4096, 16384, 32768, 65536)],
-                     [16, 16, 16, 32])
-    self.assertEqual([split(32, s) for s in (4096, 16384)], [4, 8])
+                     [16, 16, 32, 32])
+    self.assertEqual([split(32, s) for s in (4096, 8192, 16384)], [4, 8, 8])
     self.assertEqual(split(2, 16384), 64)
 
   def test_default_steps(self):
@@ -658,15 +658,16 @@ class PallasGpuInterpretTest(parameterized.TestCase):
 
   def test_default_overlap_values(self):
     # Unpacking V under the score wgmma where a program streams few tiles
-    # (B = 1, S = 16k: 64 splits of 4 tiles), after it where each streams
-    # many (B = 1, S = 64k: 64 splits of 16 tiles; B = 8, S = 128k: 32
-    # splits of 64 tiles; 128-token steps: 32).
+    # (B = 1, S = 16k: 64 splits of 4 tiles) or the programs fit one wave
+    # (B = 1, S = 64k and 128k: 512 programs), after it where each streams
+    # many past one wave (B = 8, S = 128k: 32 splits of 64 tiles;
+    # 128-token steps: 32; B = 2, 64k: 64 splits of 16 tiles).
     shape = lambda b, s: jax.eval_shape(
         lambda: cache_lib.init(CacheConfig(key_bits=4), b, 8, s, 128))
-    for b, s, rows, want in ((1, 16384, 64, True), (1, 65536, 64, False),
-                             (1, 32768, 64, True),
+    for b, s, rows, want in ((1, 16384, 64, True), (1, 65536, 64, True),
+                             (1, 32768, 64, True), (2, 65536, 64, False),
                              (8, 131072, 64, False), (8, 131072, 128, False),
-                             (1, 131072, 64, False)):
+                             (1, 131072, 64, True)):
       cache = shape(b, s)
       splits = pallas_gpu.default_splits(cache)
       self.assertEqual(

@@ -75,7 +75,8 @@ ROWS = 64      # tokens per tile = query rows of one warpgroup's wgmma
 STAGES = 2     # default tiles in flight per program (emit_pipeline steps)
 MIN_SPLIT_TILES = 3   # default_splits' shortest split where B·K is small
 ONE_WAVE_MAX_HEADS = 8   # default_splits: one wave up to this many B·K
-SECOND_WAVE_MIN_TOKENS = 2048   # default_splits: splits past one wave
+SECOND_WAVE_MIN_TOKENS = 1024   # default_splits: splits past one wave
+ONE_WAVE_PROGRAMS = 132 * 4   # layout="tokens": 4 programs on each SM
 TMA_ROW_BYTES = 128   # layout="tokens": codes move as 128-byte TMA rows
 
 _L = plgpu.Layout
@@ -556,8 +557,9 @@ COMBINES = ("rows", "columns")
 
 
 # overlap_values' default: on up to this many tiles a program (latency
-# bound: the value unpacking hides under the score wgmma), off above (the
-# key tiles' registers freed first; faster at B = 8 and 32 on the H200).
+# bound: the value unpacking hides under the score wgmma) or within one
+# wave, off above (the key tiles' registers freed first; faster at B = 8
+# and 32 on the H200).
 OVERLAP_MAX_TILES = 8
 
 
@@ -584,7 +586,6 @@ def _attention(q, cache, lengths, scale, splits, lookup_mode, layout,
                             transpose_p=transpose_p, min_columns=min_columns,
                             approx_math=approx_math,
                             auto_barriers=auto_barriers,
-                            overlap_values=overlap_values,
                             tma_row_bytes=tma_row_bytes)
     rotate = None
     if rotate_in_kernel and _rotatable(inp, cache):
@@ -594,12 +595,17 @@ def _attention(q, cache, lengths, scale, splits, lookup_mode, layout,
       run = functools.partial(run, queries=folded_query_operand(
           q, cache, scale, n))
     if values_registers is None:     # wherever the kernel can, measured
+      spec = inp.value_specs[0]
+      measured = pallas_gpu_tokens.VALUES_REGISTERS_DEFAULT
       values_registers = (
-          lookup_mode == "prmt" and inp.value_specs[0].bits
-          in pallas_gpu_tokens.VALUES_REGISTERS_DEFAULT_BITS and not (
-              pallas_gpu_tokens.values_registers_supported(
-                  inp.value_specs, rotate is not None, None)))
-    run = functools.partial(run, values_registers=values_registers)
+          lookup_mode == "prmt" and spec.dim in measured.get(spec.bits, ())
+          and not pallas_gpu_tokens.values_registers_supported(
+              inp.value_specs, rotate is not None, None))
+    if overlap_values is None:
+      overlap_values = values_registers or default_overlap_values(
+          cache, splits, tile_rows)
+    run = functools.partial(run, values_registers=values_registers,
+                            overlap_values=overlap_values)
     if rotate is not None or (combine == "columns" and len(
         inp.value_specs) == 1 and not cache.config.window):
       (acc,), m, l = run(inp, splits=splits, lookup_mode=lookup_mode,
@@ -766,14 +772,16 @@ def default_splits(cache, layout: str = "tokens") -> int:
   ms against 0.78 for 8; today's 128 registers let 4 run at once, as
   planned), in powers of two; for "tokens" at D >= 128 up to 8 per SM
   (twice the 4 that 128 registers allow; ptxas gives values_registers
-  96, room for 5 by registers, occupancy not measured) while splits keep SECOND_WAVE_MIN_TOKENS tokens: on the H200 (GPU
-  clock, session 17) B=8, S=128k 32 splits took 0.575 ms against 0.590
-  for 16 at 4 bits, 0.588 against 0.607 at 3; B=32, 32k 8 splits 0.578
-  against 0.593 for 4; but with shorter splits session 17's grid
-  (results/kernel_bench/h200) was 3-13% slower at 2-3.5 bits than session
-  15's at B=8, 4k-32k and B=32, 4k (B=8, 32k, 2 bits 0.154 against 0.134
-  ms). Where that is
-  still less than one program per SM (small B·K), any divisor of the
+  96, room for 5 by registers, occupancy not measured) while splits keep
+  SECOND_WAVE_MIN_TOKENS tokens: on the H200 (GPU clock, session 17)
+  B=8, S=128k 32 splits took 0.575 ms against 0.590 for 16 at 4 bits,
+  0.588 against 0.607 at 3; B=32, 32k 8 splits 0.578 against 0.593 for
+  4; session 18, B=8, 32k 32 splits (1024 tokens) 0.125 / 0.166 / 0.164
+  ms against 0.129 / 0.169 / 0.166 at 2 / 3 / 4 bits, but shorter splits
+  lose: B=8, 16k 32 splits (512 tokens) 0.0781 / 0.100 against 0.0734 /
+  0.0955 at 2 / 3 bits (0.0940 against 0.0946 at 4), B=8, 4k 32 splits
+  and B=32, 4k 8 splits 3-9% slower at every width but B=32's 4 bits.
+  Where that is still less than one program per SM (small B·K), any divisor of the
   capacity's tiles, each split at least MIN_SPLIT_TILES tiles long: at
   B=1, 3 KV heads, D=64, 8192 of 9216
   tokens (SmolLM2's decode), 48 splits took 30.6 µs a call against 39.9
@@ -785,7 +793,7 @@ def default_splits(cache, layout: str = "tokens") -> int:
   0.0218 at 2; 32k 0.0300 against 0.0320 at 4 bits; 4k 32 splits against
   64 0.0137 against 0.0144; but 64k 0.0516 against 0.0502 (4 bits).
   """
-  one_wave = 132 * (4 if layout == "tokens" else 2)
+  one_wave = ONE_WAVE_PROGRAMS if layout == "tokens" else 132 * 2
   target_programs = one_wave * (
       2 if layout == "tokens" and cache.head_dim >= 128 else 1)
   programs = cache.batch * cache.kv_heads
@@ -830,8 +838,14 @@ def default_steps(cache) -> tuple[int, int]:
 
 def default_overlap_values(cache, splits: int, tile_rows: int = ROWS) -> bool:
   """overlap_values' default for layout="tokens": on where a program
-  streams at most OVERLAP_MAX_TILES tiles of `tile_rows` tokens."""
-  return cache.capacity // (splits * tile_rows) <= OVERLAP_MAX_TILES
+  streams at most OVERLAP_MAX_TILES tiles of `tile_rows` tokens, or where
+  the B·K·NS programs fit one wave (4 an SM), which does not need the
+  registers that turning it off saves: at B=1, 8 KV heads, D=128, 64
+  splits (GPU clock, session 18) on took 64k 0.0492 ms against 0.0515 and
+  128k 0.0849 against 0.0894 at 4 bits, the same at 3.5 and 2 bits."""
+  programs = cache.batch * cache.kv_heads * splits
+  return (cache.capacity // (splits * tile_rows) <= OVERLAP_MAX_TILES
+          or programs <= ONE_WAVE_PROGRAMS)
 
 
 def attention(q: jax.Array, cache, lengths: jax.Array, *,
@@ -925,7 +939,8 @@ def attention(q: jax.Array, cache, lengths: jax.Array, *,
       score wgmma runs (True) or after it (False: the key tiles' registers
       are free by then; ptxas 104 registers against 128 at B=8, D=128, 4
       bits). None: True where a program streams at most
-      OVERLAP_MAX_TILES tiles, else False. On the H200 (device time, two
+      OVERLAP_MAX_TILES tiles or the programs fit one wave, else False
+      (default_overlap_values). On the H200 (device time, two
       rounds) False took B=8, S=128k 0.57-0.58 ms against 0.60 at 2 bits,
       0.63-0.64 against 0.65-0.66 at 3, 0.78-0.79 against 0.83 at 3.5,
       0.70 alike at 4; B=8, S=16k, 3.5 bits 0.145-0.154 against 0.163; but
@@ -1003,9 +1018,8 @@ def attention(q: jax.Array, cache, lengths: jax.Array, *,
   interpret = interpret_params(interpret)
   if splits is None:
     splits = default_splits(cache, layout)
-  if overlap_values is None:
-    overlap_values = not tokens or default_overlap_values(cache, splits,
-                                                          tile_rows)
+  if overlap_values is None and not tokens:
+    overlap_values = True
   if tma_row_bytes is None:
     tma_row_bytes = TMA_ROW_BYTES if tokens else 16
   scale = q.shape[-1] ** -0.5 if scale is None else scale
@@ -1013,6 +1027,7 @@ def attention(q: jax.Array, cache, lengths: jax.Array, *,
                     stages, tile_rows, bool(key_registers), bool(transpose_p),
                     bool(skip_empty_splits), combine, bool(rotate_in_kernel),
                     min_columns, bool(approx_math), bool(auto_barriers),
-                    bool(overlap_values), tma_row_bytes,
+                    None if overlap_values is None else bool(overlap_values),
+                    tma_row_bytes,
                     values_registers,
                     interpret)

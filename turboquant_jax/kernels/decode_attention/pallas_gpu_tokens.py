@@ -248,10 +248,15 @@ def _from_value_rows(x: jax.Array, axis: int) -> jax.Array:
 # bytes is C = P / 16 chunks of 16 bytes, each warp reads one of them (the
 # rows of an ldmatrix block), and every (chunk, field) pair must fall to
 # one (group, warp): C <= 4 (3 bits: one plane's chunk and the other's,
-# _registers_lookup). Their default (values_registers=None): the widths
-# measured faster on the H200 (4 bits; 2 and 3 bits not yet timed).
+# _registers_lookup). Their default (values_registers=None), {bits: head
+# dims}: the parts measured faster on the H200 (GPU clock, session 18, D =
+# 128: 2 bits B=8, 128k 0.438 ms against 0.457, B=32, 32k 0.440 against
+# 0.460, B=1, 16k 0.0191 against 0.0211; 3 bits with overlap_values, which
+# it needs there, B=8, 128k 0.574 against 0.588, B=8, 16k 0.0926 against
+# 0.0955, B=32, 4k 0.0951 against 0.0984, B=1, 64k 0.0496 against 0.0536).
+# 2 bits at D = 64 and 256 not timed.
 VALUES_REGISTERS_PARTS = {4: (128,), 3: (128,), 2: (64, 128, 256)}
-VALUES_REGISTERS_DEFAULT_BITS = (4,)
+VALUES_REGISTERS_DEFAULT = {4: (128,), 3: (128,), 2: (128,)}
 
 
 def values_registers_supported(value_specs, rotate: bool, append) -> str:
