@@ -49,10 +49,13 @@ lookup on the FMA pipe, per-width steps) 1.43x at 4 bits, 1.54x at 3,
 1.98x at 2, B = 8, S = 128k (h200_v10); session 15's, its calls written
 out rather than looped and timed on the GPU's clock, 1.47x, 1.57x and
 2.06x there, 58 of 60 cells faster at S >= 16k, the other two B = 1, 16k
-at 3.5 and 4 bits (0.97x, 0.98x) (h200_v12); today's (session 17: 4-bit
-values into registers, one wave at B = 1) 1.67x, 1.63x and 2.10x there,
-all 60 cells faster at S >= 16k (1.02-2.18x) (results/kernel_bench/h200).
-NOTES.md has the measurements.
+at 3.5 and 4 bits (0.97x, 0.98x) (h200_v12); session 17's (4-bit values
+into registers, one wave at B = 1) 1.67x, 1.63x and 2.10x there, all 60
+cells faster at S >= 16k (1.02-2.18x) (h200_v13); today's (session 18:
+2- and 3-bit values into registers too, looked up under the score
+product) 0.558 ms, 1.67x against a faster cuDNN run (0.933 ms against
+0.960), 1.62x and 2.24x there, all 60 cells faster at S >= 16k
+(1.01-2.35x) (results/kernel_bench/h200). NOTES.md has the measurements.
 """
 
 import dataclasses
@@ -938,9 +941,11 @@ def attention(q: jax.Array, cache, lengths: jax.Array, *,
     overlap_values: layout="tokens": unpack the value tiles while the
       score wgmma runs (True) or after it (False: the key tiles' registers
       are free by then; ptxas 104 registers against 128 at B=8, D=128, 4
-      bits). None: True where a program streams at most
-      OVERLAP_MAX_TILES tiles or the programs fit one wave, else False
-      (default_overlap_values). On the H200 (device time, two
+      bits). None: True where values_registers is on (the lookup into
+      registers then runs under the score wgmma: B=8, S=128k, 4 bits
+      0.558 ms against 0.575, 2 bits 0.416 against 0.438, session 18),
+      else where a program streams at most OVERLAP_MAX_TILES tiles or the
+      programs fit one wave (default_overlap_values), else False. On the H200 (device time, two
       rounds) False took B=8, S=128k 0.57-0.58 ms against 0.60 at 2 bits,
       0.63-0.64 against 0.65-0.66 at 3, 0.78-0.79 against 0.83 at 3.5,
       0.70 alike at 4; B=8, S=16k, 3.5 bits 0.145-0.154 against 0.163; but
@@ -961,12 +966,14 @@ def attention(q: jax.Array, cache, lengths: jax.Array, *,
       and looked up into registers as the P·V product's operand, not
       stored to SMEM and read back by the tensor cores
       (pallas_gpu_tokens.fused_attention). None: on wherever it can run
-      at 4 bits (lookup_mode="prmt", the kernel not rotating); 2 and 3
-      bits, written after session 17's device time, not yet run on a GPU,
-      only with True. At 4 bits on the H200 (GPU
+      at 2, 3 and 4 bits and D = 128 (lookup_mode="prmt", the kernel not
+      rotating; pallas_gpu_tokens.VALUES_REGISTERS_DEFAULT); 2 bits at
+      D = 64 and 256, untimed, only with True. At 4 bits on the H200 (GPU
       clock, session 17) B=8, S=128k 0.590 ms against 0.641-0.643, B=32,
       32k 0.593-0.595 against 0.647-0.648, B=1, 16k 0.0230 against 0.0245;
-      the same errors against the reference (6.8e-4 of the output scale).
+      the same errors against the reference (6.8e-4 of the output scale);
+      at 2 and 3 bits (session 18) B=8, 128k 0.438 against 0.457 and, with
+      overlap_values, 0.574 against 0.588.
     interpret: None uses Mosaic GPU interpret mode when the backend is not
       a GPU.
   """

@@ -45,16 +45,19 @@ A wgmma reads A and B with one swizzle, so the V tiles are stored with
 Pᵀ's (32 bytes for 16 columns, 64 for 32, 128 for 64), unless Pᵀ goes
 through a transposed view (transpose_p).
 
-With values_registers (the default where a cache has one 4-bit value
-part of D = 128; 2- and 3-bit parts only when asked: not yet timed) no V
-tile goes through SMEM as f16: the codes' tile is read transposed by
+With values_registers (the default where a cache has one value part of
+2, 3 or 4 bits and D = 128; 2-bit parts of D = 64 and 256 only when
+asked: not timed) no V tile goes through SMEM as f16: the codes' tile is read transposed by
 ldmatrix (a lane gets tokens t, t + 1 of a byte
 column, the byte-permute lookup's input as it is) and looked up straight
 into the P·V wgmma's register A operand, while the score wgmma runs where
-overlap_values is on; its output coordinates come in value_rows order,
-which XLA puts back. On the H200 (session 17) B=8, S=128k, 4 bits 0.590
-ms against 0.641-0.643, B=1, 16k 0.0225 against 0.0245 (0.0229 with the
-lookup after Pᵀ's store); ptxas 96 registers against 128.
+overlap_values is on (by default wherever the values are in registers);
+its output coordinates come in value_rows order, which XLA puts back. On
+the H200 (session 17) B=8, S=128k, 4 bits 0.590 ms against 0.641-0.643,
+B=1, 16k 0.0225 against 0.0245 (0.0229 with the lookup after Pᵀ's
+store); ptxas 96 registers against 128; with the lookup under the score
+wgmma at B=8 too (session 18) 0.558 ms, 2 bits 0.416 against 0.457, 3
+bits 0.574 against 0.588 (0.601 in registers without the overlap).
 
 Status: the default layout. On the H200 (B=8, S=128k, 4 bits) it took
 1.68-1.84 ms against 2.15-2.25 for layout="queries" (145 registers against
@@ -74,7 +77,9 @@ ms, 1.98x (results/kernel_bench/h200_v10; session 15's grid, calls
 written out and timed on the GPU's clock: 0.654 ms, 1.47x,
 results/kernel_bench/h200_v12); with the 4-bit value tile looked up into
 the P·V wgmma's registers (values_registers) and 32 splits (session 17)
-0.575 ms, 1.67x (results/kernel_bench/h200). The pipeline streaming the
+0.575 ms, 1.67x (results/kernel_bench/h200_v13); looked up under the
+score wgmma (session 18) 0.558 ms, 1.67x against a faster cuDNN run
+(results/kernel_bench/h200). The pipeline streaming the
 same bytes with no work takes 0.33-0.34 ms in device time as a token's
 64-byte rows, 0.28 as 128-byte rows (experiments/probes/pipeline_probe.py,
 NOTES.md).
