@@ -779,9 +779,11 @@ def skeleton_rows():
 def compare(variants: dict, shapes=((8, 131072, (4, 3.5)),),
             checks: bool = True) -> None:
   """Each named set of options (and today's defaults, "defaults") checked
-  on 6 shapes (D 128/64, GQA 4/8/1/3, 4, 3, 3.5, 2 bits, prod keys, a
-  chunk of 3), then device time for each (B, S, widths) of `shapes` (32/8 heads,
-  D=128) beside cuDNN bf16, two interleaved rounds."""
+  on 8 shapes (D 128/64, GQA 4/8/1/3/2, 4, 3, 3.5, 2, 2.5 bits, prod
+  keys, a chunk of 3, the rotation outside the kernel at D = 64; a
+  variant's options override a shape's), then device time for each (B,
+  S, widths) of `shapes` (32/8 heads, D=128) beside cuDNN bf16, two
+  interleaved rounds."""
   print("jax", jax.__version__, jax.devices()[0].device_kind, flush=True)
   variants = {"defaults": {}, **variants}
   for name, options in variants.items() if checks else ():
@@ -793,8 +795,10 @@ def compare(variants: dict, shapes=((8, 131072, (4, 3.5)),),
                          ((128, 4, 3.5), dict(tokens=3)),
                          ((128, 1, 3, "prod"), {}),
                          ((64, 3, 4), dict(lengths=(1000, 65))),
-                         ((128, 4, 2), dict(lengths=(512, 1000)))):
-      check(*args, mode=mode, layout="tokens", **kwargs, **options)
+                         ((128, 4, 2), dict(lengths=(512, 1000))),
+                         ((128, 2, 2.5), dict(lengths=(200, 64))),
+                         ((64, 4, 4), dict(rotate_in_kernel=False))):
+      check(*args, mode=mode, layout="tokens", **{**kwargs, **options})
   for b, s, bits_list in shapes:
     cudnn = _cudnn_device_ms(b, s)
     q = jax.random.normal(jax.random.key(0), (b, 32, 128))

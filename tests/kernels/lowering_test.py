@@ -110,7 +110,11 @@ class GpuLoweringTest(parameterized.TestCase):
       ((128, 4, 2, 4, 1, "mse"), {}),      # 2 bits: a field per warp
       ((128, 3, 3, 4, 2, "mse"), {}),      # 3 bits: two planes' chunks
       ((64, 2, 2, 3, 2, "mse"), dict(rotate_in_kernel=False)),
-      ((256, 2, 2, 2, 1, "mse"), {}))      # 2 bits, 4 chunks: every field
+      ((256, 2, 2, 2, 1, "mse"), {}),      # 2 bits, 4 chunks: every field
+      ((64, 4, 4, 4, 1, "mse"), dict(rotate_in_kernel=False)),  # a nibble
+      ((128, 4, 3.5, 4, 1, "mse"), {}),    # the 4-bit part of 64
+      ((128, 2.5, 2.5, 4, 2, "mse"), {}),  # the 2-bit part of 64
+      ((256, 3, 3.5, 2, 1, "mse"), dict(overlap_values=False)))  # both
   def test_values_in_registers_lowers(self, shape, options):
     # values_registers: the value tile read transposed by ldmatrix (device
     # only) into the P·V wgmma's register operand.
@@ -126,7 +130,8 @@ class GpuLoweringTest(parameterized.TestCase):
         ((128, 3, 4, 1, 2, "prod"), {}, True),
         ((128, 4, 3, 4, 1, "mse"), {}, True),
         ((128, 4, 2, 4, 1, "mse"), {}, True),
-        ((128, 4, 3.5, 4, 1, "mse"), {}, False),
+        ((128, 4, 3.5, 4, 1, "mse"), {}, False),  # two parts: untimed
+        ((256, 4, 2.5, 2, 1, "mse"), {}, False),  # (a 3-bit part of 128)
         ((64, 4, 4, 4, 1, "mse"), {}, False),
         ((64, 2, 2, 4, 1, "mse"), dict(rotate_in_kernel=False), False),
         ((256, 2, 2, 2, 1, "mse"), {}, False),   # 2 bits, D = 256: untimed

@@ -259,7 +259,22 @@ class PallasGpuInterpretTest(parameterized.TestCase):
            groups=2, tokens=1, lengths=(128, 9), window=3, options={}),
       dict(testcase_name="v2_d64_chunk", key_bits=2, value_bits=2, dim=64,
            groups=3, tokens=2, lengths=(77, 128),
-           options=dict(rotate_in_kernel=False)))
+           options=dict(rotate_in_kernel=False)),
+      # 4 bits of 64 coordinates: a nibble per warp.
+      dict(testcase_name="v4_d64", key_bits=3, value_bits=4, dim=64,
+           groups=4, tokens=1, lengths=(128, 50),
+           options=dict(rotate_in_kernel=False)),
+      # The outlier split: the 4-bit part (3.5 bits) or the 2-bit part
+      # (2.5) of 64 coordinates in registers, the 3-bit part through SMEM.
+      dict(testcase_name="v3_5_d128_columns", key_bits=4, value_bits=3.5,
+           groups=4, tokens=1, lengths=(100, 128),
+           options=dict(combine="columns")),
+      dict(testcase_name="v2_5_d128_window_chunk", key_bits=2.5,
+           value_bits=2.5, groups=2, tokens=3, lengths=(128, 20), window=2,
+           options={}),
+      # D = 256 at 3.5 bits: both parts (4 and 3 bits of 128) in registers.
+      dict(testcase_name="v3_5_d256", key_bits=3, value_bits=3.5, dim=256,
+           groups=1, tokens=1, lengths=(64, 101), options={}))
   def test_values_registers(self, key_bits, groups, tokens, lengths,
                             options, window=0, method="mse", value_bits=4,
                             dim=128):
@@ -323,9 +338,8 @@ class PallasGpuInterpretTest(parameterized.TestCase):
 
   def test_values_registers_refusals(self):
     q = jnp.ones((2, 4, 128))
-    for cfg, options in (((64, 4, 4), {}),          # 4 bits at D = 64
-                         ((64, 4, 3), {}),          # 3 bits at D = 64
-                         ((128, 4, 3.5), {}),       # split values
+    for cfg, options in (((64, 4, 3), {}),          # 3 bits at D = 64
+                         ((128, 4, 5), {}),         # 5 bits (poly16)
                          ((128, 4, 4), dict(rotate_in_kernel=True))):
       dim, kb, vb = cfg
       cache = self._cache(dim, kb, vb, 0, (10, 20), 0)

@@ -129,6 +129,25 @@ class PrmtLookupTest(parameterized.TestCase):
         np.testing.assert_array_equal(got, want[codes],
                                       err_msg=f"{word=:#06x} {f=}")
 
+  @parameterized.parameters(True, False)
+  def test_4_bit_field_pair_ptx_takes_its_shift_from_a_register(self,
+                                                               fma_pipe):
+    # values_registers at 4 bits, 64 coordinates: a warp's one nibble
+    # (shift s = 0 or 4, and 4 - s) of two registers' two bytes each.
+    table = codebook.codebook(64, 4)
+    want = table.astype(np.float16)
+    with mock.patch.object(prmt_lookup, "FMA_PIPE", fma_pipe):
+      asm = prmt_lookup._ptx4_field_pair(tuple(table))
+    self.assert_emulated(asm)
+    words = np.random.default_rng(4).integers(0, 1 << 16, (2000, 2))
+    for a, b in words.tolist():
+      for s in (0, 4):
+        out = _run_ptx(asm, (a, b, s, 4 - s), 2)
+        for word, reg in zip((a, b), out):
+          codes = [(word >> (8 * j + s)) & 15 for j in (0, 1)]
+          np.testing.assert_array_equal(_f16_pair(reg), want[codes],
+                                        err_msg=f"{a=:#x} {b=:#x} {s=}")
+
   def test_3_bit_two_fields_ptx_on_transposed_pairs(self):
     # values_registers at 3 bits, D = 128: each input holds tokens t, t + 1
     # of one byte column of a plane; warp w shifts the 2-bit plane by

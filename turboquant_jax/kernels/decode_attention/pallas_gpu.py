@@ -601,7 +601,8 @@ def _attention(q, cache, lengths, scale, splits, lookup_mode, layout,
       spec = inp.value_specs[0]
       measured = pallas_gpu_tokens.VALUES_REGISTERS_DEFAULT
       values_registers = (
-          lookup_mode == "prmt" and spec.dim in measured.get(spec.bits, ())
+          lookup_mode == "prmt" and len(inp.value_specs) == 1
+          and spec.dim in measured.get(spec.bits, ())
           and not pallas_gpu_tokens.values_registers_supported(
               inp.value_specs, rotate is not None, None))
     if overlap_values is None:
@@ -959,16 +960,17 @@ def attention(q: jax.Array, cache, lengths: jax.Array, *,
       shorter). None: TMA_ROW_BYTES. A bare pipeline over a 4-bit cache
       (B=8, S=128k) streamed 0.280 ms as 128-byte rows against 0.327 as
       64-byte and 0.525 as 16-byte rows (pipeline_probe, NOTES.md).
-    values_registers: layout="tokens", one value part of 4 or 3 bits and
-      D = 128 or of 2 bits and D = 64, 128 or 256
-      (pallas_gpu_tokens.VALUES_REGISTERS_PARTS), no rotate_in_kernel: the
-      value tile is read transposed (ldmatrix)
-      and looked up into registers as the P·V product's operand, not
-      stored to SMEM and read back by the tensor cores
-      (pallas_gpu_tokens.fused_attention). None: on wherever it can run
-      at 2, 3 and 4 bits and D = 128 (lookup_mode="prmt", the kernel not
-      rotating; pallas_gpu_tokens.VALUES_REGISTERS_DEFAULT); 2 bits at
-      D = 64 and 256, untimed, only with True. At 4 bits on the H200 (GPU
+    values_registers: layout="tokens", no rotate_in_kernel: each value
+      part of 4 bits and 64 or 128 coordinates, 3 bits and 128, or 2 bits
+      and 64, 128 or 256 (pallas_gpu_tokens.registers_parts; the outlier
+      split's 3-bit part of 64 coordinates stays in SMEM) is read
+      transposed (ldmatrix) and looked up into registers as the P·V
+      product's operand, not stored to SMEM and read back by the tensor
+      cores (pallas_gpu_tokens.fused_attention). None: on for one value
+      part of 2, 3 or 4 bits and D = 128 (lookup_mode="prmt", the kernel
+      not rotating; pallas_gpu_tokens.VALUES_REGISTERS_DEFAULT); the rest
+      (2 bits at D = 64 and 256, 4 bits at D = 64, the outlier split's
+      parts: 2.5 and 3.5 bits), untimed, only with True. At 4 bits on the H200 (GPU
       clock, session 17) B=8, S=128k 0.590 ms against 0.641-0.643, B=32,
       32k 0.593-0.595 against 0.647-0.648, B=1, 16k 0.0230 against 0.0245;
       the same errors against the reference (6.8e-4 of the output scale);

@@ -249,33 +249,42 @@ def _from_value_rows(x: jax.Array, axis: int) -> jax.Array:
   return jnp.swapaxes(x, axis + 1, axis + 2).reshape(shape)
 
 
-# values_registers' parts, {bits: head dims}: a token's packed row of P
+# values_registers' parts, {bits: part dims}: a token's packed row of P
 # bytes is C = P / 16 chunks of 16 bytes, each warp reads one of them (the
 # rows of an ldmatrix block), and every (chunk, field) pair must fall to
 # one (group, warp): C <= 4 (3 bits: one plane's chunk and the other's,
-# _registers_lookup). Their default (values_registers=None), {bits: head
+# _registers_lookup); at 3 bits and 64 coordinates a token's 24 bytes are
+# not 16-byte aligned for ldmatrix. The outlier split's parts (2.5 and 3.5
+# bits: 64 coordinates each at D = 128) go to registers where their width
+# and dim are here, the others through SMEM. Their default (values_registers=None), {bits: head
 # dims}: the parts measured faster on the H200 (GPU clock, session 18, D =
 # 128: 2 bits B=8, 128k 0.438 ms against 0.457, B=32, 32k 0.440 against
 # 0.460, B=1, 16k 0.0191 against 0.0211; 3 bits with overlap_values, which
 # it needs there, B=8, 128k 0.574 against 0.588, B=8, 16k 0.0926 against
 # 0.0955, B=32, 4k 0.0951 against 0.0984, B=1, 64k 0.0496 against 0.0536).
-# 2 bits at D = 64 and 256 not timed.
-VALUES_REGISTERS_PARTS = {4: (128,), 3: (128,), 2: (64, 128, 256)}
+# 2 bits at D = 64 and 256, 4 bits at 64 and two-part caches not timed.
+VALUES_REGISTERS_PARTS = {4: (64, 128), 3: (128,), 2: (64, 128, 256)}
 VALUES_REGISTERS_DEFAULT = {4: (128,), 3: (128,), 2: (128,)}
 
 
+def registers_parts(value_specs) -> tuple[bool, ...]:
+  """Per value part, whether values_registers looks it up into registers:
+  a width and dim of VALUES_REGISTERS_PARTS, centroids the prmt lookup
+  supports."""
+  return tuple(spec.dim in VALUES_REGISTERS_PARTS.get(spec.bits, ())
+               and prmt_lookup.supports(spec.bits, spec.centroids)
+               for spec in value_specs)
+
+
 def values_registers_supported(value_specs, rotate: bool, append) -> str:
-  """Why values_registers cannot run on these parts ('' if it can): one
-  value part of VALUES_REGISTERS_PARTS' widths and head dims, prmt
-  centroids, no rotation in the kernel (its rotation back reads the
-  natural order), no append."""
-  if len(value_specs) != 1 or value_specs[0].dim not in (
-      VALUES_REGISTERS_PARTS.get(value_specs[0].bits, ())):
-    return ("one value part of 4 or 3 bits and 128 coordinates or of 2 bits "
-            "and 64, 128 or 256")
-  spec = value_specs[0]
-  if not prmt_lookup.supports(spec.bits, spec.centroids):
-    return "centroids the prmt lookup supports (prmt_lookup.supports)"
+  """Why values_registers cannot run on these parts ('' if it can): a
+  value part of VALUES_REGISTERS_PARTS' widths and dims with centroids the
+  prmt lookup supports (registers_parts), no rotation in the kernel (its
+  rotation back reads the natural order), no append."""
+  if not any(registers_parts(value_specs)):
+    return ("a value part of 4 bits and 64 or 128 coordinates, 3 bits and "
+            "128 or 2 bits and 64, 128 or 256, with centroids the prmt "
+            "lookup supports")
   if rotate or append is not None:
     return "no rotate_in_kernel, no append"
   return ""
@@ -349,8 +358,8 @@ def _warp_index():
                     arith.constant(i32, 3))
 
 
-def _warp_field_shift(first_block: int, chunks: int):
-  """The shift (2f) of the 2-bit field that warp w looks up for the group
+def _warp_field_shift(first_block: int, chunks: int, bits: int = 2):
+  """The shift (b·f) of the b-bit field that warp w looks up for the group
   whose first row block is first_block: f = (first_block + w) // chunks
   (value_rows' blocks). An i32, warp-uniform."""
   # pylint: disable=g-import-not-at-top (Mosaic GPU internals, device only)
@@ -359,7 +368,19 @@ def _warp_field_shift(first_block: int, chunks: int):
   c = lambda x: arith.constant(ir.IntegerType.get_signless(32), x)
   field = arith.shrui(arith.addi(_warp_index(), c(first_block)),
                       c(chunks.bit_length() - 1))
-  return arith.shli(field, c(1))
+  return arith.shli(field, c(bits.bit_length() - 1))
+
+
+def _warp_nibble_shifts(first_block: int, chunks: int) -> list:
+  """The shifts of the 4-bit field that warp w looks up for the group
+  whose first row block is first_block: s = 4f and 4 - s
+  (prmt_lookup.lookup_field4)."""
+  # pylint: disable=g-import-not-at-top (Mosaic GPU internals, device only)
+  from jax._src.lib.mlir import ir
+  from jax._src.lib.mlir.dialects import arith
+  shift = _warp_field_shift(first_block, chunks, 4)
+  four = arith.constant(ir.IntegerType.get_signless(32), 4)
+  return [shift, arith.subi(four, shift)]
 
 
 def _warp_shifts3() -> list:
@@ -376,7 +397,8 @@ def _registers_lookup(code_ref, spec, rows: int) -> list[jax.Array]:
   rows] in the WGMMA layout and value_rows order. Where a row has 4
   chunks (4 bits, D = 128; 2 bits, D = 256) warp w reads chunk w and
   group g is field g of every byte (the whole lookup); with fewer (2 bits,
-  D = 64, 128) warps share a chunk and each looks up its own field. At 3
+  D = 64, 128; 4 bits, D = 64) warps share a chunk and each looks up its
+  own field (D: the part's coordinates). At 3
   bits (D = 128: a 2-bit plane of 32 bytes, a 1-bit plane of 16) warp w
   reads chunk w % 2 of the first and the second whole: coordinate 16b +
   e (block b = 4g + w) is field b // 2 of byte 16·(b % 2) + e of the one
@@ -393,6 +415,11 @@ def _registers_lookup(code_ref, spec, rows: int) -> list[jax.Array]:
   if chunks == 4:
     return prmt_lookup.lookup_chunks(codes, spec.bits, spec.centroids,
                                      interpret=False)
+  if spec.bits == 4:
+    return [prmt_lookup.lookup_field4(codes, spec.centroids,
+                                      functools.partial(_warp_nibble_shifts,
+                                                        4 * g, chunks))
+            for g in range(base._groups(spec))]
   return [prmt_lookup.lookup_field(codes, spec.centroids,
                                    functools.partial(_warp_field_shift,
                                                      4 * g, chunks))
@@ -420,8 +447,12 @@ def _kernel(lengths_ref, *refs, key_specs, value_specs, groups, split_len,
             rotate, append, overlap_values, tma_row_bytes,
             values_registers):
   nk, nv = len(key_specs), len(value_specs)
-  # Values into registers on the device (interpret mode: through SMEM).
-  registers = values_registers and not interpret
+  # The value parts read in value_rows order (values_registers), and those
+  # of them looked up into registers: on the device (interpret mode sends
+  # the same order through SMEM).
+  reordered = registers_parts(value_specs) if values_registers else (
+      (False,) * nv)
+  registers = tuple(r and not interpret for r in reordered)
   # The scratch at the end: with rotate the rotations' tiles and their
   # barriers (one a tile), then the queries' SMEM (all key parts), a
   # barrier.
@@ -447,7 +478,10 @@ def _kernel(lengths_ref, *refs, key_specs, value_specs, groups, split_len,
     groups_k = base._groups(key_specs[0])
     _rotate_queries(_rotation(rot_tiles, rot_barriers, 0, groups_k),
                     q_smem, groups_k, n)
-  k_first, v_first = base._offsets(key_specs), base._offsets(value_specs)
+  k_first = base._offsets(key_specs)
+  # The value pool's groups: the parts not in registers, one after another.
+  v_first = list(np.cumsum([0] + [0 if r else base._groups(s) for s, r in
+                                  zip(value_specs, registers)])[:-1])
   b, k = jax.lax.axis_index("b"), jax.lax.axis_index("k")
   split, capacity = jax.lax.axis_index("s"), split_len * splits
   first_pos = split * split_len
@@ -506,37 +540,41 @@ def _kernel(lengths_ref, *refs, key_specs, value_specs, groups, split_len,
       k_tiles = [[k_pool.at[first + j] for j in range(base._groups(spec))]
                  for spec, first in zip(key_specs, k_first)]
 
-    def lookup_values():
-      # Vᵀ's fields in registers (the P·V wgmma's A operand), looked up
-      # from the code tile read transposed: no value tile through SMEM.
-      return _registers_lookup(vc[0], value_specs[0], rows)
+    def lookup_values() -> list:
+      # Per value part in registers, Vᵀ's fields (the P·V wgmma's A
+      # operands), looked up from the code tile read transposed: no value
+      # tile through SMEM; None for the other parts.
+      return [_registers_lookup(ref, spec, rows) if r else None
+              for ref, spec, r in zip(vc, value_specs, registers)]
 
-    def unpack_values() -> list:
-      """The value tiles into the value pool, or with values_registers on
-      the device Vᵀ's fields if looked up now (else after Pᵀ's store)."""
-      if registers:
-        early = overlap_values and EARLY_VALUE_LOOKUP
-        return lookup_values() if early else []
-      for ref, spec, first in zip(vc, value_specs, v_first):
-        if values_registers:  # interpret mode: the same order through SMEM
+    def unpack_values() -> list | None:
+      """The value tiles of the parts not in registers into the value pool
+      (a commit_smem to follow), then those in registers as Vᵀ's fields
+      if looked up now (else None: after Pᵀ's store)."""
+      for ref, spec, first, r, order in zip(vc, value_specs, v_first,
+                                            registers, reordered):
+        if r:
+          continue
+        if order:             # interpret mode: the same order through SMEM
           groups_v = base.dequantize_groups(ref, spec, mode, interpret)
           whole = _to_value_rows(jnp.concatenate(groups_v, axis=1), 1)
           for g in range(len(groups_v)):
             v_pool[first + g] = whole[:, g * GROUP:(g + 1) * GROUP]
         else:
           base._dequantize_into(ref, spec, v_pool, first, mode, interpret)
-      return []
+      early = any(registers) and overlap_values and EARLY_VALUE_LOOKUP
+      return lookup_values() if early else None
 
     def scores(*acc_refs):
       for tiles, first, acc_ref in zip(k_tiles, k_first, acc_refs):
         for j, k_tile in enumerate(tiles):
           plgpu.wgmma(acc_ref, k_tile,
                       q_smem.at[first + j].transpose((1, 0)))
-      fields = []
+      fields = None
       if overlap_values:
         # The values are unpacked while the tensor cores score the keys.
         fields = unpack_values()
-        if not fields:                  # (registers need no fence)
+        if not all(registers):          # (registers need no fence)
           plgpu.commit_smem()
       return [acc_ref[...] for acc_ref in acc_refs], fields
 
@@ -566,12 +604,14 @@ def _kernel(lengths_ref, *refs, key_specs, value_specs, groups, split_len,
     for ps, norm_ref in zip(p_smem, vn):
       ps[...] = (p * per_token(norm_ref)).astype(jnp.float16)
     plgpu.commit_smem()
-    if registers:
-      operands = [(f, p_smem[0]) for f in value_fields or lookup_values()]
-    else:
-      operands = [(v_pool.at[first + j].transpose((1, 0)), ps)
-                  for part_accs, first, ps in zip(accs, v_first, p_smem)
-                  for j in range(len(part_accs))]
+    if any(registers) and value_fields is None:
+      value_fields = lookup_values()
+    operands = [
+        (value_fields[part][j] if registers[part]
+         else v_pool.at[first + j].transpose((1, 0)), ps)
+        for part, (part_accs, first, ps) in enumerate(zip(accs, v_first,
+                                                          p_smem))
+        for j in range(len(part_accs))]
 
     def values(*acc_refs):
       for acc_ref, (vt, ps) in zip(acc_refs, operands):
@@ -605,9 +645,10 @@ def _kernel(lengths_ref, *refs, key_specs, value_specs, groups, split_len,
   # values read into registers (on the device).
   k_pool = [] if key_registers else [base._group_smem(
       sum(base._groups(s) for s in key_specs), rows=rows)]
-  v_pool = [] if registers else [base._group_smem(
-      sum(base._groups(s) for s in value_specs),
-      128 if transpose_p else _swizzle(n), rows)]
+  pooled = sum(base._groups(s) for s, r in zip(value_specs, registers)
+               if not r)
+  v_pool = [base._group_smem(pooled, 128 if transpose_p else _swizzle(n),
+                             rows)] if pooled else []
 
   def scratch():
     """SMEM of the tile body: the pools above, then Pᵀ per value part."""
@@ -804,12 +845,14 @@ def fused_attention(inp: parts.KernelInputs, *, splits: int = 8,
   queries: the kernel's query operand f16[B·K·G, N, 64] (every key part's
   groups, N = query_columns) made by the caller
   (pallas_gpu.folded_query_operand), or None: laid out here from inp.q.
-  values_registers: the value part's tile (VALUES_REGISTERS_PARTS: 4 and
-  3 bits at D = 128, 2 bits at D = 64, 128, 256) is read transposed
-  (ldmatrix) and looked up into registers, the P·V wgmma's A operand, so
-  no value tile goes through SMEM; the outputs' coordinates come in
-  value_rows order, put back here. Interpret mode (whose wgmma takes no
-  register operand) sends the same order through SMEM.
+  values_registers: the tile of each value part that can
+  (registers_parts: 4 bits of 64 or 128 coordinates, 3 bits of 128, 2
+  bits of 64, 128, 256) is read transposed (ldmatrix) and looked up into
+  registers, the P·V wgmma's A operand, so no tile of it goes through
+  SMEM; its outputs' coordinates come in value_rows order, put back here.
+  The other parts (the outlier split's 3-bit part of 64 coordinates)
+  still go through SMEM. Interpret mode (whose wgmma takes no register
+  operand) sends the same order through SMEM.
   """
   if min_columns not in (8, 16) or (min_columns == 8 and not transpose_p):
     raise ValueError(f"{min_columns=}, {transpose_p=}: expected 16, or 8 "
@@ -896,8 +939,9 @@ def fused_attention(inp: parts.KernelInputs, *, splits: int = 8,
   result = _split_outputs(outs, nv, (b, kv, out_splits), m, n, columns)
   if values_registers:    # coordinates back in order
     accs, m_out, l_out = result
-    result = ([_from_value_rows(accs[0], 3 if columns else 4)], m_out,
-              l_out)
+    result = ([_from_value_rows(a, 3 if columns else 4) if r else a
+               for a, r in zip(accs, registers_parts(inp.value_specs))],
+              m_out, l_out)
   return result if written is None else (result, written)
 
 

@@ -164,6 +164,30 @@ def _ptx3(centroids) -> str:
 
 
 def _ptx4(centroids) -> str:
+  """The 4-bit lookup of ptx(): input $2, outputs $0 (low nibbles) and $1
+  (high nibbles)."""
+  regs, lines = _lines4("$2", centroids)
+  return "{\n  .reg .b32 " + regs + ";\n  " + "\n  ".join(lines) + "\n  }"
+
+
+def _ptx4_field_pair(centroids) -> str:
+  """One 4-bit field of two registers, its shift a register operand: inputs
+  $2 and $3 (two bytes each in the low 16 bits, e.g. tokens t, t + 1 of
+  two byte columns), $4 the field's shift s (0 or 4) and $5 = 4 - s;
+  outputs $0 the field's f16x2 of $2's bytes, $1 of $3's. The field of $2
+  goes to the low nibbles of a word, that of $3 to the high ones (a shift
+  each and a select by mask), and ptx()'s 4-bit lookup does the four
+  codes: 17 instructions for 4 codes as written (ptx(): 12)."""
+  regs, lines = _lines4("w", centroids)
+  return ("{\n  .reg .b32 a, b, w, " + regs + ";\n  " + "\n  ".join(
+      ["shr.b32 a, $2, $4;", "shl.b32 b, $3, $5;", "and.b32 a, a, 0x0F0F;",
+       "and.b32 b, b, 0xF0F0;", "or.b32 w, a, b;", *lines]) + "\n  }")
+
+
+def _lines4(src: str, centroids) -> tuple[str, list[str]]:
+  """(register names, PTX lines) of the 4-bit lookup of `src`'s two low
+  bytes (4 nibbles) into $0 (the low nibbles' f16x2) and $1 (the high
+  ones')."""
   (l0, l1), (h0, h1) = _tables(centroids[8:])     # the magnitudes
   # n >= 8 is +c[n] = +mag[n & 7]; n < 8 is -c[15 - n] = -mag[7 - n]. The
   # negated high bytes are the high bytes with the sign bit set: an OR, not
@@ -179,38 +203,34 @@ def _ptx4(centroids) -> str:
     # multiply-adds run on the FMA pipe (ptxas 13.5: 8 ALU instructions a
     # 4 codes instead of 10, or 9 if the add, a VIADD, issues to the ALU:
     # NVIDIA does not say).
-    return f"""{{
-  .reg .b32 t, m, lo4, hp4, hn4, hi4, sel;
-  shr.b32 t, $2, 3;
-  and.b32 t, t, 0x1111;
-  mad.lo.u32 m, t, -7, 0x7777;
-  xor.b32 m, m, $2;
-  and.b32 m, m, 0x7777;
-  prmt.b32 lo4, {l0}, {l1}, m;
-  prmt.b32 hp4, {h0}, {h1}, m;
-  add.u32 hn4, hp4, 0x80808080;
-  mad.lo.u32 sel, t, -4, 0x7654;
-  prmt.b32 hi4, hp4, hn4, sel;
-  prmt.b32 $0, lo4, hi4, 0x6240;
-  prmt.b32 $1, lo4, hi4, 0x7351;
-  }}"""
-  return f"""{{
-  .reg .b32 t, u, m, lo4, hp4, hn4, hi4, sel;
-  shr.b32 t, $2, 3;
-  and.b32 t, t, 0x1111;
-  xor.b32 u, t, 0x1111;
-  mul.lo.u32 m, u, 7;
-  xor.b32 m, m, $2;
-  and.b32 m, m, 0x7777;
-  prmt.b32 lo4, {l0}, {l1}, m;
-  prmt.b32 hp4, {h0}, {h1}, m;
-  or.b32 hn4, hp4, 0x80808080;
-  shl.b32 sel, u, 2;
-  or.b32 sel, sel, 0x3210;
-  prmt.b32 hi4, hp4, hn4, sel;
-  prmt.b32 $0, lo4, hi4, 0x6240;
-  prmt.b32 $1, lo4, hi4, 0x7351;
-  }}"""
+    return "t, m, lo4, hp4, hn4, hi4, sel", [
+        f"shr.b32 t, {src}, 3;",
+        "and.b32 t, t, 0x1111;",
+        "mad.lo.u32 m, t, -7, 0x7777;",
+        f"xor.b32 m, m, {src};",
+        "and.b32 m, m, 0x7777;",
+        f"prmt.b32 lo4, {l0}, {l1}, m;",
+        f"prmt.b32 hp4, {h0}, {h1}, m;",
+        "add.u32 hn4, hp4, 0x80808080;",
+        "mad.lo.u32 sel, t, -4, 0x7654;",
+        "prmt.b32 hi4, hp4, hn4, sel;",
+        "prmt.b32 $0, lo4, hi4, 0x6240;",
+        "prmt.b32 $1, lo4, hi4, 0x7351;"]
+  return "t, u, m, lo4, hp4, hn4, hi4, sel", [
+      f"shr.b32 t, {src}, 3;",
+      "and.b32 t, t, 0x1111;",
+      "xor.b32 u, t, 0x1111;",
+      "mul.lo.u32 m, u, 7;",
+      f"xor.b32 m, m, {src};",
+      "and.b32 m, m, 0x7777;",
+      f"prmt.b32 lo4, {l0}, {l1}, m;",
+      f"prmt.b32 hp4, {h0}, {h1}, m;",
+      "or.b32 hn4, hp4, 0x80808080;",
+      "shl.b32 sel, u, 2;",
+      "or.b32 sel, sel, 0x3210;",
+      "prmt.b32 hi4, hp4, hn4, sel;",
+      "prmt.b32 $0, lo4, hi4, 0x6240;",
+      "prmt.b32 $1, lo4, hi4, 0x7351;"]
 
 
 def lookup_chunks(words: jax.Array, bits: int, centroids: tuple[float, ...],
@@ -240,6 +260,17 @@ def lookup_field(words: jax.Array, centroids: tuple[float, ...],
   an i32) inside Mosaic GPU, e.g. from the warp index. Device only."""
   return _device_lookup([words], _ptx2_field(centroids), 1,
                         lambda: [shift()])[0]
+
+
+def lookup_field4(words: jax.Array, centroids: tuple[float, ...],
+                  shifts) -> jax.Array:
+  """One field (nibble) of a 4-bit u8 tile's bytes (WGMMA layout) -> its
+  f16 centroids, the field chosen per thread: `shifts()` builds its shift
+  s (0 or 4) and 4 - s (i32s) inside Mosaic GPU, e.g. from the warp index.
+  A thread's registers go to the PTX two at a time (_ptx4_field_pair), any
+  two: a thread looks up one field in all of them. Device only."""
+  return _device_lookup([words], _ptx4_field_pair(centroids), 2, shifts,
+                        pairs=True)[0]
 
 
 def lookup_two_fields3(high: jax.Array, low: jax.Array,
@@ -272,11 +303,13 @@ def _interpret_lookup(inputs, bits, centroids, fields):
           for f in range(fields) for h, plane in enumerate((first, second))]
 
 
-def _device_lookup(inputs, asm, outputs, operands=None):
+def _device_lookup(inputs, asm, outputs, operands=None, pairs=False):
   """Runs `asm` on every 16-bit register pair of the u8 inputs (WGMMA
   layout), and on `operands()` (i32s made once, inside Mosaic GPU) where
   given: its `outputs` 32-bit results, as f16x2, fill that many f16
-  arrays of the inputs' shape (WGMMA layout)."""
+  arrays of the inputs' shape (WGMMA layout). pairs=True (one input, two
+  outputs): `asm` takes two of the input's registers at a time, in the
+  order the thread holds them, and its outputs are theirs, in one array."""
   # pylint: disable=g-import-not-at-top (Mosaic GPU internals, device only)
   from jax._src.lib.mlir import ir
   from jax._src.lib.mlir.dialects import arith
@@ -286,21 +319,33 @@ def _device_lookup(inputs, asm, outputs, operands=None):
   out = plgpu.ShapeDtypeStruct(inputs[0].shape, jnp.float16, layout=layout)
 
   @plgpu.inline_mgpu(arg_types=(layout,) * len(inputs),
-                     return_type=(out,) * outputs)
+                     return_type=(out,) * (1 if pairs else outputs))
   def lookup(ctx, *xs):
     del ctx
     i16 = ir.IntegerType.get_signless(16)
     i32 = ir.IntegerType.get_signless(32)
     f16x2 = ir.VectorType.get((2,), ir.F16Type.get())
-    regs = [np.empty_like(xs[0].registers) for _ in range(outputs)]
     extra = [] if operands is None else list(operands())
-    for idx, _ in np.ndenumerate(xs[0].registers):   # 2 bytes of each input
-      ws = [arith.extui(i32, mgpu_utils.bitcast(x.registers[idx], i16))
-            for x in xs]
-      results = mgpu_utils.inline_ptx(asm, *ws, *extra,
-                                      result_types=[i32] * outputs)
-      for reg, value in zip(regs, results):
-        reg[idx] = mgpu_utils.bitcast(value, f16x2)
+    word = lambda reg: arith.extui(i32, mgpu_utils.bitcast(reg, i16))
+    if pairs:
+      (x,) = xs
+      regs = np.empty_like(x.registers)
+      flat, out = x.registers.reshape(-1), regs.reshape(-1)
+      for i in range(0, flat.size, 2):
+        results = mgpu_utils.inline_ptx(
+            asm, word(flat[i]), word(flat[i + 1]), *extra,
+            result_types=[i32] * outputs)
+        for j, value in enumerate(results):
+          out[i + j] = mgpu_utils.bitcast(value, f16x2)
+      regs = [regs]
+    else:
+      regs = [np.empty_like(xs[0].registers) for _ in range(outputs)]
+      for idx, _ in np.ndenumerate(xs[0].registers):  # 2 bytes an input
+        results = mgpu_utils.inline_ptx(asm, *[word(x.registers[idx])
+                                               for x in xs], *extra,
+                                        result_types=[i32] * outputs)
+        for reg, value in zip(regs, results):
+          reg[idx] = mgpu_utils.bitcast(value, f16x2)
     return tuple(mgpu.FragmentedArray(_registers=reg, _layout=xs[0].layout,
                                       _is_signed=None) for reg in regs)
   return list(lookup(*inputs))
