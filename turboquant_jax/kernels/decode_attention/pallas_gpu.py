@@ -785,11 +785,11 @@ def default_splits(cache, layout: str = "tokens") -> int:
   lose: B=8, 16k 32 splits (512 tokens) 0.0781 / 0.100 against 0.0734 /
   0.0955 at 2 / 3 bits (0.0940 against 0.0946 at 4), B=8, 4k 32 splits
   and B=32, 4k 8 splits 3-9% slower at every width but B=32's 4 bits.
-  Where that is still less than one program per SM (small B·K), any divisor of the
-  capacity's tiles, each split at least MIN_SPLIT_TILES tiles long: at
-  B=1, 3 KV heads, D=64, 8192 of 9216
-  tokens (SmolLM2's decode), 48 splits took 30.6 µs a call against 39.9
-  for 16 and 38.0 for 144 (results/decode_bench/h200_v8/probes.txt).
+  Where that is still less than one program per SM (small B·K), any
+  divisor of the capacity's tiles, each split at least MIN_SPLIT_TILES
+  tiles long: at B=1, 3 KV heads, D=64, 8192 of 9216 tokens (SmolLM2's
+  decode), 48 splits took 30.6 µs a call against 39.9 for 16 and 38.0
+  for 144 (results/decode_bench/h200_v8/probes.txt).
   Where B·K <= ONE_WAVE_MAX_HEADS the programs fit one wave (B·K·NS <=
   528), in splits of at least two pipeline steps: at B=1, 8 KV heads,
   D=128 (GPU clock, session 17) 64 splits against 128 took 16k 0.0211 ms
@@ -939,21 +939,20 @@ def attention(q: jax.Array, cache, lengths: jax.Array, *,
       against 0.88, 2 bits 0.59-0.61 against 0.79: ptxas 133 registers
       against 158, 740 instructions a tile against 907 (NOTES.md,
       session 11).
-    overlap_values: layout="tokens": unpack the value tiles while the
-      score wgmma runs (True) or after it (False: the key tiles' registers
-      are free by then; ptxas 104 registers against 128 at B=8, D=128, 4
-      bits). None: True where values_registers is on (the lookup into
-      registers then runs under the score wgmma: B=8, S=128k, 4 bits
-      0.558 ms against 0.575, 2 bits 0.416 against 0.438, session 18),
-      else where a program streams at most OVERLAP_MAX_TILES tiles or the
-      programs fit one wave (default_overlap_values), else False. On the H200 (device time, two
+    overlap_values: layout="tokens": unpack the value tiles while the score
+      wgmma runs (True) or after it (False: the key tiles' registers are free
+      by then; ptxas 104 registers against 128 at B=8, D=128, 4 bits). None:
+      True where values_registers is on (the lookup into registers then runs
+      under the score wgmma: B=8, S=128k, 4 bits 0.558 ms against 0.575, 2
+      bits 0.416 against 0.438, session 18), else where a program streams at
+      most OVERLAP_MAX_TILES tiles or the programs fit one wave
+      (default_overlap_values), else False. On the H200 (device time, two
       rounds) False took B=8, S=128k 0.57-0.58 ms against 0.60 at 2 bits,
-      0.63-0.64 against 0.65-0.66 at 3, 0.78-0.79 against 0.83 at 3.5,
-      0.70 alike at 4; B=8, S=16k, 3.5 bits 0.145-0.154 against 0.163; but
-      B=1, S=16k (2 tiles a program) 0.057-0.067 against 0.054-0.055 at
-      2.5 bits and 0.059-0.062 against 0.054 at 3.5, where a program's
-      latency, not the SM's throughput, sets the time (NOTES.md, session
-      12).
+      0.63-0.64 against 0.65-0.66 at 3, 0.78-0.79 against 0.83 at 3.5, 0.70
+      alike at 4; B=8, S=16k, 3.5 bits 0.145-0.154 against 0.163; but B=1,
+      S=16k (2 tiles a program) 0.057-0.067 against 0.054-0.055 at 2.5 bits
+      and 0.059-0.062 against 0.054 at 3.5, where a program's latency, not the
+      SM's throughput, sets the time (NOTES.md, session 12).
     tma_row_bytes: layout="tokens": the TMA row of a tile's codes, 16 (a
       token's packed row as it is, or 16-byte rows where it is not a
       multiple of 16) or 128 (128-byte rows wherever a token's row is
@@ -970,9 +969,10 @@ def attention(q: jax.Array, cache, lengths: jax.Array, *,
       part of 2, 3 or 4 bits and D = 128 (lookup_mode="prmt", the kernel
       not rotating; pallas_gpu_tokens.VALUES_REGISTERS_DEFAULT); the rest
       (2 bits at D = 64 and 256, 4 bits at D = 64, the outlier split's
-      parts: 2.5 and 3.5 bits), untimed, only with True. At 4 bits on the H200 (GPU
-      clock, session 17) B=8, S=128k 0.590 ms against 0.641-0.643, B=32,
-      32k 0.593-0.595 against 0.647-0.648, B=1, 16k 0.0230 against 0.0245;
+      parts: 2.5 and 3.5 bits), untimed, only with True. At 4 bits on the
+      H200 (GPU clock, session 17) B=8, S=128k 0.590 ms against
+      0.641-0.643, B=32, 32k 0.593-0.595 against 0.647-0.648, B=1, 16k
+      0.0230 against 0.0245;
       the same errors against the reference (6.8e-4 of the output scale);
       at 2 and 3 bits (session 18) B=8, 128k 0.438 against 0.457 and, with
       overlap_values, 0.574 against 0.588.

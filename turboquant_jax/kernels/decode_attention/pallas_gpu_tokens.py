@@ -46,9 +46,9 @@ Pᵀ's (32 bytes for 16 columns, 64 for 32, 128 for 64), unless Pᵀ goes
 through a transposed view (transpose_p).
 
 With values_registers (the default where a cache has one value part of
-2, 3 or 4 bits and D = 128; 2-bit parts of D = 64 and 256 only when
-asked: not timed) no V tile goes through SMEM as f16: the codes' tile is read transposed by
-ldmatrix (a lane gets tokens t, t + 1 of a byte
+2, 3 or 4 bits and D = 128; other parts registers_parts takes only when
+asked: not timed) no V tile goes through SMEM as f16: the codes' tile is
+read transposed by ldmatrix (a lane gets tokens t, t + 1 of a byte
 column, the byte-permute lookup's input as it is) and looked up straight
 into the P·V wgmma's register A operand, while the score wgmma runs where
 overlap_values is on (by default wherever the values are in registers);
@@ -249,20 +249,20 @@ def _from_value_rows(x: jax.Array, axis: int) -> jax.Array:
   return jnp.swapaxes(x, axis + 1, axis + 2).reshape(shape)
 
 
-# values_registers' parts, {bits: part dims}: a token's packed row of P
-# bytes is C = P / 16 chunks of 16 bytes, each warp reads one of them (the
-# rows of an ldmatrix block), and every (chunk, field) pair must fall to
-# one (group, warp): C <= 4 (3 bits: one plane's chunk and the other's,
-# _registers_lookup); at 3 bits and 64 coordinates a token's 24 bytes are
-# not 16-byte aligned for ldmatrix. The outlier split's parts (2.5 and 3.5
-# bits: 64 coordinates each at D = 128) go to registers where their width
-# and dim are here, the others through SMEM. Their default (values_registers=None), {bits: head
-# dims}: the parts measured faster on the H200 (GPU clock, session 18, D =
-# 128: 2 bits B=8, 128k 0.438 ms against 0.457, B=32, 32k 0.440 against
-# 0.460, B=1, 16k 0.0191 against 0.0211; 3 bits with overlap_values, which
-# it needs there, B=8, 128k 0.574 against 0.588, B=8, 16k 0.0926 against
-# 0.0955, B=32, 4k 0.0951 against 0.0984, B=1, 64k 0.0496 against 0.0536).
-# 2 bits at D = 64 and 256, 4 bits at 64 and two-part caches not timed.
+# values_registers' parts, {bits: part dims}: a token's packed row of P bytes
+# is C = P / 16 chunks of 16 bytes, each warp reads one of them (the rows of an
+# ldmatrix block), and every (chunk, field) pair must fall to one (group,
+# warp): C <= 4 (3 bits: one plane's chunk and the other's, _registers_lookup);
+# at 3 bits and 64 coordinates a token's 24 bytes are not 16-byte aligned for
+# ldmatrix. The outlier split's parts (2.5 and 3.5 bits: 64 coordinates each at
+# D = 128) go to registers where their width and dim are here, the others
+# through SMEM. Their default (values_registers=None), {bits: head dims}: the
+# parts measured faster on the H200 (GPU clock, session 18, D = 128: 2 bits
+# B=8, 128k 0.438 ms against 0.457, B=32, 32k 0.440 against 0.460, B=1, 16k
+# 0.0191 against 0.0211; 3 bits with overlap_values, which it needs there, B=8,
+# 128k 0.574 against 0.588, B=8, 16k 0.0926 against 0.0955, B=32, 4k 0.0951
+# against 0.0984, B=1, 64k 0.0496 against 0.0536). 2 bits at D = 64 and 256, 4
+# bits at 64 and two-part caches not timed.
 VALUES_REGISTERS_PARTS = {4: (64, 128), 3: (128,), 2: (64, 128, 256)}
 VALUES_REGISTERS_DEFAULT = {4: (128,), 3: (128,), 2: (128,)}
 
