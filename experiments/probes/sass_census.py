@@ -21,7 +21,8 @@ nvidia-cuda-cuobjdump wheels carry both).
 
     python -m experiments.probes.sass_census [--bits=4] [--smol] [--fused]
         [--options="{'min_columns': 8}"] [--dir=DUMP]
-(--fused: the kernel of pallas_gpu.append_attention, which also appends
+(--bits: the cache's width, 2-4 or the outlier split's 2.5, 3.5;
+--fused: the kernel of pallas_gpu.append_attention, which also appends
 the decode token; --options: keyword options of pallas_gpu.attention, a
 Python dict, dumped under sass_<options>; --dir: only read an existing
 dump (SASS listings, or PTX to assemble), which is all that works on a
@@ -179,7 +180,7 @@ def report(text: str, minimum: int = 100) -> str:
   return "\n".join(lines)
 
 
-def _compile_kernel(dump_dir: str, bits: int, smol: bool,
+def _compile_kernel(dump_dir: str, bits: float, smol: bool,
                     fused: bool, options: dict) -> None:
   """Compiles and runs one decode-attention call with the dumps on."""
   os.environ["MOSAIC_GPU_DUMP_SASS"] = "1"
@@ -254,7 +255,8 @@ def main():
     dump_dir = os.path.join(dump_dir, "sass" + (f"_{tag}" if options
                                                   else ""))
     os.makedirs(dump_dir, exist_ok=True)
-    _compile_kernel(dump_dir, int(probes.option("bits", "4")),
+    bits = float(probes.option("bits", "4"))    # 2.5, 3.5: the split
+    _compile_kernel(dump_dir, int(bits) if bits == int(bits) else bits,
                     "--smol" in sys.argv, "--fused" in sys.argv, options)
   files = sorted(f for f in glob.glob(os.path.join(dump_dir, "**", "*"),
                                       recursive=True) if os.path.isfile(f))
