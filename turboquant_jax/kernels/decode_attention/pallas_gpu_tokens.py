@@ -282,9 +282,10 @@ def values_registers_supported(value_specs, rotate: bool, append) -> str:
   prmt lookup supports (registers_parts), no rotation in the kernel (its
   rotation back reads the natural order), no append."""
   if not any(registers_parts(value_specs)):
-    return ("a value part of 4 bits and 64 or 128 coordinates, 3 bits and "
-            "128 or 2 bits and 64, 128 or 256, with centroids the prmt "
-            "lookup supports")
+    widths = "; ".join(f"{bits} bits and {', '.join(map(str, dims))}"
+                       for bits, dims in VALUES_REGISTERS_PARTS.items())
+    return (f"a value part of these widths and coordinates ({widths}) "
+            "with centroids the prmt lookup supports")
   if rotate or append is not None:
     return "no rotate_in_kernel, no append"
   return ""
@@ -415,14 +416,11 @@ def _registers_lookup(code_ref, spec, rows: int) -> list[jax.Array]:
   if chunks == 4:
     return prmt_lookup.lookup_chunks(codes, spec.bits, spec.centroids,
                                      interpret=False)
-  if spec.bits == 4:
-    return [prmt_lookup.lookup_field4(codes, spec.centroids,
-                                      functools.partial(_warp_nibble_shifts,
-                                                        4 * g, chunks))
-            for g in range(base._groups(spec))]
-  return [prmt_lookup.lookup_field(codes, spec.centroids,
-                                   functools.partial(_warp_field_shift,
-                                                     4 * g, chunks))
+  lookup, shifts = ((prmt_lookup.lookup_field4, _warp_nibble_shifts)
+                    if spec.bits == 4 else
+                    (prmt_lookup.lookup_field, _warp_field_shift))
+  return [lookup(codes, spec.centroids,
+                 functools.partial(shifts, 4 * g, chunks))
           for g in range(base._groups(spec))]
 
 
@@ -480,8 +478,9 @@ def _kernel(lengths_ref, *refs, key_specs, value_specs, groups, split_len,
                     q_smem, groups_k, n)
   k_first = base._offsets(key_specs)
   # The value pool's groups: the parts not in registers, one after another.
-  v_first = list(np.cumsum([0] + [0 if r else base._groups(s) for s, r in
-                                  zip(value_specs, registers)])[:-1])
+  v_groups = [0 if r else base._groups(s)
+              for s, r in zip(value_specs, registers)]
+  v_first = list(np.cumsum([0] + v_groups)[:-1])
   b, k = jax.lax.axis_index("b"), jax.lax.axis_index("k")
   split, capacity = jax.lax.axis_index("s"), split_len * splits
   first_pos = split * split_len
@@ -645,10 +644,9 @@ def _kernel(lengths_ref, *refs, key_specs, value_specs, groups, split_len,
   # values read into registers (on the device).
   k_pool = [] if key_registers else [base._group_smem(
       sum(base._groups(s) for s in key_specs), rows=rows)]
-  pooled = sum(base._groups(s) for s, r in zip(value_specs, registers)
-               if not r)
-  v_pool = [base._group_smem(pooled, 128 if transpose_p else _swizzle(n),
-                             rows)] if pooled else []
+  v_pool = [base._group_smem(sum(v_groups),
+                             128 if transpose_p else _swizzle(n), rows)
+            ] if sum(v_groups) else []
 
   def scratch():
     """SMEM of the tile body: the pools above, then Pᵀ per value part."""

@@ -330,13 +330,13 @@ def _device_lookup(inputs, asm, outputs, operands=None, pairs=False):
     if pairs:
       (x,) = xs
       regs = np.empty_like(x.registers)
-      flat, out = x.registers.reshape(-1), regs.reshape(-1)
-      for i in range(0, flat.size, 2):
+      flat_in, flat_out = x.registers.reshape(-1), regs.reshape(-1)
+      for i in range(0, flat_in.size, 2):
         results = mgpu_utils.inline_ptx(
-            asm, word(flat[i]), word(flat[i + 1]), *extra,
+            asm, word(flat_in[i]), word(flat_in[i + 1]), *extra,
             result_types=[i32] * outputs)
         for j, value in enumerate(results):
-          out[i + j] = mgpu_utils.bitcast(value, f16x2)
+          flat_out[i + j] = mgpu_utils.bitcast(value, f16x2)
       regs = [regs]
     else:
       regs = [np.empty_like(xs[0].registers) for _ in range(outputs)]
