@@ -28,7 +28,7 @@ only); --skeleton-tune: stages, splits, steps with them;
 --compare="{'name': {options}, ...}": today's defaults and each named set
 of pallas_gpu.attention options checked on 4 shapes, then timed in
 interleaved rounds at B=8, S=128k, 4 and 3.5 bits or at
---shapes="((B, S, (bits, ...)), ...)"; --no-checks: times only;
+--shapes="((B, S, (bits, ...)[, D]), ...)"; --no-checks: times only;
 --gpu-clock: those times written out and on the GPU's clock;
 --split-fold: outlier-split caches with their folded rotations stored
 and derived in each call, checked and timed; --split-xla: the folded
@@ -150,13 +150,13 @@ def occupancy():
           f"{t if t is None else round(t, 3)} ms {err}", flush=True)
 
 
-def _cudnn_device_ms(b: int, s: int) -> float:
+def _cudnn_device_ms(b: int, s: int, d: int = 128) -> float:
   """cuDNN bf16 decode attention's device ms at B=b, S=s, 32/8 heads,
-  D=128, separate K and V arrays (one array for both lets the value reads
+  D=d, separate K and V arrays (one array for both lets the value reads
   hit L2: 0.564 ms at B=8, S=128k against 1.0 with two)."""
   q, k, v = (jax.random.normal(jax.random.key(i), shape, jnp.bfloat16)
-             for i, shape in ((0, (b, 1, 32, 128)), (1, (b, s, 8, 128)),
-                              (2, (b, s, 8, 128))))
+             for i, shape in ((0, (b, 1, 32, d)), (1, (b, s, 8, d)),
+                              (2, (b, s, 8, d))))
   return _device_ms(lambda q, k, v: jax.nn.dot_product_attention(
       q, k, v, implementation="cudnn"), q, k, v)
 
@@ -181,11 +181,11 @@ def _device_ms(fn, *args, loops: int = 20) -> float:
   return _device_timer(fn, *args, loops=loops)()
 
 
-def _random_cache(bits, b: int = 8, s: int = 131072):
-  """A full TurboQuant cache of random codes, 8 KV heads, D=128."""
+def _random_cache(bits, b: int = 8, s: int = 131072, d: int = 128):
+  """A full TurboQuant cache of random codes, 8 KV heads, D=d."""
   return kernel_bench.random_cache(
       jax.random.key(4), cache_lib.CacheConfig(key_bits=bits,
-                                               value_bits=bits), b, 8, s, 128)
+                                               value_bits=bits), b, 8, s, d)
 
 
 def pipeline_depth():
@@ -779,11 +779,11 @@ def skeleton_rows():
 def compare(variants: dict, shapes=((8, 131072, (4, 3.5)),),
             checks: bool = True) -> None:
   """Each named set of options (and today's defaults, "defaults") checked
-  on 8 shapes (D 128/64, GQA 4/8/1/3/2, 4, 3, 3.5, 2, 2.5 bits, prod
+  on 10 shapes (D 128/64/256, GQA 4/8/1/3/2, 4, 3, 3.5, 2, 2.5 bits, prod
   keys, a chunk of 3, the rotation outside the kernel at D = 64; a
   variant's options override a shape's), then device time for each (B,
-  S, widths) of `shapes` (32/8 heads, D=128) beside cuDNN bf16, two
-  interleaved rounds."""
+  S, widths[, D]) of `shapes` (32/8 heads, D=128 unless given) beside
+  cuDNN bf16, two interleaved rounds."""
   print("jax", jax.__version__, jax.devices()[0].device_kind, flush=True)
   variants = {"defaults": {}, **variants}
   for name, options in variants.items() if checks else ():
@@ -797,15 +797,20 @@ def compare(variants: dict, shapes=((8, 131072, (4, 3.5)),),
                          ((64, 3, 4), dict(lengths=(1000, 65))),
                          ((128, 4, 2), dict(lengths=(512, 1000))),
                          ((128, 2, 2.5), dict(lengths=(200, 64))),
-                         ((64, 4, 4), dict(rotate_in_kernel=False))):
+                         ((64, 4, 4), dict(rotate_in_kernel=False)),
+                         ((64, 4, 2), dict(rotate_in_kernel=False,
+                                           lengths=(1024, 129))),
+                         ((256, 4, 2.5), dict(lengths=(700, 1024)))):
       check(*args, mode=mode, layout="tokens", **{**kwargs, **options})
-  for b, s, bits_list in shapes:
-    cudnn = _cudnn_device_ms(b, s)
-    q = jax.random.normal(jax.random.key(0), (b, 32, 128))
+  for b, s, bits_list, *d in shapes:
+    d = d[0] if d else 128
+    cudnn = _cudnn_device_ms(b, s, d)
+    q = jax.random.normal(jax.random.key(0), (b, 32, d))
     for bits in bits_list:
-      c = _random_cache(bits, b, s)
+      c = _random_cache(bits, b, s, d)
       times = _device_rounds(variants, q, c)
-      print(f"B={b:<2} S={s:<6} bits={bits:<3} cudnn {cudnn:.3f}  " +
+      print(f"B={b:<2} S={s:<6} bits={bits:<3} "
+            f"{f'D={d} ' if d != 128 else ''}cudnn {cudnn:.3f}  " +
             "  ".join(f"{name} {_ms(ts)} (x{cudnn / min(ts):.2f})"
                       for name, ts in times.items() if ts), flush=True)
       del c

@@ -122,19 +122,23 @@ class GpuLoweringTest(parameterized.TestCase):
     self.assertIn("ldmatrix", text)
 
   def test_values_in_registers_by_default_where_they_can(self):
-    # values_registers=None (the default): on for one value part of 2, 3 or
-    # 4 bits and D = 128 (VALUES_REGISTERS_DEFAULT) with the prmt lookup
-    # and no rotation in the kernel.
+    # values_registers=None (the default): on where every value part is of
+    # 2, 3 or 4 bits and 128 coordinates or 2 bits and 256
+    # (VALUES_REGISTERS_DEFAULT), with the prmt lookup and no rotation in
+    # the kernel.
     for shape, options, on in (
         ((128, 4, 4, 4, 1, "mse"), {}, True),
         ((128, 3, 4, 1, 2, "prod"), {}, True),
         ((128, 4, 3, 4, 1, "mse"), {}, True),
         ((128, 4, 2, 4, 1, "mse"), {}, True),
-        ((128, 4, 3.5, 4, 1, "mse"), {}, False),  # two parts: untimed
-        ((256, 4, 2.5, 2, 1, "mse"), {}, False),  # (a 3-bit part of 128)
+        ((128, 4, 3.5, 4, 1, "mse"), {}, False),  # parts of 64: slower
+        ((128, 4, 2.5, 4, 1, "mse"), {}, False),
+        ((256, 4, 2.5, 2, 1, "mse"), {}, True),   # parts of 128
+        ((256, 4, 3.5, 2, 1, "mse"), {}, True),
+        ((256, 2, 2, 2, 1, "mse"), {}, True),
+        ((256, 2, 4, 2, 1, "mse"), {}, False),   # 4 bits of 256: no path
         ((64, 4, 4, 4, 1, "mse"), {}, False),
         ((64, 2, 2, 4, 1, "mse"), dict(rotate_in_kernel=False), False),
-        ((256, 2, 2, 2, 1, "mse"), {}, False),   # 2 bits, D = 256: untimed
         ((128, 4, 4, 4, 1, "mse"), dict(rotate_in_kernel=True), False),
         ((128, 4, 4, 4, 1, "mse"), dict(lookup_mode="poly16"), False)):
       text = _lower(*shape, **options).as_text()
@@ -148,6 +152,8 @@ class GpuLoweringTest(parameterized.TestCase):
     for shape, registers, overlap in (((128, 4, 4, 4, 1, "mse"), True, True),
                                       ((128, 4, 3, 4, 1, "mse"), True, True),
                                       ((128, 4, 2, 4, 1, "mse"), True, True),
+                                      ((256, 4, 3.5, 2, 1, "mse"), True,
+                                       True),
                                       ((128, 4, 3.5, 4, 1, "mse"), False,
                                        False)):
       pallas_gpu._attention.clear_cache()   # trace again under the mocks

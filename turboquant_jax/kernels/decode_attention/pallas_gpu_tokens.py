@@ -45,9 +45,10 @@ A wgmma reads A and B with one swizzle, so the V tiles are stored with
 Pᵀ's (32 bytes for 16 columns, 64 for 32, 128 for 64), unless Pᵀ goes
 through a transposed view (transpose_p).
 
-With values_registers (the default where a cache has one value part of
-2, 3 or 4 bits and D = 128; other parts registers_parts takes only when
-asked: not timed) no V tile goes through SMEM as f16: the codes' tile is
+With values_registers (the default where every value part is of 2, 3 or
+4 bits and 128 coordinates or of 2 bits and 256; the other parts
+registers_parts takes only when asked: slower or even where timed) no V
+tile goes through SMEM as f16: the codes' tile is
 read transposed by ldmatrix (a lane gets tokens t, t + 1 of a byte
 column, the byte-permute lookup's input as it is) and looked up straight
 into the P·V wgmma's register A operand, while the score wgmma runs where
@@ -57,7 +58,9 @@ the H200 (session 17) B=8, S=128k, 4 bits 0.590 ms against 0.641-0.643,
 B=1, 16k 0.0225 against 0.0245 (0.0229 with the lookup after Pᵀ's
 store); ptxas 96 registers against 128; with the lookup under the score
 wgmma at B=8 too (session 18) 0.558 ms, 2 bits 0.416 against 0.457, 3
-bits 0.574 against 0.588 (0.601 in registers without the overlap).
+bits 0.574 against 0.588 (0.601 in registers without the overlap); at
+D = 256 (session 19) 2 bits 0.796 against 0.968, 3.5 bits 1.091 against
+1.398.
 
 Status: the default layout. On the H200 (B=8, S=128k, 4 bits) it took
 1.68-1.84 ms against 2.15-2.25 for layout="queries" (145 registers against
@@ -256,15 +259,21 @@ def _from_value_rows(x: jax.Array, axis: int) -> jax.Array:
 # at 3 bits and 64 coordinates a token's 24 bytes are not 16-byte aligned for
 # ldmatrix. The outlier split's parts (2.5 and 3.5 bits: 64 coordinates each at
 # D = 128) go to registers where their width and dim are here, the others
-# through SMEM. Their default (values_registers=None), {bits: head dims}: the
-# parts measured faster on the H200 (GPU clock, session 18, D = 128: 2 bits
-# B=8, 128k 0.438 ms against 0.457, B=32, 32k 0.440 against 0.460, B=1, 16k
-# 0.0191 against 0.0211; 3 bits with overlap_values, which it needs there, B=8,
-# 128k 0.574 against 0.588, B=8, 16k 0.0926 against 0.0955, B=32, 4k 0.0951
-# against 0.0984, B=1, 64k 0.0496 against 0.0536). 2 bits at D = 64 and 256, 4
-# bits at 64 and two-part caches not timed.
+# through SMEM. Their default (values_registers=None), {bits: head dims}, on
+# where every value part is here: the parts measured faster on the H200 (GPU
+# clock, session 18, D = 128: 2 bits B=8, 128k 0.438 ms against 0.457, B=32,
+# 32k 0.440 against 0.460, B=1, 16k 0.0191 against 0.0211; 3 bits with
+# overlap_values, which it needs there, B=8, 128k 0.574 against 0.588, B=8,
+# 16k 0.0926 against 0.0955, B=32, 4k 0.0951 against 0.0984, B=1, 64k 0.0496
+# against 0.0536; session 19, D = 256, parts of 128: 2 bits B=8, 128k 0.796
+# against 0.968, B=1, 16k 0.0282 against 0.0325; 3.5 bits 1.091 against
+# 1.398 and 0.0369 against 0.0401; 2.5 bits B=8, 128k 0.986 against 1.094).
+# Measured slower, so not in it: the outlier split's parts of 64 at D = 128
+# (3.5 bits B=8, 128k 0.678 against 0.672; 2.5 bits 0.600 against 0.594), 4
+# bits at D = 64 (B=8, 128k 0.387 against 0.370 without the in-kernel
+# rotation it needs off; at B=1, 16k that rotation is worth 16%).
 VALUES_REGISTERS_PARTS = {4: (64, 128), 3: (128,), 2: (64, 128, 256)}
-VALUES_REGISTERS_DEFAULT = {4: (128,), 3: (128,), 2: (128,)}
+VALUES_REGISTERS_DEFAULT = {4: (128,), 3: (128,), 2: (128, 256)}
 
 
 def registers_parts(value_specs) -> tuple[bool, ...]:
