@@ -274,7 +274,10 @@ class PallasGpuInterpretTest(parameterized.TestCase):
            options={}),
       # D = 256 at 3.5 bits: both parts (4 and 3 bits of 128) in registers.
       dict(testcase_name="v3_5_d256", key_bits=3, value_bits=3.5, dim=256,
-           groups=1, tokens=1, lengths=(64, 101), options={}))
+           groups=1, tokens=1, lengths=(64, 101), options={}),
+      # And at 2.5 bits (3 and 2 bits of 128), a default at D = 256.
+      dict(testcase_name="v2_5_d256_chunk", key_bits=2.5, value_bits=2.5,
+           dim=256, groups=2, tokens=2, lengths=(33, 128), options={}))
   def test_values_registers(self, key_bits, groups, tokens, lengths,
                             options, window=0, method="mse", value_bits=4,
                             dim=128):
