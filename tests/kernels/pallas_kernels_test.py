@@ -659,8 +659,8 @@ class PallasGpuInterpretTest(parameterized.TestCase):
     self.assertEqual(split(2, 16384), 64)
 
   def test_default_steps(self):
-    # 128-token steps where every part is 2 bits or less (D <= 128), 3
-    # stages for a fractional width, else 64 tokens and STAGES.
+    # 128-token steps where every part is 2 bits or less (D <= 128) or D
+    # <= 64, 3 stages for a fractional width, else 64 tokens and STAGES.
     steps = lambda kb, vb, d=128: pallas_gpu.default_steps(jax.eval_shape(
         lambda: cache_lib.init(CacheConfig(key_bits=kb, value_bits=vb), 1,
                                2, 1024, d)))
@@ -672,6 +672,9 @@ class PallasGpuInterpretTest(parameterized.TestCase):
     self.assertEqual(steps(4, 4), (64, stages))
     self.assertEqual(steps(2.5, 2.5), (64, 3))
     self.assertEqual(steps(4, 3.5), (64, 3))
+    self.assertEqual(steps(4, 4, 64), (128, stages))
+    self.assertEqual(steps(3, 4, 64), (128, stages))
+    self.assertEqual(steps(4, 4, 256), (64, stages))
 
   def test_default_overlap_values(self):
     # Unpacking V under the score wgmma where a program streams few tiles

@@ -824,19 +824,24 @@ def default_splits(cache, layout: str = "tokens") -> int:
 
 def default_steps(cache) -> tuple[int, int]:
   """(tile_rows, stages) defaults of layout="tokens" by the cache's widths:
-  128-token steps where no part is wider than 2 bits, 3 stages where a
-  width is fractional (the outlier split: twice the TMAs a step, of
-  smaller boxes), else 64 tokens and STAGES (and 64 tokens at D > 128).
+  128-token steps where no part is wider than 2 bits (D <= 128) or D <=
+  64, 3 stages where a width is fractional (the outlier split: twice the
+  TMAs a step, of smaller boxes), else 64 tokens and STAGES.
   On the H200 (B=8, S=128k,
   32/8 heads, D=128, two interleaved rounds): 2 bits 0.493-0.502 ms with
   128-token steps against 0.515-0.516 (B=32, 32k: 0.490-0.499 against
   0.523), 2.5 bits 0.640-0.660 with 3 stages against 0.684-0.697, 3.5
   bits 0.725-0.735 against 0.738-0.739; 3 and 4 bits were slower with
-  either (results/kernel_bench/h200_v10/probes.txt, session 14).
+  either (results/kernel_bench/h200_v10/probes.txt, session 14). At D =
+  64 (GPU clock, session 19) 128-token steps took 4 bits B=8, 128k 0.327
+  ms against 0.377, B=32, 16k 0.167 against 0.192, B=1, 16k 0.0132
+  against 0.0142; 3 bits 0.331 against 0.373 (results/kernel_bench/h200/
+  probes.txt).
   """
   widths = (cache.config.key_bits, cache.config.value_bits)
-  # Not at D = 256: a 128-token key tile in registers would be 128 of them.
-  rows = 2 * ROWS if max(widths) <= 2 and cache.head_dim <= 128 else ROWS
+  # A 128-token key tile in registers: 128 of them at D = 256, so not there.
+  d = cache.head_dim
+  rows = 2 * ROWS if (max(widths) <= 2 and d <= 128) or d <= 64 else ROWS
   stages = 3 if any(w != int(w) for w in widths) else STAGES
   return rows, stages
 
@@ -891,9 +896,9 @@ def attention(q: jax.Array, cache, lengths: jax.Array, *,
     tile_rows: tokens per pipeline step, 64, 128 or 256 (layout="tokens";
       capped by the split and by TMA's 256 rows). None: 64, or for
       layout="tokens" default_steps' (128 where no part is wider than 2
-      bits). On the H200 (B=8, S=128k, 4 bits, 16 splits, kernel v4) 128
-      took 1.77 ms, within the spread of 64 (1.68-1.84), 256 2.69 ms (it
-      spills registers).
+      bits or D <= 64). On the H200 (B=8, S=128k, 4 bits, 16 splits,
+      kernel v4) 128 took 1.77 ms, within the spread of 64 (1.68-1.84),
+      256 2.69 ms (it spills registers).
     key_registers: layout="tokens", GPU only: dequantized keys feed the
       score wgmma from registers, not through SMEM. None: on for "tokens".
     transpose_p: layout="tokens": the probabilities stored through a
