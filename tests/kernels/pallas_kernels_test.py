@@ -650,6 +650,11 @@ class PallasGpuInterpretTest(parameterized.TestCase):
     self.assertEqual(pallas_gpu.default_splits(one(4096)), 32)
     self.assertEqual(pallas_gpu.default_splits(one(4096, 2)), 16)
     self.assertEqual(pallas_gpu.default_splits(one(4096), "queries"), 32)
+    # The floor counts the steps the kernel runs: 128 tokens at D = 64 by
+    # default, 64 in append_attention's kernel (tile_rows=64).
+    at64 = cache_lib.init(CacheConfig(key_bits=4), 1, 3, 16384, 64)
+    self.assertEqual(pallas_gpu.default_splits(at64), 64)
+    self.assertEqual(pallas_gpu.default_splits(at64, "tokens", 64), 128)
     # Past one wave (528) only while splits keep 1024 tokens.
     split = lambda b, s: pallas_gpu.default_splits(
         cache_lib.init(CacheConfig(key_bits=4), b, 8, s, 128))

@@ -675,8 +675,8 @@ def append_attention(q: jax.Array, k: jax.Array, v: jax.Array, cache, *,
   if tma_row_bytes not in (None, 16, 128):
     raise ValueError(f"{tma_row_bytes=!r}: expected 16 or 128")
   interpret = interpret_params(interpret)
-  if splits is None:
-    splits = default_splits(cache, "tokens")
+  if splits is None:       # its kernel runs steps of ROWS tokens
+    splits = default_splits(cache, "tokens", ROWS)
   scale = q.shape[-1] ** -0.5 if scale is None else scale
   return _append_attention(q, k, v, cache, scale, splits, stages,
                            bool(rotate_in_kernel), bool(auto_barriers),
@@ -769,7 +769,8 @@ def _rotate_inputs(q: jax.Array, cache, scale: float) -> tuple:
   return parts.grouped_queries(q, cache.kv_heads) * scale, tiles[0], tiles[1]
 
 
-def default_splits(cache, layout: str = "tokens") -> int:
+def default_splits(cache, layout: str = "tokens",
+                   tile_rows: int | None = None) -> int:
   """Sequence splits so that B·K·NS programs fill the GPU's 132 SMs: 2
   programs per SM for layout="queries" (255 registers), 4 for "tokens"
   (v4's 145 registers; at B=8, S=128k 16 splits took 1.68 ms against 1.84
@@ -797,6 +798,8 @@ def default_splits(cache, layout: str = "tokens") -> int:
   against 0.0225 at 4 bits, 0.0238 against 0.0247 at 3.5, 0.0212 against
   0.0218 at 2; 32k 0.0300 against 0.0320 at 4 bits; 4k 32 splits against
   64 0.0137 against 0.0144; but 64k 0.0516 against 0.0502 (4 bits).
+  tile_rows: the kernel's pipeline step (None: default_steps'), which
+  that floor of two steps counts in.
   """
   one_wave = ONE_WAVE_PROGRAMS if layout == "tokens" else 132 * 2
   target_programs = one_wave * (
@@ -810,7 +813,8 @@ def default_splits(cache, layout: str = "tokens") -> int:
     splits *= 2
   if programs * splits >= 132:
     if programs <= ONE_WAVE_MAX_HEADS:
-      rows = default_steps(cache)[0] if layout == "tokens" else ROWS
+      rows = tile_rows or (default_steps(cache)[0] if layout == "tokens"
+                           else ROWS)
       while splits > 1 and (programs * splits > one_wave
                             or cache.capacity < 2 * rows * splits):
         splits //= 2
@@ -1035,7 +1039,7 @@ def attention(q: jax.Array, cache, lengths: jax.Array, *,
   auto_barriers = not tokens if auto_barriers is None else auto_barriers
   interpret = interpret_params(interpret)
   if splits is None:
-    splits = default_splits(cache, layout)
+    splits = default_splits(cache, layout, tile_rows)
   if overlap_values is None and not tokens:
     overlap_values = True
   if tma_row_bytes is None:
