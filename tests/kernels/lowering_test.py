@@ -114,7 +114,8 @@ class GpuLoweringTest(parameterized.TestCase):
       ((64, 4, 4, 4, 1, "mse"), dict(rotate_in_kernel=False)),  # a nibble
       ((128, 4, 3.5, 4, 1, "mse"), {}),    # the 4-bit part of 64
       ((128, 2.5, 2.5, 4, 2, "mse"), {}),  # the 2-bit part of 64
-      ((256, 3, 3.5, 2, 1, "mse"), dict(overlap_values=False)))  # both
+      ((256, 3, 3.5, 2, 1, "mse"), dict(overlap_values=False)),  # both
+      ((256, 4, 4, 2, 1, "mse"), {}))      # 4 bits, 8 chunks: two halves
   def test_values_in_registers_lowers(self, shape, options):
     # values_registers: the value tile read transposed by ldmatrix (device
     # only) into the P·V wgmma's register operand.
@@ -136,7 +137,7 @@ class GpuLoweringTest(parameterized.TestCase):
         ((256, 4, 2.5, 2, 1, "mse"), {}, True),   # parts of 128
         ((256, 4, 3.5, 2, 1, "mse"), {}, True),
         ((256, 2, 2, 2, 1, "mse"), {}, True),
-        ((256, 2, 4, 2, 1, "mse"), {}, False),   # 4 bits of 256: no path
+        ((256, 2, 4, 2, 1, "mse"), {}, False),   # 4 bits of 256: untimed
         ((64, 4, 4, 4, 1, "mse"), {}, False),
         ((64, 2, 2, 4, 1, "mse"), dict(rotate_in_kernel=False), False),
         ((128, 4, 4, 4, 1, "mse"), dict(rotate_in_kernel=True), False),

@@ -275,6 +275,9 @@ class PallasGpuInterpretTest(parameterized.TestCase):
       # D = 256 at 3.5 bits: both parts (4 and 3 bits of 128) in registers.
       dict(testcase_name="v3_5_d256", key_bits=3, value_bits=3.5, dim=256,
            groups=1, tokens=1, lengths=(64, 101), options={}),
+      # 4 bits of 256: 8 chunks a row, each warp reads one of each half.
+      dict(testcase_name="v4_d256", key_bits=2, value_bits=4, dim=256,
+           groups=2, tokens=1, lengths=(128, 77), options={}),
       # And at 2.5 bits (3 and 2 bits of 128), a default at D = 256.
       dict(testcase_name="v2_5_d256_chunk", key_bits=2.5, value_bits=2.5,
            dim=256, groups=2, tokens=2, lengths=(33, 128), options={}))

@@ -47,9 +47,9 @@ through a transposed view (transpose_p).
 
 With values_registers (the default where every value part is of 2, 3 or
 4 bits and 128 coordinates or of 2 bits and 256; the other parts
-registers_parts takes only when asked: slower or even where timed) no V
-tile goes through SMEM as f16: the codes' tile is
-read transposed by ldmatrix (a lane gets tokens t, t + 1 of a byte
+registers_parts takes only when asked: slower or even where timed, 4
+bits at D = 256 not yet timed) no V tile goes through SMEM as f16: the
+codes' tile is read transposed by ldmatrix (a lane gets tokens t, t + 1 of a byte
 column, the byte-permute lookup's input as it is) and looked up straight
 into the P·V wgmma's register A operand, while the score wgmma runs where
 overlap_values is on (by default wherever the values are in registers);
@@ -254,8 +254,9 @@ def _from_value_rows(x: jax.Array, axis: int) -> jax.Array:
 
 # values_registers' parts, {bits: part dims}: a token's packed row of P bytes
 # is C = P / 16 chunks of 16 bytes, each warp reads one of them (the rows of an
-# ldmatrix block), and every (chunk, field) pair must fall to one (group,
-# warp): C <= 4 (3 bits: one plane's chunk and the other's, _registers_lookup);
+# ldmatrix block), or one of each half (C = 8: 4 bits, D = 256), and every
+# (chunk, field) pair must fall to one (group, warp): C <= 4 or 8 (3 bits: one
+# plane's chunk and the other's, _registers_lookup);
 # at 3 bits and 64 coordinates a token's 24 bytes are not 16-byte aligned for
 # ldmatrix. The outlier split's parts (2.5 and 3.5 bits: 64 coordinates each at
 # D = 128) go to registers where their width and dim are here, the others
@@ -271,8 +272,9 @@ def _from_value_rows(x: jax.Array, axis: int) -> jax.Array:
 # Measured slower, so not in it: the outlier split's parts of 64 at D = 128
 # (3.5 bits B=8, 128k 0.678 against 0.672; 2.5 bits 0.600 against 0.594), 4
 # bits at D = 64 (B=8, 128k 0.387 against 0.370 without the in-kernel
-# rotation it needs off; at B=1, 16k that rotation is worth 16%).
-VALUES_REGISTERS_PARTS = {4: (64, 128), 3: (128,), 2: (64, 128, 256)}
+# rotation it needs off; at B=1, 16k that rotation is worth 16%). Not timed: 4
+# bits at D = 256 (session 19, after the device time).
+VALUES_REGISTERS_PARTS = {4: (64, 128, 256), 3: (128,), 2: (64, 128, 256)}
 VALUES_REGISTERS_DEFAULT = {4: (128,), 3: (128,), 2: (128, 256)}
 
 
@@ -406,7 +408,10 @@ def _registers_lookup(code_ref, spec, rows: int) -> list[jax.Array]:
   """values_registers' Vᵀ operands of one value part: per group, f16 [64,
   rows] in the WGMMA layout and value_rows order. Where a row has 4
   chunks (4 bits, D = 128; 2 bits, D = 256) warp w reads chunk w and
-  group g is field g of every byte (the whole lookup); with fewer (2 bits,
+  group g is field g of every byte (the whole lookup); where it has 8 (4
+  bits, D = 256) warp w reads chunk w of each half, and group g is field
+  g // 2 of half g % 2 (block 4g + w: chunk (4g + w) % 8, field (4g + w)
+  // 8); with fewer (2 bits,
   D = 64, 128; 4 bits, D = 64) warps share a chunk and each looks up its
   own field (D: the part's coordinates). At 3
   bits (D = 128: a 2-bit plane of 32 bytes, a 1-bit plane of 16) warp w
@@ -420,8 +425,14 @@ def _registers_lookup(code_ref, spec, rows: int) -> list[jax.Array]:
                             offset=row_bytes * 2 // 3)
     return prmt_lookup.lookup_two_fields3(high, low, spec.centroids,
                                           _warp_shifts3)
-  codes = _transposed_codes(code_ref, rows, row_bytes)
   chunks = row_bytes // 16
+  if chunks == 8:      # 4 bits, D = 256: warp w reads chunk w of each half
+    halves = [prmt_lookup.lookup_chunks(
+        _transposed_codes(code_ref, rows, row_bytes, chunks=4,
+                          offset=row_bytes // 2 * i),
+        spec.bits, spec.centroids, interpret=False) for i in range(2)]
+    return [halves[g % 2][g // 2] for g in range(4)]   # block 4g + w
+  codes = _transposed_codes(code_ref, rows, row_bytes)
   if chunks == 4:
     return prmt_lookup.lookup_chunks(codes, spec.bits, spec.centroids,
                                      interpret=False)
