@@ -49,11 +49,12 @@ With values_registers (the default where every value part is of 2, 3 or
 4 bits and 128 coordinates or of 2 bits and 256; the other parts
 registers_parts takes only when asked: slower or even where timed, 4
 bits at D = 256 not yet timed) no V tile goes through SMEM as f16: the
-codes' tile is read transposed by ldmatrix (a lane gets tokens t, t + 1 of a byte
-column, the byte-permute lookup's input as it is) and looked up straight
-into the P·V wgmma's register A operand, while the score wgmma runs where
-overlap_values is on (by default wherever the values are in registers);
-its output coordinates come in value_rows order, which XLA puts back. On
+codes' tile is read transposed by ldmatrix (a lane gets tokens t, t + 1
+of a byte column, the byte-permute lookup's input as it is) and looked up
+straight into the P·V wgmma's register A operand, while the score wgmma
+runs where overlap_values is on (by default wherever the values are in
+registers); its output coordinates come in value_rows order, which XLA
+puts back. On
 the H200 (session 17) B=8, S=128k, 4 bits 0.590 ms against 0.641-0.643,
 B=1, 16k 0.0225 against 0.0245 (0.0229 with the lookup after Pᵀ's
 store); ptxas 96 registers against 128; with the lookup under the score
