@@ -412,9 +412,8 @@ def _registers_lookup(code_ref, spec, rows: int) -> list[jax.Array]:
   group g is field g of every byte (the whole lookup); where it has 8 (4
   bits, D = 256) warp w reads chunk w of each half, and group g is field
   g // 2 of half g % 2 (block 4g + w: chunk (4g + w) % 8, field (4g + w)
-  // 8); with fewer (2 bits,
-  D = 64, 128; 4 bits, D = 64) warps share a chunk and each looks up its
-  own field (D: the part's coordinates). At 3
+  // 8); with fewer (2 bits, D = 64, 128; 4 bits, D = 64) warps share a
+  chunk and each looks up its own field (D: the part's coordinates). At 3
   bits (D = 128: a 2-bit plane of 32 bytes, a 1-bit plane of 16) warp w
   reads chunk w % 2 of the first and the second whole: coordinate 16b +
   e (block b = 4g + w) is field b // 2 of byte 16·(b % 2) + e of the one
