@@ -779,7 +779,7 @@ def skeleton_rows():
 def compare(variants: dict, shapes=((8, 131072, (4, 3.5)),),
             checks: bool = True) -> None:
   """Each named set of options (and today's defaults, "defaults") checked
-  on 11 shapes (D 128/64/256, GQA 4/8/1/3/2, 4, 3, 3.5, 2, 2.5 bits, prod
+  on 12 shapes (D 128/64/256, GQA 4/8/1/3/2, 4, 3, 3.5, 2, 2.5 bits, prod
   keys, a chunk of 3, the rotation outside the kernel at D = 64; a
   variant's options override a shape's), then device time for each (B,
   S, widths[, D]) of `shapes` (32/8 heads, D=128 unless given) beside
@@ -801,7 +801,8 @@ def compare(variants: dict, shapes=((8, 131072, (4, 3.5)),),
                          ((64, 4, 2), dict(rotate_in_kernel=False,
                                            lengths=(1024, 129))),
                          ((256, 4, 2.5), dict(lengths=(700, 1024))),
-                         ((256, 2, 4), dict(lengths=(1024, 333)))):
+                         ((256, 2, 4), dict(lengths=(1024, 333))),
+                         ((256, 3, 3), dict(lengths=(65, 1024)))):
       check(*args, mode=mode, layout="tokens", **{**kwargs, **options})
   for b, s, bits_list, *d in shapes:
     d = d[0] if d else 128

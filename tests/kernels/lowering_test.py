@@ -115,7 +115,8 @@ class GpuLoweringTest(parameterized.TestCase):
       ((128, 4, 3.5, 4, 1, "mse"), {}),    # the 4-bit part of 64
       ((128, 2.5, 2.5, 4, 2, "mse"), {}),  # the 2-bit part of 64
       ((256, 3, 3.5, 2, 1, "mse"), dict(overlap_values=False)),  # both
-      ((256, 4, 4, 2, 1, "mse"), {}))      # 4 bits, 8 chunks: two halves
+      ((256, 4, 4, 2, 1, "mse"), {}),      # 4 bits, 8 chunks: two halves
+      ((256, 3, 3, 2, 1, "mse"), {}))      # 3 bits: 4 + 2 chunks
   def test_values_in_registers_lowers(self, shape, options):
     # values_registers: the value tile read transposed by ldmatrix (device
     # only) into the P·V wgmma's register operand.
@@ -138,6 +139,7 @@ class GpuLoweringTest(parameterized.TestCase):
         ((256, 4, 3.5, 2, 1, "mse"), {}, True),
         ((256, 2, 2, 2, 1, "mse"), {}, True),
         ((256, 2, 4, 2, 1, "mse"), {}, False),   # 4 bits of 256: untimed
+        ((256, 2, 3, 2, 1, "mse"), {}, False),   # 3 bits of 256: untimed
         ((64, 4, 4, 4, 1, "mse"), {}, False),
         ((64, 2, 2, 4, 1, "mse"), dict(rotate_in_kernel=False), False),
         ((128, 4, 4, 4, 1, "mse"), dict(rotate_in_kernel=True), False),

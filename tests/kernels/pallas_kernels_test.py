@@ -275,6 +275,10 @@ class PallasGpuInterpretTest(parameterized.TestCase):
       # D = 256 at 3.5 bits: both parts (4 and 3 bits of 128) in registers.
       dict(testcase_name="v3_5_d256", key_bits=3, value_bits=3.5, dim=256,
            groups=1, tokens=1, lengths=(64, 101), options={}),
+      # 3 bits of 256: 4 chunks of the 2-bit plane, 2 of the 1-bit one.
+      dict(testcase_name="v3_d256_prod", key_bits=3, value_bits=3, dim=256,
+           groups=3, tokens=1, lengths=(100, 128), method="prod",
+           options={}),
       # 4 bits of 256: 8 chunks a row, each warp reads one of each half.
       dict(testcase_name="v4_d256", key_bits=2, value_bits=4, dim=256,
            groups=2, tokens=1, lengths=(128, 77), options={}),
@@ -333,9 +337,11 @@ class PallasGpuInterpretTest(parameterized.TestCase):
         coords = 16 * (b % chunks) + 2 * c + h + p * (b // chunks)
         np.testing.assert_array_equal(
             pallas_gpu_tokens.value_rows(dim), coords, (bits, dim))
-        if bits == 3:
+        if bits == 3:   # and the 1-bit plane's bit b // C1 of its chunk
+          c1 = dim // 128
           np.testing.assert_array_equal(
-              pallas_gpu_tokens.value_rows(dim), 2 * c + h + (dim // 8) * b)
+              pallas_gpu_tokens.value_rows(dim),
+              16 * (b % c1) + 2 * c + h + (dim // 8) * (b // c1), dim)
     x = jax.random.normal(jax.random.key(0), (3, 128, 2))
     y = pallas_gpu_tokens._to_value_rows(x, 1)
     np.testing.assert_array_equal(y, x[:, rows])

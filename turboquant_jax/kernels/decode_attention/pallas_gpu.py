@@ -971,7 +971,7 @@ def attention(q: jax.Array, cache, lengths: jax.Array, *,
       64-byte and 0.525 as 16-byte rows (pipeline_probe, NOTES.md).
     values_registers: layout="tokens", no rotate_in_kernel: each value
       part of 2 or 4 bits and 64, 128 or 256 coordinates or of 3 bits and
-      128 (pallas_gpu_tokens.registers_parts; the outlier
+      128 or 256 (pallas_gpu_tokens.registers_parts; the outlier
       split's 3-bit part of 64 coordinates stays in SMEM) is read
       transposed (ldmatrix) and looked up into registers as the P·V
       product's operand, not stored to SMEM and read back by the tensor
@@ -981,8 +981,8 @@ def attention(q: jax.Array, cache, lengths: jax.Array, *,
       lookup_mode="prmt" and the kernel not rotating
       (pallas_gpu_tokens.VALUES_REGISTERS_DEFAULT); the rest (the outlier
       split's parts of 64 at D = 128, 2 and 4 bits at D = 64: slower or
-      even where timed, session 19; 4 bits at D = 256: not timed) only
-      with True. At 4 bits on the
+      even where timed, session 19; 3 and 4 bits at D = 256: not timed)
+      only with True. At 4 bits on the
       H200 (GPU clock, session 17) B=8, S=128k 0.590 ms against
       0.641-0.643, B=32, 32k 0.593-0.595 against 0.647-0.648, B=1, 16k
       0.0230 against 0.0245;

@@ -47,8 +47,8 @@ through a transposed view (transpose_p).
 
 With values_registers (the default where every value part is of 2, 3 or
 4 bits and 128 coordinates or of 2 bits and 256; the other parts
-registers_parts takes only when asked: slower or even where timed, 4
-bits at D = 256 not yet timed) no V tile goes through SMEM as f16: the
+registers_parts takes only when asked: slower or even where timed, 3
+and 4 bits at D = 256 not yet timed) no V tile goes through SMEM as f16: the
 codes' tile is read transposed by ldmatrix (a lane gets tokens t, t + 1
 of a byte column, the byte-permute lookup's input as it is) and looked up
 straight into the P·V wgmma's register A operand, while the score wgmma
@@ -256,10 +256,9 @@ def _from_value_rows(x: jax.Array, axis: int) -> jax.Array:
 # values_registers' parts, {bits: part dims}: a token's packed row of P bytes
 # is C = P / 16 chunks of 16 bytes, each warp reads one of them (the rows of an
 # ldmatrix block), or one of each half (C = 8: 4 bits, D = 256), and every
-# (chunk, field) pair must fall to one (group, warp): C <= 4 or 8 (3 bits: one
-# plane's chunk and the other's, _registers_lookup);
-# at 3 bits and 64 coordinates a token's 24 bytes are not 16-byte aligned for
-# ldmatrix. The outlier split's parts (2.5 and 3.5 bits: 64 coordinates each at
+# (chunk, field) pair must fall to one (group, warp): C <= 4 or 8 (3 bits: a
+# chunk of each plane, _registers_lookup; at 3 bits and 64 coordinates a
+# token's 24 bytes are not 16-byte aligned for ldmatrix). The outlier split's parts (2.5 and 3.5 bits: 64 coordinates each at
 # D = 128) go to registers where their width and dim are here, the others
 # through SMEM. Their default (values_registers=None), {bits: head dims}, on
 # where every value part is here: the parts measured faster on the H200 (GPU
@@ -274,8 +273,8 @@ def _from_value_rows(x: jax.Array, axis: int) -> jax.Array:
 # (3.5 bits B=8, 128k 0.678 against 0.672; 2.5 bits 0.600 against 0.594), 4
 # bits at D = 64 (B=8, 128k 0.387 against 0.370 without the in-kernel
 # rotation it needs off; at B=1, 16k that rotation is worth 16%). Not timed: 4
-# bits at D = 256 (session 19, after the device time).
-VALUES_REGISTERS_PARTS = {4: (64, 128, 256), 3: (128,), 2: (64, 128, 256)}
+# and 3 bits at D = 256 (session 19, after the device time).
+VALUES_REGISTERS_PARTS = {4: (64, 128, 256), 3: (128, 256), 2: (64, 128, 256)}
 VALUES_REGISTERS_DEFAULT = {4: (128,), 3: (128,), 2: (128, 256)}
 
 
@@ -396,13 +395,15 @@ def _warp_nibble_shifts(first_block: int, chunks: int) -> list:
   return [shift, arith.subi(four, shift)]
 
 
-def _warp_shifts3() -> list:
-  """The shifts of a 3-bit, D = 128 part's first group for warp w: its
-  rows are coordinates 16w .. 16w + 15, field w // 2 of the 2-bit plane
-  (the 2-bit shift of first block 0 over 2 chunks) and bit w of the 1-bit
-  plane; group 1's are 2 fields and 4 bits further on
+def _warp_shifts3(first_block: int, high_chunks: int,
+                  low_chunks: int) -> list:
+  """The shifts of a 3-bit part's group whose first row block is
+  first_block, for warp w: block b = first_block + w, field b // C2 of the
+  2-bit plane (C2 = high_chunks) and bit b // C1 of the 1-bit plane (C1 =
+  low_chunks); the group G/2 further on is 2 fields and 4 bits further on
   (lookup_two_fields3)."""
-  return [_warp_field_shift(0, 2), _warp_index()]
+  return [_warp_field_shift(first_block, high_chunks),
+          _warp_field_shift(first_block, low_chunks, 1)]
 
 
 def _registers_lookup(code_ref, spec, rows: int) -> list[jax.Array]:
@@ -414,17 +415,23 @@ def _registers_lookup(code_ref, spec, rows: int) -> list[jax.Array]:
   g // 2 of half g % 2 (block 4g + w: chunk (4g + w) % 8, field (4g + w)
   // 8); with fewer (2 bits, D = 64, 128; 4 bits, D = 64) warps share a
   chunk and each looks up its own field (D: the part's coordinates). At 3
-  bits (D = 128: a 2-bit plane of 32 bytes, a 1-bit plane of 16) warp w
-  reads chunk w % 2 of the first and the second whole: coordinate 16b +
-  e (block b = 4g + w) is field b // 2 of byte 16·(b % 2) + e of the one
-  and bit b of byte e of the other."""
+  bits (a 2-bit plane of C2 = D / 64 chunks, then a 1-bit plane of C1 =
+  D / 128) warp w reads chunk w % C of each plane: coordinate 16b + e
+  (block b = 4g + w) is field b // C2 of byte 16·(b % C2) + e of the one
+  and bit b // C1 of byte 16·(b % C1) + e of the other; group g + G/2's
+  field and bit are 2 and 4 further on than group g's (G groups), one
+  lookup_two_fields3 for both."""
   row_bytes = base._row_bytes(spec)
-  if spec.bits == 3:
-    high = _transposed_codes(code_ref, rows, row_bytes, chunks=2)
-    low = _transposed_codes(code_ref, rows, row_bytes, chunks=1,
+  if spec.bits == 3:     # the planes' chunks: C2 = D / 64, C1 = D / 128
+    c2, c1 = row_bytes * 2 // 3 // 16, row_bytes // 3 // 16
+    high = _transposed_codes(code_ref, rows, row_bytes, chunks=c2)
+    low = _transposed_codes(code_ref, rows, row_bytes, chunks=c1,
                             offset=row_bytes * 2 // 3)
-    return prmt_lookup.lookup_two_fields3(high, low, spec.centroids,
-                                          _warp_shifts3)
+    half = base._groups(spec) // 2     # group g + half: 2 fields further
+    pairs = [prmt_lookup.lookup_two_fields3(
+        high, low, spec.centroids,
+        functools.partial(_warp_shifts3, 4 * g, c2, c1)) for g in range(half)]
+    return [pairs[g % half][g // half] for g in range(2 * half)]
   chunks = row_bytes // 16
   if chunks == 8:      # 4 bits, D = 256: warp w reads chunk w of each half
     halves = [prmt_lookup.lookup_chunks(
