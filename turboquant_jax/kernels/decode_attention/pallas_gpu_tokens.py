@@ -258,9 +258,9 @@ def _from_value_rows(x: jax.Array, axis: int) -> jax.Array:
 # ldmatrix block), or one of each half (C = 8: 4 bits, D = 256), and every
 # (chunk, field) pair must fall to one (group, warp): C <= 4 or 8 (3 bits: a
 # chunk of each plane, _registers_lookup; at 3 bits and 64 coordinates a
-# token's 24 bytes are not 16-byte aligned for ldmatrix). The outlier split's parts (2.5 and 3.5 bits: 64 coordinates each at
-# D = 128) go to registers where their width and dim are here, the others
-# through SMEM. Their default (values_registers=None), {bits: head dims}, on
+# token's 24 bytes are not 16-byte aligned for ldmatrix). The outlier split's
+# parts (2.5 and 3.5 bits: 64 coordinates each at D = 128) go to registers
+# where their width and dim are here, the others through SMEM. Their default (values_registers=None), {bits: head dims}, on
 # where every value part is here: the parts measured faster on the H200 (GPU
 # clock, session 18, D = 128: 2 bits B=8, 128k 0.438 ms against 0.457, B=32,
 # 32k 0.440 against 0.460, B=1, 16k 0.0191 against 0.0211; 3 bits with
