@@ -253,25 +253,25 @@ def _from_value_rows(x: jax.Array, axis: int) -> jax.Array:
   return jnp.swapaxes(x, axis + 1, axis + 2).reshape(shape)
 
 
-# values_registers' parts, {bits: part dims}: a token's packed row of P bytes
-# is C = P / 16 chunks of 16 bytes, each warp reads one of them (the rows of an
+# values_registers' parts, {bits: part dims}: a token's packed row of P bytes is
+# C = P / 16 chunks of 16 bytes, each warp reads one of them (the rows of an
 # ldmatrix block), or one of each half (C = 8: 4 bits, D = 256), and every
 # (chunk, field) pair must fall to one (group, warp): C <= 4 or 8 (3 bits: a
-# chunk of each plane, _registers_lookup; at 3 bits and 64 coordinates a
-# token's 24 bytes are not 16-byte aligned for ldmatrix). The outlier split's
-# parts (2.5 and 3.5 bits: 64 coordinates each at D = 128) go to registers
-# where their width and dim are here, the others through SMEM. Their default (values_registers=None), {bits: head dims}, on
-# where every value part is here: the parts measured faster on the H200 (GPU
-# clock, session 18, D = 128: 2 bits B=8, 128k 0.438 ms against 0.457, B=32,
-# 32k 0.440 against 0.460, B=1, 16k 0.0191 against 0.0211; 3 bits with
-# overlap_values, which it needs there, B=8, 128k 0.574 against 0.588, B=8,
-# 16k 0.0926 against 0.0955, B=32, 4k 0.0951 against 0.0984, B=1, 64k 0.0496
-# against 0.0536; session 19, D = 256, parts of 128: 2 bits B=8, 128k 0.796
-# against 0.968, B=1, 16k 0.0282 against 0.0325; 3.5 bits 1.091 against
-# 1.398 and 0.0369 against 0.0401; 2.5 bits B=8, 128k 0.986 against 1.094).
-# Measured slower, so not in it: the outlier split's parts of 64 at D = 128
-# (3.5 bits B=8, 128k 0.678 against 0.672; 2.5 bits 0.600 against 0.594), 4
-# bits at D = 64 (B=8, 128k 0.387 against 0.370 without the in-kernel
+# chunk of each plane, _registers_lookup; at 3 bits and 64 coordinates a token's
+# 24 bytes are not 16-byte aligned for ldmatrix). The outlier split's parts (2.5
+# and 3.5 bits: 64 coordinates each at D = 128) go to registers where their
+# width and dim are here, the others through SMEM. Their default
+# (values_registers=None), {bits: head dims}, on where every value part is here:
+# the parts measured faster on the H200 (GPU clock, session 18, D = 128: 2 bits
+# B=8, 128k 0.438 ms against 0.457, B=32, 32k 0.440 against 0.460, B=1, 16k
+# 0.0191 against 0.0211; 3 bits with overlap_values, which it needs there, B=8,
+# 128k 0.574 against 0.588, B=8, 16k 0.0926 against 0.0955, B=32, 4k 0.0951
+# against 0.0984, B=1, 64k 0.0496 against 0.0536; session 19, D = 256, parts of
+# 128: 2 bits B=8, 128k 0.796 against 0.968, B=1, 16k 0.0282 against 0.0325; 3.5
+# bits 1.091 against 1.398 and 0.0369 against 0.0401; 2.5 bits B=8, 128k 0.986
+# against 1.094). Measured slower, so not in it: the outlier split's parts of 64
+# at D = 128 (3.5 bits B=8, 128k 0.678 against 0.672; 2.5 bits 0.600 against
+# 0.594), 4 bits at D = 64 (B=8, 128k 0.387 against 0.370 without the in-kernel
 # rotation it needs off; at B=1, 16k that rotation is worth 16%). Not timed: 4
 # and 3 bits at D = 256 (session 19, after the device time).
 VALUES_REGISTERS_PARTS = {4: (64, 128, 256), 3: (128, 256), 2: (64, 128, 256)}
