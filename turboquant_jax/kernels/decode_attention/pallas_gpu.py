@@ -600,12 +600,10 @@ def _attention(q, cache, lengths, scale, splits, lookup_mode, layout,
     if values_registers is None:     # wherever the kernel can, measured
       measured = pallas_gpu_tokens.VALUES_REGISTERS_DEFAULT
       values_registers = (
-          lookup_mode == "prmt"
+          lookup_mode == "prmt" and rotate is None
           and all(spec.dim in measured.get(spec.bits, ())
                   for spec in inp.value_specs)
-          and all(pallas_gpu_tokens.registers_parts(inp.value_specs))
-          and not pallas_gpu_tokens.values_registers_supported(
-              inp.value_specs, rotate is not None, None))
+          and all(pallas_gpu_tokens.registers_parts(inp.value_specs)))
     if overlap_values is None:
       overlap_values = values_registers or default_overlap_values(
           cache, splits, tile_rows)

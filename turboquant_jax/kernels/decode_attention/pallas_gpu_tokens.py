@@ -48,14 +48,13 @@ through a transposed view (transpose_p).
 With values_registers (the default where every value part is of 2, 3 or
 4 bits and 128 coordinates or of 2 bits and 256; the other parts
 registers_parts takes only when asked: slower or even where timed, 3
-and 4 bits at D = 256 not yet timed) no V tile goes through SMEM as f16: the
-codes' tile is read transposed by ldmatrix (a lane gets tokens t, t + 1
-of a byte column, the byte-permute lookup's input as it is) and looked up
-straight into the P·V wgmma's register A operand, while the score wgmma
-runs where overlap_values is on (by default wherever the values are in
-registers); its output coordinates come in value_rows order, which XLA
-puts back. On
-the H200 (session 17) B=8, S=128k, 4 bits 0.590 ms against 0.641-0.643,
+and 4 bits at D = 256 not yet timed) no V tile goes through SMEM as f16:
+the codes' tile is read transposed by ldmatrix (a lane gets tokens t,
+t + 1 of a byte column, the byte-permute lookup's input as it is) and
+looked up straight into the P·V wgmma's register A operand, while the
+score wgmma runs where overlap_values is on (by default wherever the
+values are in registers); its output coordinates come in value_rows
+order, which XLA puts back. On the H200 (session 17) B=8, S=128k, 4 bits 0.590 ms against 0.641-0.643,
 B=1, 16k 0.0225 against 0.0245 (0.0229 with the lookup after Pᵀ's
 store); ptxas 96 registers against 128; with the lookup under the score
 wgmma at B=8 too (session 18) 0.558 ms, 2 bits 0.416 against 0.457, 3
@@ -871,10 +870,10 @@ def fused_attention(inp: parts.KernelInputs, *, splits: int = 8,
   groups, N = query_columns) made by the caller
   (pallas_gpu.folded_query_operand), or None: laid out here from inp.q.
   values_registers: the tile of each value part that can
-  (registers_parts: 4 bits of 64 or 128 coordinates, 3 bits of 128, 2
-  bits of 64, 128, 256) is read transposed (ldmatrix) and looked up into
-  registers, the P·V wgmma's A operand, so no tile of it goes through
-  SMEM; its outputs' coordinates come in value_rows order, put back here.
+  (registers_parts: a width and dim of VALUES_REGISTERS_PARTS) is read
+  transposed (ldmatrix) and looked up into registers, the P·V wgmma's A
+  operand, so no tile of it goes through SMEM; its outputs' coordinates
+  come in value_rows order, put back here.
   The other parts (the outlier split's 3-bit part of 64 coordinates)
   still go through SMEM. Interpret mode (whose wgmma takes no register
   operand) sends the same order through SMEM.
