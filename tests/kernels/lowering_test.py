@@ -125,9 +125,8 @@ class GpuLoweringTest(parameterized.TestCase):
 
   def test_values_in_registers_by_default_where_they_can(self):
     # values_registers=None (the default): on where every value part is of
-    # 2, 3 or 4 bits and 128 coordinates or 2 bits and 256
-    # (VALUES_REGISTERS_DEFAULT), with the prmt lookup and no rotation in
-    # the kernel.
+    # 2, 3 or 4 bits and 128 or 256 coordinates (VALUES_REGISTERS_DEFAULT),
+    # with the prmt lookup and no rotation in the kernel.
     for shape, options, on in (
         ((128, 4, 4, 4, 1, "mse"), {}, True),
         ((128, 3, 4, 1, 2, "prod"), {}, True),
@@ -138,8 +137,9 @@ class GpuLoweringTest(parameterized.TestCase):
         ((256, 4, 2.5, 2, 1, "mse"), {}, True),   # parts of 128
         ((256, 4, 3.5, 2, 1, "mse"), {}, True),
         ((256, 2, 2, 2, 1, "mse"), {}, True),
-        ((256, 2, 4, 2, 1, "mse"), {}, False),   # 4 bits of 256: untimed
-        ((256, 2, 3, 2, 1, "mse"), {}, False),   # 3 bits of 256: untimed
+        ((256, 2, 4, 2, 1, "mse"), {}, True),    # 8 chunks a row
+        ((256, 2, 3, 2, 1, "mse"), {}, True),    # a chunk of each plane
+        ((256, 3, 3, 1, 2, "prod"), {}, True),
         ((64, 4, 4, 4, 1, "mse"), {}, False),
         ((64, 2, 2, 4, 1, "mse"), dict(rotate_in_kernel=False), False),
         ((128, 4, 4, 4, 1, "mse"), dict(rotate_in_kernel=True), False),

@@ -974,20 +974,20 @@ def attention(q: jax.Array, cache, lengths: jax.Array, *,
       transposed (ldmatrix) and looked up into registers as the P·V
       product's operand, not stored to SMEM and read back by the tensor
       cores (pallas_gpu_tokens.fused_attention). None: on where every
-      value part is of 2, 3 or 4 bits and 128 coordinates or 2 bits and
-      256 (one part at D = 128 or 256; the outlier split's two at D = 256),
+      value part is of 2, 3 or 4 bits and 128 or 256 coordinates (one
+      part at D = 128 or 256; the outlier split's two at D = 256),
       lookup_mode="prmt" and the kernel not rotating
       (pallas_gpu_tokens.VALUES_REGISTERS_DEFAULT); the rest (the outlier
       split's parts of 64 at D = 128, 2 and 4 bits at D = 64: slower or
-      even where timed, session 19; 3 and 4 bits at D = 256: not timed)
-      only with True. At 4 bits on the
+      even where timed, session 19) only with True. At 4 bits on the
       H200 (GPU clock, session 17) B=8, S=128k 0.590 ms against
       0.641-0.643, B=32, 32k 0.593-0.595 against 0.647-0.648, B=1, 16k
       0.0230 against 0.0245;
       the same errors against the reference (6.8e-4 of the output scale);
       at 2 and 3 bits (session 18) B=8, 128k 0.438 against 0.457 and, with
-      overlap_values, 0.574 against 0.588; at D = 256 (session 19) B=8,
-      128k 2 bits 0.796 against 0.968, 3.5 bits 1.091 against 1.398.
+      overlap_values, 0.574 against 0.588; at D = 256 (sessions 19-20)
+      B=8, 128k 2 bits 0.796 against 0.968, 3.5 bits 1.091 against 1.398,
+      3 bits 0.961 against 1.239, 4 bits 1.136 against 1.190.
     interpret: None uses Mosaic GPU interpret mode when the backend is not
       a GPU.
   """

@@ -268,13 +268,14 @@ def _from_value_rows(x: jax.Array, axis: int) -> jax.Array:
 # against 0.0984, B=1, 64k 0.0496 against 0.0536; session 19, D = 256, parts of
 # 128: 2 bits B=8, 128k 0.796 against 0.968, B=1, 16k 0.0282 against 0.0325; 3.5
 # bits 1.091 against 1.398 and 0.0369 against 0.0401; 2.5 bits B=8, 128k 0.986
-# against 1.094). Measured slower, so not in it: the outlier split's parts of 64
-# at D = 128 (3.5 bits B=8, 128k 0.678 against 0.672; 2.5 bits 0.600 against
-# 0.594), 4 bits at D = 64 (B=8, 128k 0.387 against 0.370 without the in-kernel
-# rotation it needs off; at B=1, 16k that rotation is worth 16%). Not timed: 4
-# and 3 bits at D = 256 (session 19, after the device time).
+# against 1.094; session 20, D = 256: 3 bits B=8, 128k 0.961 against 1.239, B=1,
+# 16k 0.0303 against 0.0355; 4 bits 1.136 against 1.190 and 0.0340 against
+# 0.0350). Measured slower, so not in it: the outlier split's parts of 64 at D =
+# 128 (3.5 bits B=8, 128k 0.678 against 0.672; 2.5 bits 0.600 against 0.594), 4
+# bits at D = 64 (B=8, 128k 0.387 against 0.370 without the in-kernel rotation
+# it needs off; at B=1, 16k that rotation saves 16-19%).
 VALUES_REGISTERS_PARTS = {4: (64, 128, 256), 3: (128, 256), 2: (64, 128, 256)}
-VALUES_REGISTERS_DEFAULT = {4: (128,), 3: (128,), 2: (128, 256)}
+VALUES_REGISTERS_DEFAULT = {4: (128, 256), 3: (128, 256), 2: (128, 256)}
 
 
 def registers_parts(value_specs) -> tuple[bool, ...]:
