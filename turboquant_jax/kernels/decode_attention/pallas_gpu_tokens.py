@@ -45,22 +45,21 @@ A wgmma reads A and B with one swizzle, so the V tiles are stored with
 Pᵀ's (32 bytes for 16 columns, 64 for 32, 128 for 64), unless Pᵀ goes
 through a transposed view (transpose_p).
 
-With values_registers (the default where every value part is of 2, 3 or
-4 bits and 128 coordinates or of 2 bits and 256; the other parts
-registers_parts takes only when asked: slower or even where timed, 3
-and 4 bits at D = 256 not yet timed) no V tile goes through SMEM as f16:
-the codes' tile is read transposed by ldmatrix (a lane gets tokens t,
-t + 1 of a byte column, the byte-permute lookup's input as it is) and
-looked up straight into the P·V wgmma's register A operand, while the
-score wgmma runs where overlap_values is on (by default wherever the
-values are in registers); its output coordinates come in value_rows
-order, which XLA puts back. On the H200 (session 17) B=8, S=128k, 4 bits 0.590 ms against 0.641-0.643,
-B=1, 16k 0.0225 against 0.0245 (0.0229 with the lookup after Pᵀ's
-store); ptxas 96 registers against 128; with the lookup under the score
-wgmma at B=8 too (session 18) 0.558 ms, 2 bits 0.416 against 0.457, 3
-bits 0.574 against 0.588 (0.601 in registers without the overlap); at
-D = 256 (session 19) 2 bits 0.796 against 0.968, 3.5 bits 1.091 against
-1.398.
+With values_registers (the default where every value part is of 2, 3 or 4
+bits and 128 or 256 coordinates; the other parts registers_parts takes only
+when asked: slower or even where timed) no V tile goes through SMEM as f16:
+the codes' tile is read transposed by ldmatrix (a lane gets tokens t, t + 1
+of a byte column, the byte-permute lookup's input as it is) and looked up
+straight into the P·V wgmma's register A operand, while the score wgmma runs
+where overlap_values is on (by default wherever the values are in
+registers); its output coordinates come in value_rows order, which XLA puts
+back. On the H200 (session 17) B=8, S=128k, 4 bits 0.590 ms against
+0.641-0.643, B=1, 16k 0.0225 against 0.0245 (0.0229 with the lookup after
+Pᵀ's store); ptxas 96 registers against 128; with the lookup under the score
+wgmma at B=8 too (session 18) 0.558 ms, 2 bits 0.416 against 0.457, 3 bits
+0.574 against 0.588 (0.601 in registers without the overlap); at D = 256
+(session 19) 2 bits 0.796 against 0.968, 3.5 bits 1.091 against 1.398,
+(session 20) 3 bits 0.961 against 1.239, 4 bits 1.136 against 1.190.
 
 Status: the default layout. On the H200 (B=8, S=128k, 4 bits) it took
 1.68-1.84 ms against 2.15-2.25 for layout="queries" (145 registers against
