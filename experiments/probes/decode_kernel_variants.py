@@ -779,8 +779,9 @@ def skeleton_rows():
 def compare(variants: dict, shapes=((8, 131072, (4, 3.5)),),
             checks: bool = True) -> None:
   """Each named set of options (and today's defaults, "defaults") checked
-  on 12 shapes (D 128/64/256, GQA 4/8/1/3/2, 4, 3, 3.5, 2, 2.5 bits, prod
-  keys, a chunk of 3, the rotation outside the kernel at D = 64; a
+  on 15 shapes (D 128/64/256, GQA 4/8/1/3/2, 4, 3, 3.5, 2, 2.5 bits, prod
+  keys, a chunk of 3, the rotation outside the kernel at D = 64, the
+  outlier split's parts of 32 at D = 64 with a window; a
   variant's options override a shape's), then device time for each (B,
   S, widths[, D]) of `shapes` (32/8 heads, D=128 unless given) beside
   cuDNN bf16, two interleaved rounds."""
@@ -802,7 +803,12 @@ def compare(variants: dict, shapes=((8, 131072, (4, 3.5)),),
                                            lengths=(1024, 129))),
                          ((256, 4, 2.5), dict(lengths=(700, 1024))),
                          ((256, 2, 4), dict(lengths=(1024, 333))),
-                         ((256, 3, 3), dict(lengths=(65, 1024)))):
+                         ((256, 3, 3), dict(lengths=(65, 1024))),
+                         # The outlier split at D = 64: parts of 32.
+                         ((64, 3, 2.5), dict(lengths=(1000, 333))),
+                         ((64, 8, 3.5), dict(lengths=(1, 1024))),
+                         ((64, 2, 3.5), dict(tokens=3, window=5,
+                                             lengths=(1024, 77)))):
       check(*args, mode=mode, layout="tokens", **{**kwargs, **options})
   for b, s, bits_list, *d in shapes:
     d = d[0] if d else 128

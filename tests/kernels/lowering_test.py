@@ -123,6 +123,19 @@ class GpuLoweringTest(parameterized.TestCase):
     text = _lower(*shape, values_registers=True, **options).as_text()
     self.assertIn("ldmatrix", text)
 
+  @parameterized.parameters(
+      ((64, 2.5, 2.5, 3, 1, "mse"), {}),
+      ((64, 3.5, 3.5, 8, 1, "mse"), dict(tile_rows=128)),
+      ((64, 3.5, 2.5, 2, 3, "mse"), dict(key_registers=False,
+                                         combine="columns",
+                                         tma_row_bytes=16)))
+  def test_parts_of_32_lower(self, shape, options):
+    # The outlier split at D = 64: parts of 32 coordinates, the 3-bit one
+    # loaded by each thread's own 16-bit shared loads (device only).
+    text = _lower(*shape, **options).as_text()
+    self.assertIn("mosaic_gpu", text)
+    self.assertIn("ld.shared.u16", text)
+
   def test_values_in_registers_by_default_where_they_can(self):
     # values_registers=None (the default): on where every value part is of
     # 2, 3 or 4 bits and 128 or 256 coordinates (VALUES_REGISTERS_DEFAULT),

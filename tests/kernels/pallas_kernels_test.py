@@ -148,6 +148,52 @@ class PallasGpuInterpretTest(parameterized.TestCase):
                                atol=self.TOL * scale)
 
   @parameterized.named_parameters(
+      dict(testcase_name="b2.5_gqa3", key_bits=2.5, value_bits=2.5,
+           groups=3, tokens=1, lengths=(100, 37)),
+      dict(testcase_name="b3.5_gqa8_length1_and_full", key_bits=3.5,
+           value_bits=3.5, groups=8, tokens=1, lengths=(1, 128)),
+      dict(testcase_name="k3.5_v2.5_chunk_window", key_bits=3.5,
+           value_bits=2.5, groups=2, tokens=3, lengths=(128, 20), window=2),
+      dict(testcase_name="k2.5_v4_mha_columns_16byte_rows", key_bits=2.5,
+           value_bits=4, groups=1, tokens=1, lengths=(77, 128),
+           options=dict(combine="columns", tma_row_bytes=16)),
+      dict(testcase_name="k4_v3.5_128_token_steps", key_bits=4,
+           value_bits=3.5, groups=4, tokens=1, lengths=(128, 65),
+           options=dict(tile_rows=128, splits=1, stages=3)))
+  def test_parts_of_32_coordinates(self, key_bits, value_bits, groups,
+                                   tokens, lengths, window=0, options=None):
+    # The outlier split at D = 64 (2.5 and 3.5 bits): two parts of 32
+    # coordinates each, looked up into zero-padded column groups
+    # (pallas_gpu._narrow_group; at 3 bits through _narrow_planes3).
+    seed = zlib.crc32(self.id().encode())
+    cache = self._cache(64, key_bits, value_bits, window, lengths, seed)
+    q = jax.random.normal(jax.random.key(seed + 1),
+                          (2, tokens, 2 * groups, 64))
+    lengths = jnp.array(lengths)
+    want = attn.chunk_attention(q, cache, lengths, impl="reference")
+    got = attn.chunk_attention(q, cache, lengths, impl="pallas_gpu",
+                               interpret=True, layout="tokens",
+                               lookup_mode="prmt",
+                               **{"splits": 2, **(options or {})})
+    scale = float(jnp.max(jnp.abs(want)))
+    np.testing.assert_allclose(got, want, rtol=self.TOL,
+                               atol=self.TOL * scale)
+
+  def test_parts_of_32_refused_elsewhere(self):
+    # Parts of 32 only through the tokens kernel's prmt lookup; the
+    # queries layout, the other lookups and QJL sign parts of 32 raise
+    # NotImplementedError (impl=None then falls back to "xla").
+    q = jnp.ones((2, 1, 4, 64))
+    cache = self._cache(64, 2.5, 3.5, 0, (128, 9), 0)
+    prod = self._cache(64, 3.5, 2.5, 0, (128, 9), 0, method="prod")
+    for c, options in ((cache, dict(layout="queries", lookup_mode="prmt")),
+                       (cache, dict(layout="tokens", lookup_mode="poly16")),
+                       (prod, dict(layout="tokens", lookup_mode="prmt"))):
+      with self.assertRaisesRegex(NotImplementedError, "part dim 32"):
+        attn.chunk_attention(q, c, c.lengths, impl="pallas_gpu",
+                             interpret=True, splits=2, **options)
+
+  @parameterized.named_parameters(
       dict(testcase_name="d128_b4_128_token_steps", dim=128, bits=4,
            rows=128, lengths=(128, 77)),
       dict(testcase_name="d64_b3_24byte_rows_128_token_steps", dim=64,

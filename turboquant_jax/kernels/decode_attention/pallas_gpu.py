@@ -34,8 +34,10 @@ layout="tokens" kernel moves every tile as 128-byte rows
 
 Limits (NotImplementedError -> impl=None falls back to "xla"): the
 capacity a multiple of 64 · NS, at most 64 query rows (T·G), part dims a
-multiple of 64 (2.5 bits at D = 64 has parts of 32), a tile of at most 256
-whole TMA rows.
+multiple of 64, or of NARROW = 32 (the outlier split at D = 64: 2.5 and
+3.5 bits) in the layout="tokens" kernel with the prmt lookup, 2-4 bit
+codebooks only (no QJL sign parts of 32), a tile of at most 256 whole TMA
+rows.
 
 Speed (H200): this layout ("queries", v3) 0.4-1.1x cuDNN bf16
 (results/kernel_bench/h200_v3); the default layout="tokens" (v4,
@@ -73,6 +75,7 @@ from turboquant_jax.kernels.decode_attention import prmt_lookup
 from turboquant_jax.kernels.decode_attention import reference
 from turboquant_jax.quant import packing
 from turboquant_jax.quant import rotation
+from turboquant_jax.quant import split
 
 ROWS = 64      # tokens per tile = query rows of one warpgroup's wgmma
 STAGES = 2     # default tiles in flight per program (emit_pipeline steps)
@@ -86,7 +89,10 @@ _L = plgpu.Layout
 
 
 def _check(inp: parts.KernelInputs, splits: int,
-           tma_row_bytes: int = 16) -> None:
+           tma_row_bytes: int = 16, narrow: bool = False) -> None:
+  """NotImplementedError where the kernel cannot read these inputs.
+  narrow: the kernel takes codebook parts of NARROW coordinates (the
+  layout="tokens" kernel with the prmt lookup, _narrow_group)."""
   cap = inp.value_codes[0].shape[2]
   if cap % (ROWS * splits):
     raise NotImplementedError(f"capacity {cap} must be a multiple of "
@@ -103,9 +109,12 @@ def _check(inp: parts.KernelInputs, splits: int,
           f"pallas_gpu: a tile of {ROWS} packed rows of {p} bytes is not "
           f"at most 256 whole TMA rows of {tma_row_bytes} bytes")
   for spec in _kernel_specs(inp)[0] + list(inp.value_specs):
-    if spec.dim % GROUP:
-      raise NotImplementedError(f"pallas_gpu: part dim {spec.dim} is not a "
-                                f"multiple of {GROUP}")
+    if spec.dim % GROUP and not (narrow and narrow_supported(spec)):
+      raise NotImplementedError(
+          f"pallas_gpu: part dim {spec.dim} is not a multiple of {GROUP}"
+          + (f" (parts of {NARROW}: 2-4 bit codebooks the prmt lookup "
+             "supports, no QJL signs, layout='tokens' with "
+             "lookup_mode='prmt')" if spec.dim == NARROW else ""))
 
 
 def _kernel_specs(inp: parts.KernelInputs):
@@ -203,8 +212,114 @@ LOOKUP_MODES = ("poly16", "prmt", "poly", "select")
 GROUP = 64     # coordinates per SMEM operand tile (128-byte swizzled f16)
 
 
+# The one part dim below GROUP the tokens kernel reads: the outlier split's
+# halves at head dim 64 (2.5 and 3.5 bits), each looked up into one column
+# group whose other 32 coordinates are zero (_narrow_group).
+NARROW = 32
+
+
 def _groups(spec: parts.PartSpec) -> int:
-  return spec.dim // GROUP
+  """Column groups of a part: D / 64, or 1 for a part of NARROW."""
+  return -(-spec.dim // GROUP)
+
+
+def narrow_supported(spec: parts.PartSpec) -> bool:
+  """Whether _narrow_group reads this part of NARROW coordinates: a 2-,
+  3- or 4-bit codebook the prmt lookup supports (not QJL signs: a token's
+  4 bytes of them are no WGMMA-layout row)."""
+  return (spec.dim == NARROW and spec.bits in prmt_lookup.BITS
+          and prmt_lookup.supports(spec.bits, spec.centroids))
+
+
+def _narrow_group(code_ref, spec, rows: int, interpret: bool) -> jax.Array:
+  """A part of NARROW coordinates' code tile -> its centroids as one f16
+  [R, 64] column group (WGMMA layout), coordinates 32-63 zero (their
+  queries are zero too, _padded_queries; value rows past 32 are dropped
+  after the kernel). 2 and 4 bits: a token's 8 or 16 bytes are a WGMMA
+  row as they are. 3 bits: _narrow_planes3."""
+  if spec.bits == 3:
+    # The first half's chunks are the part's 4 coordinate chunks.
+    chunks = prmt_lookup.lookup_chunks(_narrow_planes3(code_ref, rows,
+                                                       interpret),
+                                       3, spec.centroids, interpret)[::2]
+  else:
+    row = _row_bytes(spec)
+    if code_ref.shape == (rows, row):
+      words = plgpu.load(code_ref, layout=_L.WGMMA, optimized=False)
+    elif interpret:
+      words = code_ref[...].reshape(rows, row)
+    else:
+      words = _load_viewed(code_ref, (rows, row))
+    chunks = prmt_lookup.lookup_chunks(words, spec.bits, spec.centroids,
+                                       interpret)
+  zeros = plgpu.layout_cast(jnp.zeros((rows, GROUP - NARROW), jnp.float16),
+                            _L.WGMMA)
+  return jnp.concatenate([*chunks, zeros], axis=1)
+
+
+def _narrow_planes3(code_ref, rows: int, interpret: bool) -> jax.Array:
+  """A 3-bit part of NARROW coordinates (a token's 12 bytes: its 2-bit
+  plane's 8, then its 1-bit plane's 4) as the u8 [R, 24] planes
+  prmt_lookup.lookup_chunks reads for 64 coordinates: the 2-bit plane
+  twice, then in column c the 1-bit plane's byte c % 4 shifted right by
+  c // 4.
+
+  In packing's split order coordinate 8f + c (f < 4, c < 8) is field f
+  of 2-bit byte c and bit 2f + c // 4 of 1-bit byte c % 4; the 64-
+  coordinate lookup reads the first half's field f of column c with bit
+  2f of the third input's column c, where the shift puts it. Its second
+  half is discarded. On the device each thread loads its two bytes of
+  each plane (ld.shared.u16 at its row and column pair): a token's 12
+  bytes are no WGMMA-layout row, and the tile lies unswizzled, a token's
+  row after the previous one's, whatever the TMA rows."""
+  if interpret:
+    words = code_ref[...].reshape(rows, 12)
+    column = jax.lax.broadcasted_iota(jnp.uint8, (rows, 8), 1)
+    low = jnp.concatenate([words[:, 8:], words[:, 8:]], axis=1)
+    return jnp.concatenate([words[:, :8], words[:, :8],
+                            low >> (column // 4)], axis=1)
+  # pylint: disable=g-import-not-at-top (Mosaic GPU internals, device only)
+  from jax._src.lib.mlir import ir
+  from jax._src.lib.mlir.dialects import arith
+  from jax._src.lib.mlir.dialects import llvm
+  from jax.experimental.mosaic import gpu as mgpu
+  from jax.experimental.mosaic.gpu import utils as mgpu_utils
+  out = plgpu.ShapeDtypeStruct((rows, 24), jnp.uint8, layout=_L.WGMMA)
+
+  @plgpu.inline_mgpu(arg_types=(plgpu.RefType(),), return_type=out)
+  def load(ctx, ref):
+    del ctx
+    i16 = ir.IntegerType.get_signless(16)
+    i32 = ir.IntegerType.get_signless(32)
+    c = lambda x: arith.constant(i32, x)
+    u8x2 = ir.VectorType.get((2,), ir.IntegerType.get_signless(8))
+    base = llvm.ptrtoint(i32, mgpu_utils.memref_ptr(ref))
+    thread = mgpu_utils.thread_idx()
+    lane = arith.andi(thread, c(31))
+    warp = arith.andi(arith.shrui(thread, c(5)), c(3))
+    pair = arith.andi(lane, c(3))         # columns 2·pair, 2·pair + 1
+    # WGMMA layout: register [t, j, 0, 0, h, ...] holds row 64t + 16·warp
+    # + 8h + lane // 4, columns 8j + 2·pair (+ 1).
+    row = arith.addi(arith.muli(warp, c(16)), arith.shrui(lane, c(2)))
+    high = arith.muli(pair, c(2))                          # byte 2·pair
+    low = arith.addi(c(8), arith.muli(arith.andi(pair, c(1)), c(2)))
+    shift = arith.trunci(i16, arith.shrui(pair, c(1)))     # c // 4
+    regs = np.empty(mgpu.WGMMA_LAYOUT.registers_shape((rows, 24)), object)
+    for t in range(rows // 64):
+      for h in range(2):
+        start = arith.addi(base, arith.muli(
+            arith.addi(row, c(64 * t + 8 * h)), c(12)))
+        load16 = lambda offset: mgpu_utils.inline_ptx(
+            "ld.shared.u16 $0, [$1];", arith.addi(start, offset),
+            result_types=i16)
+        plane2 = mgpu_utils.bitcast(load16(high), u8x2)
+        regs[t, 0, 0, 0, h, 0, 0, 0, 0] = plane2
+        regs[t, 1, 0, 0, h, 0, 0, 0, 0] = plane2
+        regs[t, 2, 0, 0, h, 0, 0, 0, 0] = mgpu_utils.bitcast(
+            arith.shrui(load16(low), shift), u8x2)
+    return mgpu.FragmentedArray(_registers=regs, _layout=mgpu.WGMMA_LAYOUT,
+                                _is_signed=False)
+  return load(code_ref)
 
 
 def _group_smem(groups: int, swizzle: int = 128,
@@ -266,6 +381,8 @@ def dequantize_groups(code_ref, spec, mode, interpret: bool) -> list:
   (WGMMA layout: a wgmma A operand as they are)."""
   row = _row_bytes(spec)
   rows = code_ref.shape[0] * code_ref.shape[1] // row
+  if spec.dim % GROUP:
+    return [_narrow_group(code_ref, spec, rows, interpret)]
   if code_ref.shape == (rows, row):
     words = plgpu.load(code_ref, layout=_L.WGMMA, optimized=False)
   elif interpret:
@@ -732,8 +849,9 @@ def folded_query_operand(q: jax.Array, cache, scale: float,
   """
   kq = cache.key_quantizer
   folded = parts.rotation_matrix(kq, cache.key_split_rotation)
-  if folded is None or kq.method != "mse":
-    return None
+  if folded is None or kq.method != "mse" or (
+      isinstance(kq, split.SplitQuantizer) and kq.outlier.dim % GROUP):
+    return None     # (parts of NARROW: fused_attention pads each part)
   b, _, _, d = q.shape
   kv = cache.kv_heads
   qh = parts.grouped_queries(q, kv)                            # [B, K, M, D]

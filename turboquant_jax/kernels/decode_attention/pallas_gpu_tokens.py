@@ -885,7 +885,7 @@ def fused_attention(inp: parts.KernelInputs, *, splits: int = 8,
     raise ValueError("approx_math: not with append")
   if tma_row_bytes not in (16, 128):
     raise ValueError(f"{tma_row_bytes=}: expected 16 or 128")
-  base._check(inp, splits, tma_row_bytes)
+  base._check(inp, splits, tma_row_bytes, narrow=lookup_mode == "prmt")
   if values_registers:
     reason = values_registers_supported(inp.value_specs, rotate is not None,
                                         append)
@@ -948,7 +948,8 @@ def fused_attention(inp: parts.KernelInputs, *, splits: int = 8,
     q_raw, *rotations = rotate
     q_parts = [q_raw]
   if queries is None:
-    queries = base._query_groups(jnp.concatenate(q_parts, axis=-1), n)
+    queries = base._query_groups(jnp.concatenate(
+        [_padded_queries(q, s) for q, s in zip(q_parts, specs)], axis=-1), n)
   elif queries.shape != (b * kv * sum(base._groups(s) for s in specs), n,
                          GROUP):
     raise ValueError(f"queries {queries.shape}: expected "
@@ -961,12 +962,24 @@ def fused_attention(inp: parts.KernelInputs, *, splits: int = 8,
         code_arrays, [*codes, *norms, *inp.value_codes, *inp.value_norms])]
     written, outs = (*stored, outs[-1]), outs[:-1]
   result = _split_outputs(outs, nv, (b, kv, out_splits), m, n, columns)
+  if any(s.dim % GROUP for s in inp.value_specs):   # parts of NARROW
+    accs, m_out, l_out = result
+    result = ([a[..., :s.dim, :] if columns else a[..., :s.dim]
+               for a, s in zip(accs, inp.value_specs)], m_out, l_out)
   if values_registers:    # coordinates back in order
     accs, m_out, l_out = result
     result = ([_from_value_rows(a, 3 if columns else 4) if r else a
                for a, r in zip(accs, registers_parts(inp.value_specs))],
               m_out, l_out)
   return result if written is None else (result, written)
+
+
+def _padded_queries(q: jax.Array, spec: parts.PartSpec) -> jax.Array:
+  """A key part's queries [B, K, M, Dp] with zeros up to its column
+  groups' 64·groups coordinates (a part of NARROW: the zero coordinates
+  its looked-up keys carry)."""
+  pad = GROUP * base._groups(spec) - spec.dim
+  return jnp.pad(q, ((0, 0),) * 3 + ((0, pad),)) if pad else q
 
 
 def _split_outputs(outs, nv: int, grid: tuple[int, int, int], m: int,
