@@ -868,7 +868,10 @@ def fused_attention(inp: parts.KernelInputs, *, splits: int = 8,
   (`base._tma_rows`: the same bytes, viewed back as [rows, P] in SMEM).
   queries: the kernel's query operand f16[B·K·G, N, 64] (every key part's
   groups, N = query_columns) made by the caller
-  (pallas_gpu.folded_query_operand), or None: laid out here from inp.q.
+  (pallas_gpu.folded_query_operand), or None: laid out here from inp.q,
+  a part of base.NARROW coordinates (the outlier split at D = 64, with
+  lookup_mode="prmt") padded with zeros to one group, as its keys and
+  values are looked up (base._narrow_group).
   values_registers: the tile of each value part that can
   (registers_parts: a width and dim of VALUES_REGISTERS_PARTS) is read
   transposed (ldmatrix) and looked up into registers, the P·V wgmma's A
