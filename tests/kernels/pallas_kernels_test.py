@@ -755,9 +755,11 @@ class PallasGpuInterpretTest(parameterized.TestCase):
           (b, s, rows, splits))
 
   def test_unsupported_raises_not_implemented(self):
-    # Parts of 32 channels (2.5 bits at D = 64) and more than 64 query
-    # rows: NotImplementedError, which lets impl=None fall back to "xla".
-    cache = cache_lib.init(CacheConfig(key_bits=2.5), 2, 2, 128, 64)
+    # QJL sign parts of 32 channels (prod keys at 2.5 bits, D = 64) and
+    # more than 64 query rows: NotImplementedError, which lets impl=None
+    # fall back to "xla".
+    cache = cache_lib.init(CacheConfig(key_bits=2.5, key_method="prod"), 2,
+                           2, 128, 64)
     with self.assertRaisesRegex(NotImplementedError, "part dim 32"):
       attn.decode_attention(jnp.ones((2, 4, 64)), cache, jnp.array([3, 4]),
                             impl="pallas_gpu", interpret=True)
