@@ -243,18 +243,28 @@ def _narrow_group(code_ref, spec, rows: int, interpret: bool) -> jax.Array:
                                                        interpret),
                                        3, spec.centroids, interpret)[::2]
   else:
-    row = _row_bytes(spec)
-    if code_ref.shape == (rows, row):
-      words = plgpu.load(code_ref, layout=_L.WGMMA, optimized=False)
-    elif interpret:
-      words = code_ref[...].reshape(rows, row)
-    else:
-      words = _load_viewed(code_ref, (rows, row))
-    chunks = prmt_lookup.lookup_chunks(words, spec.bits, spec.centroids,
-                                       interpret)
+    chunks = prmt_lookup.lookup_chunks(
+        _load_tile(code_ref, rows, _row_bytes(spec), interpret), spec.bits,
+        spec.centroids, interpret)
   zeros = plgpu.layout_cast(jnp.zeros((rows, GROUP - NARROW), jnp.float16),
                             _L.WGMMA)
   return jnp.concatenate([*chunks, zeros], axis=1)
+
+
+def smem_basics(ref) -> tuple:
+  """Inside an inline_mgpu body: (i16, i32, a maker of i32 constants,
+  vector<2 x i8>, the SMEM ref's shared address as an i32), what the
+  device-only loads of code tiles build their PTX from."""
+  # pylint: disable=g-import-not-at-top (Mosaic GPU internals, device only)
+  from jax._src.lib.mlir import ir
+  from jax._src.lib.mlir.dialects import arith
+  from jax._src.lib.mlir.dialects import llvm
+  from jax.experimental.mosaic.gpu import utils as mgpu_utils
+  i16 = ir.IntegerType.get_signless(16)
+  i32 = ir.IntegerType.get_signless(32)
+  u8x2 = ir.VectorType.get((2,), ir.IntegerType.get_signless(8))
+  return (i16, i32, lambda x: arith.constant(i32, x), u8x2,
+          llvm.ptrtoint(i32, mgpu_utils.memref_ptr(ref)))
 
 
 def _narrow_planes3(code_ref, rows: int, interpret: bool) -> jax.Array:
@@ -279,9 +289,7 @@ def _narrow_planes3(code_ref, rows: int, interpret: bool) -> jax.Array:
     return jnp.concatenate([words[:, :8], words[:, :8],
                             low >> (column // 4)], axis=1)
   # pylint: disable=g-import-not-at-top (Mosaic GPU internals, device only)
-  from jax._src.lib.mlir import ir
   from jax._src.lib.mlir.dialects import arith
-  from jax._src.lib.mlir.dialects import llvm
   from jax.experimental.mosaic import gpu as mgpu
   from jax.experimental.mosaic.gpu import utils as mgpu_utils
   out = plgpu.ShapeDtypeStruct((rows, 24), jnp.uint8, layout=_L.WGMMA)
@@ -289,11 +297,7 @@ def _narrow_planes3(code_ref, rows: int, interpret: bool) -> jax.Array:
   @plgpu.inline_mgpu(arg_types=(plgpu.RefType(),), return_type=out)
   def load(ctx, ref):
     del ctx
-    i16 = ir.IntegerType.get_signless(16)
-    i32 = ir.IntegerType.get_signless(32)
-    c = lambda x: arith.constant(i32, x)
-    u8x2 = ir.VectorType.get((2,), ir.IntegerType.get_signless(8))
-    base = llvm.ptrtoint(i32, mgpu_utils.memref_ptr(ref))
+    i16, _, c, u8x2, base = smem_basics(ref)
     thread = mgpu_utils.thread_idx()
     lane = arith.andi(thread, c(31))
     warp = arith.andi(arith.shrui(thread, c(5)), c(3))
@@ -383,14 +387,7 @@ def dequantize_groups(code_ref, spec, mode, interpret: bool) -> list:
   rows = code_ref.shape[0] * code_ref.shape[1] // row
   if spec.dim % GROUP:
     return [_narrow_group(code_ref, spec, rows, interpret)]
-  if code_ref.shape == (rows, row):
-    words = plgpu.load(code_ref, layout=_L.WGMMA, optimized=False)
-  elif interpret:
-    # A _tma_rows tile. Interpret mode has no rule for reshaped refs, so it
-    # reshapes the loaded value instead.
-    words = code_ref[...].reshape(rows, row)
-  else:
-    words = _load_viewed(code_ref, (rows, row))
+  words = _load_tile(code_ref, rows, row, interpret)
   if (mode == "prmt" and spec.bits in prmt_lookup.BITS
       and prmt_lookup.supports(spec.bits, spec.centroids)):
     # Coordinate chunks looked up from the packed bytes, no unpacking.
@@ -402,6 +399,18 @@ def dequantize_groups(code_ref, spec, mode, interpret: bool) -> list:
     chunks = [lookup(c, spec, mode) for c in
               parts.unpack_chunks(words, spec.bits, spec.dim, dtype)]
   return [g.astype(jnp.float16) for g in _in_groups(chunks)]
+
+
+def _load_tile(code_ref, rows: int, row: int, interpret: bool) -> jax.Array:
+  """A code tile (u8 SMEM, as rows of `row` bytes or as _tma_rows' rows)
+  loaded as u8 [rows, row] in the WGMMA layout."""
+  if code_ref.shape == (rows, row):
+    return plgpu.load(code_ref, layout=_L.WGMMA, optimized=False)
+  if interpret:
+    # A _tma_rows tile. Interpret mode has no rule for reshaped refs, so it
+    # reshapes the loaded value instead.
+    return code_ref[...].reshape(rows, row)
+  return _load_viewed(code_ref, (rows, row))
 
 
 def _load_viewed(code_ref, shape: tuple[int, int]) -> jax.Array:

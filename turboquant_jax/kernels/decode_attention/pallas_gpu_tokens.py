@@ -315,9 +315,7 @@ def _transposed_codes(code_ref, rows: int, row_bytes: int,
   matrix), then one prmt (0x3120) splits each register into byte column
   2c's pair (low half) and 2c + 1's (high half)."""
   # pylint: disable=g-import-not-at-top (Mosaic GPU internals, device only)
-  from jax._src.lib.mlir import ir
   from jax._src.lib.mlir.dialects import arith
-  from jax._src.lib.mlir.dialects import llvm
   from jax.experimental.mosaic import gpu as mgpu
   from jax.experimental.mosaic.gpu import utils as mgpu_utils
   out = plgpu.ShapeDtypeStruct((2 * 32, rows), jnp.uint8, layout=_L.WGMMA)
@@ -325,17 +323,13 @@ def _transposed_codes(code_ref, rows: int, row_bytes: int,
   @plgpu.inline_mgpu(arg_types=(plgpu.RefType(),), return_type=out)
   def load(ctx, ref):
     del ctx
-    i16 = ir.IntegerType.get_signless(16)
-    i32 = ir.IntegerType.get_signless(32)
-    c = lambda x: arith.constant(i32, x)
-    u8x2 = ir.VectorType.get((2,), ir.IntegerType.get_signless(8))
-    base = llvm.ptrtoint(i32, mgpu_utils.memref_ptr(ref))
+    i16, i32, c, u8x2, address = base.smem_basics(ref)
     lane = arith.andi(mgpu_utils.thread_idx(), c(31))
     warp = _warp_index()
     # Lane l addresses row l % 8 of matrix l // 8 of quad q: token
     # 32q + 8·(l // 8) + l % 8 = 32q + l, chunk w % C.
     chunk = arith.andi(warp, c((chunks or row_bytes // 16) - 1))
-    lane_base = arith.addi(base, arith.addi(
+    lane_base = arith.addi(address, arith.addi(
         arith.muli(lane, c(row_bytes)),
         arith.addi(arith.muli(chunk, c(16)), c(offset))))
     regs = np.empty(mgpu.WGMMA_LAYOUT.registers_shape((64, rows)), object)
