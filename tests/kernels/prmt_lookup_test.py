@@ -114,6 +114,23 @@ class PrmtLookupTest(parameterized.TestCase):
           np.testing.assert_array_equal(
               got, want[codes], err_msg=f"{first=:#x} {second=:#x} {low=:#x}")
 
+  def test_3_bit_first_half_ptx_equals_the_f16_codebook(self):
+    # The first half alone (a part of 32 coordinates, lookup_first_half3):
+    # inputs the 2-bit plane's bytes and the 1-bit plane's, outputs the 4
+    # fields, field f's low bit being bit 2f of the 1-bit byte.
+    table = codebook.codebook(32, 3)
+    want = table.astype(np.float16)
+    asm = prmt_lookup._ptx3(tuple(table), halves=1)
+    self.assert_emulated(asm)
+    words = np.random.default_rng(32).integers(0, 1 << 16, (2000, 2))
+    for plane, low in words.tolist():
+      out = _run_ptx(asm, (plane, low), 4)
+      for f, reg in enumerate(out):
+        codes = [(((plane >> (8 * j + 2 * f)) & 3) << 1)
+                 | ((low >> (8 * j + 2 * f)) & 1) for j in (0, 1)]
+        np.testing.assert_array_equal(_f16_pair(reg), want[codes],
+                                      err_msg=f"{plane=:#x} {low=:#x}")
+
   def test_2_bit_field_ptx_takes_its_shift_from_a_register(self):
     # values_registers' 2-bit lookup of one field, chosen by warp: the
     # shift (2f) is an operand, every field of every 13th byte pair.

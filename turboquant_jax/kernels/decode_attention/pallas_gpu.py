@@ -238,10 +238,9 @@ def _narrow_group(code_ref, spec, rows: int, interpret: bool) -> jax.Array:
   after the kernel). 2 and 4 bits: a token's 8 or 16 bytes are a WGMMA
   row as they are. 3 bits: _narrow_planes3."""
   if spec.bits == 3:
-    # The first half's chunks are the part's 4 coordinate chunks.
-    chunks = prmt_lookup.lookup_chunks(_narrow_planes3(code_ref, rows,
-                                                       interpret),
-                                       3, spec.centroids, interpret)[::2]
+    chunks = prmt_lookup.lookup_first_half3(
+        *_narrow_planes3(code_ref, rows, interpret), spec.centroids,
+        interpret)
   else:
     chunks = prmt_lookup.lookup_chunks(
         _load_tile(code_ref, rows, _row_bytes(spec), interpret), spec.bits,
@@ -267,34 +266,32 @@ def smem_basics(ref) -> tuple:
           llvm.ptrtoint(i32, mgpu_utils.memref_ptr(ref)))
 
 
-def _narrow_planes3(code_ref, rows: int, interpret: bool) -> jax.Array:
+def _narrow_planes3(code_ref, rows: int,
+                    interpret: bool) -> tuple[jax.Array, jax.Array]:
   """A 3-bit part of NARROW coordinates (a token's 12 bytes: its 2-bit
-  plane's 8, then its 1-bit plane's 4) as the u8 [R, 24] planes
-  prmt_lookup.lookup_chunks reads for 64 coordinates: the 2-bit plane
-  twice, then in column c the 1-bit plane's byte c % 4 shifted right by
-  c // 4.
+  plane's 8, then its 1-bit plane's 4) as the two u8 [R, 8] tiles
+  prmt_lookup.lookup_first_half3 reads: the 2-bit plane, and in column c
+  the 1-bit plane's byte c % 4 shifted right by c // 4.
 
   In packing's split order coordinate 8f + c (f < 4, c < 8) is field f
-  of 2-bit byte c and bit 2f + c // 4 of 1-bit byte c % 4; the 64-
-  coordinate lookup reads the first half's field f of column c with bit
-  2f of the third input's column c, where the shift puts it. Its second
-  half is discarded. On the device each thread loads its two bytes of
-  each plane (ld.shared.u16 at its row and column pair): a token's 12
+  of 2-bit byte c and bit 2f + c // 4 of 1-bit byte c % 4; the lookup
+  reads field f of column c with bit 2f of the second tile's column c,
+  where the shift puts it. On the device each thread loads its two bytes
+  of each plane (ld.shared.u16 at its row and column pair): a token's 12
   bytes are no WGMMA-layout row, and the tile lies unswizzled, a token's
   row after the previous one's, whatever the TMA rows."""
   if interpret:
     words = code_ref[...].reshape(rows, 12)
     column = jax.lax.broadcasted_iota(jnp.uint8, (rows, 8), 1)
     low = jnp.concatenate([words[:, 8:], words[:, 8:]], axis=1)
-    return jnp.concatenate([words[:, :8], words[:, :8],
-                            low >> (column // 4)], axis=1)
+    return words[:, :8], low >> (column // 4)
   # pylint: disable=g-import-not-at-top (Mosaic GPU internals, device only)
   from jax._src.lib.mlir.dialects import arith
   from jax.experimental.mosaic import gpu as mgpu
   from jax.experimental.mosaic.gpu import utils as mgpu_utils
-  out = plgpu.ShapeDtypeStruct((rows, 24), jnp.uint8, layout=_L.WGMMA)
+  out = plgpu.ShapeDtypeStruct((rows, 8), jnp.uint8, layout=_L.WGMMA)
 
-  @plgpu.inline_mgpu(arg_types=(plgpu.RefType(),), return_type=out)
+  @plgpu.inline_mgpu(arg_types=(plgpu.RefType(),), return_type=(out, out))
   def load(ctx, ref):
     del ctx
     i16, _, c, u8x2, base = smem_basics(ref)
@@ -308,7 +305,8 @@ def _narrow_planes3(code_ref, rows: int, interpret: bool) -> jax.Array:
     high = arith.muli(pair, c(2))                          # byte 2·pair
     low = arith.addi(c(8), arith.muli(arith.andi(pair, c(1)), c(2)))
     shift = arith.trunci(i16, arith.shrui(pair, c(1)))     # c // 4
-    regs = np.empty(mgpu.WGMMA_LAYOUT.registers_shape((rows, 24)), object)
+    shape = mgpu.WGMMA_LAYOUT.registers_shape((rows, 8))
+    plane, ones = np.empty(shape, object), np.empty(shape, object)
     for t in range(rows // 64):
       for h in range(2):
         start = arith.addi(base, arith.muli(
@@ -316,14 +314,14 @@ def _narrow_planes3(code_ref, rows: int, interpret: bool) -> jax.Array:
         load16 = lambda offset: mgpu_utils.inline_ptx(
             "ld.shared.u16 $0, [$1];", arith.addi(start, offset),
             result_types=i16)
-        plane2 = mgpu_utils.bitcast(load16(high), u8x2)
-        regs[t, 0, 0, 0, h, 0, 0, 0, 0] = plane2
-        regs[t, 1, 0, 0, h, 0, 0, 0, 0] = plane2
-        regs[t, 2, 0, 0, h, 0, 0, 0, 0] = mgpu_utils.bitcast(
+        plane[t, 0, 0, 0, h, 0, 0, 0, 0] = mgpu_utils.bitcast(load16(high),
+                                                              u8x2)
+        ones[t, 0, 0, 0, h, 0, 0, 0, 0] = mgpu_utils.bitcast(
             arith.shrui(load16(low), shift), u8x2)
-    return mgpu.FragmentedArray(_registers=regs, _layout=mgpu.WGMMA_LAYOUT,
-                                _is_signed=False)
-  return load(code_ref)
+    return tuple(mgpu.FragmentedArray(_registers=r,
+                                      _layout=mgpu.WGMMA_LAYOUT,
+                                      _is_signed=False) for r in (plane, ones))
+  return tuple(load(code_ref))
 
 
 def _group_smem(groups: int, swizzle: int = 128,

@@ -141,17 +141,23 @@ def _ptx3_two_fields(centroids) -> str:
           + "\n}")
 
 
-def _ptx3(centroids) -> str:
+def _ptx3(centroids, halves: int = 2) -> str:
+  """The 3-bit lookup of ptx() (halves=2), or of the first half alone
+  (halves=1: inputs $4, the half's bytes, and $5, the 1-bit plane's;
+  outputs $0-$3)."""
   (l0, l1), (h0, h1) = _tables(centroids)
   lines = []
-  for half, src in enumerate(("$8", "$9")):
+  outputs = 4 * halves
+  low = f"${outputs + halves}"
+  for half in range(halves):
+    src = f"${outputs + half}"
     for f in (0, 2):
       # Selector nibbles: code of field f, column j | field f+1, column j |
       # field f, column j+1 | field f+1, column j+1; a code is its 2-bit
       # field (bits 1-2) over the 1-bit plane's bit 2f + half (bit 0).
       out = 4 * half + f
       lines += [
-          f"shr.b32 x, {src}, {2 * f};", f"shr.b32 y, $10, {2 * f + half};",
+          f"shr.b32 x, {src}, {2 * f};", f"shr.b32 y, {low}, {2 * f + half};",
           "and.b32 s, x, 0x0303;", "shl.b32 s, s, 1;",
           "and.b32 t, x, 0x0C0C;", "shl.b32 t, t, 3;", "or.b32 s, s, t;",
           "and.b32 t, y, 0x0101;", "or.b32 s, s, t;",
@@ -251,6 +257,19 @@ def lookup_chunks(words: jax.Array, bits: int, centroids: tuple[float, ...],
   # 3 bits: first-half field f is chunk 2f, second-half field f chunk 2f + 1.
   return out if bits != 3 else [out[h * 4 + f] for f in range(4)
                                 for h in range(2)]
+
+
+def lookup_first_half3(plane: jax.Array, low: jax.Array,
+                       centroids: tuple[float, ...],
+                       interpret: bool) -> list[jax.Array]:
+  """A 3-bit tile as one u8 [R, C] tile of 2-bit-plane bytes and one of
+  1-bit-plane bytes (WGMMA layout, column j of each meeting) -> the f16
+  centroids of its 4 fields in order: field f is the 2-bit field f of
+  each byte over bit 2f of the 1-bit byte in its column (lookup_chunks'
+  first half alone; a part of 32 coordinates, pallas_gpu._narrow_group)."""
+  if interpret:
+    return _interpret_lookup([plane, plane, low], 3, centroids, 4)[::2]
+  return _device_lookup([plane, low], _ptx3(centroids, halves=1), 4)
 
 
 def lookup_field(words: jax.Array, centroids: tuple[float, ...],
