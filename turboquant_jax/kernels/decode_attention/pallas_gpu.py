@@ -109,7 +109,7 @@ def _check(inp: parts.KernelInputs, splits: int,
           f"pallas_gpu: a tile of {ROWS} packed rows of {p} bytes is not "
           f"at most 256 whole TMA rows of {tma_row_bytes} bytes")
   for spec in _kernel_specs(inp)[0] + list(inp.value_specs):
-    if spec.dim % GROUP and not (narrow and narrow_supported(spec)):
+    if spec.dim % GROUP and not (narrow and _narrow_supported(spec)):
       raise NotImplementedError(
           f"pallas_gpu: part dim {spec.dim} is not a multiple of {GROUP}"
           + (f" (parts of {NARROW}: 2-4 bit codebooks the prmt lookup "
@@ -223,7 +223,7 @@ def _groups(spec: parts.PartSpec) -> int:
   return -(-spec.dim // GROUP)
 
 
-def narrow_supported(spec: parts.PartSpec) -> bool:
+def _narrow_supported(spec: parts.PartSpec) -> bool:
   """Whether _narrow_group reads this part of NARROW coordinates: a 2-,
   3- or 4-bit codebook the prmt lookup supports (not QJL signs: a token's
   4 bytes of them are no WGMMA-layout row)."""

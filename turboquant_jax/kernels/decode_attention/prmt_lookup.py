@@ -268,7 +268,7 @@ def lookup_first_half3(plane: jax.Array, low: jax.Array,
   each byte over bit 2f of the 1-bit byte in its column (lookup_chunks'
   first half alone; a part of 32 coordinates, pallas_gpu._narrow_group)."""
   if interpret:
-    return _interpret_lookup([plane, plane, low], 3, centroids, 4)[::2]
+    return _interpret_lookup([plane, low], 3, centroids, 4)
   return _device_lookup([plane, low], _ptx3(centroids, halves=1), 4)
 
 
@@ -306,7 +306,9 @@ def lookup_two_fields3(high: jax.Array, low: jax.Array,
 
 
 def _interpret_lookup(inputs, bits, centroids, fields):
-  """The same chunks by jnp selects (interpret mode has no PTX)."""
+  """The same chunks by jnp selects (interpret mode has no PTX). 3 bits:
+  inputs the 2-bit plane's halves (two, or the first alone) then the
+  1-bit plane, as _ptx3's."""
   table = np.asarray(centroids, np.float16)
 
   def select(code):
@@ -317,9 +319,9 @@ def _interpret_lookup(inputs, bits, centroids, fields):
   if bits != 3:
     mask = (1 << bits) - 1
     return [select((inputs[0] >> (f * bits)) & mask) for f in range(fields)]
-  first, second, low = inputs
+  *halves, low = inputs
   return [select((((plane >> (2 * f)) & 3) << 1) | ((low >> (2 * f + h)) & 1))
-          for f in range(fields) for h, plane in enumerate((first, second))]
+          for f in range(fields) for h, plane in enumerate(halves)]
 
 
 def _device_lookup(inputs, asm, outputs, operands=None, pairs=False):
