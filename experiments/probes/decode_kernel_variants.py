@@ -57,6 +57,7 @@ from turboquant_jax.kernels import decode_attention as da
 from turboquant_jax.kernels.decode_attention import pallas_gpu
 from turboquant_jax.kernels.decode_attention import pallas_gpu_tokens
 from turboquant_jax.kernels.decode_attention import parts
+from turboquant_jax.kernels.quantize_append import pallas_gpu as quantize_append
 
 
 def check(dim, groups, bits, method="mse", window=0, tokens=1, s=1024,
@@ -530,11 +531,15 @@ def fused_append():
   """The fused quantize-and-append kernel on the device: checked against
   the XLA path (bytes that differ, largest norm difference) on prefilled
   caches with ragged lengths, then each path's device time per append (20
-  a jitted loop, in place) at the SmolLM2 shape and at B=8, D=128."""
+  a jitted loop, in place) at the SmolLM2 shape and at B=8, D=128, of
+  integer widths and of the outlier split (2.5, 3.5 bits)."""
   print("jax", jax.__version__, jax.devices()[0].device_kind, flush=True)
   for d, kb, vb, norm_dtype in ((64, 4, 4, "float16"), (128, 3, 2,
                                                         "bfloat16"),
-                                (256, 4, 1, "float32")):
+                                (256, 4, 1, "float32"),
+                                (64, 2.5, 3.5, "float16"),
+                                (128, 3.5, 2.5, "bfloat16"),
+                                (64, 3.5, 4, "float32")):
     cfg = cache_lib.CacheConfig(key_bits=kb, value_bits=vb,
                                 norm_dtype=norm_dtype)
     c = cache_lib.init(cfg, 4, 2, 64, d, key=jax.random.key(d))
@@ -544,20 +549,19 @@ def fused_append():
     runs = {impl: jax.jit(lambda c, t, impl=impl: turboquant_cache.append(
         c, t, t * 2, impl=impl))(c, t) for impl in ("xla", "pallas_gpu")}
     try:
-      a, f = runs["xla"], runs["pallas_gpu"]
-      codes = sum(int(jnp.sum(x != y)) for x, y in (
-          (a.keys.codes, f.keys.codes), (a.values.codes, f.values.codes)))
-      norms = max(float(jnp.max(jnp.abs(x.astype(jnp.float32)
-                                        - y.astype(jnp.float32))))
-                  for x, y in ((a.keys.norms, f.keys.norms),
-                               (a.values.norms, f.values.norms)))
+      pairs = list(zip(quantize_append.stored_parts(runs["xla"]),
+                       quantize_append.stored_parts(runs["pallas_gpu"])))
+      codes = sum(int(jnp.sum(x.codes != y.codes)) for x, y in pairs)
+      norms = max(float(jnp.max(jnp.abs(x.norms.astype(jnp.float32)
+                                        - y.norms.astype(jnp.float32))))
+                  for x, y in pairs)
       print(f"check D={d} bits={kb}/{vb} {norm_dtype}: {codes} bytes differ, "
             f"max norm diff {norms:.2e}", flush=True)
     except Exception as e:  # noqa: BLE001 - a probe reports failures
       print(f"check D={d} FAIL {type(e).__name__}: {str(e)[:600]}",
             flush=True)
   for b, kvh, d, cap in ((32, 3, 64, 9216), (8, 8, 128, 32768)):
-    for bits in (4, 3):
+    for bits in (4, 3, 2.5, 3.5):
       c = jax.tree.map(jnp.copy, _partial_cache(bits, b, kvh, cap, d, 100))
       t = jax.random.normal(jax.random.key(3), (b, kvh, 1, d), jnp.bfloat16)
       for impl in ("xla", "pallas_gpu"):

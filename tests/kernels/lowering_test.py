@@ -269,7 +269,9 @@ class GpuLoweringTest(parameterized.TestCase):
         lowering_platforms=("cuda",)).as_text()
     self.assertIn("mosaic_gpu", text)
 
-  @parameterized.parameters((128, 4, 4, "float16"), (64, 3, 2, "bfloat16"))
+  @parameterized.parameters((128, 4, 4, "float16"), (64, 3, 2, "bfloat16"),
+                            (64, 2.5, 3.5, "float16"),     # both split
+                            (128, 3.5, 4, "bfloat16"))     # the keys split
   def test_fused_append_lowers(self, *case):
     self.check_fused_append_lowers(*case)
 
@@ -287,9 +289,12 @@ class GpuLoweringTest(parameterized.TestCase):
         c, k, k, impl="pallas_gpu", interpret=False))
     text = fn.trace(cache, token).lower(lowering_platforms=("cuda",)).as_text()
     self.assertIn("mosaic_gpu", text)
-    # The cache's four arrays are aliased to the kernel's outputs (written
-    # in place where XLA can donate them).
-    self.assertEqual(text.count("stablehlo.output_operand_alias<"), 4)
+    # The cache's codes and norms (of each part of a split tensor) are
+    # aliased to the kernel's outputs (written in place where XLA can
+    # donate them).
+    n_parts = sum(1 + (bits % 1 != 0) for bits in (key_bits, value_bits))
+    self.assertEqual(text.count("stablehlo.output_operand_alias<"),
+                     2 * n_parts)
     # Rotation, quantization and the write are the kernel's: XLA has no
     # product and no scatter left (only the rotations' column layout).
     self.assertNotIn("stablehlo.scatter", text)

@@ -61,9 +61,11 @@ def _xla(cache, k, v):
 
 
 def _stored(cache) -> list[np.ndarray]:
+  """Codes and norms of every stored part (both of a split tensor's)."""
+  arrays = [a for t in pallas_gpu.stored_parts(cache)
+            for a in (t.codes, t.norms)]
   return [np.asarray(a, np.float32) if a.dtype != np.uint8 else np.asarray(a)
-          for a in (cache.keys.codes, cache.keys.norms, cache.values.codes,
-                    cache.values.norms)]
+          for a in arrays]
 
 
 def assert_same_append(ours, ref, before):
@@ -93,7 +95,7 @@ class FusedAppendTest(parameterized.TestCase):
 
   def check_equal_to_xla(self, dim, kb, vb, norm_dtype, correction,
                          centered, rot):
-    seed = dim + 10 * kb + vb
+    seed = int(dim + 10 * kb + vb)
     cache = _cache(seed, dim, heads=2, key_bits=kb, value_bits=vb,
                    norm_dtype=norm_dtype, norm_correction=correction,
                    center_keys=centered, rotation=rot)
@@ -107,6 +109,20 @@ class FusedAppendTest(parameterized.TestCase):
   )
   def test_equals_the_xla_path(self, *case):
     self.check_equal_to_xla(*case)
+
+  @parameterized.named_parameters(
+      # The outlier split: parts of 32 (D = 64), of other widths on each
+      # tensor (key 3.5 and value 2.25 bits: 32 / 32 and 16 / 48).
+      ("2.5", 64, 2.5, 2.5, "float16", True, False, "hadamard"),
+      ("3.5_2.25", 64, 3.5, 2.25, "bfloat16", False, True, "haar"),
+      ("3.5_4", 64, 3.5, 4, "float32", True, False, "hadamard"),
+  )
+  def test_outlier_split_equals_the_xla_path(self, *case):
+    self.check_equal_to_xla(*case)
+
+  @pytest.mark.slow
+  def test_wider_split_heads_equal_the_xla_path(self):
+    self.check_equal_to_xla(128, 2.5, 3.5, "float16", False, False, "haar")
 
   @pytest.mark.slow
   def test_wider_heads_equal_the_xla_path(self):
@@ -159,8 +175,27 @@ class FusedAppendTest(parameterized.TestCase):
     self.assertTrue(np.isfinite(np.float32(ours.values.norms[1, 0, 7])))
     self.assertTrue(np.isfinite(np.float32(ours.keys.norms[0, 0, 0])))
 
+  def test_non_finite_channel_spares_the_other_part(self):
+    # A NaN in an outlier channel of the split: that part's norm is NaN,
+    # the regular part's finite, as XLA stores them.
+    cache = _cache(6, 64, key_bits=3.5, value_bits=2.5)
+    k, v = _token(6, cache, jnp.float32)
+    outlier = int(cache.key_quantizer.outlier_channels[0, 0])
+    regular = int(cache.key_quantizer.regular_channels[0, 0])
+    k = k.at[1, 0, 0, outlier].set(jnp.nan).at[2, 0, 0, regular].set(
+        -jnp.inf)
+    ours, ref = _fused(cache, k, v), _xla(cache, k, v)
+    assert_same_append(ours, ref, cache)
+    keys = ours.keys
+    self.assertTrue(np.isnan(np.float32(keys.outlier.norms[1, 0, 7])))
+    self.assertTrue(np.isfinite(np.float32(keys.regular.norms[1, 0, 7])))
+    self.assertTrue(np.isfinite(np.float32(keys.outlier.norms[2, 0, 23])))
+    self.assertTrue(np.isnan(np.float32(keys.regular.norms[2, 0, 23])))
+
   @parameterized.named_parameters(
-      ("split", dict(key_bits=3.5), 1, "fractional"),
+      ("split_window", dict(key_bits=3.5, window=2), 1, "window"),
+      ("split_prod", dict(key_method="prod", key_bits=2.5), 1, "method"),
+      ("split_wide", dict(value_bits=4.5), 1, "5 bits"),
       ("window", dict(window=4), 1, "window"),
       ("sink", dict(sink=2), 1, "sink"),
       ("prod", dict(key_method="prod", key_bits=3), 1, "method"),

@@ -752,6 +752,9 @@ def append_supported(q: jax.Array, cache) -> str | None:
   not."""
   # pylint: disable-next=g-import-not-at-top (it imports this module)
   from turboquant_jax.kernels.quantize_append import pallas_gpu as qa
+  if getattr(cache, "is_split", False):
+    return ("fractional bits (the outlier split): the one-launch kernel "
+            "appends one key part and one value part")
   return parts.supported(cache) or qa.supported(cache, q.shape[1])
 
 

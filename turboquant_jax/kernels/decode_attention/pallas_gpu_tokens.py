@@ -710,8 +710,8 @@ def _kernel(lengths_ref, *refs, key_specs, value_specs, groups, split_len,
     norm_refs = kn_refs + vn_refs
     (key_words, key_norm), (value_words, value_norm) = pl.run_scoped(
         lambda codes_smem: append_gpu.quantize_token(
-            k_new, v_new, columns, k_thr, k_cen, v_thr, v_cen, codes_smem,
-            b, k, dim=dim, key_spec=append[0], value_spec=append[1],
+            k_new, v_new, columns, ((k_thr, k_cen), (v_thr, v_cen)),
+            codes_smem, b, k, dim=dim, parts=append,
             norm_dtypes=tuple(r.dtype for r in norm_refs)),
         plgpu.SMEM((2, dim), jnp.int32))
     plgpu.commit_smem()     # one_tile's scope reuses codes_smem's bytes
@@ -907,8 +907,7 @@ def fused_attention(inp: parts.KernelInputs, *, splits: int = 8,
   if append is not None:
     cache, k_new, v_new = append
     kq, vq = cache.key_quantizer, cache.value_quantizer
-    append_specs = (append_gpu.spec(kq),
-                    append_gpu.spec(vq))
+    append_specs = append_gpu.parts_of(kq, vq)
     append_in = [append_gpu.centered_keys(cache, k_new),
                  v_new[:, :, 0], append_gpu.columns(kq, vq),
                  kq.thresholds, kq.centroids, vq.thresholds, vq.centroids]

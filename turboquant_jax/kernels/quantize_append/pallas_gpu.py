@@ -30,9 +30,16 @@ rotation and the norm are summed in another order, and the norm is taken
 of Πx rather than x, equal up to rounding as Π is orthogonal); 0 bytes
 differed on the H200 at D = 64, 128, 256.
 
+The outlier split (fractional bits) goes through the same steps with
+each tensor's two parts side by side in its row: the rotation is the
+cache's folded one per KV head (split.folded_rotation: both parts'
+channel gathers and rotations, outlier part first), and the norms, the
+code search and the packing run per part (`Part`), each written to its
+own stored tensor.
+
 Supported: head dims a multiple of 64, keys and values of method mse at
-integer bits 1-4, norms stored in 16 or 32 bits, no window, sink or outlier
-split, one token; `supported` says why not otherwise.
+integer bits 1-4 (each part of a split), norms stored in 16 or 32 bits, no
+window or sink, one token; `supported` says why not otherwise.
 """
 
 import dataclasses
@@ -47,9 +54,25 @@ from turboquant_jax.cache import turboquant_cache
 from turboquant_jax.kernels.decode_attention import pallas_gpu as attention_gpu
 from turboquant_jax.quant import packing
 from turboquant_jax.quant import rotation
+from turboquant_jax.quant import split
 from turboquant_jax.quant import turboquant
 
 MAX_BITS = 4            # 2^b - 1 compares per coordinate
+
+
+def _quantizer_parts(q) -> list:
+  """The integer-bit quantizers of one tensor: [q], or the outlier split's
+  [outlier part, regular part] (leaves stacked per KV head)."""
+  if isinstance(q, split.SplitQuantizer):
+    return [q.outlier, q.regular]
+  return [q]
+
+
+def _tensor_parts(t) -> list:
+  """The stored parts of a (split) quantized tensor, as _quantizer_parts."""
+  if isinstance(t, split.SplitQuantizedTensor):
+    return [t.outlier, t.regular]
+  return [t]
 
 
 def supported(cache, tokens: int) -> str | None:
@@ -60,9 +83,6 @@ def supported(cache, tokens: int) -> str | None:
   if tokens != 1:
     return f"{tokens} tokens: the kernel appends one (a decode step)"
   c = cache.config
-  if cache.is_split:
-    return (f"key_bits={c.key_bits}, value_bits={c.value_bits}: fractional "
-            "bits (the outlier split) are not supported")
   if c.window or c.sink:
     return f"window={c.window}, sink={c.sink}: full-precision copies"
   if cache.key_norm_range is not None or cache.value_norm_range is not None:
@@ -72,11 +92,39 @@ def supported(cache, tokens: int) -> str | None:
             "(a key and a value fill whole warpgroup rows)")
   for name, q in (("keys", cache.key_quantizer),
                   ("values", cache.value_quantizer)):
-    if q.method != turboquant.Method.MSE:
-      return f"{name}: method {q.method!r}; the kernel writes mse codes"
-    if not 1 <= q.mse_bits <= MAX_BITS:
-      return f"{name}: {q.mse_bits} bits; the kernel handles 1-{MAX_BITS}"
+    for part in _quantizer_parts(q):
+      if part.method != turboquant.Method.MSE:
+        return f"{name}: method {part.method!r}; the kernel writes mse codes"
+      if not 1 <= part.mse_bits <= MAX_BITS:
+        return (f"{name}: {part.mse_bits} bits; the kernel handles "
+                f"1-{MAX_BITS}")
   return None
+
+
+@dataclasses.dataclass(frozen=True)
+class Part:
+  """One quantizer's share of quantize_token's f32[2, D] block: row 0 (the
+  key) or 1 (the value), rotated coordinates [start, stop) (the whole row,
+  or one part of the outlier split), mse codes of `bits`, with or without
+  norm correction."""
+  row: int
+  start: int
+  stop: int
+  bits: int
+  correction: bool
+
+
+def parts_of(key_quantizer, value_quantizer) -> tuple[Part, ...]:
+  """The key's parts, then the value's, in the order the cache stores them
+  (the split's outlier part first: split.folded_rotation's rows [0, O))."""
+  out = []
+  for row, q in enumerate((key_quantizer, value_quantizer)):
+    start = 0
+    for part in _quantizer_parts(q):
+      out.append(Part(row, start, start + part.dim, part.mse_bits,
+                      bool(part.norm_correction)))
+      start += part.dim
+  return tuple(out)
 
 
 def _pack(codes: list, dim: int, bits: int) -> list:
@@ -96,99 +144,133 @@ def _pack(codes: list, dim: int, bits: int) -> list:
   return words
 
 
-def _split_sums(is_key, x) -> tuple:
-  """(Σ over the keys' row, Σ over the values' row) of x: f32[2, D]."""
-  return (jnp.sum(jnp.where(is_key, x, 0.0)),
-          jnp.sum(jnp.where(is_key, 0.0, x)))
+def _masks(parts: tuple[Part, ...], layout, dim: int) -> list:
+  """bool[2, D] per part: where its coordinates sit in the block."""
+  def iota(axis):
+    return plgpu.layout_cast(
+        jax.lax.broadcasted_iota(jnp.int32, (2, dim), axis), layout)
+  row, col = iota(0), iota(1)
+  masks = []
+  for p in parts:
+    mask = row == p.row
+    if (p.start, p.stop) != (0, dim):
+      mask = mask & (col >= p.start) & (col < p.stop)
+    masks.append(mask)
+  return masks
 
 
-def _per_row(is_key, key_value, value_value):
-  """f32[2, D]: the keys' scalar on row 0, the values' on row 1."""
-  return jnp.where(is_key, key_value, value_value)
+def _sums(masks: list, x) -> list:
+  """Σ of x: f32[2, D] over each part's coordinates."""
+  return [jnp.sum(jnp.where(m, x, 0.0)) for m in masks]
 
 
-def quantize_token(k_ref, v_ref, rot_ref, k_thr, k_cen, v_thr, v_cen,
-                   codes_smem, b, k, *, dim: int, key_spec: dict,
-                   value_spec: dict,
+def _per_part(masks: list, values: list):
+  """f32[2, D]: each part's scalar at its coordinates."""
+  out = values[-1]
+  for m, value in zip(masks[:-1], values[:-1]):
+    out = jnp.where(m, value, out)
+  return out
+
+
+def _entry(table, k, i):
+  """table[i], of head k where the table is one per KV head ([K, n])."""
+  return table[k, i] if len(table.shape) == 2 else table[i]
+
+
+def quantize_token(k_ref, v_ref, rot_ref, tables, codes_smem, b, k, *,
+                   dim: int, parts: tuple[Part, ...],
                    norm_dtypes) -> list[tuple[list, jax.Array]]:
   """Rotates and quantizes the key and the value of sequence b, head k (one
-  or two coordinates of each per thread of a warpgroup): per tensor (keys,
-  values), the packed bytes (i32 scalars in packing.pack's order) and the
-  norm as stored (norm_dtypes[0 or 1]; NaN for a non-finite input).
+  or two coordinates of each per thread of a warpgroup): per part (keys',
+  then values'; parts_of), the packed bytes (i32 scalars in packing.pack's
+  order) and the norm as stored (norm_dtypes[part]; NaN where the part's
+  channels hold a non-finite input).
 
   rot_ref: f32[D, 2, D], rot[j, t, i] = Π_t[i, j] (column j of each
-  rotation, keys' then values', contiguous). codes_smem: i32[2, D] scratch.
+  rotation, keys' then values', contiguous), or f32[K, D, 2, D] per KV head
+  (split.folded_rotation's columns). tables: per part (thresholds,
+  centroids), each [n] or per KV head [K, n]. codes_smem: i32[2, D]
+  scratch.
   """
   layout = plgpu.Layout.WG_STRIDED((2, dim), vec_size=min(2, dim // 64))
-  is_key = plgpu.layout_cast(
-      jax.lax.broadcasted_iota(jnp.int32, (2, dim), 0), layout) == 0
+  masks = _masks(parts, layout, dim)
+  is_key = masks[0] if len(parts) == 2 else _masks(
+      (Part(0, 0, dim, 0, False),), layout, dim)[0]
   # y = Π x, f32[2, D]: row 0 the key, row 1 the value; a column of each
   # rotation times one coordinate of each input per step.
+  folded = len(rot_ref.shape) == 4
   y = jnp.zeros((2, dim), jnp.float32)
   for j in range(dim):
-    column = plgpu.layout_cast(rot_ref[j], layout)
-    y = y + column * _per_row(is_key, k_ref[b, k, j].astype(jnp.float32),
+    column = plgpu.layout_cast(rot_ref[k, j] if folded else rot_ref[j],
+                               layout)
+    term = column * jnp.where(is_key, k_ref[b, k, j].astype(jnp.float32),
                               v_ref[b, k, j].astype(jnp.float32))
+    if folded:    # a channel reaches its own part only: 0 · inf is no NaN
+      term = jnp.where(column != 0.0, term, 0.0)
+    y = y + term
   # x·0 sums to NaN exactly when some coordinate is NaN or ±inf.
-  probes = _split_sums(is_key, y * 0.0)
-  squares = _split_sums(is_key, y * y)
+  probes = _sums(masks, y * 0.0)
+  squares = _sums(masks, y * y)
   finite = [p == p for p in probes]
   norms = [jnp.where(f, jnp.sqrt(s), 0.0) for f, s in zip(finite, squares)]
   divisors = [jnp.where(n > 0, n, 1.0) for n in norms]
-  unit = jnp.where(_per_row(is_key, finite[0], finite[1]), y, 0.0) / (
-      _per_row(is_key, divisors[0], divisors[1]))
+  unit = jnp.where(_per_part(masks, finite), y, 0.0) / _per_part(masks,
+                                                                divisors)
   # Code = the count of thresholds below; a table with fewer thresholds is
   # padded with +inf. value: the centroid itself, for the norm correction
-  # (only where a tensor asks for it).
-  n_k, n_v = 2 ** key_spec["bits"], 2 ** value_spec["bits"]
-  correct = key_spec["correction"] or value_spec["correction"]
+  # (only where a part asks for it).
+  sizes = [2 ** p.bits for p in parts]
+  correct = any(p.correction for p in parts)
   inf = float("inf")
   code = jnp.zeros((2, dim), jnp.int32)
-  value = _per_row(is_key, k_cen[0], v_cen[0]) if correct else None
-  for t in range(max(n_k, n_v) - 1):
-    above = unit > _per_row(is_key, k_thr[t] if t < n_k - 1 else inf,
-                            v_thr[t] if t < n_v - 1 else inf)
+  value = _per_part(masks, [_entry(cen, k, 0) for _, cen in tables]
+                    ) if correct else None
+  for t in range(max(sizes) - 1):
+    above = unit > _per_part(masks, [
+        _entry(thr, k, t) if t < n - 1 else inf
+        for (thr, _), n in zip(tables, sizes)])
     code = code + above.astype(jnp.int32)
     if correct:
-      value = jnp.where(above, _per_row(
-          is_key, k_cen[min(t + 1, n_k - 1)], v_cen[min(t + 1, n_v - 1)]),
-                        value)
-  c_squares = _split_sums(is_key, value * value) if correct else None
+      value = jnp.where(above, _per_part(masks, [
+          _entry(cen, k, min(t + 1, n - 1))
+          for (_, cen), n in zip(tables, sizes)]), value)
+  c_squares = _sums(masks, value * value) if correct else None
   codes_smem[...] = code
   plgpu.commit_smem()              # every thread reads every code below
   out = []
-  for row, (part, dtype) in enumerate(zip((key_spec, value_spec),
-                                          norm_dtypes)):
-    norm = norms[row]
-    if part["correction"]:
-      norm = norm / jnp.sqrt(c_squares[row])       # ‖c[idx]‖ > 0 always
-    stored = jnp.where(finite[row], norm, jnp.nan).astype(dtype)
-    words = _pack([codes_smem[row, j] for j in range(dim)], dim,
-                  part["bits"])
+  for i, (p, dtype) in enumerate(zip(parts, norm_dtypes)):
+    norm = norms[i]
+    if p.correction:
+      norm = norm / jnp.sqrt(c_squares[i])          # ‖c[idx]‖ > 0 always
+    stored = jnp.where(finite[i], norm, jnp.nan).astype(dtype)
+    words = _pack([codes_smem[p.row, j] for j in range(p.start, p.stop)],
+                  p.stop - p.start, p.bits)
     out.append((words, stored))
   return out
 
 
-def _kernel(lengths_ref, k_ref, v_ref, rot_ref, k_thr, k_cen, v_thr, v_cen,
-            k_codes, k_norms, v_codes, v_norms, new_lengths_ref, codes_smem,
-            *, dim, key_spec, value_spec, capacity):
-  """Program (b, k): quantize_token, its bytes and norms written at
-  position lengths[b], then new_lengths[b] set."""
+def _kernel(lengths_ref, k_ref, v_ref, rot_ref, *refs, dim, parts,
+            capacity):
+  """Program (b, k): quantize_token, each part's bytes and norm written at
+  position lengths[b], then new_lengths[b] set. refs: per part
+  (thresholds, centroids), per part (codes, norms), new_lengths, the codes'
+  SMEM scratch."""
+  n = len(parts)
+  tables = list(zip(refs[:2 * n:2], refs[1:2 * n:2]))
+  stored = list(zip(refs[2 * n:4 * n:2], refs[2 * n + 1:4 * n:2]))
+  new_lengths_ref, codes_smem = refs[4 * n:]
   b, k = jax.lax.axis_index("b"), jax.lax.axis_index("k")
   pos = lengths_ref[b]
   quantized = quantize_token(
-      k_ref, v_ref, rot_ref, k_thr, k_cen, v_thr, v_cen, codes_smem, b, k,
-      dim=dim, key_spec=key_spec, value_spec=value_spec,
-      norm_dtypes=(k_norms.dtype, v_norms.dtype))
-  for (words, stored), codes_ref, norms_ref in zip(
-      quantized, (k_codes, v_codes), (k_norms, v_norms)):
+      k_ref, v_ref, rot_ref, tables, codes_smem, b, k, dim=dim, parts=parts,
+      norm_dtypes=[norms.dtype for _, norms in stored])
+  for (words, norm), (codes_ref, norms_ref) in zip(quantized, stored):
 
     @pl.when(pos < capacity)       # a full sequence drops its token
-    def _(words=words, stored=stored, codes_ref=codes_ref,
-          norms_ref=norms_ref):
+    def _(words=words, norm=norm, codes_ref=codes_ref, norms_ref=norms_ref):
       for i, word in enumerate(words):
         codes_ref[b, k, pos, i] = word.astype(jnp.uint8)
-      norms_ref[b, k, pos] = stored
+      norms_ref[b, k, pos] = norm
 
   @pl.when(k == 0)
   def _():
@@ -201,9 +283,50 @@ def columns(kq, vq) -> jax.Array:
                     rotation.as_matrix(vq.rotation).T], 1)
 
 
-def spec(q: turboquant.Quantizer) -> dict:
-  """quantize_token's static description of a quantizer."""
-  return dict(dim=q.dim, bits=q.mse_bits, correction=q.norm_correction)
+def cache_columns(cache) -> jax.Array:
+  """quantize_token's rot_ref for `cache`: columns() of its rotations, or
+  where a tensor is split f32[K, D, 2, D], each KV head's columns of its
+  folded rotation (kept by the cache; derived where it does not keep them)
+  and of the other tensor's rotation."""
+  kq, vq = cache.key_quantizer, cache.value_quantizer
+  if len(_quantizer_parts(kq)) == len(_quantizer_parts(vq)) == 1:
+    return columns(kq, vq)
+
+  def per_head(q, stored, transposed):       # f32[K, D, D]: [k, j, i]
+    if not isinstance(q, split.SplitQuantizer):
+      matrix = rotation.as_matrix(q.rotation).T
+      return jnp.broadcast_to(matrix, (cache.kv_heads, *matrix.shape))
+    if stored is None:
+      stored = turboquant_cache.split_rotation(q, transposed=transposed)
+    return stored if transposed else jnp.swapaxes(stored, 1, 2)
+
+  return jnp.stack([per_head(kq, cache.key_split_rotation, False),
+                    per_head(vq, cache.value_split_rotation, True)], 2)
+
+
+def part_tables(cache) -> list:
+  """Per part (parts_of's order): (thresholds, centroids)."""
+  return [(q.thresholds, q.centroids)
+          for tensor in (cache.key_quantizer, cache.value_quantizer)
+          for q in _quantizer_parts(tensor)]
+
+
+def stored_parts(cache) -> list:
+  """Per part (parts_of's order): the stored QuantizedTensor."""
+  return _tensor_parts(cache.keys) + _tensor_parts(cache.values)
+
+
+def with_stored_parts(cache, quantized: list):
+  """The cache with its parts' QuantizedTensors replaced (stored_parts'
+  order)."""
+  def rebuild(old, new):
+    if isinstance(old, split.SplitQuantizedTensor):
+      return dataclasses.replace(old, outlier=new[0], regular=new[1])
+    return new[0]
+  n_keys = len(_tensor_parts(cache.keys))
+  return dataclasses.replace(
+      cache, keys=rebuild(cache.keys, quantized[:n_keys]),
+      values=rebuild(cache.values, quantized[n_keys:]))
 
 
 def centered_keys(cache, k: jax.Array) -> jax.Array:
@@ -225,27 +348,25 @@ def append(cache: turboquant_cache.TurboQuantCache, k: jax.Array,
   reason = supported(cache, k.shape[2])
   if reason:
     raise NotImplementedError(reason)
-  kq, vq = cache.key_quantizer, cache.value_quantizer
-  keys = centered_keys(cache, k)
-  tables = (kq.thresholds, kq.centroids, vq.thresholds, vq.centroids)
-  refs = [jax.new_ref(a) for a in (cache.keys.codes, cache.keys.norms,
-                                   cache.values.codes, cache.values.norms)]
+  parts = parts_of(cache.key_quantizer, cache.value_quantizer)
+  stored = stored_parts(cache)
+  refs = [jax.new_ref(a) for t in stored for a in (t.codes, t.norms)]
   kernel = plgpu.kernel(
-      functools.partial(_kernel, dim=cache.head_dim, key_spec=spec(kq),
-                        value_spec=spec(vq), capacity=cache.capacity),
+      functools.partial(_kernel, dim=cache.head_dim, parts=parts,
+                        capacity=cache.capacity),
       out_type=jax.ShapeDtypeStruct((cache.batch,), jnp.int32),
       grid=(cache.batch, cache.kv_heads),
       grid_names=("b", "k"),
       scratch_types=[plgpu.SMEM((2, cache.head_dim), jnp.int32)],
       interpret=attention_gpu.interpret_params(interpret))
-  lengths = kernel(cache.lengths.astype(jnp.int32), keys, v[:, :, 0],
-                   columns(kq, vq), *tables, *refs)
-  k_codes, k_norms, v_codes, v_norms = (r[...] for r in refs)
-  return dataclasses.replace(
-      cache,
-      keys=dataclasses.replace(cache.keys, codes=k_codes, norms=k_norms),
-      values=dataclasses.replace(cache.values, codes=v_codes, norms=v_norms),
-      lengths=lengths)
+  lengths = kernel(cache.lengths.astype(jnp.int32), centered_keys(cache, k),
+                   v[:, :, 0], cache_columns(cache),
+                   *[a for pair in part_tables(cache) for a in pair], *refs)
+  written = [dataclasses.replace(t, codes=refs[2 * i][...],
+                                 norms=refs[2 * i + 1][...])
+             for i, t in enumerate(stored)]
+  return dataclasses.replace(with_stored_parts(cache, written),
+                             lengths=lengths)
 
 
 append_jit = jax.jit(append, static_argnames=("interpret",))
