@@ -42,6 +42,7 @@ counted in kernels and timed)
 import ast
 import dataclasses
 import functools
+import itertools
 import sys
 import time
 
@@ -620,13 +621,15 @@ def append_attention_checks(options: dict | None = None):
   device µs, append kernel + attention kernel against the fused launch,
   two interleaved rounds at B = 1 and 32. options: append_attention's
   (e.g. auto_barriers=False): the checks use them, and the timings add
-  the fused launch with them."""
+  the fused launch with them. Integer widths and the outlier split (2.5,
+  3.5 bits: parts of 32 at D = 64, of 64 at D = 128)."""
   options = options or {}
   print("jax", jax.__version__, jax.devices()[0].device_kind, flush=True)
   for dim, groups, bits in ((64, 3, 4), (64, 3, 3), (128, 4, 4),
-                            (64, 8, 2)):
+                            (64, 8, 2), (64, 3, 2.5), (64, 8, 3.5),
+                            (128, 4, 3.5)):
     cap, b, kvh = 1024, 3, 2
-    keys = jax.random.split(jax.random.key(dim + bits), 6)
+    keys = jax.random.split(jax.random.key(int(dim + 2 * bits)), 6)
     c = cache_lib.init(cache_lib.CacheConfig(key_bits=bits, value_bits=bits),
                        b, kvh, cap, dim, key=keys[0])
     c = cache_lib.prefill(
@@ -644,9 +647,9 @@ def append_attention_checks(options: dict | None = None):
       got, got_cache = jax.jit(functools.partial(
           pallas_gpu.append_attention, **options))(q, kn, vn, c)
       err = float(jnp.max(jnp.abs(got - want)) / jnp.max(jnp.abs(want)))
-      differ = sum(int(jnp.sum(x != y)) for x, y in (
-          (got_cache.keys.codes, want_cache.keys.codes),
-          (got_cache.values.codes, want_cache.values.codes)))
+      differ = sum(int(jnp.sum(x.codes != y.codes)) for x, y in zip(
+          quantize_append.stored_parts(got_cache),
+          quantize_append.stored_parts(want_cache)))
       same_len = bool(jnp.all(got_cache.lengths == want_cache.lengths))
       ok = err < 5e-3 and differ <= 2 and same_len
       print(f"check D={dim} G={groups} bits={bits}: rel err {err:.2e}, "
@@ -657,14 +660,14 @@ def append_attention_checks(options: dict | None = None):
       print(f"check D={dim} G={groups} bits={bits} FAIL "
             f"{type(e).__name__}: {str(e)[:600]}", flush=True)
   for b in (1, 32):
-    for rnd in range(2):
+    for rnd, bits in itertools.product(range(2), (4, 2.5, 3.5)):
       variants = [("pallas_gpu", {}), ("fused", {})]
       variants += [("fused", options)] if options else []
       for append_impl, opts in variants:
         try:
-          us = _layer_us(b, 4, None, append_impl, opts)
-          print(f"B={b} round {rnd} 4-bit append {append_impl} {opts}: "
-                f"{us:.1f} us", flush=True)
+          us = _layer_us(b, bits, None, append_impl, opts)
+          print(f"B={b} round {rnd} {bits}-bit append {append_impl} "
+                f"{opts}: {us:.1f} us", flush=True)
         except Exception as e:  # noqa: BLE001 - a probe reports failures
           print(f"B={b} 4-bit append {append_impl} FAIL "
                 f"{type(e).__name__}: {str(e)[:600]}", flush=True)

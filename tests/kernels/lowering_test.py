@@ -128,7 +128,13 @@ class GpuLoweringTest(parameterized.TestCase):
       ((64, 3.5, 3.5, 8, 1, "mse"), dict(tile_rows=128)),
       ((64, 3.5, 2.5, 2, 3, "mse"), dict(key_registers=False,
                                          combine="columns",
-                                         tma_row_bytes=16)))
+                                         tma_row_bytes=16)),
+      # A tensor's two parts as one group (merge_narrow), either setting.
+      ((64, 2.5, 3.5, 4, 1, "mse"), dict(merge_narrow=True)),
+      ((64, 3.5, 3.5, 3, 1, "mse"), dict(merge_narrow=False)),
+      ((64, 3.5, 2.5, 2, 3, "mse"), dict(merge_narrow=True,
+                                         key_registers=False,
+                                         tile_rows=128)))
   def test_parts_of_32_lower(self, shape, options):
     # The outlier split at D = 64: parts of 32 coordinates, the 3-bit one
     # loaded by each thread's own 16-bit shared loads (device only).
@@ -304,7 +310,10 @@ class GpuLoweringTest(parameterized.TestCase):
                             (128, 4, 2, 4, {}),
                             (64, 4, 4, 3, dict(rotate_in_kernel=False)),
                             (64, 4, 4, 3, dict(auto_barriers=False)),
-                            (64, 3, 3, 8, dict(tma_row_bytes=16)))
+                            (64, 3, 3, 8, dict(tma_row_bytes=16)),
+                            (64, 2.5, 3.5, 3, {}),        # parts of 32
+                            (64, 3.5, 2.5, 3, dict(merge_narrow=True)),
+                            (128, 3.5, 4, 4, {}))         # keys split
   def test_append_attention_lowers(self, dim, key_bits, value_bits, groups,
                                    options):
     # One kernel: the append program's scalar writes (24-byte rows through
@@ -319,8 +328,11 @@ class GpuLoweringTest(parameterized.TestCase):
     text = fn.trace(q, cache, token).lower(
         lowering_platforms=("cuda",)).as_text()
     self.assertEqual(text.count("stablehlo.custom_call @mosaic_gpu"), 1)
-    # The cache's four arrays are aliased to the kernel's outputs.
-    self.assertEqual(text.count("stablehlo.output_operand_alias<"), 4)
+    # The cache's codes and norms (of each part of a split tensor) are
+    # aliased to the kernel's outputs.
+    n_parts = sum(1 + (bits % 1 != 0) for bits in (key_bits, value_bits))
+    self.assertEqual(text.count("stablehlo.output_operand_alias<"),
+                     2 * n_parts)
     self.assertNotIn("stablehlo.scatter", text)
 
   def test_mismatched_wgmma_swizzles_fail_to_lower(self):

@@ -147,7 +147,7 @@ class PallasGpuInterpretTest(parameterized.TestCase):
     np.testing.assert_allclose(got, want, rtol=self.TOL,
                                atol=self.TOL * scale)
 
-  @parameterized.named_parameters(
+  _PARTS_OF_32 = (
       dict(testcase_name="b2.5_gqa3", key_bits=2.5, value_bits=2.5,
            groups=3, tokens=1, lengths=(100, 37)),
       dict(testcase_name="b3.5_gqa8_length1_and_full", key_bits=3.5,
@@ -160,11 +160,22 @@ class PallasGpuInterpretTest(parameterized.TestCase):
       dict(testcase_name="k4_v3.5_128_token_steps", key_bits=4,
            value_bits=3.5, groups=4, tokens=1, lengths=(128, 65),
            options=dict(tile_rows=128, splits=1, stages=3)))
-  def test_parts_of_32_coordinates(self, key_bits, value_bits, groups,
-                                   tokens, lengths, window=0, options=None):
+
+  @parameterized.named_parameters(*_PARTS_OF_32)
+  def test_parts_of_32_coordinates(self, **case):
     # The outlier split at D = 64 (2.5 and 3.5 bits): two parts of 32
     # coordinates each, looked up into zero-padded column groups
     # (pallas_gpu._narrow_group; at 3 bits through _narrow_planes3).
+    self._check_parts_of_32(merge_narrow=False, **case)
+
+  @parameterized.named_parameters(*_PARTS_OF_32)
+  def test_parts_of_32_merged(self, **case):
+    # The same with merge_narrow: a tensor's two parts as one group, each
+    # part's centroids times its norms (pallas_gpu_tokens' merged_group).
+    self._check_parts_of_32(merge_narrow=True, **case)
+
+  def _check_parts_of_32(self, key_bits, value_bits, groups, tokens,
+                         lengths, merge_narrow, window=0, options=None):
     seed = zlib.crc32(self.id().encode())
     cache = self._cache(64, key_bits, value_bits, window, lengths, seed)
     q = jax.random.normal(jax.random.key(seed + 1),
@@ -173,7 +184,7 @@ class PallasGpuInterpretTest(parameterized.TestCase):
     want = attn.chunk_attention(q, cache, lengths, impl="reference")
     got = attn.chunk_attention(q, cache, lengths, impl="pallas_gpu",
                                interpret=True, layout="tokens",
-                               lookup_mode="prmt",
+                               lookup_mode="prmt", merge_narrow=merge_narrow,
                                **{"splits": 2, **(options or {})})
     scale = float(jnp.max(jnp.abs(want)))
     np.testing.assert_allclose(got, want, rtol=self.TOL,

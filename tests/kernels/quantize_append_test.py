@@ -258,10 +258,11 @@ def _append_then_attend(q, cache, k, v):
 
 class AppendAttentionTest(parameterized.TestCase):
 
-  def check(self, dim, bits, groups, capacity=128, **options):
-    seed = dim + bits + groups
+  def check(self, dim, bits, groups, capacity=128, value_bits=None,
+            **options):
+    seed = int(dim + bits + groups)
     cache = _cache(seed, dim, capacity=capacity, heads=2, key_bits=bits,
-                   value_bits=bits)
+                   value_bits=value_bits or bits)
     k, v = _token(seed, cache)
     q = jax.random.normal(jax.random.key(seed + 7),
                           (cache.batch, 1, 2 * groups, dim))
@@ -284,10 +285,25 @@ class AppendAttentionTest(parameterized.TestCase):
   def test_equals_append_then_attend(self, dim, bits, groups, options):
     self.check(dim, bits, groups, **options)
 
+  @parameterized.named_parameters(
+      # The outlier split: parts of 32 (zero-padded groups), a 3-bit part's
+      # 12-byte rows as 16-byte TMA rows, keys split and values not.
+      ("2.5", 64, 2.5, 4, {}),
+      ("3.5", 64, 3.5, 3, dict(tma_row_bytes=16)),
+      ("3.5_keys", 64, 3.5, 2, dict(value_bits=4)),
+      # Each tensor's parts as one group (merge_narrow), and not.
+      ("2.5_merged", 64, 2.5, 3, dict(merge_narrow=True)),
+      ("3.5_padded", 64, 3.5, 2, dict(merge_narrow=False)),
+  )
+  def test_outlier_split_equals_append_then_attend(self, dim, bits, groups,
+                                                   options):
+    self.check(dim, bits, groups, **options)
+
   @pytest.mark.slow
   def test_wider_heads(self):
     self.check(128, 4, 4)
     self.check(256, 3, 2, capacity=256)
+    self.check(128, 2.5, 4)                        # parts of 64
 
   def test_auto_fuses_up_to_a_number_of_sequence_heads(self):
     limit = attention.FUSED_MAX_SEQUENCE_HEADS
@@ -307,6 +323,8 @@ class AppendAttentionTest(parameterized.TestCase):
     # then the attention, with the same result.
     for config, fuses in ((dict(append_impl="fused"), True),
                           (dict(append_impl="auto"), True),
+                          (dict(append_impl="auto", key_bits=2.5,
+                                value_bits=3.5), True),
                           (dict(append_impl="pallas_gpu"), False),
                           (dict(append_impl="xla"), False),
                           (dict(kind="full"), False)):
@@ -350,10 +368,11 @@ class AppendAttentionTest(parameterized.TestCase):
     with self.assertRaisesRegex(ValueError, "tma_row_bytes"):
       attention_gpu.append_attention(jnp.ones((4, 1, 4, 64)), k, v, empty,
                                      tma_row_bytes=32)
-    split = _cache(13, 64, capacity=128, key_bits=3.5)
-    with self.assertRaisesRegex(NotImplementedError, "fractional"):
+    split_prod = _cache(13, 64, capacity=128, key_bits=3.5,
+                        key_method="prod")
+    with self.assertRaisesRegex(NotImplementedError, "method"):
       attention_gpu.append_attention(jnp.ones((4, 1, 2, 64)), k[:, :1],
-                                     v[:, :1], split)
+                                     v[:, :1], split_prod)
     # The appending program's quantization must equal XLA's bit for bit:
     # no approximate math.
     q = jnp.ones((4, 1, 4, 64))

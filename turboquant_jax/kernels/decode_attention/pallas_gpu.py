@@ -84,6 +84,13 @@ ONE_WAVE_MAX_HEADS = 8   # default_splits: one wave up to this many B·K
 SECOND_WAVE_MIN_TOKENS = 1024   # default_splits: splits past one wave
 ONE_WAVE_PROGRAMS = 132 * 4   # layout="tokens": 4 programs on each SM
 TMA_ROW_BYTES = 128   # layout="tokens": codes move as 128-byte TMA rows
+# layout="tokens": merge_narrow's default (the outlier split at D = 64 read
+# as one group per tensor instead of two zero-padded ones). On the H200
+# (GPU clock, 32/8 heads, session 21) B=8, S=128k 0.335 ms against 0.456 at
+# 2.5 bits and 0.358 against 0.480 at 3.5; B=32, S=16k 0.176 against 0.236
+# and 0.188 against 0.249; B=1, S=16k 0.0185 against 0.0225 and 0.0190
+# against 0.0230; device checks 2.6e-4 to 1.1e-3 of the output scale.
+MERGE_NARROW_DEFAULT = True
 
 _L = plgpu.Layout
 
@@ -235,8 +242,18 @@ def _narrow_group(code_ref, spec, rows: int, interpret: bool) -> jax.Array:
   """A part of NARROW coordinates' code tile -> its centroids as one f16
   [R, 64] column group (WGMMA layout), coordinates 32-63 zero (their
   queries are zero too, _padded_queries; value rows past 32 are dropped
-  after the kernel). 2 and 4 bits: a token's 8 or 16 bytes are a WGMMA
-  row as they are. 3 bits: _narrow_planes3."""
+  after the kernel)."""
+  zeros = plgpu.layout_cast(jnp.zeros((rows, GROUP - NARROW), jnp.float16),
+                            _L.WGMMA)
+  return jnp.concatenate([narrow_centroids(code_ref, spec, rows, interpret),
+                          zeros], axis=1)
+
+
+def narrow_centroids(code_ref, spec, rows: int,
+                     interpret: bool) -> jax.Array:
+  """A part of NARROW coordinates' code tile -> its centroids, f16 [R, 32]
+  (WGMMA layout). 2 and 4 bits: a token's 8 or 16 bytes are a WGMMA row
+  as they are. 3 bits: _narrow_planes3."""
   if spec.bits == 3:
     chunks = prmt_lookup.lookup_first_half3(
         *_narrow_planes3(code_ref, rows, interpret), spec.centroids,
@@ -245,9 +262,7 @@ def _narrow_group(code_ref, spec, rows: int, interpret: bool) -> jax.Array:
     chunks = prmt_lookup.lookup_chunks(
         _load_tile(code_ref, rows, _row_bytes(spec), interpret), spec.bits,
         spec.centroids, interpret)
-  zeros = plgpu.layout_cast(jnp.zeros((rows, GROUP - NARROW), jnp.float16),
-                            _L.WGMMA)
-  return jnp.concatenate([*chunks, zeros], axis=1)
+  return jnp.concatenate(chunks, axis=1)
 
 
 def smem_basics(ref) -> tuple:
@@ -440,14 +455,15 @@ def _offsets(specs) -> list[int]:
 
 
 def _program_refs(refs, nk: int, nv: int, kv_heads: int, splits: int,
-                  wait: bool = True):
+                  wait: bool = True, n_out: int | None = None):
   """Splits a kernel's refs and loads this program's queries into SMEM.
 
   refs: one query array [B·K·groups, rows, 64] (every key part's groups,
   part after part: one XLA fusion prepares them all; GMEM operands are
   flat: a TMA view takes at most 5 strided dims, tiling included), nk key
   code and nk key norm arrays [B, K, S(, P)], nv value code and norm
-  arrays, nv output arrays [B·K·NS·groups, .., ..], the (m, l) output,
+  arrays, nv output arrays [B·K·NS·groups, .., ..] (n_out where given),
+  the (m, l) output,
   then the scratch: the queries' SMEM [groups, rows, 64] and a barrier.
   Returns (key codes, key norms, value codes, value norms, outputs, (m, l)
   output, the program's flat index). wait=False: the queries' copy is
@@ -457,7 +473,9 @@ def _program_refs(refs, nk: int, nv: int, kv_heads: int, splits: int,
   q_ref, rest = refs[0], refs[1:]
   kc_refs, kn_refs = rest[:nk], rest[nk:2 * nk]
   vc_refs, vn_refs = rest[2 * nk:2 * nk + nv], rest[2 * nk + nv:2 * nk + 2 * nv]
-  o_refs, ml_ref = rest[2 * nk + 2 * nv:2 * nk + 3 * nv], rest[2 * nk + 3 * nv]
+  n_out = nv if n_out is None else n_out
+  o_refs = rest[2 * nk + 2 * nv:2 * nk + 2 * nv + n_out]
+  ml_ref = rest[2 * nk + 2 * nv + n_out]
   q_smem, barrier = refs[-2], refs[-1]
   b, k = jax.lax.axis_index("b"), jax.lax.axis_index("k")
   n = q_smem.shape[0]                        # one TMA for all key parts
@@ -695,13 +713,13 @@ OVERLAP_MAX_TILES = 8
                           "transpose_p", "skip_empty_splits", "combine",
                           "rotate_in_kernel", "min_columns", "approx_math",
                           "auto_barriers", "overlap_values", "tma_row_bytes",
-                          "values_registers",
+                          "values_registers", "merge_narrow",
                           "interpret"))
 def _attention(q, cache, lengths, scale, splits, lookup_mode, layout,
                stages, tile_rows, key_registers, transpose_p,
                skip_empty_splits, combine, rotate_in_kernel, min_columns,
                approx_math, auto_barriers, overlap_values, tma_row_bytes,
-               values_registers, interpret):
+               values_registers, merge_narrow, interpret):
   # Norms as stored (f16): the kernels convert per tile.
   inp = parts.prepare(q, cache, lengths, scale, norms_as_stored=True)
   if layout == "tokens":
@@ -732,7 +750,8 @@ def _attention(q, cache, lengths, scale, splits, lookup_mode, layout,
       overlap_values = values_registers or default_overlap_values(
           cache, splits, tile_rows)
     run = functools.partial(run, values_registers=values_registers,
-                            overlap_values=overlap_values)
+                            overlap_values=overlap_values,
+                            merge_narrow=merge_narrow)
     if rotate is not None or (combine == "columns" and len(
         inp.value_specs) == 1 and not cache.config.window):
       (acc,), m, l = run(inp, splits=splits, lookup_mode=lookup_mode,
@@ -752,9 +771,6 @@ def append_supported(q: jax.Array, cache) -> str | None:
   not."""
   # pylint: disable-next=g-import-not-at-top (it imports this module)
   from turboquant_jax.kernels.quantize_append import pallas_gpu as qa
-  if getattr(cache, "is_split", False):
-    return ("fractional bits (the outlier split): the one-launch kernel "
-            "appends one key part and one value part")
   return parts.supported(cache) or qa.supported(cache, q.shape[1])
 
 
@@ -764,6 +780,7 @@ def append_attention(q: jax.Array, k: jax.Array, v: jax.Array, cache, *,
                      rotate_in_kernel: bool | None = None,
                      auto_barriers: bool = True,
                      tma_row_bytes: int | None = None,
+                     merge_narrow: bool | None = None,
                      interpret: bool | None = None):
   """One decode token in one launch: appends k, v [B, K, 1, D] to a
   TurboQuantCache at position cache.lengths[b] and attends q [B, 1, H, D]
@@ -777,8 +794,9 @@ def append_attention(q: jax.Array, k: jax.Array, v: jax.Array, cache, *,
   it, and attends to it from its own registers while the other programs
   read the tokens already in HBM (pallas_gpu_tokens.fused_attention's
   `append`). Needs what the append kernel needs (quantize_append.
-  supported: mse, integer bits up to 4, head dim a multiple of 64, no
-  window, sink or 8-bit norms); NotImplementedError otherwise. Options as
+  supported: mse, integer bits up to 4 or the outlier split of such
+  parts, head dim a multiple of 64, no window, sink or 8-bit norms);
+  NotImplementedError otherwise. Options as
   in attention(); auto_barriers=False matched the reference on the H200
   (4 shapes: 2.1e-4 to 4.1e-4 of the output scale, every code byte equal
   to XLA's append) but is not yet timed (so on by default here).
@@ -803,35 +821,57 @@ def append_attention(q: jax.Array, k: jax.Array, v: jax.Array, cache, *,
   if splits is None:       # its kernel runs steps of ROWS tokens
     splits = default_splits(cache, "tokens", ROWS)
   scale = q.shape[-1] ** -0.5 if scale is None else scale
+  if merge_narrow is None:
+    merge_narrow = MERGE_NARROW_DEFAULT
   return _append_attention(q, k, v, cache, scale, splits, stages,
                            bool(rotate_in_kernel), bool(auto_barriers),
-                           tma_row_bytes or TMA_ROW_BYTES, interpret)
+                           tma_row_bytes or TMA_ROW_BYTES,
+                           bool(merge_narrow), interpret)
 
 
 @jax.jit(static_argnames=("scale", "splits", "stages", "rotate_in_kernel",
-                          "auto_barriers", "tma_row_bytes", "interpret"))
+                          "auto_barriers", "tma_row_bytes", "merge_narrow",
+                          "interpret"))
 def _append_attention(q, k, v, cache, scale, splits, stages,
                       rotate_in_kernel, auto_barriers, tma_row_bytes,
-                      interpret):
+                      merge_narrow, interpret):
   # pylint: disable-next=g-import-not-at-top (it imports this module)
   from turboquant_jax.kernels.decode_attention import pallas_gpu_tokens
+  # pylint: disable-next=g-import-not-at-top (it imports this module)
+  from turboquant_jax.kernels.quantize_append import pallas_gpu as qa
   inp = parts.prepare(q, cache, cache.lengths, scale, norms_as_stored=True)
-  rotate = None
+  rotate, queries = None, None
   if rotate_in_kernel and _rotatable(inp, cache):
     rotate = _rotate_inputs(q, cache, scale)
-  ((acc,), m, l), (kc, kn, vc, vn, lengths) = (
-      pallas_gpu_tokens.fused_attention(
-          inp, splits=splits, lookup_mode="prmt", stages=stages,
-          key_registers=True, transpose_p=True, skip_empty_splits=True,
-          interpret=interpret, columns=True, rotate=rotate,
-          append=(cache, k, v), min_columns=8,
-          auto_barriers=auto_barriers, tma_row_bytes=tma_row_bytes))
-  out = parts.finish_columns(acc, m, l, q, cache, rotated=rotate is not None)
-  cache = dataclasses.replace(
-      cache, keys=dataclasses.replace(cache.keys, codes=kc, norms=kn),
-      values=dataclasses.replace(cache.values, codes=vc, norms=vn),
-      lengths=lengths)
-  return out, cache
+  else:                  # as attention(): a folded rotation's one product
+    queries = folded_query_operand(q, cache, scale,
+                                   pallas_gpu_tokens.query_columns(
+                                       inp.q[0].shape[2], 8))
+  # One value part: the accumulators as the kernel writes them (columns);
+  # the outlier split's parts: as rows, merged by parts.finish.
+  columns = len(inp.value_specs) == 1
+  result, (*arrays, lengths) = pallas_gpu_tokens.fused_attention(
+      inp, splits=splits, lookup_mode="prmt", stages=stages,
+      key_registers=True, transpose_p=True, skip_empty_splits=True,
+      interpret=interpret, columns=columns, rotate=rotate,
+      append=(cache, k, v), min_columns=8, auto_barriers=auto_barriers,
+      tma_row_bytes=tma_row_bytes, queries=queries,
+      merge_narrow=merge_narrow)
+  acc, m, l = result
+  if columns:
+    out = parts.finish_columns(acc[0], m, l, q, cache,
+                               rotated=rotate is not None)
+  else:
+    out = parts.finish(acc, m, l, q, cache, lengths, scale)
+  # The kernel's arrays: key codes, key norms, value codes, value norms
+  # (one per part each), into the cache's parts.
+  nk, nv = len(inp.key_codes), len(inp.value_codes)
+  codes = arrays[:nk] + arrays[2 * nk:2 * nk + nv]
+  norms = arrays[nk:2 * nk] + arrays[2 * nk + nv:]
+  written = [dataclasses.replace(t, codes=c, norms=n) for t, c, n in zip(
+      qa.stored_parts(cache), codes, norms)]
+  return out, dataclasses.replace(qa.with_stored_parts(cache, written),
+                                  lengths=lengths)
 
 
 def interpret_params(interpret) -> plgpu.InterpretGPUParams | None:
@@ -1002,6 +1042,7 @@ def attention(q: jax.Array, cache, lengths: jax.Array, *,
               overlap_values: bool | None = None,
               tma_row_bytes: int | None = None,
               values_registers: bool | None = None,
+              merge_narrow: bool | None = None,
               interpret: bool | None = None) -> jax.Array:
   """q [B, T, H, D] over a TurboQuantCache -> f32[B, T, H, D].
 
@@ -1116,6 +1157,12 @@ def attention(q: jax.Array, cache, lengths: jax.Array, *,
       overlap_values, 0.574 against 0.588; at D = 256 (sessions 19-20)
       B=8, 128k 2 bits 0.796 against 0.968, 3.5 bits 1.091 against 1.398,
       3 bits 0.961 against 1.239, 4 bits 1.136 against 1.190.
+    merge_narrow: layout="tokens": a tensor of the outlier split at D = 64
+      (two parts of 32 coordinates) looked up into one 64-column group,
+      each part's centroids times its tokens' norms, instead of one
+      zero-padded group per part (half the tensor-core work, one Pᵀ
+      store; pallas_gpu_tokens.fused_attention). None:
+      MERGE_NARROW_DEFAULT.
     interpret: None uses Mosaic GPU interpret mode when the backend is not
       a GPU.
   """
@@ -1134,9 +1181,9 @@ def attention(q: jax.Array, cache, lengths: jax.Array, *,
       layout == "queries" and tile_rows not in (None, ROWS)):
     raise ValueError(f"{tile_rows=!r}: expected 64, 128 or 256 (64 for "
                      "layout='queries')")
-  if layout == "queries" and values_registers:
-    raise ValueError(f"{values_registers=}: an option of layout='tokens' "
-                     "only")
+  if layout == "queries" and (values_registers or merge_narrow):
+    raise ValueError(f"{values_registers=}, {merge_narrow=}: options of "
+                     "layout='tokens' only")
   if layout == "queries" and (key_registers or transpose_p
                               or skip_empty_splits or rotate_in_kernel
                               or min_columns not in (None, 16) or approx_math
@@ -1179,4 +1226,6 @@ def attention(q: jax.Array, cache, lengths: jax.Array, *,
                     None if overlap_values is None else bool(overlap_values),
                     tma_row_bytes,
                     values_registers,
+                    MERGE_NARROW_DEFAULT if merge_narrow is None
+                    else bool(merge_narrow),
                     interpret)

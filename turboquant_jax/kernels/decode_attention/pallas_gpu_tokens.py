@@ -463,8 +463,13 @@ def _kernel(lengths_ref, *refs, key_specs, value_specs, groups, split_len,
             kv_heads, splits, mode, interpret, n, rows, stages,
             key_registers, transpose_p, skip_empty_splits, window, tokens,
             rotate, append, overlap_values, tma_row_bytes,
-            values_registers):
+            values_registers, merged=(False, False)):
   nk, nv = len(key_specs), len(value_specs)
+  # merged: the keys' (values') two parts of NARROW coordinates as one
+  # group (merged_group): one score product (one Pᵀ, one P·V product and
+  # one output) instead of one per part.
+  merge_keys, merge_values = merged
+  n_scores, n_out = (1 if merge_keys else nk), (1 if merge_values else nv)
   # The value parts read in value_rows order (values_registers), and those
   # of them looked up into registers: on the device (interpret mode sends
   # the same order through SMEM).
@@ -479,11 +484,13 @@ def _kernel(lengths_ref, *refs, key_specs, value_specs, groups, split_len,
     (key_rot, value_rot), refs = refs[:2], refs[2:]   # come unrotated
     rot_tiles, rot_barriers = refs[-scratch_count:-2]
     _fetch_rotations(key_rot, value_rot, rot_tiles, rot_barriers)
-  if append:              # the token's k, v, rotation columns and tables
-    append_in, refs = refs[:7], refs[7:]
+  if append:              # the token's k, v, rotation columns, per part
+    n_in = 3 + 2 * len(append)          # its thresholds and centroids
+    append_in, refs = refs[:n_in], refs[n_in:]
   (kc_refs, kn_refs, vc_refs, vn_refs, o_refs, ml_ref,
    program) = base._program_refs(refs, nk, nv, kv_heads,
-                                 splits + bool(append), wait=False)
+                                 splits + bool(append), wait=False,
+                                 n_out=n_out)
   q_smem = refs[-2]                  # [groups of all key parts, N, 64]
   # The queries' copy is waited for where they are first read: with
   # rotate right away, else in the first tile's body (after the
@@ -496,10 +503,11 @@ def _kernel(lengths_ref, *refs, key_specs, value_specs, groups, split_len,
     groups_k = base._groups(key_specs[0])
     _rotate_queries(_rotation(rot_tiles, rot_barriers, 0, groups_k),
                     q_smem, groups_k, n)
-  k_first = base._offsets(key_specs)
+  k_first = [0] if merge_keys else base._offsets(key_specs)
   # The value pool's groups: the parts not in registers, one after another.
-  v_groups = [0 if r else base._groups(s)
-              for s, r in zip(value_specs, registers)]
+  v_groups = [1] if merge_values else [0 if r else base._groups(s)
+                                       for s, r in zip(value_specs,
+                                                       registers)]
   v_first = list(np.cumsum([0] + v_groups)[:-1])
   b, k = jax.lax.axis_index("b"), jax.lax.axis_index("k")
   split, capacity = jax.lax.axis_index("s"), split_len * splits
@@ -537,6 +545,20 @@ def _kernel(lengths_ref, *refs, key_specs, value_specs, groups, split_len,
     """An [n] vector broadcast along `rows` rows."""
     return jax.lax.broadcast_in_dim(x, (rows, n), [1])
 
+  def merged_group(code_refs, norm_refs, specs) -> jax.Array:
+    """A tensor's two parts of NARROW coordinates as one f16 [rows, 64]
+    group (WGMMA layout), each part's centroids times its tokens' norms:
+    the split's rotated coordinates in order (outliers first), which one
+    product reads against the queries' (or Pᵀ) with no norm to apply."""
+    halves = []
+    for ref, norm_ref, spec in zip(code_refs, norm_refs, specs):
+      norm = plgpu.load(norm_ref, layout=_L.WGMMA.reduce(1),
+                        optimized=False).astype(jnp.float16)
+      halves.append(base.narrow_centroids(ref, spec, rows, interpret)
+                    * jax.lax.broadcast_in_dim(norm, (rows, base.NARROW),
+                                               [0]))
+    return jnp.concatenate(halves, axis=1)
+
   def body(k_pool, v_pool, p_smem, idx, *tile_and_carry):
     (i,) = idx
     *tile, carry = tile_and_carry
@@ -549,7 +571,15 @@ def _kernel(lengths_ref, *refs, key_specs, value_specs, groups, split_len,
     kc, kn = tile[:nk], tile[nk:2 * nk]
     vc, vn = tile[2 * nk:2 * nk + nv], tile[2 * nk + nv:]
     accs, m_i, l_i = carry
-    if key_registers:       # K stays in registers: the wgmma's A operand
+    if merge_keys:
+      group = merged_group(kc, kn, key_specs)
+      if key_registers:
+        k_tiles = [[group]]
+      else:
+        k_pool[0] = group
+        plgpu.commit_smem()
+        k_tiles = [[k_pool.at[0]]]
+    elif key_registers:     # K stays in registers: the wgmma's A operand
       k_tiles = [base.dequantize_groups(ref, spec, mode, interpret)
                  for ref, spec in zip(kc, key_specs)]
     else:
@@ -570,6 +600,9 @@ def _kernel(lengths_ref, *refs, key_specs, value_specs, groups, split_len,
       """The value tiles of the parts not in registers into the value pool
       (a commit_smem to follow), then those in registers as Vᵀ's fields
       if looked up now (else None: after Pᵀ's store)."""
+      if merge_values:
+        v_pool[0] = merged_group(vc, vn, value_specs)
+        return None
       for ref, spec, first, r, order in zip(vc, value_specs, v_first,
                                             registers, reordered):
         if r:
@@ -598,13 +631,13 @@ def _kernel(lengths_ref, *refs, key_specs, value_specs, groups, split_len,
       return [acc_ref[...] for acc_ref in acc_refs], fields
 
     raw, value_fields = pl.run_scoped(
-        scores, *[plgpu.ACC(shape, jnp.float32) for _ in key_specs])
+        scores, *[plgpu.ACC(shape, jnp.float32) for _ in range(n_scores)])
     if not overlap_values:
       # After the score wgmma: the key tiles (registers) are dead by now,
       # and one commit_smem below covers the value and Pᵀ stores.
       unpack_values()
-    s = None
-    for part, norm_ref in zip(raw, kn):
+    s = raw[0] if merge_keys else None       # merged: normed already
+    for part, norm_ref in zip(raw if s is None else (), kn):
       part = part * per_token(norm_ref)
       s = part if s is None else s + part
     pos = first_pos + i * rows + token
@@ -620,7 +653,9 @@ def _kernel(lengths_ref, *refs, key_specs, value_specs, groups, split_len,
     l_new = l_i * per_query(alpha, rows) + p
     if transpose_p:
       p_smem = [ps.transpose((1, 0)) for ps in p_smem]   # [rows, n] views
-    for ps, norm_ref in zip(p_smem, vn):
+    if merge_values:                          # the values carry their norms
+      p_smem[0][...] = p.astype(jnp.float16)
+    for ps, norm_ref in zip(p_smem if not merge_values else (), vn):
       ps[...] = (p * per_token(norm_ref)).astype(jnp.float16)
     plgpu.commit_smem()
     if any(registers) and value_fields is None:
@@ -644,7 +679,8 @@ def _kernel(lengths_ref, *refs, key_specs, value_specs, groups, split_len,
               for acc in part_accs) for part_accs in accs)
     return new_accs, m_new, l_new
 
-  accs, m0 = _empty_state([base._groups(s) for s in value_specs], n)
+  accs, m0 = _empty_state([1] if merge_values else [
+      base._groups(s) for s in value_specs], n)
   n_tiles = split_len // rows
   tile0 = first_pos // rows
 
@@ -663,7 +699,8 @@ def _kernel(lengths_ref, *refs, key_specs, value_specs, groups, split_len,
   # The dequantized tiles' SMEM: none for keys in registers, nor for
   # values read into registers (on the device).
   k_pool = [] if key_registers else [base._group_smem(
-      sum(base._groups(s) for s in key_specs), rows=rows)]
+      1 if merge_keys else sum(base._groups(s) for s in key_specs),
+      rows=rows)]
   v_pool = [base._group_smem(sum(v_groups),
                              128 if transpose_p else _swizzle(n), rows)
             ] if sum(v_groups) else []
@@ -671,7 +708,7 @@ def _kernel(lengths_ref, *refs, key_specs, value_specs, groups, split_len,
   def scratch():
     """SMEM of the tile body: the pools above, then Pᵀ per value part."""
     return [*k_pool, *v_pool,
-            *[_p_smem(n, rows, transpose_p) for _ in range(nv)]]
+            *[_p_smem(n, rows, transpose_p) for _ in range(n_out)]]
 
   def pools(smem) -> tuple:
     """scratch()'s refs as (key pool or None, value pool or None, Pᵀs)."""
@@ -705,19 +742,22 @@ def _kernel(lengths_ref, *refs, key_specs, value_specs, groups, split_len,
     attention to that token alone: its codes and norms as row 0 of a tile
     in SMEM (the other rows' norms zero, their scores masked), through the
     same body as every tile."""
-    k_new, v_new, columns, k_thr, k_cen, v_thr, v_cen = append_in
-    dim = key_specs[0].dim
-    norm_refs = kn_refs + vn_refs
-    (key_words, key_norm), (value_words, value_norm) = pl.run_scoped(
+    k_new, v_new, columns, *flat = append_in
+    dim = append[-1].stop                # the head dim
+    norm_refs = (*kn_refs, *vn_refs)
+    quantized = pl.run_scoped(
         lambda codes_smem: append_gpu.quantize_token(
-            k_new, v_new, columns, ((k_thr, k_cen), (v_thr, v_cen)),
+            k_new, v_new, columns, list(zip(flat[::2], flat[1::2])),
             codes_smem, b, k, dim=dim, parts=append,
             norm_dtypes=tuple(r.dtype for r in norm_refs)),
         plgpu.SMEM((2, dim), jnp.int32))
     plgpu.commit_smem()     # one_tile's scope reuses codes_smem's bytes
-    written = ((key_words, key_norm, kc_refs[0], kn_refs[0], key_specs[0]),
-               (value_words, value_norm, vc_refs[0], vn_refs[0],
-                value_specs[0]))
+    # Per part (keys', then values'; the outlier split's outlier part
+    # first): its bytes, norm, HBM refs and spec.
+    written = [(words, norm, code_ref, norm_ref, spec)
+               for (words, norm), code_ref, norm_ref, spec in zip(
+                   quantized, (*kc_refs, *vc_refs), norm_refs,
+                   (*key_specs, *value_specs))]
     appended = old < capacity
 
     @pl.when(appended)
@@ -734,7 +774,7 @@ def _kernel(lengths_ref, *refs, key_specs, value_specs, groups, split_len,
       refs[-1 - scratch_count][b] = jnp.minimum(old + 1, capacity)
 
     def one_tile(*smem):
-      head, tile = smem[:-4], smem[-4:]
+      head, tile = smem[:-2 * nk - 2 * nv], smem[-2 * nk - 2 * nv:]
       k_pool, v_pool, p_smem = pools(head)
       for (words, norm, _, _, spec), code_t, norm_t in zip(
           written, tile[::2], tile[1::2]):
@@ -745,16 +785,16 @@ def _kernel(lengths_ref, *refs, key_specs, value_specs, groups, split_len,
         for r in range(1, rows):      # finite norms: masked rows weigh 0
           norm_t[r] = jnp.zeros((), norm_t.dtype)
       plgpu.commit_smem()
-      kc_t, kn_t, vc_t, vn_t = tile
-      return body(k_pool, v_pool, p_smem, (0,), kc_t, kn_t, vc_t, vn_t,
+      codes_t, norms_t = tile[::2], tile[1::2]     # body's order below
+      return body(k_pool, v_pool, p_smem, (0,), *codes_t[:nk],
+                  *norms_t[:nk], *codes_t[nk:], *norms_t[nk:],
                   (accs, m0, _zeros(shape)))
 
     def attend_one():
       block = lambda spec: base._tile_specs((spec,), (), 0, rows,
                                             tma_row_bytes)[0]
       tile = []
-      for spec, norm_ref in ((key_specs[0], kn_refs[0]),
-                             (value_specs[0], vn_refs[0])):
+      for spec, norm_ref in zip((*key_specs, *value_specs), norm_refs):
         tile += [plgpu.SMEM(block(spec).block_shape, jnp.uint8),
                  plgpu.SMEM((rows,), norm_ref.dtype)]
       accs_out, m_i, l_i = pl.run_scoped(one_tile, *scratch(), *tile)
@@ -807,20 +847,21 @@ def fused_attention(inp: parts.KernelInputs, *, splits: int = 8,
                     min_columns: int = 16, approx_math: bool = False,
                     auto_barriers: bool = True, overlap_values: bool = True,
                     tma_row_bytes: int = 16, queries=None,
-                    values_registers: bool = False):
+                    values_registers: bool = False,
+                    merge_narrow: bool = False):
   """Runs the kernel: (acc per value part [B,K,NS,M,Dp], m, l [B,K,NS,M]),
   or with `columns` as the kernel wrote them: acc [B,K,NS,Dp,N], m, l
   [B,K,NS,N] (all N query columns, no transpose).
 
   append: None, or (cache, k, v [B, K, 1, D]) for a decode step whose
-  token is not in the cache yet (inp.lengths: the tokens before it; one
-  mse key part, one value part, quantize_append.supported): the kernel also
+  token is not in the cache yet (inp.lengths: the tokens before it; mse
+  keys, quantize_append.supported; the outlier split too): the kernel also
   quantizes the token and writes it at position lengths[b] (program s =
   NS of each (b, k), quantize_append's quantize_token), and that program
   attends to the token alone, so the outputs hold NS + 1 splits. One
   launch instead of the append kernel's and this one's. Returns
-  (the above, (key codes, key norms, value codes, value norms, lengths)
-  of the cache with the token written).
+  (the above, (key codes, key norms, value codes, value norms per part,
+  lengths) of the cache with the token written).
 
   rotate: None, or (q f32[B, K, M, D] scaled but not rotated, Π_k's and
   Π_v's f16 [G², 64, 64] tiles from rotation.as_tiles) for one mse key
@@ -874,6 +915,12 @@ def fused_attention(inp: parts.KernelInputs, *, splits: int = 8,
   The other parts (the outlier split's 3-bit part of 64 coordinates)
   still go through SMEM. Interpret mode (whose wgmma takes no register
   operand) sends the same order through SMEM.
+  merge_narrow: a tensor split into two parts of base.NARROW coordinates
+  (the outlier split at D = 64) is looked up into one 64-column group,
+  each part's centroids times its tokens' norms (the kernel's
+  merged_group), instead of one zero-padded group per part: keys, one
+  score product over unpadded queries; values, one Pᵀ, one P·V product,
+  one output (cut into the parts' accumulators here).
   """
   if min_columns not in (8, 16) or (min_columns == 8 and not transpose_p):
     raise ValueError(f"{min_columns=}, {transpose_p=}: expected 16, or 8 "
@@ -889,6 +936,8 @@ def fused_attention(inp: parts.KernelInputs, *, splits: int = 8,
     if reason:
       raise ValueError(f"{values_registers=}: needs {reason}")
   specs, q_parts, codes, norms = base._kernel_specs(inp)
+  merge_keys = merge_narrow and mergeable(specs)
+  merge_values = merge_narrow and mergeable(inp.value_specs)
   b, kv, m, _ = inp.q[0].shape
   n = query_columns(m, min_columns)
   cap = inp.value_codes[0].shape[2]
@@ -897,8 +946,10 @@ def fused_attention(inp: parts.KernelInputs, *, splits: int = 8,
                    tma_row_bytes)
   out_splits = splits + (append is not None)
   programs = b * kv * out_splits
-  out_type = [jax.ShapeDtypeStruct((programs * base._groups(s), GROUP, n),
-                                   jnp.float32) for s in inp.value_specs]
+  out_groups = [1] if merge_values else [base._groups(s)
+                                         for s in inp.value_specs]
+  out_type = [jax.ShapeDtypeStruct((programs * g, GROUP, n), jnp.float32)
+              for g in out_groups]
   out_type.append(jax.ShapeDtypeStruct((programs, 2, n), jnp.float32))
   append_in, append_specs, code_arrays = [], None, [
       *[base._tma_rows(c, tma_row_bytes) for c in codes], *norms,
@@ -909,13 +960,14 @@ def fused_attention(inp: parts.KernelInputs, *, splits: int = 8,
     kq, vq = cache.key_quantizer, cache.value_quantizer
     append_specs = append_gpu.parts_of(kq, vq)
     append_in = [append_gpu.centered_keys(cache, k_new),
-                 v_new[:, :, 0], append_gpu.columns(kq, vq),
-                 kq.thresholds, kq.centroids, vq.thresholds, vq.centroids]
+                 v_new[:, :, 0], append_gpu.cache_columns(cache),
+                 *[a for pair in append_gpu.part_tables(cache)
+                   for a in pair]]
     # Written in place: refs that XLA aliases to the kernel's outputs.
     code_arrays = [jax.new_ref(a) for a in code_arrays]
     out_type.append(jax.ShapeDtypeStruct((b,), jnp.int32))   # new lengths
-  scratch = [_columns_smem(sum(base._groups(s) for s in specs), n),
-             plgpu.Barrier()]
+  key_groups = 1 if merge_keys else sum(base._groups(s) for s in specs)
+  scratch = [_columns_smem(key_groups, n), plgpu.Barrier()]
   if rotate is not None:  # Π_k and Π_v tiles, fetched at the start
     groups = base._groups(specs[0])
     scratch = _rotation_smem(groups) + scratch
@@ -932,7 +984,8 @@ def fused_attention(inp: parts.KernelInputs, *, splits: int = 8,
                         rotate=rotate is not None, append=append_specs,
                         overlap_values=overlap_values,
                         tma_row_bytes=tma_row_bytes,
-                        values_registers=values_registers),
+                        values_registers=values_registers,
+                        merged=(merge_keys, merge_values)),
       out_type=out_type, scratch_types=scratch,
       grid=(b, kv, out_splits), grid_names=("b", "k", "s"),
       compiler_params=plgpu.CompilerParams(
@@ -945,20 +998,26 @@ def fused_attention(inp: parts.KernelInputs, *, splits: int = 8,
     q_parts = [q_raw]
   if queries is None:
     queries = base._query_groups(jnp.concatenate(
-        [_padded_queries(q, s) for q, s in zip(q_parts, specs)], axis=-1), n)
-  elif queries.shape != (b * kv * sum(base._groups(s) for s in specs), n,
-                         GROUP):
+        q_parts if merge_keys else [_padded_queries(q, s)
+                                    for q, s in zip(q_parts, specs)],
+        axis=-1), n)
+  elif queries.shape != (b * kv * key_groups, n, GROUP):
     raise ValueError(f"queries {queries.shape}: expected "
                      f"[{b * kv} x key groups, {n}, {GROUP}]")
   outs = kernel(inp.lengths, *rotations, *append_in, queries, *code_arrays)
-  nv = len(inp.value_specs)
+  nv = 1 if merge_values else len(inp.value_specs)
   written = None
   if append is not None:
     stored = [r[...].reshape(a.shape) for r, a in zip(
         code_arrays, [*codes, *norms, *inp.value_codes, *inp.value_norms])]
     written, outs = (*stored, outs[-1]), outs[:-1]
   result = _split_outputs(outs, nv, (b, kv, out_splits), m, n, columns)
-  if any(s.dim % GROUP for s in inp.value_specs):   # parts of NARROW
+  if merge_values:        # the one group's coordinates: both parts'
+    (acc,), m_out, l_out = result
+    cut = inp.value_specs[0].dim
+    result = ([acc[..., :cut, :], acc[..., cut:, :]] if columns
+              else [acc[..., :cut], acc[..., cut:]], m_out, l_out)
+  elif any(s.dim % GROUP for s in inp.value_specs):   # parts of NARROW
     accs, m_out, l_out = result
     result = ([a[..., :s.dim, :] if columns else a[..., :s.dim]
                for a, s in zip(accs, inp.value_specs)], m_out, l_out)
@@ -968,6 +1027,14 @@ def fused_attention(inp: parts.KernelInputs, *, splits: int = 8,
                for a, r in zip(accs, registers_parts(inp.value_specs))],
               m_out, l_out)
   return result if written is None else (result, written)
+
+
+def mergeable(specs) -> bool:
+  """Whether merge_narrow takes these parts (a tensor's, as the kernel
+  sees them) as one group: two codebook parts of base.NARROW coordinates
+  (the outlier split at D = 64; no QJL sign parts)."""
+  return len(specs) == 2 and all(s.dim == base.NARROW and s.bits
+                                 for s in specs)
 
 
 def _padded_queries(q: jax.Array, spec: parts.PartSpec) -> jax.Array:
