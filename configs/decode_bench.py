@@ -30,9 +30,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
               # h200_v7); the append left to XLA (the default before v8).
               ("full-bf16-cudnn", "full", 16, 16, "cudnn", "xla"),
               ("tq4-xla-append", "turboquant", 4, 4, None, "xla"),
-              # The outlier split (parts of 32 at this head dim, 64): XLA's
-              # append (the append kernel takes integer bits), the attention
-              # kernel's zero-padded groups (session 20).
+              # The outlier split (parts of 32 at this head dim, 64): as tq4
+              # (append and attention in one launch at B=1, the append
+              # kernel's and the attention's at B=32; session 21).
               ("tq2.5", "turboquant", 2.5, 2.5, None, "auto"),
               ("tq3.5", "turboquant", 3.5, 3.5, None, "auto"))
   c.steps_per_call = 32                 # decode steps in one jitted loop

@@ -146,7 +146,8 @@ def check_correctness(impl: str, bits: float, head_dim: int,
 def bench_append(config, writer, done, device):
   """Quantize-and-append throughput (rows op=quantize_append) of each of
   config.append_impls: "xla", and "pallas_gpu" (the fused kernel: one
-  token, integer bits; other rows are skipped)."""
+  token, integer bits up to 4 or their outlier split; other rows are
+  skipped)."""
   hkv, d = config.kv_heads, config.head_dim
   for batch in config.append_batches:
     for bits in config.bits:

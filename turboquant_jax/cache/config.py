@@ -87,12 +87,13 @@ class CacheConfig:
     append_impl: (turboquant only) how a decode step's token is written:
       "pallas_gpu": one fused Mosaic GPU kernel (kernels/quantize_append)
       on a GPU where it supports the cache (one token, head dim a multiple
-      of 64, integer bits up to 4, mse, 16/32-bit norms, no window or
-      sink); every other append, and every append off a GPU, is left to
-      XLA. "xla": always XLA. "fused": in a model's decode step (one token,
-      attention impl None or "pallas_gpu", on a GPU) the attention kernel
-      itself quantizes and writes the token (kernels.decode_attention.
-      append_attention: one Mosaic GPU launch a layer instead of two);
+      of 64, integer bits up to 4 or the outlier split of such parts, mse,
+      16/32-bit norms, no window or sink); every other append, and every
+      append off a GPU, is left to XLA. "xla": always XLA. "fused": in a
+      model's decode step (one token, attention impl None or "pallas_gpu",
+      on a GPU) the attention kernel itself quantizes and writes the token
+      (kernels.decode_attention.append_attention: one Mosaic GPU launch a
+      layer instead of two);
       every other append as "pallas_gpu". "auto" (the default): "fused"
       for batch · KV heads up to decode_attention.FUSED_MAX_SEQUENCE_HEADS,
       else "pallas_gpu" (on the H200 the one launch was faster up to B=16

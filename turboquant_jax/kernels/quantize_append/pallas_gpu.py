@@ -28,7 +28,8 @@ The reference is the XLA path (`turboquant_cache.append(impl="xla")`):
 the same codes except for coordinates within rounding of a threshold (the
 rotation and the norm are summed in another order, and the norm is taken
 of Πx rather than x, equal up to rounding as Π is orthogonal); 0 bytes
-differed on the H200 at D = 64, 128, 256.
+differed on the H200 at D = 64, 128, 256, and with the outlier split at
+D = 64 and 128.
 
 The outlier split (fractional bits) goes through the same steps with
 each tensor's two parts side by side in its row: the rotation is the
