@@ -190,6 +190,29 @@ class PallasGpuInterpretTest(parameterized.TestCase):
     np.testing.assert_allclose(got, want, rtol=self.TOL,
                                atol=self.TOL * scale)
 
+  def test_merged_parts_of_32_build_no_padded_group(self):
+    # merge_narrow reads each tensor's two parts as one group: no
+    # zero-padded group (_narrow_group) is built; without it, four are.
+    cache = self._cache(64, 2.5, 3.5, 0, (128, 9), 0)
+    q = jax.random.normal(jax.random.key(5), (2, 1, 4, 64))
+    real, calls = pallas_gpu._narrow_group, []
+
+    def counted(*args):
+      calls.append(1)
+      return real(*args)
+
+    jax.clear_caches()         # every option below traced afresh
+    try:
+      pallas_gpu._narrow_group = counted
+      for merge, padded_groups in ((True, 0), (False, 4)):
+        calls.clear()
+        attn.chunk_attention(q, cache, cache.lengths, impl="pallas_gpu",
+                             interpret=True, splits=2, merge_narrow=merge)
+        self.assertLen(calls, padded_groups, merge)
+    finally:
+      pallas_gpu._narrow_group = real
+      jax.clear_caches()
+
   def test_parts_of_32_refused_elsewhere(self):
     # Parts of 32 only through the tokens kernel's prmt lookup; the
     # queries layout, the other lookups and QJL sign parts of 32 raise

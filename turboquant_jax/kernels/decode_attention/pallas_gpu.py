@@ -1161,8 +1161,10 @@ def attention(q: jax.Array, cache, lengths: jax.Array, *,
       (two parts of 32 coordinates) looked up into one 64-column group,
       each part's centroids times its tokens' norms, instead of one
       zero-padded group per part (half the tensor-core work, one Pᵀ
-      store; pallas_gpu_tokens.fused_attention). None:
-      MERGE_NARROW_DEFAULT.
+      store; pallas_gpu_tokens.fused_attention). The norms meet the
+      centroids in f16 there: a norm above 65504 (only bf16 or f32
+      stored norms hold one) overflows, where False reads it in f32.
+      None: MERGE_NARROW_DEFAULT.
     interpret: None uses Mosaic GPU interpret mode when the backend is not
       a GPU.
   """
