@@ -162,16 +162,18 @@ class PallasGpuInterpretTest(parameterized.TestCase):
            options=dict(tile_rows=128, splits=1, stages=3)))
 
   @parameterized.named_parameters(*_PARTS_OF_32)
+  @pytest.mark.slow
   def test_parts_of_32_coordinates(self, **case):
     # The outlier split at D = 64 (2.5 and 3.5 bits): two parts of 32
     # coordinates each, looked up into zero-padded column groups
-    # (pallas_gpu._narrow_group; at 3 bits through _narrow_planes3).
+    # (pallas_gpu._narrow_group; at 3 bits through _narrow_planes3): slow,
+    # as merge_narrow (below, the default) reads them otherwise.
     self._check_parts_of_32(merge_narrow=False, **case)
 
   @parameterized.named_parameters(*_PARTS_OF_32)
   def test_parts_of_32_merged(self, **case):
-    # The same with merge_narrow: a tensor's two parts as one group, each
-    # part's centroids times its norms (pallas_gpu_tokens' merged_group).
+    # merge_narrow: a tensor's two parts as one group, each part's
+    # centroids times its norms (pallas_gpu_tokens' merged_group).
     self._check_parts_of_32(merge_narrow=True, **case)
 
   def _check_parts_of_32(self, key_bits, value_bits, groups, tokens,

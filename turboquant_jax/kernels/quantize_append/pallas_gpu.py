@@ -145,12 +145,10 @@ def _pack(codes: list, dim: int, bits: int) -> list:
   return words
 
 
-def _masks(parts: tuple[Part, ...], layout, dim: int) -> list:
-  """bool[2, D] per part: where its coordinates sit in the block."""
-  def iota(axis):
-    return plgpu.layout_cast(
-        jax.lax.broadcasted_iota(jnp.int32, (2, dim), axis), layout)
-  row, col = iota(0), iota(1)
+def _masks(parts: tuple[Part, ...], row, col, dim: int) -> list:
+  """bool[2, D] per part: where its coordinates sit in the block (row,
+  col: i32[2, D], each element's row and column; col only needed where a
+  part covers part of a row)."""
   masks = []
   for p in parts:
     mask = row == p.row
@@ -194,9 +192,13 @@ def quantize_token(k_ref, v_ref, rot_ref, tables, codes_smem, b, k, *,
   scratch.
   """
   layout = plgpu.Layout.WG_STRIDED((2, dim), vec_size=min(2, dim // 64))
-  masks = _masks(parts, layout, dim)
-  is_key = masks[0] if len(parts) == 2 else _masks(
-      (Part(0, 0, dim, 0, False),), layout, dim)[0]
+  def iota(axis):
+    return plgpu.layout_cast(
+        jax.lax.broadcasted_iota(jnp.int32, (2, dim), axis), layout)
+  row = iota(0)
+  col = iota(1) if any((p.start, p.stop) != (0, dim) for p in parts) else None
+  is_key = row == 0
+  masks = _masks(parts, row, col, dim)
   # y = Π x, f32[2, D]: row 0 the key, row 1 the value; a column of each
   # rotation times one coordinate of each input per step.
   folded = len(rot_ref.shape) == 4
