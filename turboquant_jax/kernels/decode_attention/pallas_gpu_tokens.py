@@ -535,11 +535,15 @@ def _kernel(lengths_ref, *refs, key_specs, value_specs, groups, split_len,
     query = plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=_L.WGMMA)
     limit = qend - 1 + query // groups
 
+  def token_norms(norm_ref, dtype, columns: int):
+    """A [rows] norm tile in `dtype` broadcast along `columns` columns."""
+    norm = plgpu.load(norm_ref, layout=_L.WGMMA.reduce(1),
+                      optimized=False).astype(dtype)
+    return jax.lax.broadcast_in_dim(norm, (rows, columns), [0])
+
   def per_token(norm_ref):
     """A [rows] norm tile broadcast along the query columns."""
-    norm = plgpu.load(norm_ref, layout=_L.WGMMA.reduce(1),
-                      optimized=False).astype(jnp.float32)
-    return jax.lax.broadcast_in_dim(norm, shape, [0])
+    return token_norms(norm_ref, jnp.float32, n)
 
   def per_query(x, rows):
     """An [n] vector broadcast along `rows` rows."""
@@ -550,14 +554,10 @@ def _kernel(lengths_ref, *refs, key_specs, value_specs, groups, split_len,
     group (WGMMA layout), each part's centroids times its tokens' norms:
     the split's rotated coordinates in order (outliers first), which one
     product reads against the queries' (or Pᵀ) with no norm to apply."""
-    halves = []
-    for ref, norm_ref, spec in zip(code_refs, norm_refs, specs):
-      norm = plgpu.load(norm_ref, layout=_L.WGMMA.reduce(1),
-                        optimized=False).astype(jnp.float16)
-      halves.append(base.narrow_centroids(ref, spec, rows, interpret)
-                    * jax.lax.broadcast_in_dim(norm, (rows, base.NARROW),
-                                               [0]))
-    return jnp.concatenate(halves, axis=1)
+    return jnp.concatenate([
+        base.narrow_centroids(ref, spec, rows, interpret)
+        * token_norms(norm_ref, jnp.float16, base.NARROW)
+        for ref, norm_ref, spec in zip(code_refs, norm_refs, specs)], axis=1)
 
   def body(k_pool, v_pool, p_smem, idx, *tile_and_carry):
     (i,) = idx
@@ -636,10 +636,12 @@ def _kernel(lengths_ref, *refs, key_specs, value_specs, groups, split_len,
       # After the score wgmma: the key tiles (registers) are dead by now,
       # and one commit_smem below covers the value and Pᵀ stores.
       unpack_values()
-    s = raw[0] if merge_keys else None       # merged: normed already
-    for part, norm_ref in zip(raw if s is None else (), kn):
-      part = part * per_token(norm_ref)
-      s = part if s is None else s + part
+    if merge_keys:                            # the keys carry their norms
+      s = raw[0]
+    else:
+      s = raw[0] * per_token(kn[0])
+      for part, norm_ref in zip(raw[1:], kn[1:]):
+        s = s + part * per_token(norm_ref)
     pos = first_pos + i * rows + token
     visible = pos < qlen
     if limit is not None:
@@ -655,8 +657,9 @@ def _kernel(lengths_ref, *refs, key_specs, value_specs, groups, split_len,
       p_smem = [ps.transpose((1, 0)) for ps in p_smem]   # [rows, n] views
     if merge_values:                          # the values carry their norms
       p_smem[0][...] = p.astype(jnp.float16)
-    for ps, norm_ref in zip(p_smem if not merge_values else (), vn):
-      ps[...] = (p * per_token(norm_ref)).astype(jnp.float16)
+    else:
+      for ps, norm_ref in zip(p_smem, vn):
+        ps[...] = (p * per_token(norm_ref)).astype(jnp.float16)
     plgpu.commit_smem()
     if any(registers) and value_fields is None:
       value_fields = lookup_values()
@@ -957,8 +960,7 @@ def fused_attention(inp: parts.KernelInputs, *, splits: int = 8,
       *inp.value_norms]
   if append is not None:
     cache, k_new, v_new = append
-    kq, vq = cache.key_quantizer, cache.value_quantizer
-    append_specs = append_gpu.parts_of(kq, vq)
+    append_specs = append_gpu.parts_of(cache)
     append_in = [append_gpu.centered_keys(cache, k_new),
                  v_new[:, :, 0], append_gpu.cache_columns(cache),
                  *[a for pair in append_gpu.part_tables(cache)

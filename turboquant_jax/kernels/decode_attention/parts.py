@@ -130,11 +130,17 @@ def _spec(q: turboquant.Quantizer) -> PartSpec:
                   prod=q.method == turboquant.Method.PROD)
 
 
-def _parts(q, qt):
+def tensor_parts(q, qt):
   """[(quantizer, tensor)] of a plain or split pair (outliers first)."""
   if isinstance(q, split.SplitQuantizer):
     return [(q.outlier, qt.outlier), (q.regular, qt.regular)]
   return [(q, qt)]
+
+
+def cache_parts(cache) -> list:
+  """tensor_parts of a cache's keys, then of its values."""
+  return (tensor_parts(cache.key_quantizer, cache.keys)
+          + tensor_parts(cache.value_quantizer, cache.values))
 
 
 def rotation_matrix(quantizer, stored) -> jax.Array | None:
@@ -158,8 +164,7 @@ def supported(cache) -> str | None:
   if cache.config.sink:
     return (f"sink={cache.config.sink}: kernels do not read the "
             "full-precision sink tokens")
-  for q, _ in _parts(cache.key_quantizer, cache.keys) + _parts(
-      cache.value_quantizer, cache.values):
+  for q, _ in cache_parts(cache):
     if q.dim % 8:
       raise NotImplementedError(f"part dim {q.dim} must be a multiple of 8")
   return None
@@ -188,7 +193,7 @@ def prepare(q: jax.Array, cache, lengths: jax.Array, scale: float,
     # Every part's gathers and rotations in one product (outliers first).
     y_all = folded_queries(qh, folded) * scale
   offset = 0
-  for kq, kqt in _parts(cache.key_quantizer, keys):
+  for kq, kqt in tensor_parts(cache.key_quantizer, keys):
     if folded is not None:
       y_rot = y_all[..., offset:offset + kq.dim]
       offset += kq.dim
@@ -212,7 +217,7 @@ def prepare(q: jax.Array, cache, lengths: jax.Array, scale: float,
       kcoefs.append(None)
     kspecs.append(spec)
   vcodes, vnorms, vspecs = [], [], []
-  for vq, vqt in _parts(cache.value_quantizer, values):
+  for vq, vqt in tensor_parts(cache.value_quantizer, values):
     vcodes.append(vqt.codes)
     vnorms.append(as_norms(vqt.norms))
     vspecs.append(_spec(vq))

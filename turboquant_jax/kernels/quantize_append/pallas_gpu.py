@@ -53,27 +53,13 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from turboquant_jax.cache import turboquant_cache
 from turboquant_jax.kernels.decode_attention import pallas_gpu as attention_gpu
+from turboquant_jax.kernels.decode_attention import parts as kernel_parts
 from turboquant_jax.quant import packing
 from turboquant_jax.quant import rotation
 from turboquant_jax.quant import split
 from turboquant_jax.quant import turboquant
 
 MAX_BITS = 4            # 2^b - 1 compares per coordinate
-
-
-def _quantizer_parts(q) -> list:
-  """The integer-bit quantizers of one tensor: [q], or the outlier split's
-  [outlier part, regular part] (leaves stacked per KV head)."""
-  if isinstance(q, split.SplitQuantizer):
-    return [q.outlier, q.regular]
-  return [q]
-
-
-def _tensor_parts(t) -> list:
-  """The stored parts of a (split) quantized tensor, as _quantizer_parts."""
-  if isinstance(t, split.SplitQuantizedTensor):
-    return [t.outlier, t.regular]
-  return [t]
 
 
 def supported(cache, tokens: int) -> str | None:
@@ -91,9 +77,9 @@ def supported(cache, tokens: int) -> str | None:
   if cache.head_dim % 64:
     return (f"head_dim={cache.head_dim}: the kernel needs a multiple of 64 "
             "(a key and a value fill whole warpgroup rows)")
-  for name, q in (("keys", cache.key_quantizer),
-                  ("values", cache.value_quantizer)):
-    for part in _quantizer_parts(q):
+  for name, q, t in (("keys", cache.key_quantizer, cache.keys),
+                     ("values", cache.value_quantizer, cache.values)):
+    for part, _ in kernel_parts.tensor_parts(q, t):
       if part.method != turboquant.Method.MSE:
         return f"{name}: method {part.method!r}; the kernel writes mse codes"
       if not 1 <= part.mse_bits <= MAX_BITS:
@@ -115,13 +101,15 @@ class Part:
   correction: bool
 
 
-def parts_of(key_quantizer, value_quantizer) -> tuple[Part, ...]:
+def parts_of(cache) -> tuple[Part, ...]:
   """The key's parts, then the value's, in the order the cache stores them
-  (the split's outlier part first: split.folded_rotation's rows [0, O))."""
+  (kernel_parts.cache_parts: the split's outlier part first,
+  split.folded_rotation's rows [0, O))."""
   out = []
-  for row, q in enumerate((key_quantizer, value_quantizer)):
+  for row, (q, t) in enumerate(((cache.key_quantizer, cache.keys),
+                                (cache.value_quantizer, cache.values))):
     start = 0
-    for part in _quantizer_parts(q):
+    for part, _ in kernel_parts.tensor_parts(q, t):
       out.append(Part(row, start, start + part.dim, part.mse_bits,
                       bool(part.norm_correction)))
       start += part.dim
@@ -292,31 +280,32 @@ def cache_columns(cache) -> jax.Array:
   folded rotation (kept by the cache; derived where it does not keep them)
   and of the other tensor's rotation."""
   kq, vq = cache.key_quantizer, cache.value_quantizer
-  if len(_quantizer_parts(kq)) == len(_quantizer_parts(vq)) == 1:
+  is_split = [isinstance(q, split.SplitQuantizer) for q in (kq, vq)]
+  if not any(is_split):
     return columns(kq, vq)
 
-  def per_head(q, stored, transposed):       # f32[K, D, D]: [k, j, i]
-    if not isinstance(q, split.SplitQuantizer):
-      matrix = rotation.as_matrix(q.rotation).T
-      return jnp.broadcast_to(matrix, (cache.kv_heads, *matrix.shape))
-    if stored is None:
-      stored = turboquant_cache.split_rotation(q, transposed=transposed)
-    return stored if transposed else jnp.swapaxes(stored, 1, 2)
+  def shared(q):                          # f32[K, D, D]: [k, j, i]
+    matrix = rotation.as_matrix(q.rotation).T
+    return jnp.broadcast_to(matrix, (cache.kv_heads, *matrix.shape))
 
-  return jnp.stack([per_head(kq, cache.key_split_rotation, False),
-                    per_head(vq, cache.value_split_rotation, True)], 2)
+  # The folded rotations as the decode kernels take them (the keys' E,
+  # the values' Eᵀ): columns of E are rows of Eᵀ.
+  keys = (jnp.swapaxes(kernel_parts.rotation_matrix(
+      kq, cache.key_split_rotation), 1, 2) if is_split[0] else shared(kq))
+  values = (kernel_parts.output_rotation(cache)[0] if is_split[1]
+            else shared(vq))
+  return jnp.stack([keys, values], 2)
 
 
 def part_tables(cache) -> list:
   """Per part (parts_of's order): (thresholds, centroids)."""
   return [(q.thresholds, q.centroids)
-          for tensor in (cache.key_quantizer, cache.value_quantizer)
-          for q in _quantizer_parts(tensor)]
+          for q, _ in kernel_parts.cache_parts(cache)]
 
 
 def stored_parts(cache) -> list:
   """Per part (parts_of's order): the stored QuantizedTensor."""
-  return _tensor_parts(cache.keys) + _tensor_parts(cache.values)
+  return [t for _, t in kernel_parts.cache_parts(cache)]
 
 
 def with_stored_parts(cache, quantized: list):
@@ -326,7 +315,7 @@ def with_stored_parts(cache, quantized: list):
     if isinstance(old, split.SplitQuantizedTensor):
       return dataclasses.replace(old, outlier=new[0], regular=new[1])
     return new[0]
-  n_keys = len(_tensor_parts(cache.keys))
+  n_keys = len(kernel_parts.tensor_parts(cache.key_quantizer, cache.keys))
   return dataclasses.replace(
       cache, keys=rebuild(cache.keys, quantized[:n_keys]),
       values=rebuild(cache.values, quantized[n_keys:]))
@@ -351,7 +340,7 @@ def append(cache: turboquant_cache.TurboQuantCache, k: jax.Array,
   reason = supported(cache, k.shape[2])
   if reason:
     raise NotImplementedError(reason)
-  parts = parts_of(cache.key_quantizer, cache.value_quantizer)
+  parts = parts_of(cache)
   stored = stored_parts(cache)
   refs = [jax.new_ref(a) for t in stored for a in (t.codes, t.norms)]
   kernel = plgpu.kernel(
