@@ -674,13 +674,20 @@ class PallasGpuInterpretTest(parameterized.TestCase):
     # parts.prepare's queries laid out by the kernel (f16 rounding apart);
     # prod keys (sign parts), Hadamard rotations and more than
     # FOLDED_REDUCE_MAX_ROWS query rows get None (the laid-out path).
-    scale = 128 ** -0.5
-    for bits, b, t, g in ((3.5, 2, 1, 4), (3.5, 2, 3, 2), (4, 2, 1, 4),
-                          (3, 1, 2, 3)):
-      cache = self._cache(128, bits, 2.5, 0, (128, 70), 0)
-      q = jax.random.normal(jax.random.key(t), (b, t, 2 * g, 128))
+    # The split at D = 64 (parts of 32) gets one only with merge_narrow:
+    # its one merged group is the two parts' queries side by side.
+    for d, bits, b, t, g in ((128, 3.5, 2, 1, 4), (128, 3.5, 2, 3, 2),
+                             (128, 4, 2, 1, 4), (128, 3, 1, 2, 3),
+                             (64, 2.5, 2, 1, 4), (64, 3.5, 1, 2, 3)):
+      scale = d ** -0.5
+      cache = self._cache(d, bits, 2.5, 0, (128, 70), 0)
+      q = jax.random.normal(jax.random.key(t), (b, t, 2 * g, d))
       n = pallas_gpu_tokens.query_columns(t * g, 8)
-      got = pallas_gpu.folded_query_operand(q, cache, scale, n)
+      got = pallas_gpu.folded_query_operand(q, cache, scale, n,
+                                            merge_narrow=True)
+      if d == 64:
+        self.assertIsNone(pallas_gpu.folded_query_operand(q, cache, scale,
+                                                          n))
       inp = parts.prepare(q, cache, cache.lengths, scale)
       want = pallas_gpu._query_groups(jnp.concatenate(inp.q, axis=-1), n)
       self.assertEqual(got.shape, want.shape)
@@ -688,6 +695,7 @@ class PallasGpuInterpretTest(parameterized.TestCase):
       np.testing.assert_allclose(np.asarray(got, np.float32),
                                  np.asarray(want, np.float32),
                                  rtol=2e-3, atol=2e-3)
+    scale = 128 ** -0.5
     none = lambda c, b=2: pallas_gpu.folded_query_operand(
         jnp.ones((b, 1, 8, 128)), c, scale, 8)
     self.assertIsNone(none(self._cache(128, 3.5, 2.5, 0, (128, 70), 0,

@@ -738,7 +738,7 @@ def _attention(q, cache, lengths, scale, splits, lookup_mode, layout,
     else:
       n = pallas_gpu_tokens.query_columns(inp.q[0].shape[2], min_columns)
       run = functools.partial(run, queries=folded_query_operand(
-          q, cache, scale, n))
+          q, cache, scale, n, merge_narrow))
     if values_registers is None:     # wherever the kernel can, measured
       measured = pallas_gpu_tokens.VALUES_REGISTERS_DEFAULT
       values_registers = (
@@ -846,7 +846,7 @@ def _append_attention(q, k, v, cache, scale, splits, stages,
   else:                  # as attention(): a folded rotation's one product
     queries = folded_query_operand(q, cache, scale,
                                    pallas_gpu_tokens.query_columns(
-                                       inp.q[0].shape[2], 8))
+                                       inp.q[0].shape[2], 8), merge_narrow)
   # One value part: the accumulators as the kernel writes them (columns);
   # the outlier split's parts: as rows, merged by parts.finish.
   columns = len(inp.value_specs) == 1
@@ -884,8 +884,8 @@ def interpret_params(interpret) -> plgpu.InterpretGPUParams | None:
   return None if interpret is False else interpret
 
 
-def folded_query_operand(q: jax.Array, cache, scale: float,
-                         n: int) -> jax.Array | None:
+def folded_query_operand(q: jax.Array, cache, scale: float, n: int,
+                         merge_narrow: bool = False) -> jax.Array | None:
   """The tokens kernel's query operand f16[B·K·G, n, 64] for mse keys
   rotated by a matrix (a split cache's folded rotations, or a dense
   rotation) at most parts.FOLDED_REDUCE_MAX_ROWS query rows (B·M),
@@ -896,11 +896,16 @@ def folded_query_operand(q: jax.Array, cache, scale: float,
   rows first and the sum written straight into the kernel's layout
   ([b, k, g, n, 64]: the G groups of 64 rotated coordinates, outliers
   first), so that XLA needs no second fusion to pad and transpose it.
+  The split at D = 64 (two parts of NARROW) only with merge_narrow: its
+  one merged group is the folded product's 64 columns as they are; the
+  zero-padded groups are not.
   """
   kq = cache.key_quantizer
   folded = parts.rotation_matrix(kq, cache.key_split_rotation)
-  if folded is None or kq.method != "mse" or (
-      isinstance(kq, split.SplitQuantizer) and kq.outlier.dim % GROUP):
+  if folded is None or kq.method != "mse":
+    return None
+  if isinstance(kq, split.SplitQuantizer) and kq.outlier.dim % GROUP and not (
+      merge_narrow and kq.outlier.dim == kq.regular.dim == NARROW):
     return None     # (parts of NARROW: fused_attention pads each part)
   b, _, _, d = q.shape
   kv = cache.kv_heads
