@@ -12,12 +12,17 @@ trace in the same process after torch's profiler: CUPTI takes one
 subscriber.)
 
     python3 -m experiments.probes.b1_timeline [--seq=16384] [--bits=4,3.5]
-        [--batch=1]
+        [--batch=1] [--dim=128] [--heads=32,8] [--append]
+
+--append: pallas_gpu.append_attention (a new token appended and attended
+in one launch, at length S - 64 of capacity S) instead of decode_attention.
 """
 
 import collections
+import dataclasses
 import json
 import statistics
+import sys
 import tempfile
 
 import jax
@@ -28,6 +33,7 @@ from experiments import probes
 from experiments import timing
 from turboquant_jax import cache as cache_lib
 from turboquant_jax.kernels import decode_attention as da
+from turboquant_jax.kernels.decode_attention import pallas_gpu
 
 LOOPS = 20
 
@@ -77,19 +83,27 @@ def main():
   bits_list = [float(x) if "." in x else int(x)
                for x in probes.option("bits", "4,3.5").split(",")]
   b = int(probes.option("batch", "1"))
+  d = int(probes.option("dim", "128"))
+  h, kv = (int(x) for x in probes.option("heads", "32,8").split(","))
   q, k, v = (jax.random.normal(jax.random.key(i), shape, jnp.bfloat16)
-             for i, shape in ((0, (b, 1, 32, 128)), (1, (b, s, 8, 128)),
-                              (2, (b, s, 8, 128))))
+             for i, shape in ((0, (b, 1, h, d)), (1, (b, s, kv, d)),
+                              (2, (b, s, kv, d))))
   cudnn = lambda q, k, v: jax.nn.dot_product_attention(
       q, k, v, implementation="cudnn")
   cases = {"cudnn": (cudnn, (q, k, v))}
-  qf = jax.random.normal(jax.random.key(0), (b, 32, 128))
+  qf = jax.random.normal(jax.random.key(0), (b, h, d))
+  new = jax.random.normal(jax.random.key(5), (2, b, kv, 1, d))
   for bits in bits_list:
     c = kernel_bench.random_cache(
         jax.random.key(4), cache_lib.CacheConfig(key_bits=bits,
-                                                 value_bits=bits), b, 8, s, 128)
-    cases[f"tq{bits}"] = (lambda q, c: da.decode_attention(
-        q, c, c.lengths, impl="pallas_gpu"), (qf, c))
+                                                 value_bits=bits), b, kv, s, d)
+    if "--append" in sys.argv:
+      c = dataclasses.replace(c, lengths=c.lengths - 64)
+      cases[f"tq{bits}"] = (lambda q, c: pallas_gpu.append_attention(
+          q[:, None], new[0], new[1], c)[0], (qf, c))
+    else:
+      cases[f"tq{bits}"] = (lambda q, c: da.decode_attention(
+          q, c, c.lengths, impl="pallas_gpu"), (qf, c))
   for name, (fn, args) in cases.items():
     compiled = timing.looped(fn, LOOPS, unroll=True).lower(*args).compile()
     events = _events(compiled, *args)

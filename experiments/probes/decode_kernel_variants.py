@@ -528,19 +528,27 @@ def _layer_us(b, bits, impl, append_impl, opts) -> float:
   return ms / steps * 1e3
 
 
-def fused_append():
+_APPEND_CHECKS = ((64, 4, 4, "float16"), (128, 3, 2, "bfloat16"),
+                  (256, 4, 1, "float32"), (64, 2.5, 3.5, "float16"),
+                  (128, 3.5, 2.5, "bfloat16"), (64, 3.5, 4, "float32"))
+
+
+def _split_cases(cases, bits_of, split_only: bool):
+  """cases, or with split_only those with a fractional width."""
+  return [c for c in cases if not split_only
+          or any(b % 1 for b in bits_of(c))]
+
+
+def fused_append(split_only: bool = False, checks_only: bool = False):
   """The fused quantize-and-append kernel on the device: checked against
   the XLA path (bytes that differ, largest norm difference) on prefilled
   caches with ragged lengths, then each path's device time per append (20
   a jitted loop, in place) at the SmolLM2 shape and at B=8, D=128, of
-  integer widths and of the outlier split (2.5, 3.5 bits)."""
+  integer widths and of the outlier split (2.5, 3.5 bits). split_only:
+  the outlier split's checks alone; checks_only: no times."""
   print("jax", jax.__version__, jax.devices()[0].device_kind, flush=True)
-  for d, kb, vb, norm_dtype in ((64, 4, 4, "float16"), (128, 3, 2,
-                                                        "bfloat16"),
-                                (256, 4, 1, "float32"),
-                                (64, 2.5, 3.5, "float16"),
-                                (128, 3.5, 2.5, "bfloat16"),
-                                (64, 3.5, 4, "float32")):
+  for d, kb, vb, norm_dtype in _split_cases(
+      _APPEND_CHECKS, lambda c: c[1:3], split_only):
     cfg = cache_lib.CacheConfig(key_bits=kb, value_bits=vb,
                                 norm_dtype=norm_dtype)
     c = cache_lib.init(cfg, 4, 2, 64, d, key=jax.random.key(d))
@@ -561,6 +569,8 @@ def fused_append():
     except Exception as e:  # noqa: BLE001 - a probe reports failures
       print(f"check D={d} FAIL {type(e).__name__}: {str(e)[:600]}",
             flush=True)
+  if checks_only:
+    return
   for b, kvh, d, cap in ((32, 3, 64, 9216), (8, 8, 128, 32768)):
     for bits in (4, 3, 2.5, 3.5):
       c = jax.tree.map(jnp.copy, _partial_cache(bits, b, kvh, cap, d, 100))
@@ -614,7 +624,9 @@ def rotation_options():
   layer_steps()
 
 
-def append_attention_checks(options: dict | None = None):
+def append_attention_checks(options: dict | None = None,
+                            split_only: bool = False,
+                            checks_only: bool = False):
   """pallas_gpu.append_attention on the device: output against the
   reference over the XLA-appended cache, bytes written against XLA's
   (ragged lengths: empty, mid, full), then one SmolLM2 decode layer's
@@ -622,12 +634,13 @@ def append_attention_checks(options: dict | None = None):
   two interleaved rounds at B = 1 and 32. options: append_attention's
   (e.g. auto_barriers=False): the checks use them, and the timings add
   the fused launch with them. Integer widths and the outlier split (2.5,
-  3.5 bits: parts of 32 at D = 64, of 64 at D = 128)."""
+  3.5 bits: parts of 32 at D = 64, of 64 at D = 128). split_only: the
+  split's checks alone; checks_only: no times."""
   options = options or {}
   print("jax", jax.__version__, jax.devices()[0].device_kind, flush=True)
-  for dim, groups, bits in ((64, 3, 4), (64, 3, 3), (128, 4, 4),
-                            (64, 8, 2), (64, 3, 2.5), (64, 8, 3.5),
-                            (128, 4, 3.5)):
+  for dim, groups, bits in _split_cases(
+      ((64, 3, 4), (64, 3, 3), (128, 4, 4), (64, 8, 2), (64, 3, 2.5),
+       (64, 8, 3.5), (128, 4, 3.5)), lambda c: c[2:], split_only):
     cap, b, kvh = 1024, 3, 2
     keys = jax.random.split(jax.random.key(int(dim + 2 * bits)), 6)
     c = cache_lib.init(cache_lib.CacheConfig(key_bits=bits, value_bits=bits),
@@ -659,6 +672,8 @@ def append_attention_checks(options: dict | None = None):
     except Exception as e:  # noqa: BLE001 - a probe reports failures
       print(f"check D={dim} G={groups} bits={bits} FAIL "
             f"{type(e).__name__}: {str(e)[:600]}", flush=True)
+  if checks_only:
+    return
   for b in (1, 32):
     for rnd, bits in itertools.product(range(2), (4, 2.5, 3.5)):
       variants = [("pallas_gpu", {}), ("fused", {})]
@@ -1178,15 +1193,18 @@ def main():
   if "--skeleton" in sys.argv:
     skeleton()
     return
+  # --split-only: the outlier split's checks alone; --checks-only: no times
+  only = dict(split_only="--split-only" in sys.argv,
+              checks_only="--checks-only" in sys.argv)
   if "--append-attention" in sys.argv:    # --no-barriers: that option too
     append_attention_checks(dict(auto_barriers=False)
-                            if "--no-barriers" in sys.argv else None)
+                            if "--no-barriers" in sys.argv else None, **only)
     return
   if "--rotate" in sys.argv:
     rotation_options()
     return
   if "--append" in sys.argv:
-    fused_append()
+    fused_append(**only)
     return
   if "--layer" in sys.argv:
     layer_steps()
