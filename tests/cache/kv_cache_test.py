@@ -16,6 +16,7 @@ import pytest
 from turboquant_jax import cache as cache_lib
 from turboquant_jax.cache import CacheConfig
 from turboquant_jax.cache import kivi_cache
+from turboquant_jax.quant import rotation
 from turboquant_jax.quant import split
 
 B, K, S, D = 2, 2, 16, 64
@@ -294,6 +295,39 @@ class SplitRotationTest(parameterized.TestCase):
                                   fold(filled.key_quantizer))
     self.assertEqual(filled.key_split_rotation.shape, (K, D, D))
 
+  @parameterized.parameters((2.5, 2.5), (3.5, 4), (4, 3.5))
+  def test_kernel_tiles_of_the_split_follow_the_chosen_channels(self, kb,
+                                                                vb):
+    # Given a D = 64 cache whose split tensors have parts of 32 channels
+    # (the GPU kernel rotates those in the kernel, per KV head).
+    cfg = CacheConfig(kind="turboquant", key_bits=kb, value_bits=vb)
+    cache = cache_lib.init(cfg, B, K, S, D, key=jax.random.key(2))
+    k, v = _kv(7, 12)
+    for c in (cache, cache_lib.prefill(cache, k, v, jnp.array([12, 7]))):
+      # Then its tiles are each tensor's folded rotation per head in f16
+      # (a shared rotation broadcast to every head), made again by prefill.
+      self.assertEqual(c.rotation_tiles.shape, (2, K, 1, D, D))
+      for tiles, q in zip(c.rotation_tiles, (c.key_quantizer,
+                                             c.value_quantizer)):
+        if isinstance(q, split.SplitQuantizer):
+          want = jax.vmap(split.folded_rotation)(q)
+        else:
+          want = jnp.broadcast_to(rotation.as_matrix(q.rotation), (K, D, D))
+        np.testing.assert_array_equal(tiles[:, 0],
+                                      want.astype(jnp.float16))
+    filled = cache_lib.prefill(cache, k, v, jnp.array([12, 7]))
+    self.assertFalse(np.array_equal(filled.rotation_tiles,
+                                    cache.rotation_tiles))
+    # Other splits (parts not 32 / 32, a window, prod keys) keep none.
+    for other in (CacheConfig(kind="turboquant", key_bits=2.25,
+                              value_bits=4),
+                  CacheConfig(kind="turboquant", key_bits=2.5,
+                              value_bits=2.5, window=4),
+                  CacheConfig(kind="turboquant", key_bits=2.5,
+                              value_bits=2.5, key_method="prod")):
+      self.assertIsNone(cache_lib.init(other, B, K, S, D,
+                                       key=jax.random.key(2)).rotation_tiles)
+
   def test_value_rotations_are_kept_transposed(self):
     # Given a 4-bit key, 2.5-bit value cache (only the values split).
     cfg = CacheConfig(kind="turboquant", key_bits=4, value_bits=2.5)
@@ -372,11 +406,12 @@ class MemoryTest(parameterized.TestCase):
     # 24 bytes (= 3 bits per coordinate). Per token 2·2·24 = 96 bytes.
     # Fixed per KV head: outlier quantizer 32·32·4 + 8·4 + 7·4 = 4156,
     # regular 32·32·4 + 4·4 + 3·4 = 4124, channel indices 2 · 32 · 4 = 256,
-    # the folded rotation (split.folded_rotation) 64·64·4 = 16384: 24920;
-    # · 2 heads · 2 (keys, values) = 99680.
+    # the folded rotation (split.folded_rotation) 64·64·4 = 16384, and
+    # as the GPU kernel's f16 tile (parts of 32: it rotates in the kernel)
+    # 64·64·2 = 8192: 33112; · 2 heads · 2 (keys, values) = 132448.
     self._check(CacheConfig(kind="turboquant", key_bits=2.5,
                             value_bits=2.5),
-                total=99680 + 96 * 32 + 8, fixed=99680, per_token=96.25)
+                total=132448 + 96 * 32 + 8, fixed=132448, per_token=96.25)
 
   def test_turboquant_prod_split_norm8(self):
     # 2.5-bit prod keys at D = 64: each part (32 channels) stores codes, a

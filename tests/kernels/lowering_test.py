@@ -134,7 +134,9 @@ class GpuLoweringTest(parameterized.TestCase):
       ((64, 3.5, 3.5, 3, 1, "mse"), dict(merge_narrow=False)),
       ((64, 3.5, 2.5, 2, 3, "mse"), dict(merge_narrow=True,
                                          key_registers=False,
-                                         tile_rows=128)))
+                                         tile_rows=128)),
+      # Merged, rotated by XLA instead of the kernel.
+      ((64, 2.5, 2.5, 3, 1, "mse"), dict(rotate_in_kernel=False)))
   def test_parts_of_32_lower(self, shape, options):
     # The outlier split at D = 64: parts of 32 coordinates, the 3-bit one
     # loaded by each thread's own 16-bit shared loads (device only).
@@ -248,6 +250,23 @@ class GpuLoweringTest(parameterized.TestCase):
     jax.clear_caches()
     # At these few rows by default: no product left to XLA either way.
     self.assertEqual(count(rotate_in_kernel=False), 0)
+
+  def test_merged_split_rotates_in_the_kernel(self):
+    # The split at D = 64, each tensor's parts as one group: the kernel
+    # rotates queries and outputs by the folded rotations' tiles the cache
+    # holds, so XLA has no product and no 64 x 64 f16 convert left; rotated
+    # by XLA, the queries' product and the outputs' remain.
+    q, cache = _inputs(64, 2.5, 3.5, 3, 1, "mse")
+    f = lambda **o: _jitted("pallas_gpu", **o).trace(q, cache).lower(
+        lowering_platforms=("cuda",)).as_text()
+    text = f()
+    self.assertEqual(text.count("stablehlo.custom_call @mosaic_gpu"), 1)
+    self.assertNotIn("stablehlo.dot_general", text)
+    self.assertFalse(any("stablehlo.convert" in line and "x64x64xf16>" in line
+                         for line in text.splitlines()))
+    xla = f(rotate_in_kernel=False)
+    self.assertTrue("stablehlo.dot_general" in xla
+                    or "stablehlo.reduce" in xla)
 
   def test_rotation_tiles_come_from_the_cache(self):
     # init keeps the rotations as the kernel's f16 tiles: the kernel call

@@ -192,6 +192,37 @@ class PallasGpuInterpretTest(parameterized.TestCase):
     np.testing.assert_allclose(got, want, rtol=self.TOL,
                                atol=self.TOL * scale)
 
+  @parameterized.parameters((2.5, 2.5, 3, 1), (3.5, 4, 4, 2), (4, 3.5, 8, 1))
+  def test_merged_split_rotated_in_the_kernel_per_head(self, key_bits,
+                                                       value_bits, groups,
+                                                       tokens):
+    # Each split tensor's folded rotation per KV head (the cache's
+    # rotation_tiles [2, K, 1, 64, 64]) rotates the queries and outputs in
+    # the kernel (the default at D = 64): as the reference, and as XLA's
+    # rotations (folded_query_operand, parts.finish) to f16 rounding; the
+    # same without stored tiles (laid out at the call); with the heads'
+    # tiles swapped (other outlier channels) a wrong answer.
+    cache = self._cache(64, key_bits, value_bits, 0, (128, 45), tokens)
+    self.assertEqual(cache.rotation_tiles.shape, (2, 2, 1, 64, 64))
+    q = jax.random.normal(jax.random.key(tokens), (2, tokens, 2 * groups,
+                                                   64))
+    run = lambda c, rotate=True: attn.chunk_attention(
+        q, c, c.lengths, impl="pallas_gpu", interpret=True, splits=2,
+        rotate_in_kernel=rotate)
+    want = attn.chunk_attention(q, cache, cache.lengths, impl="reference")
+    scale = float(jnp.max(jnp.abs(want)))
+    got = run(cache)
+    np.testing.assert_allclose(got, want, rtol=self.TOL,
+                               atol=self.TOL * scale)
+    np.testing.assert_allclose(got, run(cache, rotate=False), rtol=2e-3,
+                               atol=2e-3 * scale)
+    np.testing.assert_array_equal(
+        run(dataclasses.replace(cache, rotation_tiles=None)), got)
+    swapped = dataclasses.replace(
+        cache, rotation_tiles=cache.rotation_tiles[:, ::-1])
+    self.assertGreater(float(jnp.max(jnp.abs(run(swapped) - want))),
+                       0.1 * scale)
+
   def test_merged_parts_of_32_build_no_padded_group(self):
     # merge_narrow reads each tensor's two parts as one group: no
     # zero-padded group (_narrow_group) is built; without it, four are.

@@ -286,11 +286,12 @@ class AppendAttentionTest(parameterized.TestCase):
     self.check(dim, bits, groups, **options)
 
   @parameterized.named_parameters(
-      # The outlier split: parts of 32 (zero-padded groups), a 3-bit part's
-      # 12-byte rows as 16-byte TMA rows, keys split and values not.
-      # Each tensor's parts as one group (merge_narrow, the default),
-      # and zero-padded.
+      # The outlier split: parts of 32, each tensor's parts as one group
+      # (merge_narrow, the default) rotated in the kernel by its folded
+      # rotation per head (the default at D = 64) or by XLA, and
+      # zero-padded groups (XLA rotates); keys split and values not.
       ("2.5", 64, 2.5, 4, {}),
+      ("2.5_xla_rotates", 64, 2.5, 3, dict(rotate_in_kernel=False)),
       ("3.5_padded", 64, 3.5, 2, dict(merge_narrow=False)),
       ("3.5_keys", 64, 3.5, 2, dict(value_bits=4)),
   )

@@ -64,7 +64,10 @@ class TurboQuantCache:
     rotation_tiles: f16[2, G², 64, 64], Π_k's and Π_v's tiles (G = D / 64,
       rotation.as_tiles) as the GPU decode kernel reads them where it
       rotates queries and outputs itself, made once by init (integer bits,
-      mse keys, no window, D a multiple of 64 up to 128), else None. Fixed
+      mse keys, no window, D a multiple of 64 up to 128), else None; for
+      the outlier split at D = 64 with parts of 32, f16[2, K, 1, 64, 64]:
+      the folded rotations per KV head (kernel_rotation_tiles), made again
+      by prefill. Fixed
       for the cache's life like the rotations: kept here because XLA does
       not hoist laying them out from a decode loop (two converts a layer
       every step, 84 µs of a SmolLM2 step at B = 1 on the H200).
@@ -235,16 +238,14 @@ def init(config: CacheConfig, batch: int, kv_heads: int, capacity: int,
   key_mean = None
   if config.center_keys:
     key_mean = jnp.zeros((batch, kv_heads, head_dim), jnp.dtype(config.dtype))
-  tiles = None
-  if _kernel_rotates(config, head_dim):
-    tiles = jnp.stack([rotation.as_tiles(q.rotation) for q in (kq, vq)])
   return TurboQuantCache(
       keys=jax.tree.map(empty, keys), values=jax.tree.map(empty, values),
       key_quantizer=kq, value_quantizer=vq, window_keys=window,
       window_values=window, lengths=jnp.zeros((batch,), jnp.int32),
       config=config, key_mean=key_mean, key_norm_range=ranges[0],
       value_norm_range=ranges[1], sink_keys=sink, sink_values=sink,
-      rotation_tiles=tiles, key_split_rotation=split_rotation(kq),
+      rotation_tiles=kernel_rotation_tiles(config, kq, vq, head_dim),
+      key_split_rotation=split_rotation(kq),
       value_split_rotation=split_rotation(vq, transposed=True))
 
 
@@ -264,14 +265,34 @@ def split_rotation(q, transposed: bool = False) -> jax.Array | None:
 _TILED_MAX_DIM = 128
 
 
-def _kernel_rotates(config: CacheConfig, head_dim: int) -> bool:
-  """Whether the GPU decode kernel can rotate this cache's queries and
-  outputs itself (one mse key part, one value part, no window, D a
-  multiple of 64 up to 128): then init keeps the rotations' tiles."""
-  return (float(config.key_bits).is_integer()
-          and float(config.value_bits).is_integer()
-          and config.key_method == "mse" and not config.window
-          and head_dim % 64 == 0 and head_dim <= _TILED_MAX_DIM)
+def kernel_rotation_tiles(config: CacheConfig, kq, vq,
+                          head_dim: int) -> jax.Array | None:
+  """rotation_tiles: Π_k's and Π_v's f16 64 x 64 tiles (rotation.as_tiles)
+  where the GPU decode kernel can rotate this cache's queries and outputs
+  itself (mse keys, no window, D a multiple of 64 up to 128), else None.
+
+  Integer bits: f16[2, G², 64, 64], shared by all heads. The outlier
+  split at D = 64 with parts of 32 coordinates (2.5, 3.5 bits; the kernel
+  reads both parts as one group, pallas_gpu's merge_narrow): f16[2, K, 1,
+  64, 64] per KV head, a split tensor's folded rotation (split.
+  folded_rotation, rows [0, 32) its outlier part's), a shared one
+  broadcast. Other splits: None.
+  """
+  if (config.key_method != "mse" or config.window or head_dim % 64
+      or head_dim > _TILED_MAX_DIM):
+    return None
+  pair = (kq, vq)
+  splits = [q for q in pair if isinstance(q, split.SplitQuantizer)]
+  if not splits:
+    return jnp.stack([rotation.as_tiles(q.rotation) for q in pair])
+  if head_dim != 64 or any(q.outlier.dim != q.regular.dim for q in splits):
+    return None
+  heads = splits[0].outlier_channels.shape[0]
+  return jnp.stack([
+      split_rotation(q) if isinstance(q, split.SplitQuantizer)
+      else jnp.broadcast_to(rotation.as_matrix(q.rotation),
+                            (heads, head_dim, head_dim))
+      for q in pair]).astype(jnp.float16)[:, :, None]
 
 
 def _select_outliers(q, x: jax.Array, lengths: jax.Array):
@@ -354,6 +375,9 @@ def _prefill(cache, k, v, lengths):
       cache, key_quantizer=kq, value_quantizer=vq,
       key_split_rotation=split_rotation(kq),
       value_split_rotation=split_rotation(vq, transposed=True))
+  if cache.rotation_tiles is not None and cache.rotation_tiles.ndim == 5:
+    cache = dataclasses.replace(cache, rotation_tiles=kernel_rotation_tiles(
+        cache.config, kq, vq, cache.head_dim))     # the new outliers' own
   positions = jnp.broadcast_to(jnp.arange(k.shape[2]), (k.shape[0],
                                                         k.shape[2]))
   # Padding tokens past a sequence's length are never read (masked), and a

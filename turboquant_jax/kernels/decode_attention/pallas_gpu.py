@@ -70,6 +70,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 import numpy as np
 
 from turboquant_jax.cache import common
+from turboquant_jax.cache import turboquant_cache
 from turboquant_jax.kernels.decode_attention import parts
 from turboquant_jax.kernels.decode_attention import prmt_lookup
 from turboquant_jax.kernels.decode_attention import reference
@@ -228,6 +229,13 @@ NARROW = 32
 def _groups(spec: parts.PartSpec) -> int:
   """Column groups of a part: D / 64, or 1 for a part of NARROW."""
   return -(-spec.dim // GROUP)
+
+
+def mergeable(specs) -> bool:
+  """Whether merge_narrow takes these parts (a tensor's, as the kernel
+  sees them) as one group: two codebook parts of NARROW coordinates (the
+  outlier split at D = 64; no QJL sign parts)."""
+  return len(specs) == 2 and all(s.dim == NARROW and s.bits for s in specs)
 
 
 def _narrow_supported(spec: parts.PartSpec) -> bool:
@@ -733,7 +741,7 @@ def _attention(q, cache, lengths, scale, splits, lookup_mode, layout,
                             auto_barriers=auto_barriers,
                             tma_row_bytes=tma_row_bytes)
     rotate = None
-    if rotate_in_kernel and _rotatable(inp, cache):
+    if rotate_in_kernel and _rotatable(inp, cache, merge_narrow):
       rotate = _rotate_inputs(q, cache, scale)
     else:
       n = pallas_gpu_tokens.query_columns(inp.q[0].shape[2], min_columns)
@@ -841,15 +849,16 @@ def _append_attention(q, k, v, cache, scale, splits, stages,
   from turboquant_jax.kernels.quantize_append import pallas_gpu as qa
   inp = parts.prepare(q, cache, cache.lengths, scale, norms_as_stored=True)
   rotate, queries = None, None
-  if rotate_in_kernel and _rotatable(inp, cache):
+  if rotate_in_kernel and _rotatable(inp, cache, merge_narrow):
     rotate = _rotate_inputs(q, cache, scale)
   else:                  # as attention(): a folded rotation's one product
     queries = folded_query_operand(q, cache, scale,
                                    pallas_gpu_tokens.query_columns(
                                        inp.q[0].shape[2], 8), merge_narrow)
-  # One value part: the accumulators as the kernel writes them (columns);
-  # the outlier split's parts: as rows, merged by parts.finish.
-  columns = len(inp.value_specs) == 1
+  # One value part, or the kernel's rotation back: the accumulators as the
+  # kernel writes them (columns); the outlier split's parts otherwise: as
+  # rows, merged by parts.finish.
+  columns = len(inp.value_specs) == 1 or rotate is not None
   result, (*arrays, lengths) = pallas_gpu_tokens.fused_attention(
       inp, splits=splits, lookup_mode="prmt", stages=stages,
       key_registers=True, transpose_p=True, skip_empty_splits=True,
@@ -919,24 +928,31 @@ def folded_query_operand(q: jax.Array, cache, scale: float, n: int,
                                                   GROUP)
 
 
-def _rotatable(inp: parts.KernelInputs, cache) -> bool:
-  """Whether the tokens kernel can rotate queries and outputs itself: one
-  mse key part, one value part, no window, head dim <= 128 (its f16
-  rotation tiles, D² · 2 bytes, share the SMEM)."""
-  return (len(inp.key_specs) == 1 and len(inp.value_specs) == 1
-          and not inp.key_specs[0].prod and not cache.config.window
-          and inp.key_specs[0].dim <= 128)
+def _rotatable(inp: parts.KernelInputs, cache, merge_narrow: bool) -> bool:
+  """Whether the tokens kernel can rotate queries and outputs itself: mse
+  keys, no window, head dim <= 128 (its f16 rotation tiles, D² · 2 bytes,
+  share the SMEM), each tensor one part, or with merge_narrow the outlier
+  split's two parts of NARROW read as one group (its folded rotation per
+  KV head, turboquant_cache.kernel_rotation_tiles)."""
+  one_group = lambda specs: len(specs) == 1 or (merge_narrow
+                                                and mergeable(specs))
+  return (one_group(inp.key_specs) and one_group(inp.value_specs)
+          and not any(s.prod for s in inp.key_specs)
+          and not cache.config.window and cache.head_dim <= 128)
 
 
 def _rotate_inputs(q: jax.Array, cache, scale: float) -> tuple:
   """The tokens kernel's `rotate`: the queries grouped and scaled, not
-  rotated, and Π_k's and Π_v's f16 tiles: the cache's rotation_tiles where
-  its init made them, else laid out here (in a decode loop XLA repeats
-  that every step: it does not hoist it, 84 µs a SmolLM2 step at B=1)."""
+  rotated, and Π_k's and Π_v's f16 tiles ([G², 64, 64] each, or per KV
+  head [K, G², 64, 64] for the split's folded rotations): the cache's
+  rotation_tiles where its init made them, else laid out here (in a
+  decode loop XLA repeats that every step: it does not hoist it, 84 µs a
+  SmolLM2 step at B=1)."""
   tiles = cache.rotation_tiles
   if tiles is None:
-    tiles = [rotation.as_tiles(x.rotation)
-             for x in (cache.key_quantizer, cache.value_quantizer)]
+    tiles = turboquant_cache.kernel_rotation_tiles(
+        cache.config, cache.key_quantizer, cache.value_quantizer,
+        cache.head_dim)
   return parts.grouped_queries(q, cache.kv_heads) * scale, tiles[0], tiles[1]
 
 

@@ -165,11 +165,14 @@ def _rotation_smem(groups: int) -> list:
 
 
 def _fetch_rotations(key_rot, value_rot, tiles, barriers) -> None:
-  """Starts the TMAs of both rotations' tiles (GMEM f16 [G², 64, 64] each)
-  into tiles [2·G², 64, 64]; barriers[t] completes when tile t has landed.
-  Issued first thing, so the loads overlap the queries' and the tiles'."""
-  count = key_rot.shape[0]
+  """Starts the TMAs of both rotations' tiles (GMEM f16 [G², 64, 64] each,
+  or [K, G², 64, 64] per KV head: the program's head's) into tiles
+  [2·G², 64, 64]; barriers[t] completes when tile t has landed. Issued
+  first thing, so the loads overlap the queries' and the tiles'."""
+  count = key_rot.shape[-3]
   for i, rot in enumerate((key_rot, value_rot)):
+    if rot.ndim == 4:
+      rot = rot.at[jax.lax.axis_index("k")]
     for t in range(count):
       plgpu.copy_gmem_to_smem(rot.at[t], tiles.at[i * count + t],
                               barriers.at[i * count + t])
@@ -867,11 +870,14 @@ def fused_attention(inp: parts.KernelInputs, *, splits: int = 8,
   lengths) of the cache with the token written).
 
   rotate: None, or (q f32[B, K, M, D] scaled but not rotated, Π_k's and
-  Π_v's f16 [G², 64, 64] tiles from rotation.as_tiles) for one mse key
-  part and one value part, D <= 128: the kernel
-  rotates the queries itself (Π_k q, once per program, on the tensor
-  cores in f16) and rotates its accumulators back (Π_vᵀ) before writing
-  them, so XLA does neither product.
+  Π_v's f16 [G², 64, 64] tiles from rotation.as_tiles, or [K, G², 64, 64]
+  per KV head) for one mse key group and one value group, D <= 128: the
+  kernel rotates the queries itself (Π_k q, once per program, on the
+  tensor cores in f16) and rotates its accumulators back (Π_vᵀ) before
+  writing them, so XLA does neither product. The outlier split at D = 64
+  with merge_narrow: each tensor's folded rotation (both parts' channel
+  gathers and rotations, turboquant_cache.kernel_rotation_tiles) takes
+  the place of Π, and the one value output is D coordinates in order.
 
   key_registers: the dequantized key tiles feed the score wgmma from
   registers instead of through SMEM (a store and a fence fewer per tile).
@@ -939,8 +945,8 @@ def fused_attention(inp: parts.KernelInputs, *, splits: int = 8,
     if reason:
       raise ValueError(f"{values_registers=}: needs {reason}")
   specs, q_parts, codes, norms = base._kernel_specs(inp)
-  merge_keys = merge_narrow and mergeable(specs)
-  merge_values = merge_narrow and mergeable(inp.value_specs)
+  merge_keys = merge_narrow and base.mergeable(specs)
+  merge_values = merge_narrow and base.mergeable(inp.value_specs)
   b, kv, m, _ = inp.q[0].shape
   n = query_columns(m, min_columns)
   cap = inp.value_codes[0].shape[2]
@@ -1014,12 +1020,13 @@ def fused_attention(inp: parts.KernelInputs, *, splits: int = 8,
         code_arrays, [*codes, *norms, *inp.value_codes, *inp.value_norms])]
     written, outs = (*stored, outs[-1]), outs[:-1]
   result = _split_outputs(outs, nv, (b, kv, out_splits), m, n, columns)
-  if merge_values:        # the one group's coordinates: both parts'
+  if merge_values and rotate is None:   # the group holds both parts
     (acc,), m_out, l_out = result
     cut = inp.value_specs[0].dim
     result = ([acc[..., :cut, :], acc[..., cut:, :]] if columns
               else [acc[..., :cut], acc[..., cut:]], m_out, l_out)
-  elif any(s.dim % GROUP for s in inp.value_specs):   # parts of NARROW
+  elif not merge_values and any(s.dim % GROUP
+                                for s in inp.value_specs):   # parts of NARROW
     accs, m_out, l_out = result
     result = ([a[..., :s.dim, :] if columns else a[..., :s.dim]
                for a, s in zip(accs, inp.value_specs)], m_out, l_out)
@@ -1029,14 +1036,6 @@ def fused_attention(inp: parts.KernelInputs, *, splits: int = 8,
                for a, r in zip(accs, registers_parts(inp.value_specs))],
               m_out, l_out)
   return result if written is None else (result, written)
-
-
-def mergeable(specs) -> bool:
-  """Whether merge_narrow takes these parts (a tensor's, as the kernel
-  sees them) as one group: two codebook parts of base.NARROW coordinates
-  (the outlier split at D = 64; no QJL sign parts)."""
-  return len(specs) == 2 and all(s.dim == base.NARROW and s.bits
-                                 for s in specs)
 
 
 def _padded_queries(q: jax.Array, spec: parts.PartSpec) -> jax.Array:

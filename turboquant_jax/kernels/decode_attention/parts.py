@@ -349,10 +349,9 @@ def finish_columns(acc: jax.Array, m: jax.Array, l: jax.Array, q: jax.Array,
   """
   _, denom, a = merge_splits(m, l, acc, 3)                    # [B,K,Dp,N]
   denom = jnp.maximum(denom, 1e-30)                            # [B, K, N]
-  rot = cache.value_quantizer.rotation
   if rotated:
     out = jnp.swapaxes(a, 2, 3)                                # [B,K,N,D]
-  elif rot.matrix is not None:
+  elif (rot := cache.value_quantizer.rotation).matrix is not None:
     out = jnp.einsum("bkin,ij->bknj", a, rot.matrix, precision=_HI)
   else:
     out = rotation.invert(rot, jnp.swapaxes(a, 2, 3))          # [B,K,N,D]
