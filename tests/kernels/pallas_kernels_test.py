@@ -746,6 +746,22 @@ class PallasGpuInterpretTest(parameterized.TestCase):
           inp, splits=2, interpret=pallas_gpu.interpret_params(True),
           queries=jnp.zeros((4, 8, 64), jnp.float16))
 
+  def test_default_rotate_in_kernel(self):
+    # In the kernel at D <= 64; the outlier split there only where a
+    # program streams at most SPLIT_ROTATE_MAX_TILES tiles (B=1, 16k: 2
+    # tiles of 128 tokens in each of 64 splits; B=8, 128k: 64 tiles).
+    def rotates(bits, b, s, d=64):
+      cache = jax.eval_shape(lambda: cache_lib.init(
+          CacheConfig(key_bits=bits, value_bits=bits), b, 8, s, d))
+      splits = pallas_gpu.default_splits(cache, "tokens", 128)
+      return pallas_gpu.default_rotate_in_kernel(d, cache, splits, 128)
+    self.assertTrue(rotates(2.5, 1, 16384))
+    self.assertTrue(rotates(3.5, 8, 32768))
+    self.assertFalse(rotates(2.5, 8, 65536))
+    self.assertFalse(rotates(3.5, 32, 131072))
+    self.assertTrue(rotates(4, 32, 131072))
+    self.assertFalse(rotates(4, 1, 16384, d=128))
+
   def test_step_rows_and_default_splits(self):
     step_rows = pallas_gpu_tokens.step_rows
     self.assertEqual(step_rows(128, [64, 64]), 64)

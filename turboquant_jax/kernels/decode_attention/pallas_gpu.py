@@ -821,13 +821,14 @@ def append_attention(q: jax.Array, k: jax.Array, v: jax.Array, cache, *,
   common.check_append(cache, k, v)       # eagerly: past capacity raises
   if not isinstance(stages, int) or stages < 1:
     raise ValueError(f"{stages=!r}: expected an int >= 1")
-  if rotate_in_kernel is None:
-    rotate_in_kernel = q.shape[-1] <= ROTATE_IN_KERNEL_MAX_DIM
   if tma_row_bytes not in (None, 16, 128):
     raise ValueError(f"{tma_row_bytes=!r}: expected 16 or 128")
   interpret = interpret_params(interpret)
   if splits is None:       # its kernel runs steps of ROWS tokens
     splits = default_splits(cache, "tokens", ROWS)
+  if rotate_in_kernel is None:
+    rotate_in_kernel = default_rotate_in_kernel(q.shape[-1], cache, splits,
+                                                ROWS)
   scale = q.shape[-1] ** -0.5 if scale is None else scale
   if merge_narrow is None:
     merge_narrow = MERGE_NARROW_DEFAULT
@@ -1037,6 +1038,29 @@ def default_steps(cache) -> tuple[int, int]:
   return rows, stages
 
 
+# The outlier split at D = 64 (parts of 32, merged) is rotated in the kernel
+# by default where a program streams at most this many tiles; at more, by
+# XLA. On the H200 (32/8 heads, 2.5 and 3.5 bits, GPU clock, session 22):
+# in the kernel 0.0138 against 0.0193 ms at 2 tiles a program (B=1, 16k),
+# 0.0344 against 0.0363 at 8 (B=1, 64k), 0.0977 against 0.0993 at 16 (B=8,
+# 32k); but 0.182 against 0.179 at 32 (B=8, 64k), 0.352 against 0.339 at
+# 64 (B=8, 128k), 1.353 against 1.281 at 256 (B=32, 128k).
+SPLIT_ROTATE_MAX_TILES = 16
+
+
+def default_rotate_in_kernel(dim: int, cache, splits: int,
+                             tile_rows: int) -> bool:
+  """rotate_in_kernel's default: at head dims up to
+  ROTATE_IN_KERNEL_MAX_DIM, for the outlier split only where a program
+  streams at most SPLIT_ROTATE_MAX_TILES tiles of tile_rows tokens."""
+  if dim > ROTATE_IN_KERNEL_MAX_DIM:
+    return False
+  if not any(isinstance(x, split.SplitQuantizer)
+             for x in (cache.key_quantizer, cache.value_quantizer)):
+    return True
+  return cache.capacity // (splits * tile_rows) <= SPLIT_ROTATE_MAX_TILES
+
+
 def default_overlap_values(cache, splits: int, tile_rows: int = ROWS) -> bool:
   """overlap_values' default for layout="tokens": on where a program
   streams at most OVERLAP_MAX_TILES tiles of `tile_rows` tokens, or where
@@ -1113,8 +1137,12 @@ def attention(q: jax.Array, cache, lengths: jax.Array, *,
       no window, D <= 128 (else ignored): the kernel rotates the queries
       (Π_k q) and its outputs (Π_vᵀ) itself on the tensor cores, in f16,
       and the splits merge as with combine="columns": two XLA products
-      and a transpose fewer. None: on for "tokens" at D <= 64
-      (ROTATE_IN_KERNEL_MAX_DIM). On the H200 (SmolLM2 decode, 9/3 heads,
+      and a transpose fewer. The outlier split at D = 64 too (merge_narrow:
+      one group a tensor, rotated by its folded rotation per KV head,
+      the cache's rotation_tiles). None: on for "tokens" at D <= 64
+      (ROTATE_IN_KERNEL_MAX_DIM), for that split only where a program
+      streams at most SPLIT_ROTATE_MAX_TILES tiles (default_rotate_in_
+      kernel). On the H200 (SmolLM2 decode, 9/3 heads,
       D=64, 8192 tokens) one layer's append + attention took 40.8 µs
       against 48.4 at B=1 (3 bits: 38.7 against 47.4), and 99.2-105.1
       against 103.6-104.4 at B=32; errors against the reference 3.2e-4 to
@@ -1228,8 +1256,6 @@ def attention(q: jax.Array, cache, lengths: jax.Array, *,
   transpose_p = tokens if transpose_p is None else transpose_p
   skip_empty_splits = (tokens if skip_empty_splits is None
                        else skip_empty_splits)
-  if rotate_in_kernel is None:
-    rotate_in_kernel = tokens and q.shape[-1] <= ROTATE_IN_KERNEL_MAX_DIM
   if min_columns is None:
     min_columns = 8 if transpose_p else 16
   approx_math = tokens if approx_math is None else approx_math
@@ -1237,6 +1263,9 @@ def attention(q: jax.Array, cache, lengths: jax.Array, *,
   interpret = interpret_params(interpret)
   if splits is None:
     splits = default_splits(cache, layout, tile_rows)
+  if rotate_in_kernel is None:
+    rotate_in_kernel = tokens and default_rotate_in_kernel(
+        q.shape[-1], cache, splits, tile_rows)
   if overlap_values is None and not tokens:
     overlap_values = True
   if tma_row_bytes is None:
