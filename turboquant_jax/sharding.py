@@ -33,7 +33,8 @@ Caches (every kind: full, turboquant, kivi). Leaves laid out [B, K, ...]
 rings) go batch over "data" and KV heads over "model"; `lengths` i32[B] over
 "data". Quantizers: a shared quantizer (integer bits: one rotation, one
 codebook for all heads) is replicated, as are the rotations' kernel tiles
-(`rotation_tiles`); the per-head split quantizers of
+(`rotation_tiles`, also where they hold the D = 64 split's folded
+rotations per head: 8 KB a head and tensor); the per-head split quantizers of
 fractional bits (leaves stacked on a leading K axis) and their folded
 rotations (`key_split_rotation`, [K, D, D]) go over "model". The
 batch must divide by the data axis (else it is replicated too).

@@ -75,7 +75,6 @@ from turboquant_jax.kernels.decode_attention import parts
 from turboquant_jax.kernels.decode_attention import prmt_lookup
 from turboquant_jax.kernels.decode_attention import reference
 from turboquant_jax.quant import packing
-from turboquant_jax.quant import rotation
 from turboquant_jax.quant import split
 
 ROWS = 64      # tokens per tile = query rows of one warpgroup's wgmma
