@@ -223,6 +223,24 @@ class PallasGpuInterpretTest(parameterized.TestCase):
     self.assertGreater(float(jnp.max(jnp.abs(run(swapped) - want))),
                        0.1 * scale)
 
+  @parameterized.parameters((64, 2.5, 3.5, 3), (64, 4, 4, 8),
+                            (128, 3, 3, 4))
+  def test_rotation_tiles_reusing_their_smem(self, dim, key_bits,
+                                             value_bits, groups):
+    # reuse_rotation_smem: Π_v's tiles fetched into Π_k's SMEM once the
+    # queries are rotated (one tile at D = 64, four at D = 128): the same
+    # output as with both rotations' own SMEM.
+    cache = self._cache(dim, key_bits, value_bits, 0, (128, 45), groups)
+    q = jax.random.normal(jax.random.key(groups), (2, 2 * groups, dim))
+    run = lambda reuse: attn.decode_attention(
+        q, cache, cache.lengths, impl="pallas_gpu", interpret=True,
+        splits=2, rotate_in_kernel=True, reuse_rotation_smem=reuse)
+    got = run(True)
+    np.testing.assert_array_equal(got, run(False))
+    want = attn.decode_attention(q, cache, cache.lengths, impl="reference")
+    np.testing.assert_allclose(got, want, rtol=self.TOL,
+                               atol=self.TOL * float(jnp.max(jnp.abs(want))))
+
   def test_merged_parts_of_32_build_no_padded_group(self):
     # merge_narrow reads each tensor's two parts as one group: no
     # zero-padded group (_narrow_group) is built; without it, four are.

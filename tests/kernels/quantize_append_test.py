@@ -292,6 +292,7 @@ class AppendAttentionTest(parameterized.TestCase):
       # zero-padded groups (XLA rotates); keys split and values not.
       ("2.5", 64, 2.5, 4, {}),
       ("2.5_xla_rotates", 64, 2.5, 3, dict(rotate_in_kernel=False)),
+      ("3.5_one_rotation_smem", 64, 3.5, 4, dict(reuse_rotation_smem=True)),
       ("3.5_padded", 64, 3.5, 2, dict(merge_narrow=False)),
       ("3.5_keys", 64, 3.5, 2, dict(value_bits=4)),
   )

@@ -91,6 +91,13 @@ TMA_ROW_BYTES = 128   # layout="tokens": codes move as 128-byte TMA rows
 # and 0.188 against 0.249; B=1, S=16k 0.0185 against 0.0225 and 0.0190
 # against 0.0230; device checks 2.6e-4 to 1.1e-3 of the output scale.
 MERGE_NARROW_DEFAULT = True
+# layout="tokens" with the rotation in the kernel: reuse_rotation_smem's
+# default (Π_v's tiles land in Π_k's SMEM once the queries are rotated: at
+# D = 64 the outlier split's kernel 58 / 64 KB -> 50 / 56 KB a program at
+# 2.5 / 3.5 bits, so 4 programs fit an SM's 228 KB where 3 did, the likely
+# cause of its in-kernel rotation's loss on long programs, session 22).
+# Written after that session's device time, not yet run on a GPU: off.
+REUSE_ROTATION_SMEM_DEFAULT = False
 
 _L = plgpu.Layout
 
@@ -721,12 +728,13 @@ OVERLAP_MAX_TILES = 8
                           "rotate_in_kernel", "min_columns", "approx_math",
                           "auto_barriers", "overlap_values", "tma_row_bytes",
                           "values_registers", "merge_narrow",
-                          "interpret"))
+                          "reuse_rotation_smem", "interpret"))
 def _attention(q, cache, lengths, scale, splits, lookup_mode, layout,
                stages, tile_rows, key_registers, transpose_p,
                skip_empty_splits, combine, rotate_in_kernel, min_columns,
                approx_math, auto_barriers, overlap_values, tma_row_bytes,
-               values_registers, merge_narrow, interpret):
+               values_registers, merge_narrow, reuse_rotation_smem,
+               interpret):
   # Norms as stored (f16): the kernels convert per tile.
   inp = parts.prepare(q, cache, lengths, scale, norms_as_stored=True)
   if layout == "tokens":
@@ -758,7 +766,8 @@ def _attention(q, cache, lengths, scale, splits, lookup_mode, layout,
           cache, splits, tile_rows)
     run = functools.partial(run, values_registers=values_registers,
                             overlap_values=overlap_values,
-                            merge_narrow=merge_narrow)
+                            merge_narrow=merge_narrow,
+                            reuse_rotation_smem=reuse_rotation_smem)
     if rotate is not None or (combine == "columns" and len(
         inp.value_specs) == 1 and not cache.config.window):
       (acc,), m, l = run(inp, splits=splits, lookup_mode=lookup_mode,
@@ -788,6 +797,7 @@ def append_attention(q: jax.Array, k: jax.Array, v: jax.Array, cache, *,
                      auto_barriers: bool = True,
                      tma_row_bytes: int | None = None,
                      merge_narrow: bool | None = None,
+                     reuse_rotation_smem: bool | None = None,
                      interpret: bool | None = None):
   """One decode token in one launch: appends k, v [B, K, 1, D] to a
   TurboQuantCache at position cache.lengths[b] and attends q [B, 1, H, D]
@@ -831,18 +841,21 @@ def append_attention(q: jax.Array, k: jax.Array, v: jax.Array, cache, *,
   scale = q.shape[-1] ** -0.5 if scale is None else scale
   if merge_narrow is None:
     merge_narrow = MERGE_NARROW_DEFAULT
+  if reuse_rotation_smem is None:
+    reuse_rotation_smem = REUSE_ROTATION_SMEM_DEFAULT
   return _append_attention(q, k, v, cache, scale, splits, stages,
                            bool(rotate_in_kernel), bool(auto_barriers),
                            tma_row_bytes or TMA_ROW_BYTES,
-                           bool(merge_narrow), interpret)
+                           bool(merge_narrow), bool(reuse_rotation_smem),
+                           interpret)
 
 
 @jax.jit(static_argnames=("scale", "splits", "stages", "rotate_in_kernel",
                           "auto_barriers", "tma_row_bytes", "merge_narrow",
-                          "interpret"))
+                          "reuse_rotation_smem", "interpret"))
 def _append_attention(q, k, v, cache, scale, splits, stages,
                       rotate_in_kernel, auto_barriers, tma_row_bytes,
-                      merge_narrow, interpret):
+                      merge_narrow, reuse_rotation_smem, interpret):
   # pylint: disable-next=g-import-not-at-top (it imports this module)
   from turboquant_jax.kernels.decode_attention import pallas_gpu_tokens
   # pylint: disable-next=g-import-not-at-top (it imports this module)
@@ -865,7 +878,7 @@ def _append_attention(q, k, v, cache, scale, splits, stages,
       interpret=interpret, columns=columns, rotate=rotate,
       append=(cache, k, v), min_columns=8, auto_barriers=auto_barriers,
       tma_row_bytes=tma_row_bytes, queries=queries,
-      merge_narrow=merge_narrow)
+      merge_narrow=merge_narrow, reuse_rotation_smem=reuse_rotation_smem)
   acc, m, l = result
   if columns:
     out = parts.finish_columns(acc[0], m, l, q, cache,
@@ -1087,6 +1100,7 @@ def attention(q: jax.Array, cache, lengths: jax.Array, *,
               tma_row_bytes: int | None = None,
               values_registers: bool | None = None,
               merge_narrow: bool | None = None,
+              reuse_rotation_smem: bool | None = None,
               interpret: bool | None = None) -> jax.Array:
   """q [B, T, H, D] over a TurboQuantCache -> f32[B, T, H, D].
 
@@ -1213,6 +1227,10 @@ def attention(q: jax.Array, cache, lengths: jax.Array, *,
       centroids in f16 there: a norm above 65504 (only bf16 or f32
       stored norms hold one) overflows, where False reads it in f32.
       None: MERGE_NARROW_DEFAULT.
+    reuse_rotation_smem: layout="tokens", where the kernel rotates: Π_v's
+      tiles are fetched into Π_k's SMEM once the queries are rotated,
+      instead of into their own (one rotation's scratch, not two). None:
+      REUSE_ROTATION_SMEM_DEFAULT (off: not yet run on a GPU).
     interpret: None uses Mosaic GPU interpret mode when the backend is not
       a GPU.
   """
@@ -1279,4 +1297,6 @@ def attention(q: jax.Array, cache, lengths: jax.Array, *,
                     values_registers,
                     MERGE_NARROW_DEFAULT if merge_narrow is None
                     else bool(merge_narrow),
+                    REUSE_ROTATION_SMEM_DEFAULT if reuse_rotation_smem is None
+                    else bool(reuse_rotation_smem),
                     interpret)
