@@ -1001,7 +1001,7 @@ def fused_attention(inp: parts.KernelInputs, *, splits: int = 8,
     out_type.append(jax.ShapeDtypeStruct((b,), jnp.int32))   # new lengths
   key_groups = 1 if merge_keys else sum(base._groups(s) for s in specs)
   scratch = [_columns_smem(key_groups, n), plgpu.Barrier()]
-  if rotate is not None:  # Π_k and Π_v tiles, fetched at the start
+  if rotate is not None:  # Π_k's and Π_v's tiles (or one's, reused)
     groups = base._groups(specs[0])
     scratch = _rotation_smem(groups, reuse_rotation_smem) + scratch
   kernel = plgpu.kernel(
