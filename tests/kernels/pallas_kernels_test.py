@@ -264,6 +264,24 @@ class PallasGpuInterpretTest(parameterized.TestCase):
       pallas_gpu._narrow_group = real
       jax.clear_caches()
 
+  def test_part_dims_not_a_multiple_of_8_are_declined_by_reason(self):
+    # parts.supported names the part dim (a reason, not a raise), so the
+    # kernels refuse with NotImplementedError and impl=None takes "xla".
+    cache = cache_lib.init(CacheConfig(key_bits=4, value_bits=4), 2, 2, 64,
+                           36)
+    k = jax.random.normal(jax.random.key(0), (2, 2, 64, 36))
+    cache = cache_lib.prefill(cache, k, -k, jnp.array([10, 64]))
+    q = jax.random.normal(jax.random.key(1), (2, 4, 36))
+    self.assertIn("part dim 36", parts.supported(cache))
+    self.assertIn("part dim 36", pallas_gpu.append_supported(q[:, None],
+                                                             cache))
+    with self.assertRaisesRegex(NotImplementedError, "part dim 36"):
+      attn.decode_attention(q, cache, cache.lengths, impl="pallas_gpu",
+                            interpret=True)
+    np.testing.assert_array_equal(
+        attn.decode_attention(q, cache, cache.lengths),
+        attn.decode_attention(q, cache, cache.lengths, impl="xla"))
+
   def test_parts_of_32_refused_elsewhere(self):
     # Parts of 32 only through the tokens kernel's prmt lookup; the
     # queries layout, the other lookups and QJL sign parts of 32 raise
