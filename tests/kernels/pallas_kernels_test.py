@@ -275,12 +275,13 @@ class PallasGpuInterpretTest(parameterized.TestCase):
     self.assertIn("part dim 36", parts.supported(cache))
     self.assertIn("part dim 36", pallas_gpu.append_supported(q[:, None],
                                                              cache))
-    with self.assertRaisesRegex(NotImplementedError, "part dim 36"):
-      attn.decode_attention(q, cache, cache.lengths, impl="pallas_gpu",
-                            interpret=True)
+    for kernel in ("pallas_gpu", "pallas_tpu"):
+      with self.assertRaisesRegex(NotImplementedError, "part dim 36"):
+        attn.decode_attention(q, cache, cache.lengths, impl=kernel,
+                              interpret=True)
+    fallback = attn.decode_attention(q, cache, cache.lengths)
     np.testing.assert_array_equal(
-        attn.decode_attention(q, cache, cache.lengths),
-        attn.decode_attention(q, cache, cache.lengths, impl="xla"))
+        fallback, attn.decode_attention(q, cache, cache.lengths, impl="xla"))
 
   def test_parts_of_32_refused_elsewhere(self):
     # Parts of 32 only through the tokens kernel's prmt lookup; the
