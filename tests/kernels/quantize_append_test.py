@@ -288,16 +288,24 @@ class AppendAttentionTest(parameterized.TestCase):
   @parameterized.named_parameters(
       # The outlier split: parts of 32, each tensor's parts as one group
       # (merge_narrow, the default) rotated in the kernel by its folded
-      # rotation per head (the default at D = 64) or by XLA, and
-      # zero-padded groups (XLA rotates); keys split and values not.
+      # rotation per head (the default at D = 64) or by XLA; keys split
+      # and values not.
       ("2.5", 64, 2.5, 4, {}),
       ("2.5_xla_rotates", 64, 2.5, 3, dict(rotate_in_kernel=False)),
-      ("3.5_one_rotation_smem", 64, 3.5, 4, dict(reuse_rotation_smem=True)),
-      ("3.5_padded", 64, 3.5, 2, dict(merge_narrow=False)),
       ("3.5_keys", 64, 3.5, 2, dict(value_bits=4)),
   )
   def test_outlier_split_equals_append_then_attend(self, dim, bits, groups,
                                                    options):
+    self.check(dim, bits, groups, **options)
+
+  @parameterized.named_parameters(
+      # Options off by default: one rotation's SMEM, zero-padded groups.
+      ("3.5_one_rotation_smem", 64, 3.5, 4, dict(reuse_rotation_smem=True)),
+      ("3.5_padded", 64, 3.5, 2, dict(merge_narrow=False)),
+  )
+  @pytest.mark.slow
+  def test_outlier_split_with_options_off_by_default(self, dim, bits,
+                                                     groups, options):
     self.check(dim, bits, groups, **options)
 
   @pytest.mark.slow
