@@ -375,9 +375,9 @@ def _prefill(cache, k, v, lengths):
       cache, key_quantizer=kq, value_quantizer=vq,
       key_split_rotation=split_rotation(kq),
       value_split_rotation=split_rotation(vq, transposed=True))
-  if cache.rotation_tiles is not None and cache.rotation_tiles.ndim == 5:
+  if cache.rotation_tiles is not None:     # they follow the quantizers
     cache = dataclasses.replace(cache, rotation_tiles=kernel_rotation_tiles(
-        cache.config, kq, vq, cache.head_dim))     # the new outliers' own
+        cache.config, kq, vq, cache.head_dim))
   positions = jnp.broadcast_to(jnp.arange(k.shape[2]), (k.shape[0],
                                                         k.shape[2]))
   # Padding tokens past a sequence's length are never read (masked), and a

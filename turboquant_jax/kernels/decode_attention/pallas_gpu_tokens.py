@@ -954,7 +954,9 @@ def fused_attention(inp: parts.KernelInputs, *, splits: int = 8,
   SMEM once the queries are rotated (after every warp's products read
   Π_k), not into their own from the start: one rotation's bytes of
   scratch. At D = 64 the outlier split's program then needs 50 / 56 KB
-  (2.5 / 3.5 bits) instead of 58 / 64, so 4 fit an H200 SM's 228 KB.
+  (2.5 / 3.5 bits) instead of 58 / 64 by Mosaic GPU's lowering estimate
+  (NOTES.md, session 22): room for 4 a H200 SM by SMEM instead of 3.
+  Not yet timed on a GPU.
   """
   if min_columns not in (8, 16) or (min_columns == 8 and not transpose_p):
     raise ValueError(f"{min_columns=}, {transpose_p=}: expected 16, or 8 "
