@@ -53,7 +53,6 @@ _OPTIONS = [
     dict(combine="columns"),
     dict(rotate_in_kernel=False),      # the default at D <= 64 where a
     dict(rotate_in_kernel=True),       # cache allows it
-    dict(rotate_in_kernel=True, reuse_rotation_smem=True),  # Π_v in Π_k's
     # Before session 11's defaults: 16 query columns, the library exp,
     # Mosaic GPU's automatic barriers.
     dict(min_columns=16, approx_math=False, auto_barriers=True),
@@ -136,10 +135,8 @@ class GpuLoweringTest(parameterized.TestCase):
       ((64, 3.5, 2.5, 2, 3, "mse"), dict(merge_narrow=True,
                                          key_registers=False,
                                          tile_rows=128)),
-      # Merged, rotated by XLA instead of the kernel; rotated in the kernel
-      # with one rotation's SMEM.
-      ((64, 2.5, 2.5, 3, 1, "mse"), dict(rotate_in_kernel=False)),
-      ((64, 3.5, 2.5, 4, 1, "mse"), dict(reuse_rotation_smem=True)))
+      # Merged, rotated by XLA instead of the kernel.
+      ((64, 2.5, 2.5, 3, 1, "mse"), dict(rotate_in_kernel=False)))
   def test_parts_of_32_lower(self, shape, options):
     # The outlier split at D = 64: parts of 32 coordinates, the 3-bit one
     # loaded by each thread's own 16-bit shared loads (device only).
@@ -334,7 +331,6 @@ class GpuLoweringTest(parameterized.TestCase):
                             (64, 4, 4, 3, dict(auto_barriers=False)),
                             (64, 3, 3, 8, dict(tma_row_bytes=16)),
                             (64, 2.5, 3.5, 3, {}),        # parts of 32
-                            (64, 2.5, 3.5, 3, dict(reuse_rotation_smem=True)),
                             (64, 3.5, 2.5, 3, dict(merge_narrow=False)))
   def test_append_attention_lowers(self, dim, key_bits, value_bits, groups,
                                    options):

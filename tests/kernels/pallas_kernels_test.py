@@ -223,24 +223,6 @@ class PallasGpuInterpretTest(parameterized.TestCase):
     self.assertGreater(float(jnp.max(jnp.abs(run(swapped) - want))),
                        0.1 * scale)
 
-  @parameterized.parameters((64, 2.5, 3.5, 3), (64, 4, 4, 8),
-                            (128, 3, 3, 4))
-  def test_rotation_tiles_reusing_their_smem(self, dim, key_bits,
-                                             value_bits, groups):
-    # reuse_rotation_smem: Π_v's tiles fetched into Π_k's SMEM once the
-    # queries are rotated (one tile at D = 64, four at D = 128): the same
-    # output as with both rotations' own SMEM.
-    cache = self._cache(dim, key_bits, value_bits, 0, (128, 45), groups)
-    q = jax.random.normal(jax.random.key(groups), (2, 2 * groups, dim))
-    run = lambda reuse: attn.decode_attention(
-        q, cache, cache.lengths, impl="pallas_gpu", interpret=True,
-        splits=2, rotate_in_kernel=True, reuse_rotation_smem=reuse)
-    got = run(True)
-    np.testing.assert_array_equal(got, run(False))
-    want = attn.decode_attention(q, cache, cache.lengths, impl="reference")
-    np.testing.assert_allclose(got, want, rtol=self.TOL,
-                               atol=self.TOL * float(jnp.max(jnp.abs(want))))
-
   def test_merged_parts_of_32_build_no_padded_group(self):
     # merge_narrow reads each tensor's two parts as one group: no
     # zero-padded group (_narrow_group) is built; without it, four are.
@@ -784,9 +766,10 @@ class PallasGpuInterpretTest(parameterized.TestCase):
           queries=jnp.zeros((4, 8, 64), jnp.float16))
 
   def test_default_rotate_in_kernel(self):
-    # In the kernel at D <= 64; the outlier split there only where a
-    # program streams at most SPLIT_ROTATE_MAX_TILES tiles (B=1, 16k: 2
-    # tiles of 128 tokens in each of 64 splits; B=8, 128k: 64 tiles).
+    # In the kernel at D <= 64 where a program streams at most
+    # ROTATE_MAX_TILES tiles, SPLIT_ROTATE_MAX_TILES for the outlier split
+    # (tiles of 128 tokens: B=1, 16k 2 in each of 64 splits; B=8, 32k 16;
+    # B=32, 16k 32; B=8, 64k 32; B=8, 128k 64; B=32, 128k 256).
     def rotates(bits, b, s, d=64):
       cache = jax.eval_shape(lambda: cache_lib.init(
           CacheConfig(key_bits=bits, value_bits=bits), b, 8, s, d))
@@ -796,7 +779,10 @@ class PallasGpuInterpretTest(parameterized.TestCase):
     self.assertTrue(rotates(3.5, 8, 32768))
     self.assertFalse(rotates(2.5, 8, 65536))
     self.assertFalse(rotates(3.5, 32, 131072))
-    self.assertTrue(rotates(4, 32, 131072))
+    self.assertTrue(rotates(4, 1, 16384))
+    self.assertTrue(rotates(3, 32, 16384))
+    self.assertFalse(rotates(4, 8, 131072))
+    self.assertFalse(rotates(2, 32, 131072))
     self.assertFalse(rotates(4, 1, 16384, d=128))
 
   def test_step_rows_and_default_splits(self):

@@ -91,13 +91,6 @@ TMA_ROW_BYTES = 128   # layout="tokens": codes move as 128-byte TMA rows
 # and 0.188 against 0.249; B=1, S=16k 0.0185 against 0.0225 and 0.0190
 # against 0.0230; device checks 2.6e-4 to 1.1e-3 of the output scale.
 MERGE_NARROW_DEFAULT = True
-# layout="tokens" with the rotation in the kernel: reuse_rotation_smem's
-# default (Π_v's tiles land in Π_k's SMEM once the queries are rotated: at
-# D = 64 the outlier split's kernel 58 / 64 KB -> 50 / 56 KB a program at
-# 2.5 / 3.5 bits, so 4 programs fit an SM's 228 KB where 3 did, the likely
-# cause of its in-kernel rotation's loss on long programs, session 22).
-# Written after that session's device time, not yet run on a GPU: off.
-REUSE_ROTATION_SMEM_DEFAULT = False
 
 _L = plgpu.Layout
 
@@ -728,13 +721,12 @@ OVERLAP_MAX_TILES = 8
                           "rotate_in_kernel", "min_columns", "approx_math",
                           "auto_barriers", "overlap_values", "tma_row_bytes",
                           "values_registers", "merge_narrow",
-                          "reuse_rotation_smem", "interpret"))
+                          "interpret"))
 def _attention(q, cache, lengths, scale, splits, lookup_mode, layout,
                stages, tile_rows, key_registers, transpose_p,
                skip_empty_splits, combine, rotate_in_kernel, min_columns,
                approx_math, auto_barriers, overlap_values, tma_row_bytes,
-               values_registers, merge_narrow, reuse_rotation_smem,
-               interpret):
+               values_registers, merge_narrow, interpret):
   # Norms as stored (f16): the kernels convert per tile.
   inp = parts.prepare(q, cache, lengths, scale, norms_as_stored=True)
   if layout == "tokens":
@@ -766,8 +758,7 @@ def _attention(q, cache, lengths, scale, splits, lookup_mode, layout,
           cache, splits, tile_rows)
     run = functools.partial(run, values_registers=values_registers,
                             overlap_values=overlap_values,
-                            merge_narrow=merge_narrow,
-                            reuse_rotation_smem=reuse_rotation_smem)
+                            merge_narrow=merge_narrow)
     if rotate is not None or (combine == "columns" and len(
         inp.value_specs) == 1 and not cache.config.window):
       (acc,), m, l = run(inp, splits=splits, lookup_mode=lookup_mode,
@@ -797,7 +788,6 @@ def append_attention(q: jax.Array, k: jax.Array, v: jax.Array, cache, *,
                      auto_barriers: bool = True,
                      tma_row_bytes: int | None = None,
                      merge_narrow: bool | None = None,
-                     reuse_rotation_smem: bool | None = None,
                      interpret: bool | None = None):
   """One decode token in one launch: appends k, v [B, K, 1, D] to a
   TurboQuantCache at position cache.lengths[b] and attends q [B, 1, H, D]
@@ -841,21 +831,18 @@ def append_attention(q: jax.Array, k: jax.Array, v: jax.Array, cache, *,
   scale = q.shape[-1] ** -0.5 if scale is None else scale
   if merge_narrow is None:
     merge_narrow = MERGE_NARROW_DEFAULT
-  if reuse_rotation_smem is None:
-    reuse_rotation_smem = REUSE_ROTATION_SMEM_DEFAULT
   return _append_attention(q, k, v, cache, scale, splits, stages,
                            bool(rotate_in_kernel), bool(auto_barriers),
                            tma_row_bytes or TMA_ROW_BYTES,
-                           bool(merge_narrow), bool(reuse_rotation_smem),
-                           interpret)
+                           bool(merge_narrow), interpret)
 
 
 @jax.jit(static_argnames=("scale", "splits", "stages", "rotate_in_kernel",
                           "auto_barriers", "tma_row_bytes", "merge_narrow",
-                          "reuse_rotation_smem", "interpret"))
+                          "interpret"))
 def _append_attention(q, k, v, cache, scale, splits, stages,
                       rotate_in_kernel, auto_barriers, tma_row_bytes,
-                      merge_narrow, reuse_rotation_smem, interpret):
+                      merge_narrow, interpret):
   # pylint: disable-next=g-import-not-at-top (it imports this module)
   from turboquant_jax.kernels.decode_attention import pallas_gpu_tokens
   # pylint: disable-next=g-import-not-at-top (it imports this module)
@@ -878,7 +865,7 @@ def _append_attention(q, k, v, cache, scale, splits, stages,
       interpret=interpret, columns=columns, rotate=rotate,
       append=(cache, k, v), min_columns=8, auto_barriers=auto_barriers,
       tma_row_bytes=tma_row_bytes, queries=queries,
-      merge_narrow=merge_narrow, reuse_rotation_smem=reuse_rotation_smem)
+      merge_narrow=merge_narrow)
   acc, m, l = result
   if columns:
     out = parts.finish_columns(acc[0], m, l, q, cache,
@@ -1050,27 +1037,42 @@ def default_steps(cache) -> tuple[int, int]:
   return rows, stages
 
 
-# The outlier split at D = 64 (parts of 32, merged) is rotated in the kernel
-# by default where a program streams at most this many tiles; at more, by
-# XLA. On the H200 (32/8 heads, 2.5 and 3.5 bits, GPU clock, session 22):
-# in the kernel 0.0138 against 0.0193 ms at 2 tiles a program (B=1, 16k),
-# 0.0344 against 0.0363 at 8 (B=1, 64k), 0.0977 against 0.0993 at 16 (B=8,
-# 32k); but 0.182 against 0.179 at 32 (B=8, 64k), 0.352 against 0.339 at
-# 64 (B=8, 128k), 1.353 against 1.281 at 256 (B=32, 128k).
+# At D <= 64 the kernel rotates by default where a program streams at most
+# this many tiles; at more, XLA does: the in-kernel rotation costs a few
+# percent of a long program (its tiles' SMEM, by Mosaic GPU's estimate one
+# program fewer an SM for the outlier split, is not the whole cause: Π_v
+# taken into Π_k's SMEM won back about half, session 23). On the
+# H200 (32/8 heads, GPU clock), the outlier split (2.5 and 3.5 bits,
+# session 22): in the kernel 0.0138 against 0.0193 ms at 2 tiles a program
+# (B=1, 16k), 0.0344 against 0.0363 at 8 (B=1, 64k), 0.0977 against
+# 0.0993 at 16 (B=8, 32k); but 0.182 against 0.179 at 32 (B=8, 64k), 0.352
+# against 0.339 at 64 (B=8, 128k), 1.353 against 1.281 at 256 (B=32,
+# 128k). Integer widths (session 23): 4 bits 0.0131 against 0.0160 at 2,
+# 0.167 against 0.170 at 32 (B=32, 16k); but 0.326 against 0.323 at 64
+# (3 bits 0.330 against 0.327) and 1.266 against 1.234 at 256.
 SPLIT_ROTATE_MAX_TILES = 16
+ROTATE_MAX_TILES = 32
 
 
 def default_rotate_in_kernel(dim: int, cache, splits: int,
                              tile_rows: int) -> bool:
   """rotate_in_kernel's default: at head dims up to
-  ROTATE_IN_KERNEL_MAX_DIM, for the outlier split only where a program
-  streams at most SPLIT_ROTATE_MAX_TILES tiles of tile_rows tokens."""
+  ROTATE_IN_KERNEL_MAX_DIM where a program streams at most
+  ROTATE_MAX_TILES tiles of tile_rows tokens (SPLIT_ROTATE_MAX_TILES for
+  the outlier split)."""
   if dim > ROTATE_IN_KERNEL_MAX_DIM:
     return False
-  if not any(isinstance(x, split.SplitQuantizer)
-             for x in (cache.key_quantizer, cache.value_quantizer)):
-    return True
-  return cache.capacity // (splits * tile_rows) <= SPLIT_ROTATE_MAX_TILES
+  split_cache = any(isinstance(x, split.SplitQuantizer)
+                    for x in (cache.key_quantizer, cache.value_quantizer))
+  limit = SPLIT_ROTATE_MAX_TILES if split_cache else ROTATE_MAX_TILES
+  return tiles_per_program(cache, splits, tile_rows) <= limit
+
+
+def tiles_per_program(cache, splits: int, tile_rows: int = ROWS) -> int:
+  """Pipeline steps of tile_rows tokens each program streams over a full
+  cache split `splits` ways: what the defaults that pay per program
+  (rotation, overlap, the fused append) are chosen by."""
+  return cache.capacity // (splits * tile_rows)
 
 
 def default_overlap_values(cache, splits: int, tile_rows: int = ROWS) -> bool:
@@ -1081,7 +1083,7 @@ def default_overlap_values(cache, splits: int, tile_rows: int = ROWS) -> bool:
   splits (GPU clock, session 18) on took 64k 0.0492 ms against 0.0515 and
   128k 0.0849 against 0.0894 at 4 bits, the same at 3.5 and 2 bits."""
   programs = cache.batch * cache.kv_heads * splits
-  return (cache.capacity // (splits * tile_rows) <= OVERLAP_MAX_TILES
+  return (tiles_per_program(cache, splits, tile_rows) <= OVERLAP_MAX_TILES
           or programs <= ONE_WAVE_PROGRAMS)
 
 
@@ -1100,7 +1102,6 @@ def attention(q: jax.Array, cache, lengths: jax.Array, *,
               tma_row_bytes: int | None = None,
               values_registers: bool | None = None,
               merge_narrow: bool | None = None,
-              reuse_rotation_smem: bool | None = None,
               interpret: bool | None = None) -> jax.Array:
   """q [B, T, H, D] over a TurboQuantCache -> f32[B, T, H, D].
 
@@ -1153,9 +1154,9 @@ def attention(q: jax.Array, cache, lengths: jax.Array, *,
       and a transpose fewer. The outlier split at D = 64 too (merge_narrow:
       one group a tensor, rotated by its folded rotation per KV head,
       the cache's rotation_tiles). None: on for "tokens" at D <= 64
-      (ROTATE_IN_KERNEL_MAX_DIM), for that split only where a program
-      streams at most SPLIT_ROTATE_MAX_TILES tiles (default_rotate_in_
-      kernel). On the H200 (SmolLM2 decode, 9/3 heads,
+      (ROTATE_IN_KERNEL_MAX_DIM) where a program streams at most
+      ROTATE_MAX_TILES tiles, SPLIT_ROTATE_MAX_TILES for that split
+      (default_rotate_in_kernel). On the H200 (SmolLM2 decode, 9/3 heads,
       D=64, 8192 tokens) one layer's append + attention took 40.8 µs
       against 48.4 at B=1 (3 bits: 38.7 against 47.4), and 99.2-105.1
       against 103.6-104.4 at B=32; errors against the reference 3.2e-4 to
@@ -1227,10 +1228,6 @@ def attention(q: jax.Array, cache, lengths: jax.Array, *,
       centroids in f16 there: a norm above 65504 (only bf16 or f32
       stored norms hold one) overflows, where False reads it in f32.
       None: MERGE_NARROW_DEFAULT.
-    reuse_rotation_smem: layout="tokens", where the kernel rotates: Π_v's
-      tiles are fetched into Π_k's SMEM once the queries are rotated,
-      instead of into their own (one rotation's scratch, not two). None:
-      REUSE_ROTATION_SMEM_DEFAULT (off: not yet run on a GPU).
     interpret: None uses Mosaic GPU interpret mode when the backend is not
       a GPU.
   """
@@ -1297,6 +1294,4 @@ def attention(q: jax.Array, cache, lengths: jax.Array, *,
                     values_registers,
                     MERGE_NARROW_DEFAULT if merge_narrow is None
                     else bool(merge_narrow),
-                    REUSE_ROTATION_SMEM_DEFAULT if reuse_rotation_smem is None
-                    else bool(reuse_rotation_smem),
                     interpret)

@@ -155,38 +155,27 @@ def _p_smem(n: int, rows: int, transpose_p: bool) -> plgpu.SMEM:
                                 plgpu.SwizzleTransform(_swizzle(n))))
 
 
-def _rotation_smem(groups: int, reuse: bool) -> list:
-  """Scratch of rotate: f16 64 x 64 tiles (rotation.as_tiles, wgmma's
-  form), Π_k's [groups², ...] then Π_v's, or with `reuse` Π_v's in Π_k's
-  place; one barrier per tile and rotation."""
-  count = groups * groups
-  return [plgpu.SMEM(((1 if reuse else 2) * count, GROUP, GROUP),
-                     jnp.float16,
+def _rotation_smem(groups: int) -> list:
+  """Scratch of rotate: f16[2·groups², 64, 64], Π_k's then Π_v's 64 x 64
+  tiles (rotation.as_tiles, wgmma's form), and one barrier per tile."""
+  return [plgpu.SMEM((2 * groups * groups, GROUP, GROUP), jnp.float16,
                      transforms=(plgpu.TilingTransform((8, GROUP)),
                                  plgpu.SwizzleTransform(128))),
-          plgpu.Barrier(num_barriers=2 * count)]
+          plgpu.Barrier(num_barriers=2 * groups * groups)]
 
 
-def _rotation_slots(tiles, which: int, count: int) -> int:
-  """The first of Π_k's (which = 0) or Π_v's (1) count tiles in the
-  rotation scratch: both at 0 where it holds one rotation's."""
-  return 0 if tiles.shape[0] == count else which * count
-
-
-def _fetch_rotation(rot, which: int, tiles, barriers) -> None:
-  """Starts the TMAs of Π_k's (which = 0) or Π_v's (1) tiles (GMEM f16
-  [G², 64, 64], or [K, G², 64, 64] per KV head: the program's head's)
-  into their slots of tiles; barriers[which·G² + t] completes when tile t
-  has landed. Issued first thing, so the loads overlap the queries' and
-  the tiles' (Π_v's, where it takes Π_k's SMEM, once the queries'
-  rotation has read Π_k)."""
-  if rot.ndim == 4:
-    rot = rot.at[jax.lax.axis_index("k")]
-  count = rot.shape[0]
-  first = _rotation_slots(tiles, which, count)
-  for t in range(count):
-    plgpu.copy_gmem_to_smem(rot.at[t], tiles.at[first + t],
-                            barriers.at[which * count + t])
+def _fetch_rotations(key_rot, value_rot, tiles, barriers) -> None:
+  """Starts the TMAs of both rotations' tiles (GMEM f16 [G², 64, 64] each,
+  or [K, G², 64, 64] per KV head: the program's head's) into tiles
+  [2·G², 64, 64]; barriers[t] completes when tile t has landed. Issued
+  first thing, so the loads overlap the queries' and the tiles'."""
+  count = key_rot.shape[-3]
+  for i, rot in enumerate((key_rot, value_rot)):
+    if rot.ndim == 4:
+      rot = rot.at[jax.lax.axis_index("k")]
+    for t in range(count):
+      plgpu.copy_gmem_to_smem(rot.at[t], tiles.at[i * count + t],
+                              barriers.at[i * count + t])
 
 
 def _rotation(tiles, barriers, which: int, groups: int):
@@ -195,7 +184,7 @@ def _rotation(tiles, barriers, which: int, groups: int):
   count = groups * groups
   for t in range(count):
     plgpu.barrier_wait(barriers.at[which * count + t])
-  return tiles.at[pl.ds(_rotation_slots(tiles, which, count), count)]
+  return tiles.at[pl.ds(which * count, count)]
 
 
 def _rotate_columns(tiles, columns, groups: int, n: int,
@@ -497,10 +486,7 @@ def _kernel(lengths_ref, *refs, key_specs, value_specs, groups, split_len,
   if rotate:              # Π_k, Π_v tiles (rotation.as_tiles): the queries
     (key_rot, value_rot), refs = refs[:2], refs[2:]   # come unrotated
     rot_tiles, rot_barriers = refs[-scratch_count:-2]
-    reuse_rotation = rot_tiles.shape[0] == key_rot.shape[-3]
-    _fetch_rotation(key_rot, 0, rot_tiles, rot_barriers)
-    if not reuse_rotation:
-      _fetch_rotation(value_rot, 1, rot_tiles, rot_barriers)
+    _fetch_rotations(key_rot, value_rot, rot_tiles, rot_barriers)
   if append:              # the token's k, v, rotation columns, per part
     n_in = 3 + 2 * len(append)          # its thresholds and centroids
     append_in, refs = refs[:n_in], refs[n_in:]
@@ -520,11 +506,6 @@ def _kernel(lengths_ref, *refs, key_specs, value_specs, groups, split_len,
     groups_k = base._groups(key_specs[0])
     _rotate_queries(_rotation(rot_tiles, rot_barriers, 0, groups_k),
                     q_smem, groups_k, n)
-    if reuse_rotation:
-      # Every warp's products have read Π_k (their wgmma waited for, then
-      # _rotate_queries' commit_smem): its SMEM takes Π_v, in flight while
-      # the tiles stream.
-      _fetch_rotation(value_rot, 1, rot_tiles, rot_barriers)
   k_first = [0] if merge_keys else base._offsets(key_specs)
   # The value pool's groups: the parts not in registers, one after another.
   v_groups = [1] if merge_values else [0 if r else base._groups(s)
@@ -873,8 +854,7 @@ def fused_attention(inp: parts.KernelInputs, *, splits: int = 8,
                     auto_barriers: bool = True, overlap_values: bool = True,
                     tma_row_bytes: int = 16, queries=None,
                     values_registers: bool = False,
-                    merge_narrow: bool = False,
-                    reuse_rotation_smem: bool = False):
+                    merge_narrow: bool = False):
   """Runs the kernel: (acc per value part [B,K,NS,M,Dp], m, l [B,K,NS,M]),
   or with `columns` as the kernel wrote them: acc [B,K,NS,Dp,N], m, l
   [B,K,NS,N] (all N query columns, no transpose).
@@ -950,13 +930,6 @@ def fused_attention(inp: parts.KernelInputs, *, splits: int = 8,
   merged_group), instead of one zero-padded group per part: keys, one
   score product over unpadded queries; values, one Pᵀ, one P·V product,
   one output (cut into the parts' accumulators here).
-  reuse_rotation_smem: with `rotate`, Π_v's tiles are fetched into Π_k's
-  SMEM once the queries are rotated (after every warp's products read
-  Π_k), not into their own from the start: one rotation's bytes of
-  scratch. At D = 64 the outlier split's program then needs 50 / 56 KB
-  (2.5 / 3.5 bits) instead of 58 / 64 by Mosaic GPU's lowering estimate
-  (NOTES.md, session 22): room for 4 a H200 SM by SMEM instead of 3.
-  Not yet timed on a GPU.
   """
   if min_columns not in (8, 16) or (min_columns == 8 and not transpose_p):
     raise ValueError(f"{min_columns=}, {transpose_p=}: expected 16, or 8 "
@@ -1003,9 +976,9 @@ def fused_attention(inp: parts.KernelInputs, *, splits: int = 8,
     out_type.append(jax.ShapeDtypeStruct((b,), jnp.int32))   # new lengths
   key_groups = 1 if merge_keys else sum(base._groups(s) for s in specs)
   scratch = [_columns_smem(key_groups, n), plgpu.Barrier()]
-  if rotate is not None:  # Π_k's and Π_v's tiles (or one's, reused)
+  if rotate is not None:  # Π_k and Π_v tiles, fetched at the start
     groups = base._groups(specs[0])
-    scratch = _rotation_smem(groups, reuse_rotation_smem) + scratch
+    scratch = _rotation_smem(groups) + scratch
   kernel = plgpu.kernel(
       functools.partial(_kernel, key_specs=tuple(specs),
                         value_specs=inp.value_specs, groups=inp.groups,
