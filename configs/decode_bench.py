@@ -1,6 +1,10 @@
 """Decode tokens/s of a SmolLM2-shaped model over full vs compressed caches.
 
     python -m experiments.decode_bench --config=configs/decode_bench.py
+
+`--config=configs/decode_bench.py:model=llama3_8b` (GPU): a Llama-3.1-8B-
+shaped model (head dim 128, 32 / 8 heads) at B = 8 over 32k cached tokens,
+where a decode step reads more cache than weights.
 """
 
 import ml_collections
@@ -10,6 +14,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   args = dict(a.split("=", 1) for a in (arg or "").split(",") if a)
   scale = args.get("scale", "full")
   c = ml_collections.ConfigDict()
+  c.model = args.get("model", "smollm2")   # decode_bench.MODELS
   c.seed = 0
   c.batches = (1, 32)
   c.context = 8192                      # tokens already cached
@@ -39,7 +44,22 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.warmup = 2
   c.rounds = 5                          # interleaved: every cache each round
   c.reps = 6                            # timed calls per cache and round
+  if c.model == "llama3_8b":
+    # 16 GB of bf16 weights and, at B = 8, 32768 tokens, 34 GB of full bf16
+    # cache (1.07 GB a layer), 9 GB at 4 bits: every cache is held at once.
+    c.batches = (8,)
+    c.context = 32768
+    c.capacity = 33792
+    c.caches = (("cudnn-bf16", "full", 16, 16, "cudnn", "xla"),
+                ("tq4", "turboquant", 4, 4, None, "auto"),
+                ("tq3", "turboquant", 3, 3, None, "auto"),
+                ("tq2.5", "turboquant", 2.5, 2.5, None, "auto"))
+    c.steps_per_call = 8
+    c.rounds = 3
+    c.reps = 3
   if scale == "cpu":
+    if c.model != "smollm2":
+      raise ValueError(f"scale=cpu runs model=smollm2 only, not {c.model}")
     c.caches = c.caches[:4]             # the others need a GPU
     c.batches = (1,)
     c.context = 192

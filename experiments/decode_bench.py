@@ -1,4 +1,5 @@
-"""Decode speed of a SmolLM2-135M-shaped model: full cache vs TurboQuant.
+"""Decode speed of a SmolLM2-135M- or Llama-3.1-8B-shaped model: full cache
+vs TurboQuant.
 
 The weights are random (speed does not depend on their values; the real
 weights are 94 MiB, over what one device call carries) and the caches are
@@ -50,6 +51,17 @@ SMOLLM2 = model_lib.ModelConfig(
     vocab_size=49152, d_model=576, n_layers=30, n_heads=9, n_kv_heads=3,
     head_dim=64, ffn_dim=1536, rms_eps=1e-5, rope_theta=100000.0,
     tie_embeddings=True, max_seq_len=16384, dtype="bfloat16")
+# Llama-3.1-8B's shape (its config.json: 32 layers, 32 query / 8 KV heads of
+# 128, SwiGLU 14336, RoPE 500000 with llama3 scaling): the head dim of most
+# served models, where decode at long context reads mostly the cache.
+LLAMA3_8B = model_lib.ModelConfig(
+    vocab_size=128256, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8,
+    head_dim=128, ffn_dim=14336, rms_eps=1e-5, rope_theta=500000.0,
+    rope_scaling=model_lib.RopeScaling(), max_seq_len=131072,
+    dtype="bfloat16")
+# config.model -> (shape, the name results rows carry).
+MODELS = {"smollm2": (SMOLLM2, "SmolLM2-135M"),
+          "llama3_8b": (LLAMA3_8B, "Llama-3.1-8B")}
 
 
 def _randomize(tree, key, length):
@@ -108,8 +120,16 @@ def filled_caches(model, config, batch: int, kind: str, key_bits,
   caches = tuple(_filled(c, jax.random.fold_in(jax.random.key(2), i),
                          config.context) for i, c in enumerate(caches))
   tokens = jax.random.randint(jax.random.key(3), (batch, 1), 0,
-                              SMOLLM2.vocab_size)
+                              model.config.vocab_size)
   return tokens, caches
+
+
+def model_config(config) -> tuple[model_lib.ModelConfig, str]:
+  """(the model's shape, its name) for config.model (default "smollm2")."""
+  name = config.get("model", "smollm2")
+  if name not in MODELS:
+    raise ValueError(f"config.model={name!r} must be one of {sorted(MODELS)}")
+  return MODELS[name]
 
 
 def kernel_defaults() -> dict:
@@ -133,7 +153,8 @@ def run(config, workdir) -> list[dict]:
   writer = results.Writer(workdir, config)
   done = writer.done_keys(("batch", "cache"))
   device = jax.devices()[0].device_kind
-  model = model_lib.Transformer(SMOLLM2, rngs=nnx.Rngs(config.seed))
+  shape, model_name = model_config(config)
+  model = model_lib.Transformer(shape, rngs=nnx.Rngs(config.seed))
   steps = config.steps_per_call
   rounds = config.get("rounds", 1)
   for batch in config.batches:
@@ -170,7 +191,7 @@ def run(config, workdir) -> list[dict]:
       err = errors.get(name)
       ms = (None if err else
             statistics.median(t for r in calls[name] for t in r) / steps)
-      row = dict(model="SmolLM2-135M (random weights)", cache=name,
+      row = dict(model=f"{model_name} (random weights)", cache=name,
                  kind=kind, key_bits=kb, value_bits=vb, impl=impl,
                  append_impl=append_impl,
                  batch=batch, context=config.context, steps_per_call=steps,
@@ -178,7 +199,7 @@ def run(config, workdir) -> list[dict]:
                  rounds=rounds,
                  round_step_ms=None if err else [
                      statistics.median(r) / steps for r in calls[name]],
-                 bytes_per_token=mem["bytes_per_token"] * SMOLLM2.n_layers,
+                 bytes_per_token=mem["bytes_per_token"] * shape.n_layers,
                  kernel_options=(kernel_defaults() if kind == "turboquant"
                                  and impl in (None, "pallas_gpu") else None),
                  device=device, error=err)

@@ -14,6 +14,8 @@ import tempfile
 from unittest import mock
 
 from absl.testing import absltest
+from flax import nnx
+import jax
 
 _REPO = pathlib.Path(__file__).resolve().parents[2]
 if str(_REPO) not in sys.path:
@@ -153,6 +155,29 @@ class DecodeBenchTest(absltest.TestCase):
     self.assertIsNone(by_cache["full-bf16"]["kernel_options"])
     self.assertEqual(by_cache["tq4"]["kernel_options"]["lookup_mode"], "prmt")
     self.assertIn("skip_empty_splits", by_cache["tq4"]["kernel_options"])
+
+
+  def test_model_shapes(self):
+    # llama3_8b: Llama-3.1-8B's shape (8.03 B parameters: 32 layers of 32
+    # query / 8 KV heads of 128), for the GPU only; an unknown model names
+    # the choices.
+    config = decode_bench_config.get_config("model=llama3_8b")
+    shape, name = decode_bench.model_config(config)
+    self.assertEqual((name, shape.n_layers, shape.n_heads, shape.n_kv_heads,
+                      shape.head_dim), ("Llama-3.1-8B", 32, 32, 8, 128))
+    model = nnx.eval_shape(
+        lambda: decode_bench.model_lib.Transformer(shape, rngs=nnx.Rngs(0)))
+    params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    self.assertEqual(round(params / 1e7), 803)
+    self.assertEqual(config.capacity % (64 * 16), 0)
+    self.assertGreater(config.capacity, config.context)
+    self.assertEqual(decode_bench.model_config(
+        decode_bench_config.get_config())[1], "SmolLM2-135M")
+    with self.assertRaisesRegex(ValueError, "scale=cpu"):
+      decode_bench_config.get_config("scale=cpu,model=llama3_8b")
+    config.model = "gpt2"
+    with self.assertRaisesRegex(ValueError, "config.model='gpt2'.*llama3_8b"):
+      decode_bench.model_config(config)
 
 
 class StepTraceTest(absltest.TestCase):

@@ -9,6 +9,7 @@ interpret mode); `pytest -m slow` runs them.
 """
 
 import dataclasses
+import functools
 
 from unittest import mock
 
@@ -312,7 +313,7 @@ class AppendAttentionTest(parameterized.TestCase):
     self.check(256, 3, 2, capacity=256)
     self.check(128, 2.5, 4)                        # parts of 64
 
-  def test_auto_fuses_up_to_a_number_of_sequence_heads(self):
+  def test_auto_fuses_up_to_a_number_of_sequence_heads_and_tiles(self):
     limit = attention.FUSED_MAX_SEQUENCE_HEADS
     for impl, batch, heads, fuses in (
         ("auto", limit // 2, 2, True), ("auto", limit // 2 + 1, 2, False),
@@ -322,6 +323,16 @@ class AppendAttentionTest(parameterized.TestCase):
                              heads, 64, 64)
       self.assertEqual(attention.fuses_append(cache), fuses,
                        (impl, batch, heads))
+    # "auto" also only where each attention program streams at most
+    # FUSED_MAX_TILES tiles: 8 KV heads, D = 128, B = 1 over 9216 tokens (48
+    # splits of 3 tiles) fuses; B = 8 over 9216 (16 splits of 9) does not;
+    # "fused" always does.
+    for impl, batch, fuses in (("auto", 1, True), ("auto", 8, False),
+                               ("fused", 8, True)):
+      cache = jax.eval_shape(functools.partial(
+          cache_lib.init, cache_lib.CacheConfig(append_impl=impl), batch, 8,
+          9216, 128))
+      self.assertEqual(attention.fuses_append(cache), fuses, (impl, batch))
 
   def test_dispatch_fuses_only_when_asked(self):
     # decode_attention.append_attention: a cache with append_impl="fused",

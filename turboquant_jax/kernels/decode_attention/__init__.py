@@ -100,19 +100,30 @@ def decode_attention(q: jax.Array, cache, lengths: jax.Array, *,
 # many (sequence, KV head) pairs. Measured on the H200 with SmolLM2 (3 KV
 # heads, 8k context, results/decode_bench/h200_v12*): one launch was faster
 # at B = 1, 4, 8 and 16 (3 to 48 pairs; +8-10% decode tokens/s at B = 1, +2%
-# at 16) and slower at B = 32 (96 pairs, -4 to -5%). Measured before
-# kernel v7 (session 11), which sped up the separate attention kernel more
-# than the fused one (no approximate exp or dropped barriers there): the
-# crossover may now be lower; not re-measured.
+# at 16) and slower at B = 32 (96 pairs, -4 to -5%), before kernel v7.
 FUSED_MAX_SEQUENCE_HEADS = 64
+# ... and where each attention program streams at most this many tiles of
+# pallas_gpu.ROWS tokens: the fused kernel lacks the separate one's options
+# for long programs. Llama-3.1-8B-shaped decode (32 layers, 8 KV heads, D =
+# 128, 4 bits; results/decode_bench/h200_llama/): one launch against two,
+# B = 1, 8k (3 tiles) 7.36 against 7.67 ms a step; B = 1, 16k (4 tiles)
+# 7.43 against 7.40; B = 8, 8k (9 tiles) 8.17 against 8.10; 16k (17) 9.87
+# against 9.40; 32k (33) 13.33 against 11.80.
+FUSED_MAX_TILES = 8
 
 
 def fuses_append(cache) -> bool:
   """Whether cache's append_impl asks append_attention for one launch."""
   impl = cache.config.append_impl
-  return impl == "fused" or (
-      impl == "auto"
-      and cache.batch * cache.kv_heads <= FUSED_MAX_SEQUENCE_HEADS)
+  if impl != "auto":
+    return impl == "fused"
+  if (cache.batch * cache.kv_heads > FUSED_MAX_SEQUENCE_HEADS
+      or "pallas_gpu" not in _impls()):
+    return False
+  # pylint: disable-next=g-import-not-at-top (present: it is in the table)
+  from turboquant_jax.kernels.decode_attention import pallas_gpu
+  splits = pallas_gpu.default_splits(cache, "tokens", pallas_gpu.ROWS)
+  return pallas_gpu.tiles_per_program(cache, splits) <= FUSED_MAX_TILES
 
 
 def append_attention(q: jax.Array, k: jax.Array, v: jax.Array, cache, *,
