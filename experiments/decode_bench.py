@@ -2,10 +2,11 @@
 vs TurboQuant.
 
 The weights are random (speed does not depend on their values; the real
-weights are 94 MiB, over what one device call carries) and the caches are
-filled with random contents at `context` tokens (building them by prefill
-would only cost time). Each row: `steps_per_call` greedy decode steps (1
-token per sequence through all 30 layers, appending to every cache) in one
+weights, 94 MiB for SmolLM2 and 16 GB for Llama, are over what one device
+call carries) and the caches are filled with random contents at `context`
+tokens (building them by prefill would only cost time). Each row:
+`steps_per_call` greedy decode steps (1 token per sequence through every
+layer, appending to every cache) in one
 jitted `fori_loop` with the caches in its carry and donated, as in
 generation, so every cache is updated in place; the caches of a batch size
 are timed in `rounds` interleaved rounds of `reps` calls each; step_ms = the

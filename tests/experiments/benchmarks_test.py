@@ -156,7 +156,6 @@ class DecodeBenchTest(absltest.TestCase):
     self.assertEqual(by_cache["tq4"]["kernel_options"]["lookup_mode"], "prmt")
     self.assertIn("skip_empty_splits", by_cache["tq4"]["kernel_options"])
 
-
   def test_model_shapes(self):
     # llama3_8b: Llama-3.1-8B's shape (8.03 B parameters: 32 layers of 32
     # query / 8 KV heads of 128), for the GPU only; an unknown model names

@@ -103,8 +103,10 @@ def decode_attention(q: jax.Array, cache, lengths: jax.Array, *,
 # at 16) and slower at B = 32 (96 pairs, -4 to -5%), before kernel v7.
 FUSED_MAX_SEQUENCE_HEADS = 64
 # ... and where each attention program streams at most this many tiles of
-# pallas_gpu.ROWS tokens: the fused kernel lacks the separate one's options
-# for long programs. Llama-3.1-8B-shaped decode (32 layers, 8 KV heads, D =
+# pallas_gpu.ROWS tokens: the fused kernel runs without options the
+# separate one's defaults turn on (the approximate exp, which would change
+# the appended token's bytes; values in registers), which long programs
+# pay for. Llama-3.1-8B-shaped decode (32 layers, 8 KV heads, D =
 # 128, 4 bits; results/decode_bench/h200_llama/): one launch against two,
 # B = 1, 8k (3 tiles) 7.36 against 7.67 ms a step; B = 1, 16k (4 tiles)
 # 7.43 against 7.40; B = 8, 8k (9 tiles) 8.17 against 8.10; 16k (17) 9.87
