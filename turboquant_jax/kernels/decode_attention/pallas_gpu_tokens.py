@@ -39,9 +39,11 @@ it at position lengths[b] and attends to it alone (row 0 of a tile built
 in SMEM), while the others read the tokens before it: one launch a layer
 instead of two. On the H200 (SmolLM2, 3 KV heads) +2 to +10% decode
 tokens/s at B = 1 to 16, -4 to -5% at B = 32 (results/decode_bench/
-h200_v12*); over long programs it loses (Llama-3.1-8B-shaped, B = 8,
-32k: 13.3 against 11.8 ms a step, results/decode_bench/h200_llama/):
-append_impl="auto" uses it for few sequence-heads over short programs.
+h200_v12*, before kernel v7); over long programs it loses (Llama-3.1-8B-
+shaped, B = 8, 32k: 13.3 against 11.8 ms a step, results/decode_bench/
+h200_llama/; SmolLM2 at B = 16, 9 tiles a program, now -4.4%, h200_v19/
+b16/): append_impl="auto" uses it for few sequence-heads over short
+programs.
 
 A wgmma reads A and B with one swizzle, so the V tiles are stored with
 Pᵀ's (32 bytes for 16 columns, 64 for 32, 128 for 64), unless Pᵀ goes
