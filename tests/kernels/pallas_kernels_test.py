@@ -786,6 +786,8 @@ class PallasGpuInterpretTest(parameterized.TestCase):
     self.assertFalse(rotates(4, 1, 16384, d=128))
 
   def test_step_rows_and_default_splits(self):
+    # The caches' shapes only: the rules read nothing else.
+    shaped = lambda *args: jax.eval_shape(lambda: cache_lib.init(*args))
     step_rows = pallas_gpu_tokens.step_rows
     self.assertEqual(step_rows(128, [64, 64]), 64)
     self.assertEqual(step_rows(1024, [64, 2], 256), 256)
@@ -794,25 +796,25 @@ class PallasGpuInterpretTest(parameterized.TestCase):
     self.assertEqual(step_rows(64, [64], 256), 64)
     # B·K·NS programs: up to 8 per SM of 132 for "tokens" at D >= 128 (4
     # at D = 64), 2 for "queries".
-    cache = cache_lib.init(CacheConfig(key_bits=4), 8, 8, 131072, 128)
+    cache = shaped(CacheConfig(key_bits=4), 8, 8, 131072, 128)
     self.assertEqual(pallas_gpu.default_splits(cache, "tokens"), 32)
     self.assertEqual(pallas_gpu.default_splits(cache, "queries"), 8)
-    cache = cache_lib.init(CacheConfig(key_bits=4), 32, 8, 32768, 128)
+    cache = shaped(CacheConfig(key_bits=4), 32, 8, 32768, 128)
     self.assertEqual(pallas_gpu.default_splits(cache, "tokens"), 8)
-    cache = cache_lib.init(CacheConfig(key_bits=4), 8, 8, 131072, 64)
+    cache = shaped(CacheConfig(key_bits=4), 8, 8, 131072, 64)
     self.assertEqual(pallas_gpu.default_splits(cache, "tokens"), 16)
-    small = cache_lib.init(CacheConfig(key_bits=4), 1, 2, 192, 64)
+    small = shaped(CacheConfig(key_bits=4), 1, 2, 192, 64)
     self.assertEqual(pallas_gpu.default_splits(small), 1)
     # Under one program per SM in powers of two (B=1, 3 KV heads: 16
     # splits, 48 programs): the largest divisor of the 144 tiles that
     # leaves each split MIN_SPLIT_TILES (3) tiles.
-    smol = lambda b: cache_lib.init(CacheConfig(key_bits=4), b, 3, 9216, 64)
+    smol = lambda b: shaped(CacheConfig(key_bits=4), b, 3, 9216, 64)
     self.assertEqual(pallas_gpu.default_splits(smol(1)), 48)
     self.assertEqual(pallas_gpu.default_splits(smol(32)), 8)
     self.assertEqual(pallas_gpu.default_splits(smol(4)), 16)  # 192 programs
     # Up to ONE_WAVE_MAX_HEADS sequence-heads: one wave (<= 528 programs)
     # of splits at least two pipeline steps long (128 tokens at 2 bits).
-    one = lambda s, bits=4: cache_lib.init(
+    one = lambda s, bits=4: shaped(
         CacheConfig(key_bits=bits, value_bits=bits), 1, 8, s, 128)
     self.assertEqual(pallas_gpu.default_splits(one(16384)), 64)
     self.assertEqual(pallas_gpu.default_splits(one(131072)), 64)
@@ -821,12 +823,12 @@ class PallasGpuInterpretTest(parameterized.TestCase):
     self.assertEqual(pallas_gpu.default_splits(one(4096), "queries"), 32)
     # The floor counts the steps the kernel runs: 128 tokens at D = 64 by
     # default, 64 in append_attention's kernel (tile_rows=64).
-    at64 = cache_lib.init(CacheConfig(key_bits=4), 1, 3, 16384, 64)
+    at64 = shaped(CacheConfig(key_bits=4), 1, 3, 16384, 64)
     self.assertEqual(pallas_gpu.default_splits(at64), 64)
     self.assertEqual(pallas_gpu.default_splits(at64, "tokens", 64), 128)
     # Past one wave (528) only while splits keep 1024 tokens.
     split = lambda b, s: pallas_gpu.default_splits(
-        cache_lib.init(CacheConfig(key_bits=4), b, 8, s, 128))
+        shaped(CacheConfig(key_bits=4), b, 8, s, 128))
     self.assertEqual([split(8, s) for s in (4096, 16384, 32768, 65536)],
                      [16, 16, 32, 32])
     self.assertEqual([split(32, s) for s in (4096, 8192, 16384)], [4, 8, 8])

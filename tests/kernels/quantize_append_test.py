@@ -335,12 +335,12 @@ class AppendAttentionTest(parameterized.TestCase):
       self.assertEqual(attention.fuses_append(cache), fuses, (impl, batch))
 
   def test_dispatch_fuses_only_when_asked(self):
-    # decode_attention.append_attention: a cache with append_impl="fused",
-    # or "auto" (the default) at few sequence-heads, and impl="pallas_gpu"
-    # goes through the one-launch kernel; other caches take the append and
-    # then the attention, with the same result.
-    for config, fuses in ((dict(append_impl="fused"), True),
-                          (dict(append_impl="auto"), True),
+    # decode_attention.append_attention: a cache whose append_impl fuses
+    # (fuses_append: here "auto", the default, at few sequence-heads over
+    # short programs) and impl="pallas_gpu" goes through the one-launch
+    # kernel; other caches take the append and then the attention, with the
+    # same result.
+    for config, fuses in ((dict(append_impl="auto"), True),
                           (dict(append_impl="auto", key_bits=2.5,
                                 value_bits=3.5), True),
                           (dict(append_impl="pallas_gpu"), False),
