@@ -103,11 +103,11 @@ def decode_attention(q: jax.Array, cache, lengths: jax.Array, *,
 # at 16) and slower at B = 32 (96 pairs, -4 to -5%), before kernel v7.
 FUSED_MAX_SEQUENCE_HEADS = 64
 # ... and where each attention program streams at most this many tiles of
-# pallas_gpu.ROWS tokens: the fused kernel runs without options the
-# separate one's defaults turn on (the approximate exp, which would change
-# the appended token's bytes; values in registers), which long programs
-# pay for. Llama-3.1-8B-shaped decode (32 layers, 8 KV heads, D =
-# 128, 4 bits; results/decode_bench/h200_llama/): one launch against two,
+# pallas_gpu.ROWS tokens. Why long programs lose is not measured; the
+# fused kernel runs without options the separate one's defaults turn on
+# (the approximate exp, which would change the appended token's bytes;
+# values in registers). Llama-3.1-8B-shaped decode (32 layers, 8 KV heads,
+# D = 128, 4 bits; results/decode_bench/h200_llama/): one launch against two,
 # B = 1, 8k (3 tiles) 7.36 against 7.67 ms a step; B = 1, 16k (4 tiles)
 # 7.43 against 7.40; B = 8, 8k (9 tiles) 8.17 against 8.10; 16k (17) 9.87
 # against 9.40; 32k (33) 13.33 against 11.80. SmolLM2 at B = 16 (9 tiles;
@@ -125,8 +125,8 @@ def fuses_append(cache) -> bool:
     return False
   # pylint: disable-next=g-import-not-at-top (present: it is in the table)
   from turboquant_jax.kernels.decode_attention import pallas_gpu
-  splits = pallas_gpu.default_splits(cache, "tokens", pallas_gpu.ROWS)
-  return pallas_gpu.tiles_per_program(cache, splits) <= FUSED_MAX_TILES
+  return (pallas_gpu.tiles_per_program(cache, pallas_gpu.append_splits(cache))
+          <= FUSED_MAX_TILES)
 
 
 def append_attention(q: jax.Array, k: jax.Array, v: jax.Array, cache, *,

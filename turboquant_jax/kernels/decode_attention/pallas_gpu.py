@@ -773,6 +773,12 @@ def _attention(q, cache, lengths, scale, splits, lookup_mode, layout,
   return parts.finish(acc, m, l, q, cache, lengths, scale)
 
 
+def append_splits(cache) -> int:
+  """append_attention's default splits: its kernel runs steps of ROWS
+  tokens (decode_attention.fuses_append counts tiles by them too)."""
+  return default_splits(cache, "tokens", ROWS)
+
+
 def append_supported(q: jax.Array, cache) -> str | None:
   """None if append_attention can run q [B, T, H, D] over cache, else why
   not."""
@@ -823,8 +829,8 @@ def append_attention(q: jax.Array, k: jax.Array, v: jax.Array, cache, *,
   if tma_row_bytes not in (None, 16, 128):
     raise ValueError(f"{tma_row_bytes=!r}: expected 16 or 128")
   interpret = interpret_params(interpret)
-  if splits is None:       # its kernel runs steps of ROWS tokens
-    splits = default_splits(cache, "tokens", ROWS)
+  if splits is None:
+    splits = append_splits(cache)
   if rotate_in_kernel is None:
     rotate_in_kernel = default_rotate_in_kernel(q.shape[-1], cache, splits,
                                                 ROWS)
