@@ -1012,6 +1012,7 @@ def hlo_kernels(fn, *args) -> int:
 
 # The module globals around_kernel and loop_modes vary: (module, name).
 _AROUND = ((parts, "merge_splits"), (parts, "FOLDED_REDUCE_MAX_ROWS"),
+           (parts, "SPLIT_ROTATION_PRECISION"),
            (pallas_gpu, "folded_query_operand"),
            (pallas_gpu_tokens, "EARLY_VALUE_LOOKUP"))
 
@@ -1027,6 +1028,14 @@ def _around_variants() -> dict:
       "one_sum": {"merge_splits": _one_sum_merge},
       "reduce": {"FOLDED_REDUCE_MAX_ROWS": 2**31},
       "einsum": {"FOLDED_REDUCE_MAX_ROWS": -1},  # (no operand: many rows)
+      # einsums at every size by an f32-accurate algorithm cheaper than
+      # HIGHEST's (3 or 6 bf16 products, or 3 TF32 ones)
+      **{f"einsum_{name.lower()}": {
+          "FOLDED_REDUCE_MAX_ROWS": -1,
+          "SPLIT_ROTATION_PRECISION": getattr(jax.lax.DotAlgorithmPreset,
+                                              name)}
+         for name in ("BF16_BF16_F32_X3", "BF16_BF16_F32_X6",
+                      "TF32_TF32_F32_X3")},
       "laid_out": {"folded_query_operand": lambda *args: None},
       # values_registers' lookup after Pᵀ's store also where the values
       # are unpacked during the score wgmma (overlap_values)
@@ -1068,13 +1077,17 @@ def around_kernel(shapes=((1, 16384, (4, 3.5, 2.5)), (1, 32768, (4, 3.5, 2.5)),
     _set_around(value)
     return c
 
-  for name, value in variants.items():
+  for name, value in list(variants.items()):
     prepare(value, None)
     jax.clear_caches()
     print(f"checks: {name}", flush=True)
-    for args in ((128, 4, 4), (128, 4, 3.5), (128, 4, 2.5),
-                 (128, 1, 3.5, "prod")):
-      check(*args, mode="prmt", layout="tokens")
+    try:
+      for args in ((128, 4, 4), (128, 4, 3.5), (128, 4, 2.5),
+                   (128, 1, 3.5, "prod")):
+        check(*args, mode="prmt", layout="tokens")
+    except Exception as e:   # (an algorithm the backend lacks): dropped
+      print(f"  {name} FAIL {type(e).__name__}: {str(e)[:200]}", flush=True)
+      del variants[name]
     q = jax.random.normal(jax.random.key(0), (1, 32, 128))
     for bits in (4, 3.5):
       c = _random_cache(bits, 1, 16384)

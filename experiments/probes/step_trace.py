@@ -11,8 +11,15 @@ take the most time, names without their numeric suffixes.
 
     python -m experiments.probes.step_trace [--batch=1] [--steps=8]
         [--caches=full-bf16,tq4]   (names from configs/decode_bench.py)
+        [--model=llama3_8b]   (decode_bench's Llama-3.1-8B shape and
+                               context; its caches are named cudnn-bf16,
+                               tq4, tq3, tq2.5)
         [--hlo]   (instead: the loop's optimized HLO, written to $OUT, and
                    its Mosaic GPU calls and copies per computation)
+        [--products=sum,einsum,einsum_x3]   (the rotations' products around
+            the kernel, each traced: the library's rule, parts.
+            FOLDED_REDUCE_MAX_ROWS; einsums at HIGHEST; einsums as 3 bf16
+            products, BF16_BF16_F32_X3)
 
 Besides the kernels' own time it prints the idle time before each kind of
 kernel (from the previous kernel's end to its start, summed per step) and
@@ -36,6 +43,13 @@ from configs import decode_bench as decode_bench_config
 from experiments import decode_bench
 from experiments import probes
 from turboquant_jax import model as model_lib
+from turboquant_jax.kernels.decode_attention import parts
+
+# --products: (parts.FOLDED_REDUCE_MAX_ROWS, parts.SPLIT_ROTATION_PRECISION)
+PRODUCTS = {
+    "sum": (parts.FOLDED_REDUCE_MAX_ROWS, parts.SPLIT_ROTATION_PRECISION),
+    "einsum": (-1, jax.lax.Precision.HIGHEST),
+    "einsum_x3": (-1, jax.lax.DotAlgorithmPreset.BF16_BF16_F32_X3)}
 
 
 @dataclasses.dataclass
@@ -160,33 +174,36 @@ def hlo_census(hlo: str) -> list[tuple[str, int, int, int]]:
   return found
 
 
-def compiled_hlo(name: str, batch: int, steps: int) -> str:
+def compiled_hlo(name: str, batch: int, steps: int, model_name: str) -> str:
   """decode_bench's loop for cache `name`, compiled; its optimized HLO."""
-  model, tokens, caches, lengths, impl = _loop_inputs(name, batch)
+  model, tokens, caches, lengths, impl = _loop_inputs(name, batch,
+                                                      model_name)
   return decode_bench.decode_steps.lower(
       model, tokens, caches, lengths, impl=impl,
       steps=steps).compile().as_text()
 
 
-def _loop_inputs(name: str, batch: int):
+def _loop_inputs(name: str, batch: int, model_name: str):
   config = decode_bench_config.get_config(
-      "scale=full" if jax.default_backend() == "gpu" else "scale=cpu")
+      f"model={model_name},"
+      + ("scale=full" if jax.default_backend() == "gpu" else "scale=cpu"))
   row = {c[0]: c for c in config.caches}[name]
   _, kind, kb, vb, impl, append_impl = row
-  model = model_lib.Transformer(decode_bench.SMOLLM2,
-                                rngs=nnx.Rngs(config.seed))
+  shape, _ = decode_bench.model_config(config)
+  model = model_lib.Transformer(shape, rngs=nnx.Rngs(config.seed))
   tokens, caches = decode_bench.filled_caches(model, config, batch, kind, kb,
                                               vb, append_impl)
   lengths = jax.numpy.copy(caches[0].lengths)   # the caches are donated
   return model, tokens, caches, lengths, impl
 
 
-def trace_steps(name: str, batch: int, steps: int):
+def trace_steps(name: str, batch: int, steps: int, model_name: str):
   """Runs decode_bench's loop for cache `name` once (after a warm-up)
   under the profiler; the kernels of its steps (StepKernels), the idle
   time before each kind (gaps_before) and the host's calls (StepKernels
   of the host plane's events)."""
-  model, tokens, caches, lengths, impl = _loop_inputs(name, batch)
+  model, tokens, caches, lengths, impl = _loop_inputs(name, batch,
+                                                      model_name)
   run = lambda tokens, caches: decode_bench.decode_steps(
       model, tokens, caches, lengths, impl=impl, steps=steps)
   tokens, caches = jax.block_until_ready(run(tokens, caches))
@@ -213,21 +230,28 @@ def main():
   batch = int(probes.option("batch", "1"))
   steps = int(probes.option("steps", "8"))
   names = probes.option("caches", "full-bf16,tq4").split(",")
-  print("jax", jax.__version__, jax.devices()[0].device_kind, f"B={batch}",
-        f"{steps} steps", flush=True)
-  for name in names:
+  model_name = probes.option("model", "smollm2")
+  print("jax", jax.__version__, jax.devices()[0].device_kind, model_name,
+        f"B={batch}", f"{steps} steps", flush=True)
+  for name, products in [(n, p) for n in names for p in probes.option(
+      "products", "sum").split(",")]:
+    parts.FOLDED_REDUCE_MAX_ROWS, parts.SPLIT_ROTATION_PRECISION = \
+        PRODUCTS[products]
+    jax.clear_caches()
+    shown = name if products == "sum" else f"{name}-{products}"
     if "--hlo" in sys.argv:
-      hlo = compiled_hlo(name, batch, steps)
+      hlo = compiled_hlo(name, batch, steps, model_name)
       if os.environ.get("OUT"):
-        with open(os.path.join(os.environ["OUT"], f"{name}.hlo.txt"),
+        with open(os.path.join(os.environ["OUT"], f"{shown}.hlo.txt"),
                   "w") as f:
           f.write(hlo)
-      print(f"\n{name}: computation, instructions, Mosaic GPU calls, "
+      print(f"\n{shown}: computation, instructions, Mosaic GPU calls, "
             f"copies")
       for row in hlo_census(hlo):
         print("  ", *row)
       continue
-    k, gaps, host = trace_steps(name, batch, steps)
+    k, gaps, host = trace_steps(name, batch, steps, model_name)
+    name = shown
     print(f"\n{name}: {k.launches} kernels a step, busy {k.busy_us:.1f} us, "
           f"span {k.span_us:.1f} us a step", flush=True)
     _print_top(k.by_name, 25)

@@ -389,11 +389,15 @@ class FoldedSplitRotationTest(parameterized.TestCase):
   @parameterized.parameters(1, 40)      # 3 and 120 query rows (B·M)
   def test_products_equal_numpy(self, b):
     # The folded products (multiply-and-sum up to FOLDED_REDUCE_MAX_ROWS
-    # rows, einsums above) are y = F q and its transpose, per KV head.
+    # rows of per-head matrices, einsums above and for one dense matrix)
+    # are y = F q and its transpose, per KV head.
     rng = np.random.default_rng(b)
     qh = rng.normal(size=(b, 2, 3, 16)).astype(np.float32)
     f = rng.normal(size=(2, 16, 16)).astype(np.float32)
-    self.assertEqual(parts.sums_products(jnp.asarray(qh)), b == 1)
+    self.assertEqual(parts.sums_products(jnp.asarray(qh), jnp.asarray(f)),
+                     b == 1)
+    self.assertFalse(parts.sums_products(jnp.asarray(qh),
+                                         jnp.asarray(f[:1])))
     np.testing.assert_allclose(
         parts.folded_queries(jnp.asarray(qh), jnp.asarray(f)),
         np.einsum("bkmd,ked->bkme", qh, f), rtol=1e-5, atol=1e-5)

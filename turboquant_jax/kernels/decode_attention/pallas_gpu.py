@@ -902,10 +902,10 @@ def interpret_params(interpret) -> plgpu.InterpretGPUParams | None:
 def folded_query_operand(q: jax.Array, cache, scale: float, n: int,
                          merge_narrow: bool = False) -> jax.Array | None:
   """The tokens kernel's query operand f16[B·K·G, n, 64] for mse keys
-  rotated by a matrix (a split cache's folded rotations, or a dense
-  rotation) at most parts.FOLDED_REDUCE_MAX_ROWS query rows (B·M),
-  computed by a product and a sum, else None (fused_attention then lays
-  out parts.prepare's queries itself).
+  rotated by a split cache's folded rotations at most
+  parts.FOLDED_REDUCE_MAX_ROWS query rows (B·M), computed by a product and
+  a sum (parts.sums_products), else None (fused_attention then lays out
+  parts.prepare's queries itself, by an einsum).
 
   parts.folded_queries' product and sum, with the queries padded to n
   rows first and the sum written straight into the kernel's layout
@@ -925,7 +925,7 @@ def folded_query_operand(q: jax.Array, cache, scale: float, n: int,
   b, _, _, d = q.shape
   kv = cache.kv_heads
   qh = parts.grouped_queries(q, kv)                            # [B, K, M, D]
-  if not parts.sums_products(qh):
+  if not parts.sums_products(qh, folded):
     return None
   qh = jnp.pad(qh, ((0, 0), (0, 0), (0, n - qh.shape[2]), (0, 0)))
   f = folded.reshape(-1, d // GROUP, GROUP, d)           # [K or 1, G, 64, D]

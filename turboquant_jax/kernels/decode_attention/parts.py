@@ -230,29 +230,42 @@ def prepare(q: jax.Array, cache, lengths: jax.Array, scale: float,
       window=w)
 
 
-# Up to this many query rows (B·M) the folded products are multiply-and-
-# sum reductions (exact f32, one XLA loop fusion) rather than HIGHEST
-# einsums (a gemm fusion whose f32 emulation dominates tiny products).
+# Up to this many query rows (B·M) a split tensor's folded products are
+# multiply-and-sum reductions (exact f32, one XLA loop fusion) rather than
+# HIGHEST einsums (a gemm fusion whose f32 emulation dominates tiny
+# products).
 FOLDED_REDUCE_MAX_ROWS = 64
 
 
-def sums_products(x: jax.Array) -> bool:
-  """Whether the folded products of x [B, K, M, ...] are multiply-and-sum
-  reductions (B·M <= FOLDED_REDUCE_MAX_ROWS) rather than einsums."""
-  return x.shape[0] * x.shape[2] <= FOLDED_REDUCE_MAX_ROWS
+def sums_products(x: jax.Array, folded: jax.Array) -> bool:
+  """Whether the products of x [B, K, M, ...] with `folded` [K or 1, D, D]
+  (rotation_matrix) are multiply-and-sum reductions rather than einsums:
+  per-head matrices (the outlier split's) at B·M <= FOLDED_REDUCE_MAX_ROWS.
+
+  A dense rotation shared by the heads is always an einsum: inside a
+  Llama-3.1-8B-shaped decode loop (H200, session 24, step_trace) XLA laid
+  that loop-carried [D, D] matrix out transposed and each reduction took
+  16.5 µs at B = 8 (1.10 ms of a 10.6 ms step's kernels, two a layer);
+  as einsums the step's kernels took 9.73 ms (B = 1: 7.14 -> 6.93). Alone
+  (decode_kernel_variants --around-kernel) the einsum was as fast or
+  faster too: B = 8, 32k 0.172-0.177 ms against 0.176-0.178.
+  """
+  return (folded.shape[0] > 1
+          and x.shape[0] * x.shape[2] <= FOLDED_REDUCE_MAX_ROWS)
 
 
 def folded_queries(qh: jax.Array, folded: jax.Array) -> jax.Array:
   """f32[B, K, M, D] through rotation_matrix's f32[K or 1, D, D]: every
   part's rotated queries side by side (outliers first).
 
-  At most FOLDED_REDUCE_MAX_ROWS rows (decode at small B) as a product
-  and a sum over D: on the H200 (B=1, S=16k, 3.5 bits, Nsight) the
-  einsum took 8.1 µs and this 3.6, the rotation back 5.1 against 3.3
-  (NOTES.md, session 14); for a dense rotation the einsum was a split-K
-  gemm and a reduction, two kernels (session 15).
+  A split tensor's at most FOLDED_REDUCE_MAX_ROWS rows (decode at small
+  B) as a product and a sum over D (sums_products): on the H200 (B=1,
+  S=16k, 3.5 bits, Nsight) the einsum took 8.1 µs and this 3.6, the
+  rotation back 5.1 against 3.3 (NOTES.md, session 14); for a dense
+  rotation the einsum was a split-K gemm and a reduction, two kernels
+  (session 15).
   """
-  if sums_products(qh):
+  if sums_products(qh, folded):
     return jnp.sum(qh[..., None, :] * folded[None, :, None], axis=-1)
   return jnp.einsum("bkmd,ked->bkme", qh, folded,
                     precision=SPLIT_ROTATION_PRECISION)
@@ -266,11 +279,11 @@ def folded_outputs(merged: jax.Array, folded: jax.Array,
   split cache's value_split_rotation), so that the sum runs along its
   rows."""
   if transposed:
-    if sums_products(merged):
+    if sums_products(merged, folded):
       return jnp.sum(merged[..., None, :] * folded[None, :, None], axis=-1)
     return jnp.einsum("bkme,kde->bkmd", merged, folded,
                       precision=SPLIT_ROTATION_PRECISION)
-  if sums_products(merged):
+  if sums_products(merged, folded):
     return jnp.sum(merged[..., :, None] * folded[None, :, None], axis=-2)
   return jnp.einsum("bkme,ked->bkmd", merged, folded,
                     precision=SPLIT_ROTATION_PRECISION)
