@@ -41,6 +41,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
               ("tq2.5", "turboquant", 2.5, 2.5, None, "auto"),
               ("tq3.5", "turboquant", 3.5, 3.5, None, "auto"))
   c.steps_per_call = 32                 # decode steps in one jitted loop
+  c.unroll = False                      # the loop's steps written out
   c.warmup = 2
   c.rounds = 5                          # interleaved: every cache each round
   c.reps = 6                            # timed calls per cache and round

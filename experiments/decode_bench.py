@@ -96,17 +96,19 @@ def main(argv):
   run(flags.FLAGS.config, flags.FLAGS.workdir)
 
 
-@functools.partial(jax.jit, static_argnames=("impl", "steps"),
+@functools.partial(jax.jit, static_argnames=("impl", "steps", "unroll"),
                    donate_argnames=("caches",))
-def decode_steps(model, tokens, caches, lengths, *, impl, steps: int):
+def decode_steps(model, tokens, caches, lengths, *, impl, steps: int,
+                 unroll: bool = False):
   """`steps` greedy decode steps from tokens i32[B, 1] at positions
-  `lengths`; returns (the last tokens [B, 1], the caches)."""
+  `lengths`; returns (the last tokens [B, 1], the caches). unroll: the
+  steps written out one after another (no while loop at run time)."""
   def step(i, carry):
     tok, caches = carry
     logits, caches = model(tok, caches, lengths + i, impl=impl)
     return jnp.argmax(logits[:, -1], axis=-1)[:, None].astype(tok.dtype), \
         caches
-  return jax.lax.fori_loop(0, steps, step, (tokens, caches))
+  return jax.lax.fori_loop(0, steps, step, (tokens, caches), unroll=unroll)
 
 
 def filled_caches(model, config, batch: int, kind: str, key_bits,
@@ -172,7 +174,8 @@ def run(config, workdir) -> list[dict]:
           dataclasses.replace(c, lengths=jnp.copy(lengths))
           for c in state[1]))
       steps_of[name] = lambda state, impl=impl, lengths=lengths: \
-          decode_steps(model, *state, lengths, impl=impl, steps=steps)
+          decode_steps(model, *state, lengths, impl=impl, steps=steps,
+                       unroll=config.get("unroll", False))
       calls[name] = []
     for rnd in range(rounds):
       order = specs[rnd % len(specs):] + specs[:rnd % len(specs)] \
@@ -196,6 +199,7 @@ def run(config, workdir) -> list[dict]:
                  kind=kind, key_bits=kb, value_bits=vb, impl=impl,
                  append_impl=append_impl,
                  batch=batch, context=config.context, steps_per_call=steps,
+                 unroll=config.get("unroll", False),
                  step_ms=ms, tokens_per_s=batch / ms * 1e3 if ms else None,
                  rounds=rounds,
                  round_step_ms=None if err else [

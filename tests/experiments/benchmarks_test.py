@@ -16,6 +16,7 @@ from unittest import mock
 from absl.testing import absltest
 from flax import nnx
 import jax
+import numpy as np
 
 _REPO = pathlib.Path(__file__).resolve().parents[2]
 if str(_REPO) not in sys.path:
@@ -155,6 +156,28 @@ class DecodeBenchTest(absltest.TestCase):
     self.assertIsNone(by_cache["full-bf16"]["kernel_options"])
     self.assertEqual(by_cache["tq4"]["kernel_options"]["lookup_mode"], "prmt")
     self.assertIn("skip_empty_splits", by_cache["tq4"]["kernel_options"])
+
+  def test_unrolled_steps_equal_the_loop(self):
+    # unroll writes the steps out; the tokens and caches are the same.
+    shape = decode_bench.model_lib.ModelConfig(
+        vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
+        head_dim=16, ffn_dim=64, max_seq_len=64)
+    model = decode_bench.model_lib.Transformer(shape, rngs=nnx.Rngs(0))
+    config = decode_bench_config.get_config("scale=cpu")
+    config.context, config.capacity = 10, 32
+    outs = []
+    for unroll in (False, True):
+      tokens, caches = decode_bench.filled_caches(
+          model, config, 2, "turboquant", 4, 4, "xla")
+      lengths = jax.numpy.copy(caches[0].lengths)
+      outs.append(decode_bench.decode_steps(model, tokens, caches, lengths,
+                                            impl="xla", steps=3,
+                                            unroll=unroll))
+    (t0, c0), (t1, c1) = outs
+    np.testing.assert_array_equal(t0, t1)
+    np.testing.assert_array_equal(c0[1].lengths, [13, 13])
+    for a, b in zip(jax.tree.leaves(c0), jax.tree.leaves(c1)):
+      np.testing.assert_array_equal(a, b)
 
   def test_model_shapes(self):
     # llama3_8b: Llama-3.1-8B's shape (8.03 B parameters: 32 layers of 32
