@@ -29,7 +29,6 @@ from turboquant_jax.cache import turboquant_cache
 from turboquant_jax.kernels import decode_attention as attn
 from turboquant_jax.kernels.decode_attention import pallas_gpu
 from turboquant_jax.kernels.decode_attention import pallas_gpu_tokens
-from turboquant_jax.kernels.decode_attention import parts
 
 _SHAPES = [
     # (head dim, key bits, value bits, GQA group, query tokens, key method)
@@ -236,20 +235,16 @@ class GpuLoweringTest(parameterized.TestCase):
     # The queries' rotation and the outputs' rotation back are the
     # kernel's (wgmma on f16 tiles): no dot_general is left to XLA, where
     # the path without it has two. It is the default up to D = 64 only
-    # (at 128 its SMEM cost more than it saved on the H200). Products as
-    # einsums at any size here: at few query rows XLA's are otherwise
-    # multiply-and-sum reductions (parts.FOLDED_REDUCE_MAX_ROWS).
+    # (at 128 its SMEM cost more than it saved on the H200). A dense
+    # rotation's products are einsums at any number of query rows
+    # (parts.sums_products).
     shape = (dim, 4, 3, 4, 1, "mse")
     count = lambda **o: _lower(*shape, **o).as_text().count(
         "stablehlo.dot_general")
     jax.clear_caches()              # pallas_gpu._attention traced anew
-    with mock.patch.object(parts, "FOLDED_REDUCE_MAX_ROWS", -1):
-      self.assertEqual(count(rotate_in_kernel=False), 2)
-      self.assertEqual(count(rotate_in_kernel=True), 0)
-      self.assertEqual(count(), 0 if dim <= 64 else 2)
-    jax.clear_caches()
-    # At these few rows by default: no product left to XLA either way.
-    self.assertEqual(count(rotate_in_kernel=False), 0)
+    self.assertEqual(count(rotate_in_kernel=False), 2)
+    self.assertEqual(count(rotate_in_kernel=True), 0)
+    self.assertEqual(count(), 0 if dim <= 64 else 2)
 
   def test_merged_split_rotates_in_the_kernel(self):
     # The split at D = 64, each tensor's parts as one group: the kernel

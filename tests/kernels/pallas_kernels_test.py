@@ -719,16 +719,17 @@ class PallasGpuInterpretTest(parameterized.TestCase):
                                rtol=1e-5, atol=1e-5)
 
   def test_folded_query_operand_equals_the_laid_out_parts(self):
-    # The one-fusion query operand of mse keys rotated by matrices (a split
-    # cache's folded rotations, an integer width's dense rotation) equals
-    # parts.prepare's queries laid out by the kernel (f16 rounding apart);
-    # prod keys (sign parts), Hadamard rotations and more than
-    # FOLDED_REDUCE_MAX_ROWS query rows get None (the laid-out path).
-    # The split at D = 64 (parts of 32) gets one only with merge_narrow:
-    # its one merged group is the two parts' queries side by side.
+    # The one-fusion query operand of mse keys rotated by a split cache's
+    # folded rotations equals parts.prepare's queries laid out by the
+    # kernel (f16 rounding apart); a dense rotation (an integer width: its
+    # products are einsums, parts.sums_products), prod keys (sign parts),
+    # Hadamard rotations and more than FOLDED_REDUCE_MAX_ROWS query rows
+    # get None (the laid-out path). The split at D = 64 (parts of 32) gets
+    # one only with merge_narrow: its one merged group is the two parts'
+    # queries side by side.
     for d, bits, b, t, g in ((128, 3.5, 2, 1, 4), (128, 3.5, 2, 3, 2),
-                             (128, 4, 2, 1, 4), (128, 3, 1, 2, 3),
-                             (64, 2.5, 2, 1, 4), (64, 3.5, 1, 2, 3)):
+                             (128, 2.5, 1, 2, 3), (64, 2.5, 2, 1, 4),
+                             (64, 3.5, 1, 2, 3)):
       scale = d ** -0.5
       cache = self._cache(d, bits, 2.5, 0, (128, 70), 0)
       q = jax.random.normal(jax.random.key(t), (b, t, 2 * g, d))
@@ -752,12 +753,13 @@ class PallasGpuInterpretTest(parameterized.TestCase):
                                        method="prod")))
     self.assertIsNone(none(self._cache(128, 4, 4, 0, (128, 70), 0,
                                        rotation_kind="hadamard")))
-    for bits in (3.5, 4):
-      cache = self._cache(128, bits, 2.5, 0, (128, 70), 0)
-      self.assertIsNotNone(none(cache, parts.FOLDED_REDUCE_MAX_ROWS // 4))
-      self.assertIsNone(none(cache, parts.FOLDED_REDUCE_MAX_ROWS // 4 + 1))
-    # An operand of the wrong shape is refused by name.
+    for bits in (4, 3):                  # dense rotations: at any size
+      self.assertIsNone(none(self._cache(128, bits, 2.5, 0, (128, 70), 0),
+                             1))
     split = self._cache(128, 3.5, 2.5, 0, (128, 70), 0)
+    self.assertIsNotNone(none(split, parts.FOLDED_REDUCE_MAX_ROWS // 4))
+    self.assertIsNone(none(split, parts.FOLDED_REDUCE_MAX_ROWS // 4 + 1))
+    # An operand of the wrong shape is refused by name.
     inp = parts.prepare(jnp.ones((2, 1, 8, 128)), split, split.lengths,
                         scale, norms_as_stored=True)
     with self.assertRaisesRegex(ValueError, "queries"):
