@@ -17,9 +17,10 @@ take the most time, names without their numeric suffixes.
         [--hlo]   (instead: the loop's optimized HLO, written to $OUT, and
                    its Mosaic GPU calls and copies per computation)
         [--products=sum,einsum,einsum_x3]   (the rotations' products around
-            the kernel, each traced: the library's rule, parts.
-            FOLDED_REDUCE_MAX_ROWS; einsums at HIGHEST; einsums as 3 bf16
-            products, BF16_BF16_F32_X3)
+            the kernel, each traced: "sum", the library's rule (multiply-
+            and-sum where parts.sums_products says so; before session 24
+            also a dense rotation's at few query rows); einsums at HIGHEST;
+            einsums as 3 bf16 products, BF16_BF16_F32_X3)
 
 Besides the kernels' own time it prints the idle time before each kind of
 kernel (from the previous kernel's end to its start, summed per step) and
