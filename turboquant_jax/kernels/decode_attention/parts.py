@@ -245,7 +245,7 @@ def sums_products(x: jax.Array, folded: jax.Array) -> bool:
   A dense rotation shared by the heads is always an einsum: inside a
   Llama-3.1-8B-shaped decode loop (H200, session 24, step_trace) XLA laid
   that loop-carried [D, D] matrix out transposed and each reduction took
-  16.5 µs at B = 8 (1.10 ms of a 10.6 ms step's kernels, two a layer);
+  16.5 µs at B = 8 (1.09 ms of a 10.6 ms step's kernels, two a layer);
   as einsums the step's kernels took 9.73 ms (B = 1: 7.14 -> 6.93). Alone
   (decode_kernel_variants --around-kernel) the einsum was as fast or
   faster too: B = 8, 32k 0.172-0.177 ms against 0.176-0.178.
@@ -261,9 +261,10 @@ def folded_queries(qh: jax.Array, folded: jax.Array) -> jax.Array:
   A split tensor's at most FOLDED_REDUCE_MAX_ROWS rows (decode at small
   B) as a product and a sum over D (sums_products): on the H200 (B=1,
   S=16k, 3.5 bits, Nsight) the einsum took 8.1 µs and this 3.6, the
-  rotation back 5.1 against 3.3 (NOTES.md, session 14); for a dense
-  rotation the einsum was a split-K gemm and a reduction, two kernels
-  (session 15).
+  rotation back 5.1 against 3.3 (NOTES.md, session 14). A dense
+  rotation's einsum at B=1 lowered to a split-K gemm and a reduction, two
+  kernels (session 15), yet inside a decode loop it still beat the
+  reduction (sums_products).
   """
   if sums_products(qh, folded):
     return jnp.sum(qh[..., None, :] * folded[None, :, None], axis=-1)
