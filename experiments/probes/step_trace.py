@@ -32,6 +32,7 @@ such as command-buffer updates the GPU waits on).
 import collections
 import dataclasses
 import glob
+import itertools
 import os
 import re
 import sys
@@ -234,8 +235,11 @@ def main():
   model_name = probes.option("model", "smollm2")
   print("jax", jax.__version__, jax.devices()[0].device_kind, model_name,
         f"B={batch}", f"{steps} steps", flush=True)
-  for name, products in [(n, p) for n in names for p in probes.option(
-      "products", "sum").split(",")]:
+  products_list = probes.option("products", "sum").split(",")
+  unknown = sorted(set(products_list) - set(PRODUCTS))
+  if unknown:
+    raise ValueError(f"--products: {unknown} not among {sorted(PRODUCTS)}")
+  for name, products in itertools.product(names, products_list):
     parts.FOLDED_REDUCE_MAX_ROWS, parts.SPLIT_ROTATION_PRECISION = \
         PRODUCTS[products]
     jax.clear_caches()
@@ -252,14 +256,13 @@ def main():
         print("  ", *row)
       continue
     k, gaps, host = trace_steps(name, batch, steps, model_name)
-    name = shown
-    print(f"\n{name}: {k.launches} kernels a step, busy {k.busy_us:.1f} us, "
+    print(f"\n{shown}: {k.launches} kernels a step, busy {k.busy_us:.1f} us, "
           f"span {k.span_us:.1f} us a step", flush=True)
     _print_top(k.by_name, 25)
-    print(f"{name}: idle before each kind of kernel, per step "
+    print(f"{shown}: idle before each kind of kernel, per step "
           f"(total {sum(g for _, g in gaps.values()):.1f} us)")
     _print_top(gaps, 12)
-    print(f"{name}: host calls, summed per step")
+    print(f"{shown}: host calls, summed per step")
     _print_top(host.by_name, 15)
 
 
