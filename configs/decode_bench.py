@@ -5,6 +5,7 @@
 `--config=configs/decode_bench.py:model=llama3_8b` (GPU): a Llama-3.1-8B-
 shaped model (head dim 128, 32 / 8 heads) at B = 8 over 32k cached tokens,
 where the full bf16 cache (34 GB) outweighs the weights (16 GB).
+`caches=cudnn-bf16+tq4` (any scale) keeps only the named rows of `caches`.
 """
 
 import ml_collections
@@ -71,4 +72,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.steps_per_call = 4
   elif scale != "full":
     raise ValueError(f"scale={scale!r} must be full or cpu")
+  if "caches" in args:
+    names = args["caches"].split("+")
+    known = [spec[0] for spec in c.caches]
+    unknown = [n for n in names if n not in known]
+    if unknown:
+      raise ValueError(f"caches={args['caches']!r}: {unknown} not among "
+                       f"this config's caches {known}")
+    c.caches = tuple(spec for spec in c.caches if spec[0] in names)
   return c

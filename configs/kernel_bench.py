@@ -3,7 +3,8 @@
     python -m experiments.kernel_bench --config=configs/kernel_bench.py
     python -m experiments.kernel_bench --config=configs/kernel_bench.py:scale=quick
     (scale=kernel: decode attention of impl="pallas_gpu" at B = 8 only;
-    kernel options: --config.pallas_gpu.lookup_mode=prmt and the like)
+    kernel options: --config.pallas_gpu.lookup_mode=prmt and the like;
+    --config.grid_centroids=True: caches with grid codebooks)
 """
 
 import ml_collections
@@ -20,6 +21,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.batches = (1, 8, 32)
   c.seq_lens = (4096, 16384, 32768, 65536, 131072)
   c.bits = (2, 3, 4, 2.5, 3.5)          # keys and values alike
+  c.grid_centroids = False              # CacheConfig.grid_centroids (rows
+                                        # record it)
   c.impls = ("pallas_gpu", "xla")       # ours; cudnn/xla bf16 always run
   # Options of impl="pallas_gpu" (pallas_gpu.attention's keywords, set to
   # its defaults: benchmarks_test checks), recorded in each row's

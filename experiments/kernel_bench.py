@@ -127,14 +127,23 @@ def error_text(e: Exception) -> str:
   return f"{type(e).__name__}: {str(e)[:300]}"
 
 
+def cache_config(config, bits: float) -> cache_lib.CacheConfig:
+  """The TurboQuant cache of a row: keys and values at `bits`, codebooks
+  on the grid where config.grid_centroids."""
+  return cache_lib.CacheConfig(
+      key_bits=bits, value_bits=bits,
+      grid_centroids=bool(config.get("grid_centroids", False)))
+
+
 def check_correctness(impl: str, bits: float, head_dim: int,
-                      **options) -> float:
+                      grid_centroids: bool = False, **options) -> float:
   """Max |impl - reference| on a small cache of real quantized data."""
   b, kvh, g, s = 2, 2, 4, 1024
   key = jax.random.key(1)
   k = jax.random.normal(key, (b, kvh, s, head_dim))
   v = jax.random.normal(jax.random.key(2), (b, kvh, s, head_dim))
-  cfg = cache_lib.CacheConfig(key_bits=bits, value_bits=bits)
+  cfg = cache_lib.CacheConfig(key_bits=bits, value_bits=bits,
+                              grid_centroids=grid_centroids)
   c = cache_lib.prefill(cache_lib.init(cfg, b, kvh, s, head_dim, key=key),
                         k, v, jnp.array([s, 700], jnp.int32))
   q = jax.random.normal(jax.random.key(3), (b, kvh * g, head_dim))
@@ -151,7 +160,7 @@ def bench_append(config, writer, done, device):
   hkv, d = config.kv_heads, config.head_dim
   for batch in config.append_batches:
     for bits in config.bits:
-      cfg = cache_lib.CacheConfig(key_bits=bits, value_bits=bits)
+      cfg = cache_config(config, bits)
       cache = cache_lib.init(cfg, batch, hkv, config.append_capacity, d,
                              key=jax.random.key(0))
       for tokens, impl in itertools.product(config.append_tokens,
@@ -186,7 +195,8 @@ def bench_append(config, writer, done, device):
                           capacity=config.append_capacity, kv_heads=hkv,
                           head_dim=d, key_bits=bits, value_bits=bits,
                           time_ms=t, tokens_per_s=batch * tokens / t * 1e3,
-                          appends_per_call=loops, device=device))
+                          appends_per_call=loops,
+                          grid_centroids=cfg.grid_centroids, device=device))
         print(f"append {impl:>10} B={batch:<3} T={tokens:<5} bits={bits}: "
               f"{t:.3f} ms "
               f"({batch * tokens / t * 1e3:,.0f} tokens/s)")
@@ -224,8 +234,9 @@ def run(config, workdir) -> pathlib.Path:
     for impl in config.impls:
       for bits in config.bits:
         try:
-          err = check_correctness(impl, bits, d,
-                                  **impl_options(config, impl))
+          err = check_correctness(
+              impl, bits, d, grid_centroids=cache_config(
+                  config, bits).grid_centroids, **impl_options(config, impl))
           print(f"check {impl:>10} bits={bits}: rel max err {err:.2e}")
         except Exception as e:   # report and go on: a row says it failed
           print(f"check {impl:>10} bits={bits}: FAILED {type(e).__name__}: "
@@ -275,7 +286,7 @@ def bench_cell(config, writer, done, device, key, batch: int,
       print(f"bf16 {impl} failed: {errors[impl]}")
   for impl, bits in pending:
     if bits not in caches:
-      cfg = cache_lib.CacheConfig(key_bits=bits, value_bits=bits)
+      cfg = cache_config(config, bits)
       caches[bits] = random_cache(jax.random.fold_in(key, int(bits * 10)),
                                   cfg, batch, hkv, seq_len, d)
     options = impl_options(config, impl)
@@ -320,6 +331,7 @@ def bench_cell(config, writer, done, device, key, batch: int,
         speedup_vs_cudnn=(cudnn / t) if t and cudnn else None,
         speedup_rounds=paired,
         bits_per_coordinate=mem["bits_per_coordinate"],
+        grid_centroids=caches[bits].config.grid_centroids,
         options=impl_options(config, impl), device=device,
         error=errors.get((impl, bits))))
     print(f"B={batch:<3} S={seq_len:<7} {impl:>12} bits={bits}: "

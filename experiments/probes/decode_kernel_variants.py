@@ -63,13 +63,14 @@ from turboquant_jax.kernels.quantize_append import pallas_gpu as quantize_append
 
 def check(dim, groups, bits, method="mse", window=0, tokens=1, s=1024,
           lengths=(1024, 700), mode="poly", layout="queries", splits=None,
-          **kwargs):
+          grid=False, **kwargs):
   key = jax.random.key(dim * 7 + groups)
   b, kvh = 2, 2
   k = jax.random.normal(key, (b, kvh, s, dim)) * 2
   v = jax.random.normal(jax.random.key(2), (b, kvh, s, dim))
   cfg = cache_lib.CacheConfig(key_bits=bits, value_bits=bits,
-                              key_method=method, window=window)
+                              key_method=method, window=window,
+                              grid_centroids=grid)
   c = cache_lib.prefill(cache_lib.init(cfg, b, kvh, s, dim, key=key),
                         k, v, jnp.array(lengths, jnp.int32))
   q = jax.random.normal(jax.random.key(3), (b, tokens, kvh * groups, dim))
@@ -83,7 +84,8 @@ def check(dim, groups, bits, method="mse", window=0, tokens=1, s=1024,
   except Exception as e:  # noqa: BLE001 - a probe reports every failure
     msg = f"FAIL {type(e).__name__}: {str(e)[:300]}"
   print(f"check D={dim:<3} G={groups} bits={bits:<3} {method:<4} w={window:<2}"
-        f" T={tokens} {mode:<6} {layout:<7} {msg}", flush=True)
+        f" T={tokens} {mode:<6} {layout:<7}{' grid' if grid else ''} {msg}",
+        flush=True)
 
 
 _REAL_LOOKUP = pallas_gpu.lookup
@@ -183,11 +185,13 @@ def _device_ms(fn, *args, loops: int = 20) -> float:
   return _device_timer(fn, *args, loops=loops)()
 
 
-def _random_cache(bits, b: int = 8, s: int = 131072, d: int = 128):
-  """A full TurboQuant cache of random codes, 8 KV heads, D=d."""
+def _random_cache(bits, b: int = 8, s: int = 131072, d: int = 128,
+                  grid: bool = False):
+  """A full TurboQuant cache of random codes, 8 KV heads, D=d (grid: its
+  codebooks on the grid, CacheConfig.grid_centroids)."""
   return kernel_bench.random_cache(
-      jax.random.key(4), cache_lib.CacheConfig(key_bits=bits,
-                                               value_bits=bits), b, 8, s, d)
+      jax.random.key(4), cache_lib.CacheConfig(
+          key_bits=bits, value_bits=bits, grid_centroids=grid), b, 8, s, d)
 
 
 def pipeline_depth():

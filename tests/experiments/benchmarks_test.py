@@ -53,6 +53,7 @@ class KernelBenchTest(absltest.TestCase):
                     "floor_ms"):
         self.assertIn(field, impls["xla"])
       self.assertEqual(impls["xla"]["options"], {})   # pallas_gpu's only
+      self.assertFalse(impls["xla"]["grid_centroids"])
       # Every round is kept; time_ms is their median.
       for r in (impls["xla"], impls["xla_bf16"]):
         self.assertLen(r["time_ms_rounds"], config.rounds)
@@ -81,6 +82,14 @@ class KernelBenchTest(absltest.TestCase):
       again = results.read_rows(pathlib.Path(tmp) / results.RESULTS_FILE)
       self.assertLen(again, len(rows))
 
+
+  def test_grid_centroids_reach_the_caches(self):
+    config = kernel_bench_config.get_config("scale=cpu")
+    self.assertFalse(kernel_bench.cache_config(config, 4).grid_centroids)
+    config.grid_centroids = True
+    cfg = kernel_bench.cache_config(config, 3.5)
+    self.assertEqual((cfg.key_bits, cfg.value_bits, cfg.grid_centroids),
+                     (3.5, 3.5, True))
 
   def test_interleaved_rounds(self):
     # Each round times every name in turn; a timer that fails keeps its
@@ -178,6 +187,13 @@ class DecodeBenchTest(absltest.TestCase):
     np.testing.assert_array_equal(c0[1].lengths, [13, 13])
     for a, b in zip(jax.tree.leaves(c0), jax.tree.leaves(c1)):
       np.testing.assert_array_equal(a, b)
+
+  def test_config_keeps_the_named_caches(self):
+    config = decode_bench_config.get_config(
+        "model=llama3_8b,caches=tq4+cudnn-bf16")
+    self.assertEqual([c[0] for c in config.caches], ["cudnn-bf16", "tq4"])
+    with self.assertRaisesRegex(ValueError, r"\['tq9'\] not among"):
+      decode_bench_config.get_config("scale=cpu,caches=tq4+tq9")
 
   def test_model_shapes(self):
     # llama3_8b: Llama-3.1-8B's shape (8.03 B parameters: 32 layers of 32

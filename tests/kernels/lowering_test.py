@@ -65,10 +65,12 @@ _OPTIONS = [
 
 
 def _inputs(dim, key_bits, value_bits, groups, tokens, method,
-            capacity=1024, window=0):
-  """(q [2, T, 2·G, D], an empty TurboQuant cache of 2 KV heads)."""
+            capacity=1024, window=0, grid=False):
+  """(q [2, T, 2·G, D], an empty TurboQuant cache of 2 KV heads; grid: its
+  codebooks on the grid, CacheConfig.grid_centroids)."""
   cfg = cache_lib.CacheConfig(key_bits=key_bits, value_bits=value_bits,
-                              key_method=method, window=window)
+                              key_method=method, window=window,
+                              grid_centroids=grid)
   return (jnp.ones((2, tokens, 2 * groups, dim)),
           cache_lib.init(cfg, 2, 2, capacity, dim))
 
@@ -101,6 +103,21 @@ class GpuLoweringTest(parameterized.TestCase):
       self.skipTest("more than 64 query rows")
     text = _lower(*shape, **options).as_text()
     self.assertIn("mosaic_gpu", text)
+
+  @parameterized.parameters(
+      ((128, 4, 4, 4, 1, "mse"), {}),
+      ((64, 4, 4, 8, 1, "mse"), dict(rotate_in_kernel=False)),
+      ((128, 3.5, 4, 4, 3, "mse"), dict(values_registers=False)),
+      ((256, 4, 2.5, 2, 1, "mse"), {}))
+  def test_grid_lookup_lowers(self, shape, options):
+    # A grid cache's 4-bit parts take the grid lookup's PTX (an f16x2
+    # multiply-add per 2 codes), keys and values, in every read path.
+    text = _jitted("pallas_gpu", **options).trace(
+        *_inputs(*shape, grid=True)).lower(
+            lowering_platforms=("cuda",)).as_text()
+    self.assertIn("fma.rn.f16x2", text)
+    plain = _lower(*shape, **options).as_text()
+    self.assertNotIn("fma.rn.f16x2", plain)
 
   @parameterized.parameters(
       ((128, 4, 4, 4, 1, "mse"), {}),

@@ -21,16 +21,27 @@ _M32 = 0xFFFFFFFF
 
 
 def _prmt(a: int, b: int, sel: int) -> int:
-  """PTX prmt.b32 (default mode): byte k of the result is byte sel[k] of
-  the 8 bytes {b, a} (0-3 from a, 4-7 from b)."""
+  """PTX prmt.b32 (default mode): byte k of the result is byte sel[k] & 7
+  of the 8 bytes {b, a} (0-3 from a, 4-7 from b), or, where sel[k] has bit
+  3 set, that byte's sign bit replicated (0x00 or 0xFF)."""
   pool = [(a >> 8 * i) & 0xFF for i in range(4)] + [
       (b >> 8 * i) & 0xFF for i in range(4)]
   out = 0
   for k in range(4):
     s = (sel >> 4 * k) & 0xF
-    assert s < 8, "sign-replicate mode is not used"
-    out |= pool[s] << 8 * k
+    byte = pool[s & 7]
+    if s & 8:
+      byte = 0xFF if byte & 0x80 else 0
+    out |= byte << 8 * k
   return out
+
+
+def _fma_f16x2(a: int, b: int, c: int) -> int:
+  """PTX fma.rn.f16x2: per half a·b + c, rounded once (float64 holds the
+  exact product and, at these magnitudes, the exact sum)."""
+  x, y, z = (_f16_pair(r).astype(np.float64) for r in (a, b, c))
+  halves = (x * y + z).astype(np.float16).view(np.uint16).astype(int)
+  return int(halves[0]) | int(halves[1]) << 16
 
 
 _OPS = {
@@ -43,6 +54,8 @@ _OPS = {
     "mad.lo.u32": lambda a, b, c: (a * b + c) & _M32,
     "add.u32": lambda a, b: (a + b) & _M32,
     "prmt.b32": _prmt,
+    "mov.b32": lambda a: a,
+    "fma.rn.f16x2": _fma_f16x2,
 }
 
 
@@ -92,6 +105,55 @@ class PrmtLookupTest(parameterized.TestCase):
         codes = [(word >> (8 * j + bits * f)) & mask for j in (0, 1)]
         np.testing.assert_array_equal(got, want[codes],
                                       err_msg=f"{word=:#06x} {f=}")
+
+  @parameterized.parameters((128, 1), (64, 5), (256, 5), (4096, 11))
+  def test_grid_ptx_equals_the_f16_grid_codebook(self, dim, stride):
+    # A 4-bit grid codebook (f32, as the kernel's spec holds it) takes the
+    # 8-instruction lookup, and every 4 codes come out as the f16
+    # codebook; the same PTX for value tiles (_ptx4_field_pair).
+    table = codebook.grid_codebook(dim, 4).astype(np.float32)
+    self.assertIsNotNone(prmt_lookup.grid_steps(tuple(table)))
+    want = table.astype(np.float16)
+    asm = prmt_lookup.ptx(4, tuple(table))
+    self.assertIn("fma.rn.f16x2", asm)
+    self.assertLen(re.findall(r"^\s*[a-z][\w.]*\s", asm, re.M),
+                   10)                                      # 8 + 2 moves
+    self.assert_emulated(asm)
+    for word in range(0, 1 << 16, stride):
+      out = _run_ptx(asm, (word,), 2)
+      for f, reg in enumerate(out):
+        codes = [(word >> (8 * j + 4 * f)) & 15 for j in (0, 1)]
+        np.testing.assert_array_equal(_f16_pair(reg), want[codes],
+                                      err_msg=f"{word=:#06x} {f=}")
+    pair = prmt_lookup._ptx4_field_pair(tuple(table))
+    self.assertIn("fma.rn.f16x2", pair)
+    for a, b in np.random.default_rng(5).integers(0, 1 << 16,
+                                                  (500, 2)).tolist():
+      for sh in (0, 4):
+        for word, reg in zip((a, b), _run_ptx(pair, (a, b, sh, 4 - sh), 2)):
+          codes = [(word >> (8 * j + sh)) & 15 for j in (0, 1)]
+          np.testing.assert_array_equal(_f16_pair(reg), want[codes])
+
+  def test_grid_steps_finds_only_grids(self):
+    grid = codebook.grid_codebook(128, 4)
+    step, k = prmt_lookup.grid_steps(tuple(grid))
+    np.testing.assert_array_equal(step * np.asarray(k), grid)
+    self.assertLessEqual(max(map(abs, k)), 63)
+    self.assertIsNone(prmt_lookup.grid_steps(tuple(codebook.codebook(128,
+                                                                       4))))
+    # Off the grid by one f32 step; a step whose 1088 multiple f16 cannot
+    # hold (significand 127 > 120); |k| beyond 63; 8 centroids.
+    nudged = np.array(grid, np.float32)
+    nudged[3] = np.nextafter(nudged[3], np.float32(0))
+    self.assertIsNone(prmt_lookup.grid_steps(tuple(nudged)))
+    self.assertIsNone(prmt_lookup.grid_steps(
+        tuple(127 / 1024 * np.arange(-15, 17, 2))))
+    self.assertIsNone(prmt_lookup.grid_steps(
+        tuple(2.0 ** -8 * np.concatenate([-np.arange(64, 72)[::-1],
+                                          np.arange(64, 72)]))))
+    self.assertIsNone(prmt_lookup.grid_steps(tuple(grid[4:12])))
+    with mock.patch.object(prmt_lookup, "GRID_LOOKUP", False):
+      self.assertNotIn("fma", prmt_lookup.ptx(4, tuple(grid)))
 
   @parameterized.parameters((128, 4000), (64, 1000), (256, 1000))
   def test_3_bit_ptx_equals_the_f16_codebook(self, dim, cases):

@@ -33,6 +33,24 @@ def _check_snapkv(c) -> None:
                      "observation window >= 1")
 
 
+def _check_grid(config) -> None:
+  if not isinstance(config.grid_centroids, bool):
+    raise ValueError(f"grid_centroids={config.grid_centroids!r} must be a "
+                     "bool")
+  if not config.grid_centroids:
+    return
+  if config.kind != "turboquant":
+    raise ValueError(f"grid_centroids=True needs kind='turboquant', got "
+                     f"kind={config.kind!r}")
+  stages = {"key_bits": math.ceil(config.key_bits)
+                        - (config.key_method == "prod"),
+            "value_bits": math.ceil(config.value_bits)}
+  for name, bits in stages.items():
+    if bits > 6:
+      raise ValueError(f"grid_centroids=True holds codebooks of at most 6 "
+                       f"bits; {name}={getattr(config, name)} needs {bits}")
+
+
 @dataclasses.dataclass(frozen=True)
 class CacheConfig:
   """What a KV cache stores and how.
@@ -101,6 +119,12 @@ class CacheConfig:
       one launch was faster for few sequence-heads over short programs,
       slower for long ones: Llama-3.1-8B-shaped at B = 8, 32k, 13.3
       against 11.8 ms a step).
+    grid_centroids: (turboquant only) every codebook is rounded to a
+      uniform grid of 127 levels (quant.codebook.grid_codebook): +0.24%
+      distortion at 4 bits, +0.03-0.04% at 3, none at 2; the GPU kernel
+      then looks 4-bit codes up in 8 instructions a 4 codes instead of 12
+      (kernels/decode_attention/README.md has the times). Codebook stages
+      of at most 6 bits.
   """
   kind: str = "turboquant"
   key_bits: float = 4
@@ -122,6 +146,7 @@ class CacheConfig:
   value_norm_bits: int | None = None
   sink: int = 0
   append_impl: str = "auto"
+  grid_centroids: bool = False
 
   def __post_init__(self):
     if self.kind not in _KINDS:
@@ -178,6 +203,7 @@ class CacheConfig:
     if self.center_skip and not self.center_keys:
       raise ValueError(f"center_skip={self.center_skip} needs "
                        "center_keys=True")
+    _check_grid(self)
 
   def norm_bits_of(self, tensor: str) -> int:
     """8 or 16: the norm bits of "keys" or "values"."""

@@ -130,7 +130,8 @@ def _make_quantizer(key, heads: int, dim: int, bits: float, method: str,
   norm_dtype = "float32" if norm_bits == 8 else config.norm_dtype
   kwargs = dict(norm_dtype=norm_dtype,
                 norm_correction=config.norm_correction,
-                rotation=config.rotation)
+                rotation=config.rotation,
+                **({"grid_centroids": True} if config.grid_centroids else {}))
   if float(bits).is_integer():
     return api.make_quantizer(key, dim, int(bits), method, **kwargs)
   num, hi, lo = split.split_for_bits(dim, float(bits))

@@ -26,6 +26,14 @@ PTX reads the packed bytes as they are, with no unpacking:
   immediates; 6 integer ops turn 4 nibbles into magnitude indices and
   signs, 2 prmt look up, an OR sets the sign bits and a prmt merges by
   sign, 2 prmt interleave into two f16x2: ~3 ops per code.
+  A codebook on a grid (codebook.grid_codebook: step·k, |k| <= 63) is
+  looked up as bytes 64 + k instead, 7 bits, so both halves of the table
+  take the sign-replicate trick: a prmt selector nibble with bit 3 set
+  returns its byte's sign, 0 here, so one prmt gives codes < 8 and zeros,
+  one (nibbles ^ 8) codes >= 8 and zeros; an OR joins them, 2 prmt
+  interleave each byte with 0x64 (f16 1024 + 64 + k) and one f16x2
+  multiply-add per 2 codes gives step·k exactly rounded, the f16
+  centroid bit for bit: 8 instructions a 4 codes (2 on the FMA pipe).
 
 Against ~6 for shift/mask unpacking plus the f16 polynomial (counts of the
 instructions written, not timings). The kernel is bound by the integer
@@ -56,6 +64,31 @@ BITS = (2, 3, 4)
 # session 12's PTX, for the A/B probe (decode_kernel_variants
 # --lookup-pipes).
 FMA_PIPE = True
+
+
+# The grid lookup where a 4-bit codebook is on a grid (grid_steps); False:
+# the general 4-bit lookup for every codebook (for the A/B probe,
+# experiments/probes/lookup_floor.py).
+GRID_LOOKUP = True
+_GRID_BIAS = 64        # byte = 64 + k, 1..127: the sign bit stays clear
+
+
+def grid_steps(centroids) -> tuple[float, tuple[int, ...]] | None:
+  """(step, k) where 16 centroids are step·k with integers |k| <= 63 and
+  step = m·2^e, m <= 120 in f16's normal range (so step and 1088·step,
+  the lookup's multiply-add constants, are exact f16); else None."""
+  c = np.asarray(centroids, np.float64)
+  if c.shape != (16,) or not np.all(np.isfinite(c)) or c[-1] <= 0:
+    return None
+  for top in range(1, 64):
+    step = float(c[-1]) / top
+    k = np.round(c / step)
+    m = np.frexp(step)[0] * 128.0        # the significand, 64 <= m < 128
+    if (np.all(c == step * k) and np.all(np.abs(k) <= 63) and m == int(m)
+        and int(m) <= 120 and 2.0 ** -14 <= step
+        and (1024 + _GRID_BIAS) * step < 65504):
+      return step, tuple(int(x) for x in k)
+  return None
 
 
 def supports(bits: int, centroids: tuple[float, ...]) -> bool:
@@ -194,6 +227,9 @@ def _lines4(src: str, centroids) -> tuple[str, list[str]]:
   """(register names, PTX lines) of the 4-bit lookup of `src`'s two low
   bytes (4 nibbles) into $0 (the low nibbles' f16x2) and $1 (the high
   ones')."""
+  grid = grid_steps(centroids) if GRID_LOOKUP else None
+  if grid is not None:
+    return _grid_lines4(src, *grid)
   (l0, l1), (h0, h1) = _tables(centroids[8:])     # the magnitudes
   # n >= 8 is +c[n] = +mag[n & 7]; n < 8 is -c[15 - n] = -mag[7 - n]. The
   # negated high bytes are the high bytes with the sign bit set: an OR, not
@@ -237,6 +273,30 @@ def _lines4(src: str, centroids) -> tuple[str, list[str]]:
       "prmt.b32 hi4, hp4, hn4, sel;",
       "prmt.b32 $0, lo4, hi4, 0x6240;",
       "prmt.b32 $1, lo4, hi4, 0x7351;"]
+
+
+def _f16x2(value: float) -> str:
+  """value in both halves of a 32-bit PTX immediate."""
+  h = int(np.asarray(value, np.float16).view(np.uint16))
+  return f"0x{h << 16 | h:08X}"
+
+
+def _grid_lines4(src: str, step: float, k) -> tuple[str, list[str]]:
+  """_lines4 of a grid codebook (grid_steps: centroids step·k)."""
+  codes = [_GRID_BIAS + x for x in k]
+  (l0, l1), (h0, h1) = _words(codes[:8]), _words(codes[8:])
+  # f16 0x64bb is 1024 + bb; times step, minus (1024 + 64)·step: step·k.
+  return "x, lo4, hi4, k4, v0, v1, a, b", [
+      f"xor.b32 x, {src}, 0x8888;",
+      f"prmt.b32 lo4, {l0}, {l1}, {src};",
+      f"prmt.b32 hi4, {h0}, {h1}, x;",
+      "or.b32 k4, lo4, hi4;",
+      "prmt.b32 v0, k4, 0x64646464, 0x4240;",
+      "prmt.b32 v1, k4, 0x64646464, 0x4341;",
+      f"mov.b32 a, {_f16x2(step)};",
+      f"mov.b32 b, {_f16x2(-(1024 + _GRID_BIAS) * step)};",
+      "fma.rn.f16x2 $0, v0, a, b;",
+      "fma.rn.f16x2 $1, v1, a, b;"]
 
 
 def lookup_chunks(words: jax.Array, bits: int, centroids: tuple[float, ...],

@@ -1,0 +1,107 @@
+"""What the 4-bit centroid lookup costs the GPU kernel, and what a cheaper
+one could gain: times only (the variants' values are wrong).
+
+The 4-bit byte-permute PTX (prmt_lookup._lines4: 12 instructions a 4
+codes, 8 on the ALU pipe) is swapped, for keys and values alike, for:
+
+- "bytes7": a lookup of 7-bit integer steps k[n] (f16 1024 + k: 1 xor,
+  2 prmt, 1 add, 2 prmt interleaving with the constant high byte 0x64):
+  6 instructions a 4 codes, what centroids rounded to 7 bits would cost.
+- "none": the packed bytes as f16 1024 + byte (2 prmt a 4 codes): no
+  lookup, the floor of any lookup that starts from the packed bytes.
+
+Device time beside cuDNN bf16, variants interleaved (each recompiled).
+Run: python -m experiments.probes.lookup_floor [--shapes="((B, S, (4,)),)"]
+
+--grid: caches whose codebooks are on the grid (CacheConfig.grid_centroids,
+whose 4-bit codes the kernel looks up in 8 instructions, prmt_lookup's
+grid lookup) checked against the reference on the device, then timed
+against exact caches and against grid caches read by the general lookup
+(prmt_lookup.GRID_LOOKUP = False: the codebook alone).
+"""
+
+import ast
+import sys
+
+import jax
+
+from experiments import probes
+from experiments.probes import decode_kernel_variants as dkv
+from turboquant_jax.kernels.decode_attention import prmt_lookup
+
+_EXACT = prmt_lookup._lines4  # pylint: disable=protected-access
+
+
+def _bytes7(src: str, centroids):
+  """1024 + k[n], k < 128 the centroids' 7-bit steps: a selector nibble
+  with bit 3 set returns its byte's sign (0 here), so one prmt gives the
+  codes < 8 and 0 for the others, one (selector ^ 0x8888) the codes >= 8."""
+  del centroids
+  return "x, lo4, hi4, k4", [
+      f"xor.b32 x, {src}, 0x8888;",
+      f"prmt.b32 lo4, 0x18100800, 0x38302820, {src};",
+      "prmt.b32 hi4, 0x58504840, 0x78706860, x;",
+      "add.u32 k4, lo4, hi4;",
+      "prmt.b32 $0, k4, 0x64646464, 0x4240;",
+      "prmt.b32 $1, k4, 0x64646464, 0x4341;"]
+
+
+def _none(src: str, centroids):
+  del centroids
+  return "k4", [f"mov.b32 k4, {src};",
+                "prmt.b32 $0, k4, 0x64646464, 0x4140;",
+                "prmt.b32 $1, k4, 0x64646464, 0x4341;"]
+
+
+VARIANTS = {"exact": _EXACT, "bytes7": _bytes7, "none": _none}
+
+
+def grid(shapes) -> None:
+  """--grid's checks and times (see the module docstring)."""
+  for args, kwargs in (((128, 4, 4), {}), ((64, 8, 4), dict(lengths=(333, 1))),
+                       ((256, 2, 4), dict(lengths=(1024, 65))),
+                       ((128, 4, 3.5), dict(tokens=3)),
+                       ((64, 3, 3.5), dict(lengths=(1000, 333))),
+                       ((128, 4, 4), dict(window=5, lengths=(1000, 77))),
+                       ((128, 1, 4, "prod"), {}), ((128, 4, 3), {})):
+    dkv.check(*args, mode="prmt", layout="tokens", grid=True, **kwargs)
+  grids = {}
+
+  def prepare(variant, c):
+    prmt_lookup.GRID_LOOKUP = variant != "grid_general_lookup"
+    if variant == "exact":
+      return c
+    key = (c.lengths.shape[0], c.capacity, c.config.key_bits)
+    if key not in grids:
+      grids.clear()
+      grids[key] = dkv._random_cache(  # pylint: disable=protected-access
+          c.config.key_bits, *key[:2], grid=True)
+    return grids[key]
+  try:
+    dkv._variant_rows(shapes, {v: v for v in (  # pylint: disable=protected-access
+        "exact", "grid", "grid_general_lookup")}, prepare,
+                      rounds=int(probes.option("rounds", "3")))
+  finally:
+    prmt_lookup.GRID_LOOKUP = True
+
+
+def main():
+  shapes = ast.literal_eval(probes.option(
+      "shapes", "((8, 131072, (4,)), (8, 32768, (4,)), (1, 131072, (4,)))"))
+  print("jax", jax.__version__, jax.devices()[0].device_kind, flush=True)
+  if "--grid" in sys.argv:
+    grid(shapes)
+    return
+
+  def prepare(lines4, c):
+    prmt_lookup._lines4 = lines4  # pylint: disable=protected-access
+    return c
+  try:
+    dkv._variant_rows(shapes, VARIANTS, prepare,  # pylint: disable=protected-access
+                      rounds=int(probes.option("rounds", "3")))
+  finally:
+    prmt_lookup._lines4 = _EXACT  # pylint: disable=protected-access
+
+
+if __name__ == "__main__":
+  main()
