@@ -20,8 +20,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.batches = (1, 32)
   c.context = 8192                      # tokens already cached
   c.capacity = 9216                     # a multiple of 64 * 16 splits
-  # (name, kind, key_bits, value_bits, impl, append_impl): impl (of the
-  # attention) None = best available; append_impl = CacheConfig's.
+  # (name, kind, key_bits, value_bits, impl, append_impl[, options]): impl
+  # (of the attention) None = best available; append_impl = CacheConfig's;
+  # options: a dict of more CacheConfig fields (rows: cache_options).
   # tq4, tq3: the defaults ("auto": append and attention in one launch
   # up to 64 sequence-heads, so at B=1 here, two launches at B=32).
   c.caches = (("full-bf16", "full", 16, 16, "xla", "xla"),
@@ -55,7 +56,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.caches = (("cudnn-bf16", "full", 16, 16, "cudnn", "xla"),
                 ("tq4", "turboquant", 4, 4, None, "auto"),
                 ("tq3", "turboquant", 3, 3, None, "auto"),
-                ("tq2.5", "turboquant", 2.5, 2.5, None, "auto"))
+                ("tq2.5", "turboquant", 2.5, 2.5, None, "auto"),
+                # Codebooks on the grid (CacheConfig.grid_centroids): the
+                # kernel's faster 4-bit lookup.
+                ("tq4-grid", "turboquant", 4, 4, None, "auto",
+                 {"grid_centroids": True}))
     c.steps_per_call = 8
     c.rounds = 3
     c.reps = 3

@@ -112,13 +112,16 @@ def decode_steps(model, tokens, caches, lengths, *, impl, steps: int,
 
 
 def filled_caches(model, config, batch: int, kind: str, key_bits,
-                  value_bits, append_impl: str) -> tuple:
+                  value_bits, append_impl: str,
+                  cache_options: dict | None = None) -> tuple:
   """(tokens i32[B, 1], one cache per layer filled at config.context
-  tokens of config.capacity) for a row of config.caches."""
+  tokens of config.capacity) for a row of config.caches (cache_options:
+  its optional last element, more CacheConfig fields)."""
   cfg = (cache_lib.CacheConfig(kind="full", dtype="bfloat16")
          if kind == "full" else
          cache_lib.CacheConfig(kind=kind, key_bits=key_bits,
-                               value_bits=value_bits, append_impl=append_impl))
+                               value_bits=value_bits, append_impl=append_impl,
+                               **dict(cache_options or {})))
   caches = model.init_caches(batch, config.capacity, cfg, jax.random.key(1))
   caches = tuple(_filled(c, jax.random.fold_in(jax.random.key(2), i),
                          config.context) for i, c in enumerate(caches))
@@ -163,9 +166,9 @@ def run(config, workdir) -> list[dict]:
   for batch in config.batches:
     specs = [s for s in config.caches if (batch, s[0]) not in done]
     states, steps_of, resets, calls, errors = {}, {}, {}, {}, {}
-    for name, kind, kb, vb, impl, append_impl in specs:
+    for name, kind, kb, vb, impl, append_impl, *extra in specs:
       states[name] = filled_caches(model, config, batch, kind, kb, vb,
-                                   append_impl)
+                                   append_impl, *extra)
       lengths = states[name][1][0].lengths
       # Each call appends `steps` tokens after the same `context` ones (the
       # lengths reset; what lies past them is overwritten), so every call
@@ -190,7 +193,7 @@ def run(config, workdir) -> list[dict]:
           calls[name].append(times)
         except Exception as e:   # a row records the failure
           errors[name] = f"{type(e).__name__}: {str(e)[:300]}"
-    for name, kind, kb, vb, impl, append_impl in specs:
+    for name, kind, kb, vb, impl, append_impl, *extra in specs:
       mem = cache_lib.memory(states[name][1][0])
       err = errors.get(name)
       ms = (None if err else
@@ -198,6 +201,7 @@ def run(config, workdir) -> list[dict]:
       row = dict(model=f"{model_name} (random weights)", cache=name,
                  kind=kind, key_bits=kb, value_bits=vb, impl=impl,
                  append_impl=append_impl,
+                 cache_options=dict(extra[0]) if extra else {},
                  batch=batch, context=config.context, steps_per_call=steps,
                  unroll=config.get("unroll", False),
                  step_ms=ms, tokens_per_s=batch / ms * 1e3 if ms else None,

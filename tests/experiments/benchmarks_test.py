@@ -165,6 +165,25 @@ class DecodeBenchTest(absltest.TestCase):
     self.assertIsNone(by_cache["full-bf16"]["kernel_options"])
     self.assertEqual(by_cache["tq4"]["kernel_options"]["lookup_mode"], "prmt")
     self.assertIn("skip_empty_splits", by_cache["tq4"]["kernel_options"])
+    self.assertEqual(by_cache["tq4"]["cache_options"], {})
+
+  def test_cache_options_reach_the_caches(self):
+    # A row's optional last element: more CacheConfig fields.
+    config = decode_bench_config.get_config("model=llama3_8b")
+    grid = [c for c in config.caches if c[0] == "tq4-grid"]
+    self.assertEqual(grid[0][-1], {"grid_centroids": True})
+    shape = decode_bench.model_lib.ModelConfig(
+        vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
+        head_dim=16, ffn_dim=64, max_seq_len=64)
+    model = decode_bench.model_lib.Transformer(shape, rngs=nnx.Rngs(0))
+    config = decode_bench_config.get_config("scale=cpu")
+    config.context, config.capacity = 10, 32
+    _, caches = decode_bench.filled_caches(
+        model, config, 2, "turboquant", 4, 4, "xla", {"grid_centroids": True})
+    self.assertTrue(caches[0].config.grid_centroids)
+    _, caches = decode_bench.filled_caches(model, config, 2, "turboquant",
+                                           4, 4, "xla")
+    self.assertFalse(caches[0].config.grid_centroids)
 
   def test_unrolled_steps_equal_the_loop(self):
     # unroll writes the steps out; the tokens and caches are the same.
