@@ -18,15 +18,21 @@ whose 4-bit codes the kernel looks up in 8 instructions, prmt_lookup's
 grid lookup) checked against the reference on the device, then timed
 against exact caches and against grid caches read by the general lookup
 (prmt_lookup.GRID_LOOKUP = False: the codebook alone).
+
+--no-max: the same question for the softmax's running max over a tile's
+tokens (a reduction across the warpgroup's 4 warps): the kernel with that
+max replaced by 0 (times only), with exact and with grid caches.
 """
 
 import ast
 import sys
 
 import jax
+import jax.numpy as jnp
 
 from experiments import probes
 from experiments.probes import decode_kernel_variants as dkv
+from turboquant_jax.kernels.decode_attention import pallas_gpu_tokens
 from turboquant_jax.kernels.decode_attention import prmt_lookup
 
 _EXACT = prmt_lookup._lines4  # pylint: disable=protected-access
@@ -85,12 +91,50 @@ def grid(shapes) -> None:
     prmt_lookup.GRID_LOOKUP = True
 
 
+class _ZeroMax:
+  """jax.numpy for pallas_gpu_tokens with max(x, axis=0) -> zeros: the
+  kernel without its cross-warp max (a timing probe)."""
+
+  def __getattr__(self, name):
+    return getattr(jnp, name)
+
+  @staticmethod
+  def max(x, axis=None):
+    assert axis == 0, axis
+    return jnp.zeros(x.shape[1:], x.dtype)
+
+
+def no_max(shapes) -> None:
+  """--no-max's times (see the module docstring)."""
+  grids = {}
+
+  def prepare(variant, c):
+    pallas_gpu_tokens.jnp = _ZeroMax() if "no_max" in variant else jnp
+    if not variant.startswith("grid"):
+      return c
+    key = (c.lengths.shape[0], c.capacity, c.config.key_bits)
+    if key not in grids:
+      grids.clear()
+      grids[key] = dkv._random_cache(  # pylint: disable=protected-access
+          c.config.key_bits, *key[:2], grid=True)
+    return grids[key]
+  try:
+    dkv._variant_rows(shapes, {v: v for v in (  # pylint: disable=protected-access
+        "exact", "no_max", "grid", "grid_no_max")}, prepare,
+                      rounds=int(probes.option("rounds", "3")))
+  finally:
+    pallas_gpu_tokens.jnp = jnp
+
+
 def main():
   shapes = ast.literal_eval(probes.option(
       "shapes", "((8, 131072, (4,)), (8, 32768, (4,)), (1, 131072, (4,)))"))
   print("jax", jax.__version__, jax.devices()[0].device_kind, flush=True)
   if "--grid" in sys.argv:
     grid(shapes)
+    return
+  if "--no-max" in sys.argv:
+    no_max(shapes)
     return
 
   def prepare(lines4, c):
