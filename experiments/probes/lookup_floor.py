@@ -69,7 +69,10 @@ def grid(shapes) -> None:
                        ((128, 4, 3.5), dict(tokens=3)),
                        ((64, 3, 3.5), dict(lengths=(1000, 333))),
                        ((128, 4, 4), dict(window=5, lengths=(1000, 77))),
-                       ((128, 1, 4, "prod"), {}), ((128, 4, 3), {})):
+                       ((128, 1, 4, "prod"), {}), ((128, 4, 3), {}),
+                       ((64, 8, 3), dict(lengths=(1000, 65))),
+                       ((256, 2, 3), {}), ((128, 4, 2.5), {}),
+                       ((64, 4, 2.5), dict(lengths=(1, 1024)))):
     dkv.check(*args, mode="prmt", layout="tokens", grid=True, **kwargs)
   grids = {}
 

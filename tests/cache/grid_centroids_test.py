@@ -105,7 +105,8 @@ class GridCacheTest(parameterized.TestCase):
   @parameterized.parameters(4, 3.5, 2.5)
   def test_kernels_read_the_caches_codebooks(self, bits):
     # Every part's static centroids, which the kernels look up, are the
-    # quantizer's (grid) centroids; 4-bit parts take the grid lookup.
+    # quantizer's (grid) centroids; 3- and 4-bit parts take the grid
+    # lookup.
     config = cache_lib.CacheConfig(key_bits=bits, value_bits=bits,
                                    grid_centroids=True)
     cache = _cache(config)
@@ -117,7 +118,7 @@ class GridCacheTest(parameterized.TestCase):
       want = np.asarray(q.centroids).reshape(-1, 2 ** spec.bits)[0]
       np.testing.assert_array_equal(spec.centroids, want)
       self.assertEqual(prmt_lookup.grid_steps(spec.centroids) is not None,
-                       spec.bits == 4)
+                       spec.bits in (3, 4))
 
   @parameterized.named_parameters(
       ("xla", "xla", {}, 1e-5),

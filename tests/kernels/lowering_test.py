@@ -108,10 +108,14 @@ class GpuLoweringTest(parameterized.TestCase):
       ((128, 4, 4, 4, 1, "mse"), {}),
       ((64, 4, 4, 8, 1, "mse"), dict(rotate_in_kernel=False)),
       ((128, 3.5, 4, 4, 3, "mse"), dict(values_registers=False)),
-      ((256, 4, 2.5, 2, 1, "mse"), {}))
+      ((256, 4, 2.5, 2, 1, "mse"), {}),
+      ((128, 3, 3, 4, 1, "mse"), {}),
+      ((128, 3, 3, 4, 2, "mse"), dict(values_registers=False)),
+      ((64, 3.5, 2.5, 4, 1, "mse"), {}))          # parts of 32
   def test_grid_lookup_lowers(self, shape, options):
-    # A grid cache's 4-bit parts take the grid lookup's PTX (an f16x2
-    # multiply-add per 2 codes), keys and values, in every read path.
+    # A grid cache's 3- and 4-bit parts take the grid lookup's PTX (an
+    # f16x2 multiply-add per 2 codes), keys and values, in every read
+    # path.
     text = _jitted("pallas_gpu", **options).trace(
         *_inputs(*shape, grid=True)).lower(
             lowering_platforms=("cuda",)).as_text()

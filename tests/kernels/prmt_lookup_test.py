@@ -77,6 +77,12 @@ def _f16_pair(reg: int) -> np.ndarray:
   return np.array([reg & 0xFFFF, reg >> 16], np.uint16).view(np.float16)
 
 
+def _table(dim: int, bits: int, grid: bool) -> np.ndarray:
+  """The exact codebook, or the grid one as f32 (as a kernel's spec)."""
+  return (codebook.grid_codebook(dim, bits).astype(np.float32) if grid
+          else codebook.codebook(dim, bits))
+
+
 class PrmtLookupTest(parameterized.TestCase):
 
   def assert_emulated(self, asm: str) -> None:
@@ -151,18 +157,24 @@ class PrmtLookupTest(parameterized.TestCase):
     self.assertIsNone(prmt_lookup.grid_steps(
         tuple(2.0 ** -8 * np.concatenate([-np.arange(64, 72)[::-1],
                                           np.arange(64, 72)]))))
-    self.assertIsNone(prmt_lookup.grid_steps(tuple(grid[4:12])))
+    self.assertIsNone(prmt_lookup.grid_steps(tuple(grid[6:10])))
+    self.assertIsNotNone(prmt_lookup.grid_steps(
+        tuple(codebook.grid_codebook(128, 3))))
     with mock.patch.object(prmt_lookup, "GRID_LOOKUP", False):
       self.assertNotIn("fma", prmt_lookup.ptx(4, tuple(grid)))
 
-  @parameterized.parameters((128, 4000), (64, 1000), (256, 1000))
-  def test_3_bit_ptx_equals_the_f16_codebook(self, dim, cases):
+  @parameterized.parameters((128, 4000, False), (64, 1000, False),
+                            (256, 1000, False), (128, 4000, True),
+                            (64, 1000, True))
+  def test_3_bit_ptx_equals_the_f16_codebook(self, dim, cases, grid):
     # Random byte pairs of the two 2-bit halves and the 1-bit plane (each
-    # of the 8 codes appears ~500 times per field and column at D = 128).
-    table = codebook.codebook(dim, 3)
+    # of the 8 codes appears ~500 times per field and column at D = 128);
+    # grid: a grid codebook, looked up as bytes and a multiply-add.
+    table = _table(dim, 3, grid)
     self.assertTrue(prmt_lookup.supports(3, tuple(table)))
     want = table.astype(np.float16)
     asm = prmt_lookup.ptx(3, tuple(table))
+    self.assertEqual("fma.rn.f16x2" in asm, grid)
     self.assert_emulated(asm)
     words = np.random.default_rng(dim).integers(0, 1 << 16, (cases, 3))
     for first, second, low in words.tolist():
@@ -176,13 +188,15 @@ class PrmtLookupTest(parameterized.TestCase):
           np.testing.assert_array_equal(
               got, want[codes], err_msg=f"{first=:#x} {second=:#x} {low=:#x}")
 
-  def test_3_bit_first_half_ptx_equals_the_f16_codebook(self):
+  @parameterized.parameters(False, True)
+  def test_3_bit_first_half_ptx_equals_the_f16_codebook(self, grid):
     # The first half alone (a part of 32 coordinates, lookup_first_half3):
     # inputs the 2-bit plane's bytes and the 1-bit plane's, outputs the 4
     # fields, field f's low bit being bit 2f of the 1-bit byte.
-    table = codebook.codebook(32, 3)
+    table = _table(32, 3, grid)
     want = table.astype(np.float16)
     asm = prmt_lookup._ptx3(tuple(table), halves=1)
+    self.assertEqual("fma.rn.f16x2" in asm, grid)
     self.assert_emulated(asm)
     words = np.random.default_rng(32).integers(0, 1 << 16, (2000, 2))
     for plane, low in words.tolist():
@@ -227,14 +241,16 @@ class PrmtLookupTest(parameterized.TestCase):
           np.testing.assert_array_equal(_f16_pair(reg), want[codes],
                                         err_msg=f"{a=:#x} {b=:#x} {s=}")
 
-  def test_3_bit_two_fields_ptx_on_transposed_pairs(self):
+  @parameterized.parameters(False, True)
+  def test_3_bit_two_fields_ptx_on_transposed_pairs(self, grid):
     # values_registers at 3 bits, D = 128: each input holds tokens t, t + 1
     # of one byte column of a plane; warp w shifts the 2-bit plane by
     # 2·(w // 2) and the 1-bit plane by w, and gets group g's field 2g +
     # w // 2 with low bit 4g + w (pallas_gpu_tokens._warp_shifts3).
-    table = codebook.codebook(128, 3)
+    table = _table(128, 3, grid)
     want = table.astype(np.float16)
     asm = prmt_lookup._ptx3_two_fields(tuple(table))
+    self.assertEqual("fma.rn.f16x2" in asm, grid)
     self.assert_emulated(asm)
     words = np.random.default_rng(3).integers(0, 1 << 16, (1000, 2))
     for high, low in words.tolist():

@@ -66,19 +66,21 @@ BITS = (2, 3, 4)
 FMA_PIPE = True
 
 
-# The grid lookup where a 4-bit codebook is on a grid (grid_steps); False:
-# the general 4-bit lookup for every codebook (for the A/B probe,
+# The grid lookup where a 3- or 4-bit codebook is on a grid (grid_steps);
+# False: the general lookups for every codebook (for the A/B probe,
 # experiments/probes/lookup_floor.py).
 GRID_LOOKUP = True
 _GRID_BIAS = 64        # byte = 64 + k, 1..127: the sign bit stays clear
 
 
 def grid_steps(centroids) -> tuple[float, tuple[int, ...]] | None:
-  """(step, k) where 16 centroids are step·k with integers |k| <= 63 and
-  step = m·2^e, m <= 120 in f16's normal range (so step and 1088·step,
-  the lookup's multiply-add constants, are exact f16); else None."""
+  """(step, k) where 8 or 16 centroids are step·k with integers |k| <= 63
+  and step = m·2^e, m <= 120 in f16's normal range (so step and
+  1088·step, the lookup's multiply-add constants, are exact f16); else
+  None."""
   c = np.asarray(centroids, np.float64)
-  if c.shape != (16,) or not np.all(np.isfinite(c)) or c[-1] <= 0:
+  if (c.shape not in ((8,), (16,)) or not np.all(np.isfinite(c))
+      or c[-1] <= 0):
     return None
   for top in range(1, 64):
     step = float(c[-1]) / top
@@ -152,6 +154,36 @@ def _ptx2_field(centroids) -> str:
       _field2("$0", "$1", "$2", centroids)) + "\n}")
 
 
+_REGS3 = "lo4, hi4, k4, v0, v1, a, b"
+
+
+def _lookup3(centroids):
+  """(lines to put first, table(sel, out0, out1) -> lines): the 3-bit
+  lookup of the 4 codes whose selectors (3 bits each) are `sel`'s
+  nibbles, into out0 (codes 0, 2: f16x2) and out1 (codes 1, 3). Exact
+  codebooks: low and high bytes by 2 prmt, 2 prmt interleave them. A grid
+  codebook (grid_steps): the bytes 64 + k by 1 prmt, 2 prmt pair them with
+  0x64 and 2 f16x2 multiply-adds (_grid_lines4's) make the centroids."""
+  grid = grid_steps(centroids) if GRID_LOOKUP else None
+  if grid is None:
+    (l0, l1), (h0, h1) = _tables(centroids)
+    return [], lambda sel, out0, out1: [
+        f"prmt.b32 lo4, {l0}, {l1}, {sel};",
+        f"prmt.b32 hi4, {h0}, {h1}, {sel};",
+        f"prmt.b32 {out0}, lo4, hi4, 0x6240;",
+        f"prmt.b32 {out1}, lo4, hi4, 0x7351;"]
+  step, k = grid
+  t0, t1 = _words([_GRID_BIAS + x for x in k])
+  return [f"mov.b32 a, {_f16x2(step)};",
+          f"mov.b32 b, {_f16x2(-(1024 + _GRID_BIAS) * step)};"], (
+              lambda sel, out0, out1: [
+                  f"prmt.b32 k4, {t0}, {t1}, {sel};",
+                  "prmt.b32 v0, k4, 0x64646464, 0x4240;",
+                  "prmt.b32 v1, k4, 0x64646464, 0x4341;",
+                  f"fma.rn.f16x2 {out0}, v0, a, b;",
+                  f"fma.rn.f16x2 {out1}, v1, a, b;"])
+
+
 def _ptx3_two_fields(centroids) -> str:
   """Two fields of a 3-bit part whose planes come as pairs of tokens (t,
   t + 1) of one byte column each (values_registers' transposed tiles):
@@ -163,14 +195,11 @@ def _ptx3_two_fields(centroids) -> str:
   t + 1), (f', t + 1)) and their low bits at 4k: one mask each and one
   multiply-add give all four 3-bit selectors (9 instructions for 4 codes
   with the two lookups and two interleaves, as written)."""
-  (l0, l1), (h0, h1) = _tables(centroids)
-  lines = ["shr.b32 x, $2, $4;", "shr.b32 y, $3, $5;",
+  head, table = _lookup3(centroids)
+  lines = [*head, "shr.b32 x, $2, $4;", "shr.b32 y, $3, $5;",
            "and.b32 x, x, 0x3333;", "and.b32 y, y, 0x1111;",
-           "mad.lo.u32 s, x, 2, y;",
-           f"prmt.b32 lo4, {l0}, {l1}, s;", f"prmt.b32 hi4, {h0}, {h1}, s;",
-           "prmt.b32 $0, lo4, hi4, 0x6240;",
-           "prmt.b32 $1, lo4, hi4, 0x7351;"]
-  return ("{\n.reg .b32 x, y, s, lo4, hi4;\n" + "\n".join(lines)
+           "mad.lo.u32 s, x, 2, y;", *table("s", "$0", "$1")]
+  return ("{\n.reg .b32 x, y, s, " + _REGS3 + ";\n" + "\n".join(lines)
           + "\n}")
 
 
@@ -178,8 +207,8 @@ def _ptx3(centroids, halves: int = 2) -> str:
   """The 3-bit lookup of ptx() (halves=2), or of the first half alone
   (halves=1: inputs $4, the half's bytes, and $5, the 1-bit plane's;
   outputs $0-$3)."""
-  (l0, l1), (h0, h1) = _tables(centroids)
-  lines = []
+  head, table = _lookup3(centroids)
+  lines = list(head)
   outputs = 4 * halves
   low = f"${outputs + halves}"
   for half in range(halves):
@@ -195,10 +224,8 @@ def _ptx3(centroids, halves: int = 2) -> str:
           "and.b32 t, x, 0x0C0C;", "shl.b32 t, t, 3;", "or.b32 s, s, t;",
           "and.b32 t, y, 0x0101;", "or.b32 s, s, t;",
           "and.b32 t, y, 0x0404;", "shl.b32 t, t, 2;", "or.b32 s, s, t;",
-          f"prmt.b32 lo4, {l0}, {l1}, s;", f"prmt.b32 hi4, {h0}, {h1}, s;",
-          f"prmt.b32 ${out}, lo4, hi4, 0x6240;",
-          f"prmt.b32 ${out + 1}, lo4, hi4, 0x7351;"]
-  return ("{\n.reg .b32 x, y, s, t, lo4, hi4;\n" + "\n".join(lines)
+          *table("s", f"${out}", f"${out + 1}")]
+  return ("{\n.reg .b32 x, y, s, t, " + _REGS3 + ";\n" + "\n".join(lines)
           + "\n}")
 
 
