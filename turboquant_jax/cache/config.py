@@ -122,8 +122,9 @@ class CacheConfig:
     grid_centroids: (turboquant only) every codebook is rounded to a
       uniform grid of 127 levels (quant.codebook.grid_codebook): +0.24%
       distortion at 4 bits, +0.03-0.04% at 3, none at 2; the GPU kernel
-      then looks 4-bit codes up in 8 instructions a 4 codes instead of 12
-      (kernels/decode_attention/README.md has the times). Codebook stages
+      then looks 3- and 4-bit codes up with fewer byte permutes (at 4
+      bits 8 instructions a 4 codes instead of 12;
+      kernels/decode_attention/README.md has the times). Codebook stages
       of at most 6 bits.
   """
   kind: str = "turboquant"

@@ -223,7 +223,7 @@ def codebook(dim: int, bits: int) -> np.ndarray:
 # Grid codebooks: centroids step·k with integer |k| <= GRID_MAX_STEP (127
 # levels) and step = m·2^e, m <= GRID_MAX_SIGNIFICAND, so that step, 1088·step
 # (17m fits f16's 11 bits) and every step·k are exact in f16 and f32: the GPU
-# kernel looks a 4-bit grid code up as the byte 64 + k and one f16
+# kernel looks a 3- or 4-bit grid code up as the byte 64 + k and one f16
 # multiply-add (kernels/decode_attention/prmt_lookup.py).
 GRID_MAX_STEP = 63
 GRID_MAX_SIGNIFICAND = 120
@@ -259,7 +259,8 @@ def grid_codebook(dim: int, bits: int) -> np.ndarray:
   Centroids step·k, integer |k| <= 63, step = m·2^e (m <= 120), the step
   chosen for the least distortion; still symmetric and sorted. At 4 bits
   the GPU decode kernel looks these up in 8 instructions a 4 codes instead
-  of 12 (prmt_lookup). Costs a little distortion (grid_mse).
+  of 12, at 3 bits with one byte permute fewer (prmt_lookup). Costs a
+  little distortion (grid_mse).
   bits: 1..6 (2**bits distinct levels must fit 127).
   """
   _validate(dim, bits)

@@ -165,7 +165,8 @@ def make_quantizer(key: jax.Array, dim: int, bits: int, method: str = "mse",
     hadamard_rounds: rounds of the randomized Hadamard transform.
     grid_centroids: the codebook rounded to a uniform grid of 127 levels
       (codebook.grid_codebook: +0.24% distortion at 4 bits), which the GPU
-      decode kernel looks up faster at 4 bits. Codebook stages of 1..6 bits.
+      decode kernel looks up faster at 3 and 4 bits. Codebook stages of
+      1..6 bits.
 
   Returns:
     A Quantizer pytree.

@@ -34,6 +34,8 @@ PTX reads the packed bytes as they are, with no unpacking:
   interleave each byte with 0x64 (f16 1024 + 64 + k) and one f16x2
   multiply-add per 2 codes gives step·k exactly rounded, the f16
   centroid bit for bit: 8 instructions a 4 codes (2 on the FMA pipe).
+  A 3-bit grid codebook likewise: one prmt of the 8 bytes 64 + k instead
+  of the low- and high-byte prmt, then the same pairing and multiply-add.
 
 Against ~6 for shift/mask unpacking plus the f16 polynomial (counts of the
 instructions written, not timings). The kernel is bound by the integer
