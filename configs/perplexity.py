@@ -27,7 +27,8 @@ def cache(name: str, group: str, kind: str = "turboquant", *,
           dtype: str = "bfloat16", edge_layers: int = 0,
           edge: dict | None = None, norm_bits: int = 16,
           key_norm_bits: int | None = None,
-          value_norm_bits: int | None = None, sink: int = 0) -> dict:
+          value_norm_bits: int | None = None, sink: int = 0,
+          grid_centroids: bool = False) -> dict:
   """One cache configuration (every field spelled out, for config.json).
 
   Args:
@@ -56,6 +57,9 @@ def cache(name: str, group: str, kind: str = "turboquant", *,
       (None: norm_bits).
     sink: the first `sink` tokens of each sequence also kept in full
       precision (dtype), read from there (attention sinks; TurboQuant).
+    grid_centroids: codebooks on a uniform grid of 127 levels
+      (CacheConfig.grid_centroids); the field is written only where True,
+      so the configs of runs made before it still match.
   """
   return dict(name=name, group=group, kind=kind, key_bits=key_bits,
               value_bits=value_bits, key_method=key_method,
@@ -63,7 +67,8 @@ def cache(name: str, group: str, kind: str = "turboquant", *,
               center_keys=center_keys, center_skip=center_skip, dtype=dtype,
               edge_layers=edge_layers, edge=edge or {},
               key_norm_bits=key_norm_bits or norm_bits,
-              value_norm_bits=value_norm_bits or norm_bits, sink=sink)
+              value_norm_bits=value_norm_bits or norm_bits, sink=sink,
+              **({"grid_centroids": True} if grid_centroids else {}))
 
 
 def _paper(bits: float) -> dict:
@@ -178,12 +183,33 @@ def sink_caches() -> tuple[dict, ...]:
   return tuple(caches)
 
 
+def grid_caches() -> tuple[dict, ...]:
+  """`:sweep=grid` (../cpu_grid): grid codebooks ("_grid",
+  CacheConfig.grid_centroids: +0.24% distortion at 4 bits, the GPU
+  kernel's faster lookup) beside the exact ones, in the paper's setting at
+  4 and 3 bits and in the sink + window configurations of the main table
+  (K4/V4 and K4/V3); tq4 and tq3 again over three rotation seeds."""
+  caches = [cache("full", "baseline", "full")]
+  for bits in (4, 3):
+    caches += [_paper(bits), cache(f"tq{bits}_grid", "paper", key_bits=bits,
+                                   value_bits=bits, norm_correction=False,
+                                   grid_centroids=True)]
+  for k, v in ((4, 4), (4, 3)):
+    name = f"k{k}v{v}_nc_c_s4_w19_n8"
+    fields = dict(key_bits=k, value_bits=v, center_keys=True, window=19,
+                  norm_bits=8, sink=4)
+    caches += [cache(name, "lever", **fields),
+               cache(name + "_grid", "lever", grid_centroids=True, **fields)]
+  return tuple(caches)
+
+
 _SWEEPS = {"default": default_caches, "k5v4_windows": k5v4_window_caches,
-           "norm8": norm8_caches, "sink": sink_caches}
+           "norm8": norm8_caches, "sink": sink_caches, "grid": grid_caches}
 # Rotation-seed repeats (config.seed_checks) per sweep.
 _SEED_CHECKS = {"norm8": ("k5v4_nc_c", "k5v4_nc_c_n8"),
                 "sink": ("k5v4_nc_c_s4_n8", "k4v4_nc_c_s4_w19_n8",
-                         "k4v4_nc_c_s4_w32_n8")}
+                         "k4v4_nc_c_s4_w32_n8"),
+                "grid": ("tq4", "tq4_grid", "tq3", "tq3_grid")}
 
 
 def quick_caches() -> tuple[dict, ...]:

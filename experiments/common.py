@@ -73,6 +73,8 @@ def cache_config(fields) -> CacheConfig:
     kw.update(sink=fields["sink"])
   if fields.get("center_keys", False):
     kw.update(center_keys=True, center_skip=fields.get("center_skip", 0))
+  if fields.get("grid_centroids", False):
+    kw.update(grid_centroids=True)
   return CacheConfig(**kw)
 
 

@@ -90,7 +90,8 @@ PLOT_FILE = "ppl_vs_bits.png"
 BITS_TOLERANCE = 0.005
 _CACHE_FIELDS = ("kind", "key_bits", "value_bits", "key_method",
                  "norm_correction", "window", "center_keys", "center_skip",
-                 "dtype", "key_norm_bits", "value_norm_bits", "sink")
+                 "dtype", "key_norm_bits", "value_norm_bits", "sink",
+                 "grid_centroids")
 
 
 # ------------------------------------------------------------------ inputs
@@ -174,6 +175,8 @@ def describe(spec) -> str:
     if eight:
       text += (", 8-bit log norms" if len(eight) == 2
                else f", 8-bit log {eight[0]} norms")
+    if f.get("grid_centroids"):
+      text += ", grid codebooks"
     if f.get("sink"):
       text += f", first {f['sink']} tokens fp (sink)"
     if f.get("window"):

@@ -182,6 +182,23 @@ class DefaultConfigTest(absltest.TestCase):
     with self.assertRaisesRegex(ValueError, "sweep"):
       perplexity_config.get_config("sweep=nope")
 
+  def test_grid_sweep_pairs_each_cache_with_its_grid_twin(self):
+    config = perplexity_config.get_config("sweep=grid")
+    specs = {s["name"]: s for s in config.caches}
+    mc = perplexity.tiny_model_config()
+    twins = [n for n in specs if n.endswith("_grid")]
+    self.assertLen(twins, 4)
+    for name in twins:
+      exact, grid = specs[name[:-len("_grid")]], specs[name]
+      self.assertNotIn("grid_centroids", exact)   # old configs still match
+      self.assertEqual({k: v for k, v in grid.items()
+                        if k not in ("name", "grid_centroids")},
+                       {k: v for k, v in exact.items() if k != "name"})
+      self.assertTrue(perplexity.layer_configs(mc, grid)[0].grid_centroids)
+      self.assertFalse(perplexity.layer_configs(mc, exact)[0].grid_centroids)
+      self.assertIn("grid codebooks", perplexity.describe(grid))
+    self.assertGreater(len(perplexity.work_items(config)), len(specs))
+
 
 def tiny_config():
   config = perplexity_config.get_config("scale=quick")
