@@ -114,4 +114,6 @@ def test_kv_cache_notebook(tmp_path, monkeypatch):
       r"[0-9.]+%$", text, re.MULTILINE)}
   assert set(ppl) >= {"full precision (no cache)", "full"}, ppl
   assert len(ppl) >= 3, ppl                     # at least one TurboQuant
+  assert "4 bits, D = 128: grid distortion +" in text
+  assert "tq4-grid" in text
   assert abs(ppl["full"] / ppl["full precision (no cache)"] - 1) < 0.01, ppl

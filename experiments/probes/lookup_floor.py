@@ -62,6 +62,22 @@ def _none(src: str, centroids):
 VARIANTS = {"exact": _EXACT, "bytes7": _bytes7, "none": _none}
 
 
+class _GridTwin:
+  """cache -> a random cache of its shape and widths with grid codebooks,
+  the last one kept (one shape at a time holds the device's memory)."""
+
+  def __init__(self):
+    self.key, self.cache = None, None
+
+  def __call__(self, c):
+    key = (c.lengths.shape[0], c.capacity, c.config.key_bits)
+    if key != self.key:
+      self.key, self.cache = key, None
+      self.cache = dkv._random_cache(  # pylint: disable=protected-access
+          c.config.key_bits, *key[:2], grid=True)
+    return self.cache
+
+
 def grid(shapes) -> None:
   """--grid's checks and times (see the module docstring)."""
   for args, kwargs in (((128, 4, 4), {}), ((64, 8, 4), dict(lengths=(333, 1))),
@@ -74,18 +90,11 @@ def grid(shapes) -> None:
                        ((256, 2, 3), {}), ((128, 4, 2.5), {}),
                        ((64, 4, 2.5), dict(lengths=(1, 1024)))):
     dkv.check(*args, mode="prmt", layout="tokens", grid=True, **kwargs)
-  grids = {}
+  grid_twin = _GridTwin()
 
   def prepare(variant, c):
     prmt_lookup.GRID_LOOKUP = variant != "grid_general_lookup"
-    if variant == "exact":
-      return c
-    key = (c.lengths.shape[0], c.capacity, c.config.key_bits)
-    if key not in grids:
-      grids.clear()
-      grids[key] = dkv._random_cache(  # pylint: disable=protected-access
-          c.config.key_bits, *key[:2], grid=True)
-    return grids[key]
+    return c if variant == "exact" else grid_twin(c)
   try:
     dkv._variant_rows(shapes, {v: v for v in (  # pylint: disable=protected-access
         "exact", "grid", "grid_general_lookup")}, prepare,
@@ -109,18 +118,11 @@ class _ZeroMax:
 
 def no_max(shapes) -> None:
   """--no-max's times (see the module docstring)."""
-  grids = {}
+  grid_twin = _GridTwin()
 
   def prepare(variant, c):
     pallas_gpu_tokens.jnp = _ZeroMax() if "no_max" in variant else jnp
-    if not variant.startswith("grid"):
-      return c
-    key = (c.lengths.shape[0], c.capacity, c.config.key_bits)
-    if key not in grids:
-      grids.clear()
-      grids[key] = dkv._random_cache(  # pylint: disable=protected-access
-          c.config.key_bits, *key[:2], grid=True)
-    return grids[key]
+    return grid_twin(c) if variant.startswith("grid") else c
   try:
     dkv._variant_rows(shapes, {v: v for v in (  # pylint: disable=protected-access
         "exact", "no_max", "grid", "grid_no_max")}, prepare,

@@ -127,6 +127,17 @@ class KernelBenchTest(absltest.TestCase):
         self.assertEqual(value, tokens if want is None else want, name)
 
 
+def _tiny_decode_setup():
+  """(a 2-layer model, decode_bench's CPU config over 10 of 32 tokens)."""
+  shape = decode_bench.model_lib.ModelConfig(
+      vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
+      head_dim=16, ffn_dim=64, max_seq_len=64)
+  model = decode_bench.model_lib.Transformer(shape, rngs=nnx.Rngs(0))
+  config = decode_bench_config.get_config("scale=cpu")
+  config.context, config.capacity = 10, 32
+  return model, config
+
+
 class DecodeBenchTest(absltest.TestCase):
 
   def test_cpu_scale_rows(self):
@@ -172,12 +183,7 @@ class DecodeBenchTest(absltest.TestCase):
     config = decode_bench_config.get_config("model=llama3_8b")
     grid = [c for c in config.caches if c[0] == "tq4-grid"]
     self.assertEqual(grid[0][-1], {"grid_centroids": True})
-    shape = decode_bench.model_lib.ModelConfig(
-        vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
-        head_dim=16, ffn_dim=64, max_seq_len=64)
-    model = decode_bench.model_lib.Transformer(shape, rngs=nnx.Rngs(0))
-    config = decode_bench_config.get_config("scale=cpu")
-    config.context, config.capacity = 10, 32
+    model, config = _tiny_decode_setup()
     _, caches = decode_bench.filled_caches(
         model, config, 2, "turboquant", 4, 4, "xla", {"grid_centroids": True})
     self.assertTrue(caches[0].config.grid_centroids)
@@ -187,12 +193,7 @@ class DecodeBenchTest(absltest.TestCase):
 
   def test_unrolled_steps_equal_the_loop(self):
     # unroll writes the steps out; the tokens and caches are the same.
-    shape = decode_bench.model_lib.ModelConfig(
-        vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
-        head_dim=16, ffn_dim=64, max_seq_len=64)
-    model = decode_bench.model_lib.Transformer(shape, rngs=nnx.Rngs(0))
-    config = decode_bench_config.get_config("scale=cpu")
-    config.context, config.capacity = 10, 32
+    model, config = _tiny_decode_setup()
     outs = []
     for unroll in (False, True):
       tokens, caches = decode_bench.filled_caches(
