@@ -260,10 +260,10 @@ def _append_then_attend(q, cache, k, v):
 class AppendAttentionTest(parameterized.TestCase):
 
   def check(self, dim, bits, groups, capacity=128, value_bits=None,
-            **options):
+            cache_options=None, **options):
     seed = int(dim + bits + groups)
     cache = _cache(seed, dim, capacity=capacity, heads=2, key_bits=bits,
-                   value_bits=value_bits or bits)
+                   value_bits=value_bits or bits, **(cache_options or {}))
     k, v = _token(seed, cache)
     q = jax.random.normal(jax.random.key(seed + 7),
                           (cache.batch, 1, 2 * groups, dim))
@@ -298,6 +298,12 @@ class AppendAttentionTest(parameterized.TestCase):
   def test_outlier_split_equals_append_then_attend(self, dim, bits, groups,
                                                    options):
     self.check(dim, bits, groups, **options)
+
+  @parameterized.parameters((64, 4, 4), (64, 3.5, 3))
+  def test_grid_codebooks_equal_append_then_attend(self, dim, bits, groups):
+    # CacheConfig.grid_centroids: the kernel quantizes by the grid's
+    # thresholds and reads the grid's centroids, as XLA and the reference.
+    self.check(dim, bits, groups, cache_options=dict(grid_centroids=True))
 
   @pytest.mark.slow
   def test_outlier_split_in_zero_padded_groups(self):
