@@ -630,7 +630,7 @@ def rotation_options():
 
 def append_attention_checks(options: dict | None = None,
                             split_only: bool = False,
-                            checks_only: bool = False):
+                            checks_only: bool = False, grid: bool = False):
   """pallas_gpu.append_attention on the device: output against the
   reference over the XLA-appended cache, bytes written against XLA's
   (ragged lengths: empty, mid, full), then one SmolLM2 decode layer's
@@ -639,7 +639,8 @@ def append_attention_checks(options: dict | None = None,
   (e.g. auto_barriers=False): the checks use them, and the timings add
   the fused launch with them. Integer widths and the outlier split (2.5,
   3.5 bits: parts of 32 at D = 64, of 64 at D = 128). split_only: the
-  split's checks alone; checks_only: no times."""
+  split's checks alone; checks_only: no times; grid: the caches' codebooks
+  on the grid (CacheConfig.grid_centroids), for the checks."""
   options = options or {}
   print("jax", jax.__version__, jax.devices()[0].device_kind, flush=True)
   for dim, groups, bits in _split_cases(
@@ -647,7 +648,8 @@ def append_attention_checks(options: dict | None = None,
        (64, 8, 3.5), (128, 4, 3.5)), lambda c: c[2:], split_only):
     cap, b, kvh = 1024, 3, 2
     keys = jax.random.split(jax.random.key(int(dim + 2 * bits)), 6)
-    c = cache_lib.init(cache_lib.CacheConfig(key_bits=bits, value_bits=bits),
+    c = cache_lib.init(cache_lib.CacheConfig(key_bits=bits, value_bits=bits,
+                                             grid_centroids=grid),
                        b, kvh, cap, dim, key=keys[0])
     c = cache_lib.prefill(
         c, jax.random.normal(keys[1], (b, kvh, cap, dim)),
