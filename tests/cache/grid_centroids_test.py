@@ -44,6 +44,15 @@ class GridCodebookTest(parameterized.TestCase):
       ratio = codebook.grid_mse(dim, bits) / codebook.mse(dim, bits)
       self.assertBetween(ratio, 1.0, 1.0 + bound)
 
+  def test_the_kernel_recognizes_every_3_and_4_bit_grid(self):
+    # grid_codebook's steps are ones prmt_lookup.grid_steps accepts, at
+    # any dim: else the kernel would fall back to the general lookup.
+    for dim in (3, 17, 32, 50, 64, 96, 100, 128, 200, 256, 576, 1000, 4096):
+      for bits in (3, 4):
+        table = codebook.grid_codebook(dim, bits).astype(np.float32)
+        self.assertIsNotNone(prmt_lookup.grid_steps(tuple(table)),
+                             f"{dim=} {bits=}")
+
   def test_bad_bits(self):
     with self.assertRaisesRegex(ValueError, "at most 6 bits"):
       codebook.grid_codebook(128, 7)

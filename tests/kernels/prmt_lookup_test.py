@@ -112,7 +112,8 @@ class PrmtLookupTest(parameterized.TestCase):
         np.testing.assert_array_equal(got, want[codes],
                                       err_msg=f"{word=:#06x} {f=}")
 
-  @parameterized.parameters((128, 1), (64, 5), (256, 5), (4096, 11))
+  @parameterized.parameters((128, 1), (64, 5), (256, 5), (4096, 11),
+                            (32, 7))
   def test_grid_ptx_equals_the_f16_grid_codebook(self, dim, stride):
     # A 4-bit grid codebook (f32, as the kernel's spec holds it) takes the
     # 8-instruction lookup, and every 4 codes come out as the f16

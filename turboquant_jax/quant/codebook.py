@@ -221,7 +221,8 @@ def codebook(dim: int, bits: int) -> np.ndarray:
 
 
 # Grid codebooks: centroids step·k with integer |k| <= GRID_MAX_STEP (127
-# levels) and step = m·2^e, m <= GRID_MAX_SIGNIFICAND, so that step, 1088·step
+# levels) and step = m·2^e, 64 <= m <= GRID_MAX_SIGNIFICAND (a 7-bit
+# significand), so that step, 1088·step
 # (17m fits f16's 11 bits) and every step·k are exact in f16 and f32: the GPU
 # kernel looks a 3- or 4-bit grid code up as the byte 64 + k and one f16
 # multiply-add (kernels/decode_attention/prmt_lookup.py).
@@ -239,7 +240,7 @@ def _grid_codebook64(dim: int, bits: int) -> np.ndarray:
   # last level (the largest may be clipped there); the distortion picks.
   for e in range(int(math.floor(math.log2(top / GRID_MAX_STEP))) - 8,
                  int(math.floor(math.log2(top / GRID_MAX_STEP))) + 2):
-    for m in range(GRID_MAX_SIGNIFICAND // 2, GRID_MAX_SIGNIFICAND + 1):
+    for m in range(64, GRID_MAX_SIGNIFICAND + 1):   # 7-bit significands
       step = m * 2.0 ** e
       if not 0.7 <= step * GRID_MAX_STEP / top <= 1.6:
         continue
@@ -249,6 +250,9 @@ def _grid_codebook64(dim: int, bits: int) -> np.ndarray:
       err = codebook_mse(law, step * k)
       if err < best_mse:
         best, best_mse = step * k, err
+  if best is None:
+    raise ValueError(f"no grid of {2 * GRID_MAX_STEP + 1} levels holds the "
+                     f"{2 ** bits} centroids at {dim=}")
   best.setflags(write=False)
   return best
 
