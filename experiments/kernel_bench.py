@@ -135,15 +135,14 @@ def cache_config(config, bits: float) -> cache_lib.CacheConfig:
       grid_centroids=bool(config.get("grid_centroids", False)))
 
 
-def check_correctness(impl: str, bits: float, head_dim: int,
-                      grid_centroids: bool = False, **options) -> float:
-  """Max |impl - reference| on a small cache of real quantized data."""
+def check_correctness(impl: str, cfg: cache_lib.CacheConfig, head_dim: int,
+                      **options) -> float:
+  """Max |impl - reference| on a small cache of real quantized data
+  stored as `cfg` says."""
   b, kvh, g, s = 2, 2, 4, 1024
   key = jax.random.key(1)
   k = jax.random.normal(key, (b, kvh, s, head_dim))
   v = jax.random.normal(jax.random.key(2), (b, kvh, s, head_dim))
-  cfg = cache_lib.CacheConfig(key_bits=bits, value_bits=bits,
-                              grid_centroids=grid_centroids)
   c = cache_lib.prefill(cache_lib.init(cfg, b, kvh, s, head_dim, key=key),
                         k, v, jnp.array([s, 700], jnp.int32))
   q = jax.random.normal(jax.random.key(3), (b, kvh * g, head_dim))
@@ -234,9 +233,8 @@ def run(config, workdir) -> pathlib.Path:
     for impl in config.impls:
       for bits in config.bits:
         try:
-          err = check_correctness(
-              impl, bits, d, grid_centroids=cache_config(
-                  config, bits).grid_centroids, **impl_options(config, impl))
+          err = check_correctness(impl, cache_config(config, bits), d,
+                                  **impl_options(config, impl))
           print(f"check {impl:>10} bits={bits}: rel max err {err:.2e}")
         except Exception as e:   # report and go on: a row says it failed
           print(f"check {impl:>10} bits={bits}: FAILED {type(e).__name__}: "

@@ -190,11 +190,11 @@ def _loop_inputs(name: str, batch: int, model_name: str):
       f"model={model_name},"
       + ("scale=full" if jax.default_backend() == "gpu" else "scale=cpu"))
   row = {c[0]: c for c in config.caches}[name]
-  _, kind, kb, vb, impl, append_impl = row
+  _, kind, kb, vb, impl, append_impl, *options = row
   shape, _ = decode_bench.model_config(config)
   model = model_lib.Transformer(shape, rngs=nnx.Rngs(config.seed))
   tokens, caches = decode_bench.filled_caches(model, config, batch, kind, kb,
-                                              vb, append_impl)
+                                              vb, append_impl, *options)
   lengths = jax.numpy.copy(caches[0].lengths)   # the caches are donated
   return model, tokens, caches, lengths, impl
 

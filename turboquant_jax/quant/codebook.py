@@ -274,6 +274,12 @@ def grid_codebook(dim: int, bits: int) -> np.ndarray:
   return _grid_codebook64(int(dim), int(bits))
 
 
+def codebook_table(dim: int, bits: int, grid: bool = False) -> np.ndarray:
+  """grid_codebook(dim, bits) where `grid`, else codebook(dim, bits): the
+  centroids a quantizer holds (Quantizer.grid_centroids)."""
+  return (grid_codebook if grid else codebook)(dim, bits)
+
+
 def grid_mse(dim: int, bits: int) -> float:
   """mse(dim, bits) of grid_codebook: nearest grid centroid, Haar rotation."""
   return dim * codebook_mse(sphere_law(dim), grid_codebook(dim, bits))

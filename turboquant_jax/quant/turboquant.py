@@ -202,8 +202,7 @@ def make_quantizer(key: jax.Array, dim: int, bits: int, method: str = "mse",
     rot = rotation_lib.make_rotation(rot_key, dim, rotation,
                                      rounds=hadamard_rounds)
   if mse_bits:
-    c = (codebook_lib.grid_codebook if grid_centroids
-         else codebook_lib.codebook)(dim, mse_bits)
+    c = codebook_lib.codebook_table(dim, mse_bits, grid_centroids)
   else:
     c = np.zeros((0,), np.float64)
   sketch = None

@@ -123,8 +123,8 @@ def positions(lengths, capacity: int, window: int, tokens: int):
 
 
 def _spec(q: turboquant.Quantizer) -> PartSpec:
-  table = codebook.grid_codebook if q.grid_centroids else codebook.codebook
-  c = (table(q.dim, q.mse_bits).astype(np.float32)
+  c = (codebook.codebook_table(q.dim, q.mse_bits, q.grid_centroids)
+       .astype(np.float32)
        if q.mse_bits else np.zeros((0,), np.float32))
   return PartSpec(dim=q.dim, bits=q.mse_bits,
                   centroids=tuple(float(x) for x in c),

@@ -164,8 +164,8 @@ def _lookup3(centroids):
   lookup of the 4 codes whose selectors (3 bits each) are `sel`'s
   nibbles, into out0 (codes 0, 2: f16x2) and out1 (codes 1, 3). Exact
   codebooks: low and high bytes by 2 prmt, 2 prmt interleave them. A grid
-  codebook (grid_steps): the bytes 64 + k by 1 prmt, 2 prmt pair them with
-  0x64 and 2 f16x2 multiply-adds (_grid_lines4's) make the centroids."""
+  codebook (grid_steps): the bytes 64 + k by 1 prmt, then _grid_centroids
+  (2 prmt pair them with 0x64, 2 f16x2 multiply-adds)."""
   grid = grid_steps(centroids) if GRID_LOOKUP else None
   if grid is None:
     (l0, l1), (h0, h1) = _tables(centroids)
@@ -176,14 +176,8 @@ def _lookup3(centroids):
         f"prmt.b32 {out1}, lo4, hi4, 0x7351;"]
   step, k = grid
   t0, t1 = _words([_GRID_BIAS + x for x in k])
-  return [f"mov.b32 a, {_f16x2(step)};",
-          f"mov.b32 b, {_f16x2(-(1024 + _GRID_BIAS) * step)};"], (
-              lambda sel, out0, out1: [
-                  f"prmt.b32 k4, {t0}, {t1}, {sel};",
-                  "prmt.b32 v0, k4, 0x64646464, 0x4240;",
-                  "prmt.b32 v1, k4, 0x64646464, 0x4341;",
-                  f"fma.rn.f16x2 {out0}, v0, a, b;",
-                  f"fma.rn.f16x2 {out1}, v1, a, b;"])
+  return _grid_constants(step), lambda sel, out0, out1: [
+      f"prmt.b32 k4, {t0}, {t1}, {sel};", *_grid_centroids(out0, out1)]
 
 
 def _ptx3_two_fields(centroids) -> str:
@@ -310,22 +304,33 @@ def _f16x2(value: float) -> str:
   return f"0x{h << 16 | h:08X}"
 
 
+def _grid_constants(step: float) -> list[str]:
+  """PTX lines setting registers a, b to the grid lookup's multiply-add
+  constants: step and -(1024 + 64)·step in both f16 halves."""
+  return [f"mov.b32 a, {_f16x2(step)};",
+          f"mov.b32 b, {_f16x2(-(1024 + _GRID_BIAS) * step)};"]
+
+
+def _grid_centroids(out0: str, out1: str) -> list[str]:
+  """PTX lines from k4's 4 bytes 64 + k to the centroids step·k: bytes 0
+  and 2 into out0, 1 and 3 into out1 (f16x2). f16 0x64bb is 1024 + bb;
+  times step, plus b: step·k, rounded once."""
+  return ["prmt.b32 v0, k4, 0x64646464, 0x4240;",
+          "prmt.b32 v1, k4, 0x64646464, 0x4341;",
+          f"fma.rn.f16x2 {out0}, v0, a, b;",
+          f"fma.rn.f16x2 {out1}, v1, a, b;"]
+
+
 def _grid_lines4(src: str, step: float, k) -> tuple[str, list[str]]:
   """_lines4 of a grid codebook (grid_steps: centroids step·k)."""
   codes = [_GRID_BIAS + x for x in k]
   (l0, l1), (h0, h1) = _words(codes[:8]), _words(codes[8:])
-  # f16 0x64bb is 1024 + bb; times step, minus (1024 + 64)·step: step·k.
   return "x, lo4, hi4, k4, v0, v1, a, b", [
+      *_grid_constants(step),
       f"xor.b32 x, {src}, 0x8888;",
       f"prmt.b32 lo4, {l0}, {l1}, {src};",
       f"prmt.b32 hi4, {h0}, {h1}, x;",
-      "or.b32 k4, lo4, hi4;",
-      "prmt.b32 v0, k4, 0x64646464, 0x4240;",
-      "prmt.b32 v1, k4, 0x64646464, 0x4341;",
-      f"mov.b32 a, {_f16x2(step)};",
-      f"mov.b32 b, {_f16x2(-(1024 + _GRID_BIAS) * step)};",
-      "fma.rn.f16x2 $0, v0, a, b;",
-      "fma.rn.f16x2 $1, v1, a, b;"]
+      "or.b32 k4, lo4, hi4;", *_grid_centroids("$0", "$1")]
 
 
 def lookup_chunks(words: jax.Array, bits: int, centroids: tuple[float, ...],
