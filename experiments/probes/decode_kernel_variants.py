@@ -543,18 +543,20 @@ def _split_cases(cases, bits_of, split_only: bool):
           or any(b % 1 for b in bits_of(c))]
 
 
-def fused_append(split_only: bool = False, checks_only: bool = False):
+def fused_append(split_only: bool = False, checks_only: bool = False,
+                 grid: bool = False):
   """The fused quantize-and-append kernel on the device: checked against
   the XLA path (bytes that differ, largest norm difference) on prefilled
   caches with ragged lengths, then each path's device time per append (20
   a jitted loop, in place) at the SmolLM2 shape and at B=8, D=128, of
   integer widths and of the outlier split (2.5, 3.5 bits). split_only:
-  the outlier split's checks alone; checks_only: no times."""
+  the outlier split's checks alone; checks_only: no times; grid: the
+  checks' codebooks on the grid (CacheConfig.grid_centroids)."""
   print("jax", jax.__version__, jax.devices()[0].device_kind, flush=True)
   for d, kb, vb, norm_dtype in _split_cases(
       _APPEND_CHECKS, lambda c: c[1:3], split_only):
     cfg = cache_lib.CacheConfig(key_bits=kb, value_bits=vb,
-                                norm_dtype=norm_dtype)
+                                norm_dtype=norm_dtype, grid_centroids=grid)
     c = cache_lib.init(cfg, 4, 2, 64, d, key=jax.random.key(d))
     x = jax.random.normal(jax.random.key(1), (4, 2, 64, d))
     c = cache_lib.prefill(c, x, -x, jnp.array([0, 5, 63, 64], jnp.int32))
@@ -1214,7 +1216,8 @@ def main():
     return
   # --split-only: the outlier split's checks alone; --checks-only: no times
   only = dict(split_only="--split-only" in sys.argv,
-              checks_only="--checks-only" in sys.argv)
+              checks_only="--checks-only" in sys.argv,
+              grid="--grid" in sys.argv)      # grid codebooks (checks)
   if "--append-attention" in sys.argv:    # --no-barriers: that option too
     append_attention_checks(dict(auto_barriers=False)
                             if "--no-barriers" in sys.argv else None, **only)

@@ -22,6 +22,23 @@ against exact caches and against grid caches read by the general lookup
 --no-max: the same question for the softmax's running max over a tile's
 tokens (a reduction across the warpgroup's 4 warps): the kernel with that
 max replaced by 0 (times only), with exact and with grid caches.
+
+--no-sync: the tile's two cross-warp steps both gone (times only, grid
+caches): the max as in --no-max, and the barrier between the threads'
+stores of Pᵀ and the P·V wgmma that reads them (commit_smem keeps its
+proxy fence, drops its bar.sync). What a kernel whose warps never wait
+for each other within a tile (each warp its own softmax state over its
+own tokens) could gain at most.
+
+--lagged: pallas_gpu_tokens.LAGGED_MAX on (the default: a tile's softmax
+against the running max of the tiles before it, a flagged tile redone)
+against off (the exact max in every tile), exact and grid caches,
+checked on the device first (both settings, 12 shapes).
+
+--opaque: prmt_lookup.OPAQUE_TABLES on (the default: the prmt tables'
+first words as registers ptxas keeps) against off (immediates, which
+ptxas moves into a register for every prmt), exact and grid caches,
+checked on the device first (the defaults, 6 shapes).
 """
 
 import ast
@@ -29,6 +46,7 @@ import sys
 
 import jax
 import jax.numpy as jnp
+from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from experiments import probes
 from experiments.probes import decode_kernel_variants as dkv
@@ -80,15 +98,7 @@ class _GridTwin:
 
 def grid(shapes) -> None:
   """--grid's checks and times (see the module docstring)."""
-  for args, kwargs in (((128, 4, 4), {}), ((64, 8, 4), dict(lengths=(333, 1))),
-                       ((256, 2, 4), dict(lengths=(1024, 65))),
-                       ((128, 4, 3.5), dict(tokens=3)),
-                       ((64, 3, 3.5), dict(lengths=(1000, 333))),
-                       ((128, 4, 4), dict(window=5, lengths=(1000, 77))),
-                       ((128, 1, 4, "prod"), {}), ((128, 4, 3), {}),
-                       ((64, 8, 3), dict(lengths=(1000, 65))),
-                       ((256, 2, 3), {}), ((128, 4, 2.5), {}),
-                       ((64, 4, 2.5), dict(lengths=(1, 1024)))):
+  for args, kwargs in _CHECKS:
     dkv.check(*args, mode="prmt", layout="tokens", grid=True, **kwargs)
   grid_twin = _GridTwin()
 
@@ -131,6 +141,96 @@ def no_max(shapes) -> None:
     pallas_gpu_tokens.jnp = jnp
 
 
+def _fence_only():
+  """commit_smem without its warpgroup barrier: the async-proxy fence."""
+  # pylint: disable=g-import-not-at-top (Mosaic GPU internals, device only)
+  from jax._src.lib.mlir.dialects import nvvm
+
+  @plgpu.inline_mgpu()
+  def fence(ctx):
+    del ctx
+    nvvm.fence_proxy(nvvm.ProxyKind.async_shared,
+                     space=nvvm.SharedSpace.shared_cta)
+  fence()
+
+
+class _NoBarrier:
+  """plgpu for pallas_gpu_tokens with commit_smem -> its fence alone."""
+
+  def __getattr__(self, name):
+    return _fence_only if name == "commit_smem" else getattr(plgpu, name)
+
+
+def no_sync(shapes) -> None:
+  """--no-sync's times (see the module docstring)."""
+  grid_twin = _GridTwin()
+
+  def prepare(variant, c):
+    pallas_gpu_tokens.jnp = jnp if variant == "grid" else _ZeroMax()
+    pallas_gpu_tokens.plgpu = (_NoBarrier() if variant == "grid_no_sync"
+                               else plgpu)
+    return grid_twin(c)
+  try:
+    dkv._variant_rows(shapes, {v: v for v in (  # pylint: disable=protected-access
+        "grid", "grid_no_max", "grid_no_sync")}, prepare,
+                      rounds=int(probes.option("rounds", "3")))
+  finally:
+    pallas_gpu_tokens.jnp, pallas_gpu_tokens.plgpu = jnp, plgpu
+
+
+_CHECKS = (((128, 4, 4), {}), ((64, 8, 4), dict(lengths=(333, 1))),
+           ((256, 2, 4), dict(lengths=(1024, 65))),
+           ((128, 4, 3.5), dict(tokens=3)),
+           ((64, 3, 3.5), dict(lengths=(1000, 333))),
+           ((128, 4, 4), dict(window=5, lengths=(1000, 77))),
+           ((128, 1, 4, "prod"), {}), ((128, 4, 3), {}),
+           ((64, 8, 3), dict(lengths=(1000, 65))),
+           ((256, 2, 3), {}), ((128, 4, 2.5), {}),
+           ((64, 4, 2.5), dict(lengths=(1, 1024))))
+
+
+def lagged(shapes) -> None:
+  """--lagged's checks and times (see the module docstring)."""
+  for setting in (True, False):
+    pallas_gpu_tokens.LAGGED_MAX = setting
+    jax.clear_caches()
+    print("LAGGED_MAX", setting, flush=True)
+    for args, kwargs in _CHECKS:
+      dkv.check(*args, mode="prmt", layout="tokens", **kwargs)
+    dkv.check(128, 4, 4, mode="prmt", layout="tokens", grid=True)
+  grid_twin = _GridTwin()
+
+  def prepare(variant, c):
+    pallas_gpu_tokens.LAGGED_MAX = "exact_max" not in variant
+    return grid_twin(c) if variant.startswith("grid") else c
+  try:
+    dkv._variant_rows(shapes, {v: v for v in (  # pylint: disable=protected-access
+        "exact_max", "lagged", "grid_exact_max", "grid_lagged")}, prepare,
+                      rounds=int(probes.option("rounds", "3")))
+  finally:
+    pallas_gpu_tokens.LAGGED_MAX = True
+
+
+def opaque(shapes) -> None:
+  """--opaque's checks and times (see the module docstring)."""
+  for args, kwargs in (((128, 4, 4), {}), ((64, 8, 3), dict(lengths=(1000, 65))),
+                       ((128, 4, 2), {}), ((128, 4, 3.5), dict(tokens=3))):
+    dkv.check(*args, mode="prmt", layout="tokens", **kwargs)
+  for args, kwargs in (((128, 4, 4), {}), ((256, 2, 3), {})):
+    dkv.check(*args, mode="prmt", layout="tokens", grid=True, **kwargs)
+  grid_twin = _GridTwin()
+
+  def prepare(variant, c):
+    prmt_lookup.OPAQUE_TABLES = not variant.endswith("_imm")
+    return grid_twin(c) if variant.startswith("grid") else c
+  try:
+    dkv._variant_rows(shapes, {v: v for v in (  # pylint: disable=protected-access
+        "exact_imm", "exact", "grid_imm", "grid")}, prepare,
+                      rounds=int(probes.option("rounds", "3")))
+  finally:
+    prmt_lookup.OPAQUE_TABLES = True
+
+
 def main():
   shapes = ast.literal_eval(probes.option(
       "shapes", "((8, 131072, (4,)), (8, 32768, (4,)), (1, 131072, (4,)))"))
@@ -140,6 +240,15 @@ def main():
     return
   if "--no-max" in sys.argv:
     no_max(shapes)
+    return
+  if "--lagged" in sys.argv:
+    lagged(shapes)
+    return
+  if "--opaque" in sys.argv:
+    opaque(shapes)
+    return
+  if "--no-sync" in sys.argv:
+    no_sync(shapes)
     return
 
   def prepare(lines4, c):

@@ -19,9 +19,10 @@ with `cuobjdump -sass`, taken from PATH, $CUDA_HOME/bin or
 /usr/local/cuda/bin (on a CPU machine: the nvidia-cuda-nvcc and
 nvidia-cuda-cuobjdump wheels carry both).
 
-    python -m experiments.probes.sass_census [--bits=4] [--smol] [--fused]
+    python -m experiments.probes.sass_census [--bits=4] [--smol] [--fused] [--grid]
         [--options="{'min_columns': 8}"] [--dir=DUMP]
 (--bits: the cache's width, 2-4 or the outlier split's 2.5, 3.5;
+--grid: a cache of grid codebooks (CacheConfig.grid_centroids);
 --fused: the kernel of pallas_gpu.append_attention, which also appends
 the decode token; --options: keyword options of pallas_gpu.attention, a
 Python dict, dumped under sass_<options>; --dir: only read an existing
@@ -192,7 +193,8 @@ def _compile_kernel(dump_dir: str, bits: float, smol: bool,
   from turboquant_jax import cache as cache_lib
   from turboquant_jax.kernels import decode_attention as da
   from turboquant_jax.kernels.decode_attention import pallas_gpu
-  cfg = cache_lib.CacheConfig(key_bits=bits, value_bits=bits)
+  cfg = cache_lib.CacheConfig(key_bits=bits, value_bits=bits,
+                              grid_centroids="--grid" in sys.argv)
   # (batch, query heads, KV heads, tokens, head dim)
   b, h, kvh, s, d = (32, 9, 3, 8192, 64) if smol else (8, 32, 8, 32768, 128)
   c = kernel_bench.random_cache(jax.random.key(4), cfg, b, kvh, s, d)
@@ -253,7 +255,8 @@ def main():
     tag = "".join(ch for ch in str(sorted(options.items()))
                   if ch.isalnum() or ch in "_=")
     dump_dir = os.path.join(dump_dir, "sass" + (f"_{tag}" if options
-                                                  else ""))
+                                                  else "")
+                            + ("_grid" if "--grid" in sys.argv else ""))
     os.makedirs(dump_dir, exist_ok=True)
     bits = float(probes.option("bits", "4"))    # 2.5, 3.5: the split
     _compile_kernel(dump_dir, int(bits) if bits == int(bits) else bits,

@@ -29,6 +29,7 @@ from turboquant_jax.cache import turboquant_cache
 from turboquant_jax.kernels import decode_attention as attn
 from turboquant_jax.kernels.decode_attention import pallas_gpu
 from turboquant_jax.kernels.decode_attention import pallas_gpu_tokens
+from turboquant_jax.kernels.decode_attention import prmt_lookup
 
 _SHAPES = [
     # (head dim, key bits, value bits, GQA group, query tokens, key method)
@@ -122,6 +123,26 @@ class GpuLoweringTest(parameterized.TestCase):
     self.assertIn("fma.rn.f16x2", text)
     plain = _lower(*shape, **options).as_text()
     self.assertNotIn("fma.rn.f16x2", plain)
+
+  @parameterized.parameters(
+      ((128, 4, 4, 4, 1, "mse"), False), ((128, 4, 4, 4, 1, "mse"), True),
+      ((128, 3, 3, 4, 1, "mse"), False), ((128, 3, 3, 4, 1, "mse"), True),
+      ((128, 2, 2, 4, 1, "mse"), False), ((64, 3.5, 2.5, 4, 1, "mse"), True))
+  def test_lookup_tables_reach_ptxas_opaque(self, shape, grid):
+    # No prmt of the lowered kernel has both table words as immediates
+    # (ptxas would re-materialize one per prmt): the first is a register
+    # made from %tid.x (prmt_lookup.opaque_tables); with OPAQUE_TABLES off,
+    # the immediates are back.
+    def lowered():
+      return _jitted("pallas_gpu").trace(*_inputs(*shape, grid=grid)).lower(
+          lowering_platforms=("cuda",)).as_text().replace("\\0A", "\n")
+    text = lowered()
+    self.assertIn("%tid.x", text)
+    self.assertEmpty(prmt_lookup._PRMT_TABLES.findall(text))
+    with mock.patch.object(prmt_lookup, "OPAQUE_TABLES", False):
+      text = lowered()
+    self.assertNotIn("%tid.x", text)
+    self.assertNotEmpty(prmt_lookup._PRMT_TABLES.findall(text))
 
   @parameterized.parameters(
       ((128, 4, 4, 4, 1, "mse"), {}),

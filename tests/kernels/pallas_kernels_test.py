@@ -6,6 +6,7 @@ S capacity, D head dim. On a TPU/GPU the same classes run compiled
 """
 
 import dataclasses
+from unittest import mock
 import zlib
 
 from absl.testing import absltest
@@ -534,6 +535,46 @@ class PallasGpuInterpretTest(parameterized.TestCase):
     np.testing.assert_allclose(got, want, rtol=self.TOL,
                                atol=self.TOL * scale)
     np.testing.assert_allclose(got, run(), rtol=1e-6, atol=1e-6 * scale)
+
+  @parameterized.named_parameters(
+      dict(testcase_name="decode", tokens=1, bits=4),
+      dict(testcase_name="chunk_split", tokens=2, bits=3.5))
+  def test_lagged_max_redoes_a_tile_whose_scores_jump(self, tokens, bits):
+    # 8 tiles in one split; the token at 400 (tile 6) scores ~40 above all
+    # the others (p ~ e^40 against the first tile's max: finite in f32,
+    # beyond f16). The lagged max (each tile's p against the max of the
+    # tiles before it) flags that tile and redoes it with its own max: the
+    # output equals the reference's, as with the exact max in every tile.
+    # With the flags' limits at 1e30 nothing is redone after the first
+    # tile, and tile 6's f16 Pᵀ overflows: the kept tiles do read the
+    # lagged max.
+    b, kv, s, dim, groups = 2, 2, 512, 64, 2
+    keys = jax.random.split(jax.random.key(7), 4)
+    q = jax.random.normal(keys[0], (b, tokens, kv * groups, dim))
+    k = jax.random.normal(keys[1], (b, kv, s, dim)) * 2.0
+    v = jax.random.normal(keys[2], (b, kv, s, dim))
+    lead = q[:, 0, ::groups]                                # [B, K, D]
+    k = k.at[:, :, 400].set(
+        45 * lead / jnp.linalg.norm(lead, axis=-1, keepdims=True))
+    cfg = CacheConfig(kind="turboquant", key_bits=bits, value_bits=bits)
+    lengths = jnp.array([512, 450])
+    cache = cache_lib.prefill(cache_lib.init(cfg, b, kv, s, dim,
+                                             key=keys[3]), k, v, lengths)
+    want = attn.chunk_attention(q, cache, lengths, impl="reference")
+    scale = float(jnp.max(jnp.abs(want)))
+
+    def run():
+      jax.clear_caches()            # the module constants are traced in
+      return attn.chunk_attention(
+          q, cache, lengths, impl="pallas_gpu", interpret=True, splits=1,
+          lookup_mode="prmt", layout="tokens")
+    for lagged in (True, False):
+      with mock.patch.object(pallas_gpu_tokens, "LAGGED_MAX", lagged):
+        np.testing.assert_allclose(run(), want, rtol=self.TOL,
+                                   atol=self.TOL * scale)
+    with mock.patch.multiple(pallas_gpu_tokens, P_LIMIT=1e30,
+                             PV_LIMIT=1e30):
+      self.assertFalse(np.all(np.isfinite(np.asarray(run()))))
 
   def test_query_columns(self):
     qc = pallas_gpu_tokens.query_columns

@@ -279,6 +279,39 @@ class PrmtLookupTest(parameterized.TestCase):
     np.testing.assert_array_equal(np.concatenate(chunks, axis=1),
                                   table.astype(np.float16)[codes])
 
+  @parameterized.parameters(
+      (2, False, 1, 4), (3, False, 3, 8), (3, True, 3, 8), (4, False, 1, 2),
+      (4, True, 1, 2))
+  def test_opaque_tables_compute_the_same_lookup(self, bits, grid, inputs,
+                                                 outputs):
+    # Every prmt with two immediate tables and a register selector takes
+    # its first table from an operand; fed those words, the PTX gives what
+    # the immediates gave, on random inputs. The words come from
+    # opaque_word_ptx, which is the word for any thread index.
+    table = tuple(_table(128, bits, grid))
+    asm = prmt_lookup.ptx(bits, table)
+    code, words = prmt_lookup.opaque_tables(asm, outputs + inputs)
+    self.assertNotEqual(code, asm)
+    self.assertIsNone(prmt_lookup._PRMT_TABLES.search(code))
+    self.assertLen(words, len(set(words)))
+    self.assertEqual(code.count("prmt"), asm.count("prmt"))
+    ops = dict(_OPS, **{"mov.u32": lambda a: a, "shr.u32": lambda a, b: a >> b})
+    for w in words:
+      for tid in (0, 77, 127, 1023):
+        lines = prmt_lookup.opaque_word_ptx(w).replace("%tid.x", str(tid))
+        with mock.patch.dict(_OPS, ops):
+          self.assertEqual(_run_ptx(lines, (), 1), [w])
+    rng = np.random.default_rng(bits)
+    for x in rng.integers(0, 1 << 16, (300, inputs)).tolist():
+      self.assertEqual(_run_ptx(code, (*x, *words), outputs),
+                       _run_ptx(asm, tuple(x), outputs))
+
+  def test_opaque_tables_leave_other_prmts(self):
+    # An immediate selector, a register table: nothing to replace.
+    asm = ("prmt.b32 v0, k4, 0x64646464, 0x4240;\n"
+           "prmt.b32 $0, 0x01020304, 0x05060708, 0x3210;")
+    self.assertEqual(prmt_lookup.opaque_tables(asm, 2), (asm, []))
+
   def test_supports_2_and_3_bits_and_symmetric_4_bits(self):
     self.assertTrue(prmt_lookup.supports(3, tuple(codebook.codebook(128, 3))))
     self.assertFalse(prmt_lookup.supports(5, tuple(codebook.codebook(128, 5))))

@@ -109,6 +109,19 @@ ROWS, GROUP = base.ROWS, base.GROUP
 # registers while the score wgmma runs (True), or after Pᵀ is stored (False,
 # as without overlap_values: fewer registers live through the softmax).
 EARLY_VALUE_LOOKUP = True
+# The softmax's reference max lags by a tile: a tile's p = exp(s - m) uses
+# the running max m of the tiles before it, known to every thread, so no
+# cross-warp max stands between the scores and Pᵀ's store. Each warp flags
+# (vote, one SMEM word) a p above P_LIMIT, a p times a value norm above
+# PV_LIMIT (Pᵀ is f16) or a NaN (the first tile: m = -inf); the flags are
+# read after the barrier that Pᵀ's store needs anyway, and a flagged tile
+# is redone with its exact max (the old path, its two cross-warp steps).
+# False: the exact max in every tile. Any m common to a tile's threads
+# gives the same softmax: the split's (m, l) and accumulators all refer
+# to it.
+LAGGED_MAX = True
+P_LIMIT = 2.0 ** 20
+PV_LIMIT = 2.0 ** 15
 _L = plgpu.Layout
 
 
@@ -451,6 +464,46 @@ def _registers_lookup(code_ref, spec, rows: int) -> list[jax.Array]:
           for g in range(base._groups(spec))]
 
 
+def _flag_warps(excess: jax.Array, flags, interpret: bool) -> None:
+  """flags[w] = 1 where warp w holds an element of `excess` (f32 [rows,
+  n], WGMMA layout) above 1 or NaN, else 0: a vote over the warp, one
+  store (LAGGED_MAX's flags; to be read after a barrier). In interpret
+  mode (no warps) flags[0] is the whole tile's answer, flags[1:] 0."""
+  if interpret:
+    flags[0] = jnp.any(jnp.logical_not(excess <= 1.0)).astype(jnp.int32)
+    for w in range(1, 4):
+      flags[w] = jnp.int32(0)
+    return
+  # pylint: disable=g-import-not-at-top (Mosaic GPU internals, device only)
+  from jax._src.lib.mlir import ir
+  from jax._src.lib.mlir.dialects import arith
+  from jax._src.lib.mlir.dialects import vector
+  from jax.experimental.mosaic.gpu import utils as mgpu_utils
+
+  @plgpu.inline_mgpu(arg_types=(_L.WGMMA, plgpu.RefType()))
+  def flag(ctx, x, ref):
+    del ctx
+    _, i32, c, _, address = base.smem_basics(ref)
+    f32 = ir.F32Type.get()
+    worst = None
+    for reg in x.registers.flat:
+      for j in range(ir.VectorType(reg.type).shape[0]):
+        v = vector.extract(reg, dynamic_position=[], static_position=[j])
+        worst = v if worst is None else arith.maximumf(worst, v)
+    bad = arith.extui(i32, arith.cmpf(arith.CmpFPredicate.UGT, worst,
+                                      arith.constant(f32, 1.0)))
+    warp_bad = mgpu_utils.inline_ptx(
+        "{\n  .reg .pred p, q;\n  setp.ne.u32 p, $1, 0;\n"
+        "  vote.sync.any.pred q, p, 0xffffffff;\n  selp.u32 $0, 1, 0, q;\n  }",
+        bad, result_types=i32, convergent=True)
+    # Every lane writes the warp's (equal) word.
+    mgpu_utils.inline_ptx(
+        "st.shared.u32 [$0], $1;",
+        arith.addi(address, arith.muli(_warp_index(), c(4))), warp_bad,
+        has_side_effects=True)
+  flag(excess, flags)
+
+
 def _zeros(shape: tuple[int, ...]) -> jax.Array:
   """f32 zeros in the WGMMA layout (accumulators, running sums)."""
   return plgpu.layout_cast(jnp.zeros(shape, jnp.float32), _L.WGMMA)
@@ -566,7 +619,7 @@ def _kernel(lengths_ref, *refs, key_specs, value_specs, groups, split_len,
         * token_norms(norm_ref, jnp.float16, base.NARROW)
         for ref, norm_ref, spec in zip(code_refs, norm_refs, specs)], axis=1)
 
-  def body(k_pool, v_pool, p_smem, idx, *tile_and_carry):
+  def body(k_pool, v_pool, p_smem, flag_smem, idx, *tile_and_carry):
     (i,) = idx
     *tile, carry = tile_and_carry
     if not rotate:                    # the first tile reads the queries
@@ -654,20 +707,41 @@ def _kernel(lengths_ref, *refs, key_specs, value_specs, groups, split_len,
     if limit is not None:
       visible = visible & (pos <= limit)
     s = jnp.where(visible, s, -jnp.inf)
-    m_new = jnp.maximum(m_i, jnp.max(s, axis=0))                # [n]
-    m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-    alpha = jnp.exp(m_i - m_safe)
-    p = jnp.exp(s - per_query(m_safe, rows))
-    # The running sum stays per element: one cross-warp sum at the end.
-    l_new = l_i * per_query(alpha, rows) + p
     if transpose_p:
       p_smem = [ps.transpose((1, 0)) for ps in p_smem]   # [rows, n] views
-    if merge_values:                          # the values carry their norms
-      p_smem[0][...] = p.astype(jnp.float16)
+
+    def store_p(p) -> list[jax.Array]:
+      """Pᵀ (times each value part's norms, unless the values carry them)
+      into SMEM as f16; the f32 values stored, per part."""
+      pvs = [p] if merge_values else [p * per_token(r) for r in vn]
+      for ps, pv in zip(p_smem, pvs):
+        ps[...] = pv.astype(jnp.float16)
+      return pvs
+
+    def exact_max():
+      m_new = jnp.maximum(m_i, jnp.max(s, axis=0))              # [n]
+      m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+      alpha = jnp.exp(m_i - m_safe)
+      p = jnp.exp(s - per_query(m_safe, rows))
+      # The running sum stays per element: one cross-warp sum at the end.
+      l_new = l_i * per_query(alpha, rows) + p
+      store_p(p)
+      plgpu.commit_smem()
+      return m_new, alpha, l_new
+
+    if LAGGED_MAX:
+      p = jnp.exp(s - per_query(m_i, rows))
+      excess = p * (1.0 / P_LIMIT)
+      for pv in store_p(p):
+        excess = jnp.maximum(excess, pv * (1.0 / PV_LIMIT))
+      flags = flag_smem.at[i % 2]    # two slots: no warp overwrites a
+      _flag_warps(excess, flags, interpret)   # slot another may still read
+      plgpu.commit_smem()
+      redo = (flags[0] | flags[1] | flags[2] | flags[3]) != 0
+      m_new, alpha, l_new = jax.lax.cond(
+          redo, exact_max, lambda: (m_i, jnp.ones_like(m_i), l_i + p))
     else:
-      for ps, norm_ref in zip(p_smem, vn):
-        ps[...] = (p * per_token(norm_ref)).astype(jnp.float16)
-    plgpu.commit_smem()
+      m_new, alpha, l_new = exact_max()
     if any(registers) and value_fields is None:
       value_fields = lookup_values()
     operands = [
@@ -698,9 +772,10 @@ def _kernel(lengths_ref, *refs, key_specs, value_specs, groups, split_len,
                               tma_row_bytes)
 
   def stream(*smem):
-    k_pool, v_pool, p_smem = pools(smem)
+    k_pool, v_pool, p_smem, flag_smem = pools(smem)
     pipeline = plgpu.emit_pipeline(
-        functools.partial(body, k_pool, v_pool, p_smem), grid=(n_tiles,),
+        functools.partial(body, k_pool, v_pool, p_smem, flag_smem),
+        grid=(n_tiles,),
         in_specs=in_specs, max_concurrent_steps=stages,
         init_carry=(accs, m0, _zeros(shape)))
     return pipeline(*[r.at[b, k] for r in kc_refs + kn_refs + vc_refs
@@ -716,16 +791,19 @@ def _kernel(lengths_ref, *refs, key_specs, value_specs, groups, split_len,
             ] if sum(v_groups) else []
 
   def scratch():
-    """SMEM of the tile body: the pools above, then Pᵀ per value part."""
+    """SMEM of the tile body: the pools above, Pᵀ per value part, then
+    LAGGED_MAX's warp flags (two slots of 4)."""
     return [*k_pool, *v_pool,
-            *[_p_smem(n, rows, transpose_p) for _ in range(n_out)]]
+            *[_p_smem(n, rows, transpose_p) for _ in range(n_out)],
+            plgpu.SMEM((2, 4), jnp.int32)]
 
   def pools(smem) -> tuple:
-    """scratch()'s refs as (key pool or None, value pool or None, Pᵀs)."""
+    """scratch()'s refs as (key pool or None, value pool or None, Pᵀs,
+    flags)."""
     smem = list(smem)
     key = smem.pop(0) if k_pool else None
     value = smem.pop(0) if v_pool else None
-    return key, value, smem
+    return key, value, smem[:-1], smem[-1]
 
   def attend():
     accs_out, m_i, l_i = pl.run_scoped(stream, *scratch())
@@ -785,7 +863,7 @@ def _kernel(lengths_ref, *refs, key_specs, value_specs, groups, split_len,
 
     def one_tile(*smem):
       head, tile = smem[:-2 * nk - 2 * nv], smem[-2 * nk - 2 * nv:]
-      k_pool, v_pool, p_smem = pools(head)
+      k_pool, v_pool, p_smem, flag_smem = pools(head)
       for (words, norm, _, _, spec), code_t, norm_t in zip(
           written, tile[::2], tile[1::2]):
         p = base._row_bytes(spec)
@@ -796,7 +874,7 @@ def _kernel(lengths_ref, *refs, key_specs, value_specs, groups, split_len,
           norm_t[r] = jnp.zeros((), norm_t.dtype)
       plgpu.commit_smem()
       codes_t, norms_t = tile[::2], tile[1::2]     # body's order below
-      return body(k_pool, v_pool, p_smem, (0,), *codes_t[:nk],
+      return body(k_pool, v_pool, p_smem, flag_smem, (0,), *codes_t[:nk],
                   *norms_t[:nk], *codes_t[nk:], *norms_t[nk:],
                   (accs, m0, _zeros(shape)))
 

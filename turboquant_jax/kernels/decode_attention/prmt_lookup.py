@@ -47,6 +47,8 @@ same f16 values with jnp (the device probe matched the 2- and 4-bit ones
 bit for bit: experiments/probes/mosaic_gpu_probe.py --prmt).
 """
 
+import re
+
 import jax
 import jax.numpy as jnp
 from jax.experimental.pallas import mosaic_gpu as plgpu
@@ -73,6 +75,44 @@ FMA_PIPE = True
 # experiments/probes/lookup_floor.py).
 GRID_LOOKUP = True
 _GRID_BIAS = 64        # byte = 64 + k, 1..127: the sign bit stays clear
+
+# A prmt's table words as registers held through the kernel (opaque_tables)
+# rather than immediates: SASS's PRMT takes one immediate, and ptxas moves
+# the other into a register again for every prmt (77 such moves of 761
+# instructions a 64-token tile at 4 bits, grid codebook, ptxas 13.0);
+# from a value ptxas cannot fold it keeps one register instead (699
+# instructions, the same 96 registers). False: the immediates, as before
+# session 26 (for the A/B probe).
+OPAQUE_TABLES = True
+_PRMT_TABLES = re.compile(            # prmt d, IMM, IMM, register;
+    r"(prmt\.b32\s+[^,]+,\s*)(0x[0-9A-Fa-f]+)(\s*,\s*0x[0-9A-Fa-f]+\s*,"
+    r"\s*(?!0x)[^,;\s]+\s*;)")
+
+
+def opaque_tables(asm: str, first: int) -> tuple[str, list[int]]:
+  """`asm` with the first table word of each prmt whose two table words are
+  immediates (and whose selector is not) replaced by an operand, $first,
+  $first + 1, ... (one per distinct word), and those words in order: the
+  caller passes them as registers ptxas cannot constant-fold
+  (opaque_word), which it then keeps live instead of re-materializing
+  per prmt."""
+  words: list[int] = []
+
+  def operand(m: re.Match) -> str:
+    word = int(m.group(2), 16)
+    if word not in words:
+      words.append(word)
+    return f"{m.group(1)}${first + words.index(word)}{m.group(3)}"
+  return _PRMT_TABLES.sub(operand, asm), words
+
+
+def opaque_word_ptx(word: int) -> str:
+  """PTX of one output, $0 = `word`, or-ed with %tid.x >> 10: 0 in any
+  block (at most 1024 threads), which ptxas 13.0 does not fold (it does
+  fold >> 31: then the word is a constant again, re-materialized per
+  prmt)."""
+  return ("{\n  .reg .b32 t;\n  mov.u32 t, %tid.x;\n  shr.u32 t, t, 10;\n"
+          f"  or.b32 $0, t, 0x{word:08X};\n  }}")
 
 
 def grid_steps(centroids) -> tuple[float, tuple[int, ...]] | None:
@@ -441,6 +481,12 @@ def _device_lookup(inputs, asm, outputs, operands=None, pairs=False):
     i32 = ir.IntegerType.get_signless(32)
     f16x2 = ir.VectorType.get((2,), ir.F16Type.get())
     extra = [] if operands is None else list(operands())
+    code = asm
+    if OPAQUE_TABLES:
+      code, words = opaque_tables(asm, outputs + (2 if pairs else len(xs))
+                                  + len(extra))
+      extra += [mgpu_utils.inline_ptx(opaque_word_ptx(w), result_types=i32)
+                for w in words]
     word = lambda reg: arith.extui(i32, mgpu_utils.bitcast(reg, i16))
     if pairs:
       (x,) = xs
@@ -448,7 +494,7 @@ def _device_lookup(inputs, asm, outputs, operands=None, pairs=False):
       flat_in, flat_out = x.registers.reshape(-1), regs.reshape(-1)
       for i in range(0, flat_in.size, 2):
         results = mgpu_utils.inline_ptx(
-            asm, word(flat_in[i]), word(flat_in[i + 1]), *extra,
+            code, word(flat_in[i]), word(flat_in[i + 1]), *extra,
             result_types=[i32] * outputs)
         for j, value in enumerate(results):
           flat_out[i + j] = mgpu_utils.bitcast(value, f16x2)
@@ -456,7 +502,7 @@ def _device_lookup(inputs, asm, outputs, operands=None, pairs=False):
     else:
       regs = [np.empty_like(xs[0].registers) for _ in range(outputs)]
       for idx, _ in np.ndenumerate(xs[0].registers):  # 2 bytes an input
-        results = mgpu_utils.inline_ptx(asm, *[word(x.registers[idx])
+        results = mgpu_utils.inline_ptx(code, *[word(x.registers[idx])
                                                for x in xs], *extra,
                                         result_types=[i32] * outputs)
         for reg, value in zip(regs, results):
