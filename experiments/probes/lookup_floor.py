@@ -33,7 +33,7 @@ own tokens) could gain at most.
 --lagged: pallas_gpu_tokens.LAGGED_MAX on (the default: a tile's softmax
 against the running max of the tiles before it, a flagged tile redone)
 against off (the exact max in every tile), exact and grid caches,
-checked on the device first (both settings, 12 shapes).
+checked on the device first (both settings, 13 shapes).
 
 --opaque: prmt_lookup.OPAQUE_TABLES on (the default: the prmt tables'
 first words as registers ptxas keeps) against off (immediates, which

@@ -78,11 +78,12 @@ _GRID_BIAS = 64        # byte = 64 + k, 1..127: the sign bit stays clear
 
 # A prmt's table words as registers held through the kernel (opaque_tables)
 # rather than immediates: SASS's PRMT takes one immediate, and ptxas moves
-# the other into a register again for every prmt (77 such moves of 761
-# instructions a 64-token tile at 4 bits, grid codebook, ptxas 13.0);
-# from a value ptxas cannot fold it keeps one register instead (699
-# instructions, the same 96 registers). False: the immediates, as before
-# session 26 (for the A/B probe).
+# the other into a register again for every prmt (77 such moves in the
+# 761-instruction tile loop at 4 bits, grid codebook, ptxas 13.0); from a
+# value ptxas cannot fold it keeps one register instead (708 instructions,
+# 96 registers; results/kernel_bench/h200/session26/census*.txt). On the
+# H200 2 bits 3% and 3 bits 1-2% faster, 4 bits unchanged (opaque.txt
+# there). False: the immediates, as before session 26 (the A/B probe).
 OPAQUE_TABLES = True
 _PRMT_TABLES = re.compile(            # prmt d, IMM, IMM, register;
     r"(prmt\.b32\s+[^,]+,\s*)(0x[0-9A-Fa-f]+)(\s*,\s*0x[0-9A-Fa-f]+\s*,"
@@ -94,7 +95,7 @@ def opaque_tables(asm: str, first: int) -> tuple[str, list[int]]:
   immediates (and whose selector is not) replaced by an operand, $first,
   $first + 1, ... (one per distinct word), and those words in order: the
   caller passes them as registers ptxas cannot constant-fold
-  (opaque_word), which it then keeps live instead of re-materializing
+  (opaque_word_ptx), which it then keeps live instead of re-materializing
   per prmt."""
   words: list[int] = []
 
