@@ -33,7 +33,8 @@ own tokens) could gain at most.
 --lagged: pallas_gpu_tokens.LAGGED_MAX on (the default: a tile's softmax
 against the running max of the tiles before it, a flagged tile redone)
 against off (the exact max in every tile), exact and grid caches,
-checked on the device first (both settings, 13 shapes).
+checked on the device first (both settings, 13 shapes). The lagged
+variants lag at every width (EXACT_MAX_BITS emptied: 2 bits too).
 
 --opaque: prmt_lookup.OPAQUE_TABLES on (the default: the prmt tables'
 first words as registers ptxas keeps) against off (immediates, which
@@ -203,12 +204,16 @@ def lagged(shapes) -> None:
   def prepare(variant, c):
     pallas_gpu_tokens.LAGGED_MAX = "exact_max" not in variant
     return grid_twin(c) if variant.startswith("grid") else c
+  # The lagged variants lag at every width (2 bits too).
+  exact_bits, pallas_gpu_tokens.EXACT_MAX_BITS = (
+      pallas_gpu_tokens.EXACT_MAX_BITS, frozenset())
   try:
     dkv._variant_rows(shapes, {v: v for v in (  # pylint: disable=protected-access
         "exact_max", "lagged", "grid_exact_max", "grid_lagged")}, prepare,
                       rounds=int(probes.option("rounds", "3")))
   finally:
     pallas_gpu_tokens.LAGGED_MAX = True
+    pallas_gpu_tokens.EXACT_MAX_BITS = exact_bits
 
 
 def opaque(shapes) -> None:

@@ -536,18 +536,12 @@ class PallasGpuInterpretTest(parameterized.TestCase):
                                atol=self.TOL * scale)
     np.testing.assert_allclose(got, run(), rtol=1e-6, atol=1e-6 * scale)
 
-  @parameterized.named_parameters(
-      dict(testcase_name="decode", tokens=1, bits=4),
-      dict(testcase_name="chunk_split", tokens=2, bits=3.5))
-  def test_lagged_max_redoes_a_tile_whose_scores_jump(self, tokens, bits):
-    # 8 tiles in one split; the token at 400 (tile 6) scores ~40 above all
-    # the others (p ~ e^40 against the first tile's max: finite in f32,
-    # beyond f16). The lagged max (each tile's p against the max of the
-    # tiles before it) flags that tile and redoes it with its own max: the
-    # output equals the reference's, as with the exact max in every tile.
-    # With the flags' limits at 1e30 nothing is redone after the first
-    # tile, and tile 6's f16 Pᵀ overflows: the kept tiles do read the
-    # lagged max.
+  def _jump_case(self, tokens: int, bits: float):
+    """8 tiles in one split, the token at 400 (tile 6) scoring ~40 above
+    all the others (p ~ e^40 against the first tile's max: finite in f32,
+    beyond f16): (run, the reference's output, its scale); run() is the
+    interpret-mode kernel traced afresh (the module constants are read
+    when it is traced)."""
     b, kv, s, dim, groups = 2, 2, 512, 64, 2
     keys = jax.random.split(jax.random.key(7), 4)
     q = jax.random.normal(keys[0], (b, tokens, kv * groups, dim))
@@ -561,13 +555,25 @@ class PallasGpuInterpretTest(parameterized.TestCase):
     cache = cache_lib.prefill(cache_lib.init(cfg, b, kv, s, dim,
                                              key=keys[3]), k, v, lengths)
     want = attn.chunk_attention(q, cache, lengths, impl="reference")
-    scale = float(jnp.max(jnp.abs(want)))
 
     def run():
-      jax.clear_caches()            # the module constants are traced in
+      jax.clear_caches()
       return attn.chunk_attention(
           q, cache, lengths, impl="pallas_gpu", interpret=True, splits=1,
           lookup_mode="prmt", layout="tokens")
+    return run, want, float(jnp.max(jnp.abs(want)))
+
+  @parameterized.named_parameters(
+      dict(testcase_name="decode", tokens=1, bits=4),
+      dict(testcase_name="chunk_split", tokens=2, bits=3.5))
+  def test_lagged_max_redoes_a_tile_whose_scores_jump(self, tokens, bits):
+    # The lagged max (each tile's p against the max of the tiles before
+    # it) flags the jumping tile and redoes it with its own max: the
+    # output equals the reference's, as with the exact max in every tile.
+    # With the flags' limits at 1e30 nothing is redone after the first
+    # tile, and tile 6's f16 Pᵀ overflows: the kept tiles do read the
+    # lagged max.
+    run, want, scale = self._jump_case(tokens, bits)
     for lagged in (True, False):
       with mock.patch.object(pallas_gpu_tokens, "LAGGED_MAX", lagged):
         np.testing.assert_allclose(run(), want, rtol=self.TOL,
@@ -575,6 +581,28 @@ class PallasGpuInterpretTest(parameterized.TestCase):
     with mock.patch.multiple(pallas_gpu_tokens, P_LIMIT=1e30,
                              PV_LIMIT=1e30):
       self.assertFalse(np.all(np.isfinite(np.asarray(run()))))
+
+  def test_two_bit_caches_keep_the_exact_max(self):
+    # Every part 2 bits (EXACT_MAX_BITS): each tile takes its exact max,
+    # so the flags' limits do not matter; with 2 dropped from
+    # EXACT_MAX_BITS the 1e30 limits overflow as at other widths.
+    run, want, scale = self._jump_case(1, 2)
+    with mock.patch.multiple(pallas_gpu_tokens, P_LIMIT=1e30,
+                             PV_LIMIT=1e30):
+      np.testing.assert_allclose(run(), want, rtol=self.TOL,
+                                 atol=self.TOL * scale)
+      with mock.patch.object(pallas_gpu_tokens, "EXACT_MAX_BITS",
+                             frozenset()):
+        self.assertFalse(np.all(np.isfinite(np.asarray(run()))))
+
+  def test_lagged_max_by_width(self):
+    spec = lambda bits: parts.PartSpec(bits=bits, dim=64, centroids=None)
+    lagged = pallas_gpu_tokens.lagged_max
+    self.assertFalse(lagged((spec(2),), (spec(2),)))
+    self.assertTrue(lagged((spec(2),), (spec(3),)))     # 2.5 bits: 3 and 2
+    self.assertTrue(lagged((spec(4),), (spec(4),)))
+    with mock.patch.object(pallas_gpu_tokens, "LAGGED_MAX", False):
+      self.assertFalse(lagged((spec(4),), (spec(4),)))
 
   def test_query_columns(self):
     qc = pallas_gpu_tokens.query_columns
