@@ -85,7 +85,10 @@ results/kernel_bench/h200_v12); with the 4-bit value tile looked up into
 the P·V wgmma's registers (values_registers) and 32 splits (session 17)
 0.575 ms, 1.67x (results/kernel_bench/h200_v13); looked up under the
 score wgmma (session 18) 0.558 ms, 1.67x against a faster cuDNN run
-(results/kernel_bench/h200). The pipeline streaming the
+(results/kernel_bench/h200_v14); with the rotations around it as
+einsums, the lagged max and the prmt tables kept in registers (sessions
+24-26) 0.532 ms, 1.80x (results/kernel_bench/h200; 0.459 ms, 2.09x with
+grid codebooks, results/kernel_bench/h200_grid). The pipeline streaming the
 same bytes with no work takes 0.33-0.34 ms in device time as a token's
 64-byte rows, 0.28 as 128-byte rows (experiments/probes/pipeline_probe.py,
 NOTES.md).
