@@ -596,7 +596,8 @@ class PallasGpuInterpretTest(parameterized.TestCase):
         self.assertFalse(np.all(np.isfinite(np.asarray(run()))))
 
   def test_lagged_max_by_width(self):
-    spec = lambda bits: parts.PartSpec(bits=bits, dim=64, centroids=None)
+    def spec(bits):
+      return parts.PartSpec(dim=64, bits=bits, centroids=())
     lagged = pallas_gpu_tokens.lagged_max
     self.assertFalse(lagged((spec(2),), (spec(2),)))
     self.assertTrue(lagged((spec(2),), (spec(3),)))     # 2.5 bits: 3 and 2

@@ -137,6 +137,8 @@ def lagged_max(key_specs, value_specs) -> bool:
   unless every part's width is in EXACT_MAX_BITS."""
   return LAGGED_MAX and not all(
       spec.bits in EXACT_MAX_BITS for spec in (*key_specs, *value_specs))
+
+
 _L = plgpu.Layout
 
 
