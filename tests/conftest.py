@@ -10,8 +10,8 @@ import os
 
 # The tests compile thousands of small XLA programs for the CPU, and compile
 # time, not run time, is most of the suite: LLVM at its cheapest settings
-# takes the default run from ~17 to ~13 min on 2 cores (tests/cache and
-# tests/quant: 177 s -> 129 s, session 28). Read when the backend starts,
+# took the default run from 1039-1091 s to 863 s on 2 cores (tests/cache
+# and tests/quant: 177 s -> 129 s; session 28). Read when the backend starts,
 # so this precedes any test's first jax operation; a flag the caller set
 # wins.
 _FAST_COMPILE_FLAGS = ("--xla_backend_optimization_level=0",
