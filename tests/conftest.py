@@ -8,12 +8,13 @@ rotation's `x * signs`), so every test with a leading batch axis would fail.
 import math
 import os
 
-# The tests compile thousands of small XLA programs for the CPU, and compile
-# time, not run time, is most of the suite: LLVM at its cheapest settings
-# took the default run from 1039-1091 s to 863 s on 2 cores (tests/cache
-# and tests/quant: 177 s -> 129 s; session 28). Read when the backend starts,
-# so this precedes any test's first jax operation; a flag the caller set
-# wins.
+# Most tests build small caches eagerly, each operation its own XLA CPU
+# compile (one profiled interpret-mode test: 322 compiles, 14 of its 20 s).
+# LLVM at its cheapest settings took the default run from 1039-1091 s to
+# 863 s on 2 cores (tests/cache and tests/quant: 177 s -> 129 s; session
+# 28); the children the tests start (notebooks, sharding) inherit it.
+# Read when the backend starts, so this precedes any test's first jax
+# operation; a flag the caller set wins.
 _FAST_COMPILE_FLAGS = ("--xla_backend_optimization_level=0",
                        "--xla_llvm_disable_expensive_passes=true")
 _flags = os.environ.get("XLA_FLAGS", "")
